@@ -1,0 +1,613 @@
+//! Typed configuration, read and validated once at start.
+//!
+//! `main` calls [`Config::load`] with three layers, later ones winning: a TOML file
+//! (`--config`), environment variables `SIDECAST_<KEY>`, and command-line overrides.
+//! Tests call [`Config::from_layers`] with plain maps instead of touching the process
+//! environment. Every key is known in advance ([`KEYS`]); an unknown key or a bad value
+//! is a [`ConfigError`] naming the key, and `main` exits with 64. There is no silent
+//! fallback: a key that is absent takes its documented default, nothing else does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use serde::Deserialize;
+
+/// Exit code for a configuration error (EX_USAGE from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("unknown configuration key {0}")]
+    UnknownKey(String),
+    #[error("invalid value for {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// How a flat key's value is written in an env var or a `--set key=value` flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Str,
+    Int,
+    Bool,
+    Duration,
+    Addr,
+    /// Comma-separated in env vars and flags, a TOML array in the file.
+    List,
+}
+
+/// Every flat key, its kind and its default (as written in a file); `docs/configuration.md` mirrors this.
+pub const KEYS: &[(&str, Kind, &str)] = &[
+    ("ws_addr", Kind::Addr, "0.0.0.0:8080"),
+    ("ws_path", Kind::Str, "/ws"),
+    ("grpc_addr", Kind::Addr, "127.0.0.1:50051"),
+    ("admin_addr", Kind::Addr, "127.0.0.1:9090"),
+    ("api_key", Kind::Str, ""),
+    ("token_hmac_secret", Kind::Str, ""),
+    ("token_public_key_file", Kind::Str, ""),
+    ("token_jwks_file", Kind::Str, ""),
+    (
+        "token_algorithms",
+        Kind::List,
+        "[] (HS256 when only an HMAC secret is set)",
+    ),
+    ("token_audience", Kind::Str, ""),
+    ("token_issuer", Kind::Str, ""),
+    ("token_leeway", Kind::Duration, "5s"),
+    ("dev_secret_file", Kind::Str, ".sidecast/dev-secret"),
+    ("connect_timeout", Kind::Duration, "10s"),
+    ("ping_interval", Kind::Duration, "25s"),
+    ("pong_timeout", Kind::Duration, "10s"),
+    ("write_timeout", Kind::Duration, "5s"),
+    ("shutdown_timeout", Kind::Duration, "10s"),
+    ("max_message_size", Kind::Int, "65536"),
+    ("max_queue_bytes", Kind::Int, "1048576"),
+    ("max_publication_size", Kind::Int, "65536"),
+    ("max_subscriptions", Kind::Int, "128"),
+    ("log_format", Kind::Str, "text"),
+];
+
+/// Env vars with the prefix that are not configuration keys.
+const ENV_NOT_KEYS: &[&str] = &["SIDECAST_LOG", "SIDECAST_CONFIG"];
+
+/// Options of a namespace (`[namespaces.NAME]`) or of channels without one (`[channel_defaults]`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NamespaceOptions {
+    /// Keep who is subscribed, for the presence queries.
+    pub presence: bool,
+    /// Push `join` and `leave` to subscribers when others subscribe and leave.
+    pub join_leave: bool,
+    /// Subscribers may publish from the socket, without a `publish` grant.
+    pub allow_client_publish: bool,
+    /// Any authenticated client may subscribe, without a `channels` grant.
+    pub public: bool,
+    /// 0 for no limit.
+    pub max_subscribers: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A value never printed in full: Debug shows only that it is set.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TokenConfig {
+    pub hmac_secret: Option<Secret>,
+    pub public_key_file: Option<PathBuf>,
+    pub jwks_file: Option<PathBuf>,
+    /// Never empty after validation (or after development mode fills in the secret).
+    pub algorithms: Vec<Algorithm>,
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+    pub leeway: Duration,
+}
+
+impl TokenConfig {
+    pub fn has_key(&self) -> bool {
+        self.hmac_secret.is_some() || self.public_key_file.is_some() || self.jwks_file.is_some()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub ws_addr: SocketAddr,
+    pub ws_path: String,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub api_key: Option<Secret>,
+    pub token: TokenConfig,
+    pub dev_secret_file: PathBuf,
+    pub connect_timeout: Duration,
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    pub write_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub max_message_size: usize,
+    pub max_queue_bytes: usize,
+    pub max_publication_size: usize,
+    pub max_subscriptions: usize,
+    pub log_format: LogFormat,
+    pub channel_defaults: NamespaceOptions,
+    pub namespaces: HashMap<String, NamespaceOptions>,
+}
+
+/// The file's shape; every field optional so that absent keys take defaults.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    ws_addr: Option<String>,
+    ws_path: Option<String>,
+    grpc_addr: Option<String>,
+    admin_addr: Option<String>,
+    api_key: Option<String>,
+    token_hmac_secret: Option<String>,
+    token_public_key_file: Option<String>,
+    token_jwks_file: Option<String>,
+    token_algorithms: Option<Vec<String>>,
+    token_audience: Option<String>,
+    token_issuer: Option<String>,
+    token_leeway: Option<String>,
+    dev_secret_file: Option<String>,
+    connect_timeout: Option<String>,
+    ping_interval: Option<String>,
+    pong_timeout: Option<String>,
+    write_timeout: Option<String>,
+    shutdown_timeout: Option<String>,
+    max_message_size: Option<u64>,
+    max_queue_bytes: Option<u64>,
+    max_publication_size: Option<u64>,
+    max_subscriptions: Option<u64>,
+    log_format: Option<String>,
+    channel_defaults: Option<NamespaceOptions>,
+    namespaces: Option<BTreeMap<String, NamespaceOptions>>,
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Loads the configuration of the process: `file`, then the `SIDECAST_*` environment,
+    /// then `overrides` (`key=value` pairs from the command line).
+    pub fn load(
+        file: Option<&Path>,
+        overrides: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let text = match file {
+            Some(path) => Some((
+                path.display().to_string(),
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+            )),
+            None => None,
+        };
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Config::from_layers(
+            text.as_ref().map(|(p, t)| (p.as_str(), t.as_str())),
+            &env,
+            overrides,
+        )
+    }
+
+    /// Builds a configuration from a file's text (with its name, for messages), environment
+    /// pairs (only those starting with `SIDECAST_` are read) and override pairs.
+    pub fn from_layers(
+        file: Option<(&str, &str)>,
+        env: &[(String, String)],
+        overrides: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some((path, text)) => text.parse::<toml::Table>().map_err(|e| ConfigError::File {
+                path: path.to_string(),
+                message: e.message().to_string(),
+            })?,
+            None => toml::Table::new(),
+        };
+        for (var, value) in env {
+            let Some(key) = var.strip_prefix("SIDECAST_") else {
+                continue;
+            };
+            if ENV_NOT_KEYS.contains(&var.as_str()) {
+                continue;
+            }
+            let key = key.to_ascii_lowercase();
+            let kind = kind_of(&key).ok_or_else(|| ConfigError::UnknownKey(var.clone()))?;
+            table.insert(key, to_toml(var, kind, value)?);
+        }
+        for (key, value) in overrides {
+            let kind = kind_of(key).ok_or_else(|| ConfigError::UnknownKey(key.clone()))?;
+            table.insert(key.clone(), to_toml(key, kind, value)?);
+        }
+        // Re-serialize the merged table so that serde reports the offending `key = value`
+        // line: the values from env and flags were type-checked above, so what fails here
+        // came from the file.
+        let merged = toml::to_string(&table).expect("a toml table serializes");
+        let raw: RawConfig = toml::from_str(&merged).map_err(|e| {
+            let line = e
+                .span()
+                .and_then(|span| merged[..span.start].lines().last().map(str::to_string))
+                .map(|l| l.trim().to_string())
+                .unwrap_or_default();
+            ConfigError::File {
+                path: file.map(|(p, _)| p).unwrap_or("(merged)").to_string(),
+                message: format!("{} {line}", e.message().trim()),
+            }
+        })?;
+        Config::validate(raw)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+        let addr =
+            |key: &str, v: Option<String>| parse_addr(key, &v.unwrap_or_else(|| default_of(key)));
+        let dur = |key: &str, v: Option<String>| {
+            parse_duration(&v.unwrap_or_else(|| default_of(key))).map_err(|m| invalid(key, m))
+        };
+        let size = |key: &str, v: Option<u64>| -> Result<usize, ConfigError> {
+            let n = v.unwrap_or_else(|| default_of(key).parse().expect("numeric default"));
+            if n == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+            usize::try_from(n).map_err(|_| invalid(key, "too large"))
+        };
+        let nonempty = |v: Option<String>| v.filter(|s| !s.is_empty());
+
+        let ws_path = raw.ws_path.unwrap_or_else(|| default_of("ws_path"));
+        if !ws_path.starts_with('/') {
+            return Err(invalid("ws_path", "must start with '/'"));
+        }
+        let algorithms = raw
+            .token_algorithms
+            .unwrap_or_default()
+            .iter()
+            .map(|a| parse_algorithm(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let token = TokenConfig {
+            hmac_secret: nonempty(raw.token_hmac_secret).map(Secret::new),
+            public_key_file: nonempty(raw.token_public_key_file).map(PathBuf::from),
+            jwks_file: nonempty(raw.token_jwks_file).map(PathBuf::from),
+            algorithms,
+            audience: nonempty(raw.token_audience),
+            issuer: nonempty(raw.token_issuer),
+            leeway: dur("token_leeway", raw.token_leeway)?,
+        };
+        let log_format = match raw.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log_format",
+                    format!("expected text or json, got {other:?}"),
+                ))
+            }
+        };
+        let mut config = Config {
+            ws_addr: addr("ws_addr", raw.ws_addr)?,
+            ws_path,
+            grpc_addr: addr("grpc_addr", raw.grpc_addr)?,
+            admin_addr: addr("admin_addr", raw.admin_addr)?,
+            api_key: nonempty(raw.api_key).map(Secret::new),
+            token,
+            dev_secret_file: PathBuf::from(
+                raw.dev_secret_file
+                    .unwrap_or_else(|| default_of("dev_secret_file")),
+            ),
+            connect_timeout: dur("connect_timeout", raw.connect_timeout)?,
+            ping_interval: dur("ping_interval", raw.ping_interval)?,
+            pong_timeout: dur("pong_timeout", raw.pong_timeout)?,
+            write_timeout: dur("write_timeout", raw.write_timeout)?,
+            shutdown_timeout: dur("shutdown_timeout", raw.shutdown_timeout)?,
+            max_message_size: size("max_message_size", raw.max_message_size)?,
+            max_queue_bytes: size("max_queue_bytes", raw.max_queue_bytes)?,
+            max_publication_size: size("max_publication_size", raw.max_publication_size)?,
+            max_subscriptions: size("max_subscriptions", raw.max_subscriptions)?,
+            log_format,
+            channel_defaults: raw.channel_defaults.unwrap_or_default(),
+            namespaces: HashMap::new(),
+        };
+        for (name, options) in raw.namespaces.unwrap_or_default() {
+            if name.is_empty() || name.contains(':') || crate::channel::validate(&name).is_err() {
+                return Err(invalid(
+                    &format!("namespaces.{name}"),
+                    "not a valid namespace name",
+                ));
+            }
+            config.namespaces.insert(name, options);
+        }
+        for key in [
+            "connect_timeout",
+            "ping_interval",
+            "pong_timeout",
+            "write_timeout",
+            "shutdown_timeout",
+        ] {
+            if config.duration(key).is_zero() {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if config.max_publication_size > config.max_queue_bytes / 4 {
+            return Err(invalid(
+                "max_publication_size",
+                format!(
+                    "must be at most a quarter of max_queue_bytes ({})",
+                    config.max_queue_bytes / 4
+                ),
+            ));
+        }
+        if !config.grpc_addr.ip().is_loopback() && config.api_key.is_none() {
+            return Err(invalid(
+                "grpc_addr",
+                format!(
+                    "{} is not a loopback address: set api_key to expose the control API",
+                    config.grpc_addr
+                ),
+            ));
+        }
+        config.check_token_keys()?;
+        Ok(config)
+    }
+
+    fn check_token_keys(&mut self) -> Result<(), ConfigError> {
+        let token = &mut self.token;
+        let asymmetric = token.public_key_file.is_some() || token.jwks_file.is_some();
+        if token.algorithms.is_empty() {
+            if asymmetric {
+                return Err(invalid(
+                    "token_algorithms",
+                    "must be set (for example RS256, ES256 or EdDSA) when a public key or JWKS file is configured",
+                ));
+            }
+            if token.hmac_secret.is_some() {
+                token.algorithms = vec![Algorithm::HS256];
+            }
+        }
+        for alg in &token.algorithms {
+            if is_hmac(*alg) && token.hmac_secret.is_none() {
+                return Err(invalid(
+                    "token_algorithms",
+                    format!("{alg:?} needs token_hmac_secret"),
+                ));
+            }
+            if !is_hmac(*alg) && !asymmetric {
+                return Err(invalid(
+                    "token_algorithms",
+                    format!("{alg:?} needs token_public_key_file or token_jwks_file"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn duration(&self, key: &str) -> Duration {
+        match key {
+            "connect_timeout" => self.connect_timeout,
+            "ping_interval" => self.ping_interval,
+            "pong_timeout" => self.pong_timeout,
+            "write_timeout" => self.write_timeout,
+            _ => self.shutdown_timeout,
+        }
+    }
+
+    /// The options that apply to a channel: its namespace's, or the defaults.
+    pub fn channel_options(&self, channel: &str) -> &NamespaceOptions {
+        crate::channel::namespace(channel)
+            .and_then(|ns| self.namespaces.get(ns))
+            .unwrap_or(&self.channel_defaults)
+    }
+}
+
+pub fn is_hmac(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+fn kind_of(key: &str) -> Option<Kind> {
+    KEYS.iter()
+        .find(|(k, _, _)| *k == key)
+        .map(|(_, kind, _)| *kind)
+}
+
+fn default_of(key: &str) -> String {
+    KEYS.iter()
+        .find(|(k, _, _)| *k == key)
+        .map(|(_, _, d)| d.to_string())
+        .expect("every key has a default")
+}
+
+/// Converts an env var or flag value to the TOML value of its key's kind.
+fn to_toml(name: &str, kind: Kind, value: &str) -> Result<toml::Value, ConfigError> {
+    Ok(match kind {
+        Kind::Str => toml::Value::String(value.to_string()),
+        Kind::Int => toml::Value::Integer(
+            value
+                .trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| {
+                    invalid(
+                        name,
+                        format!("expected a non-negative integer, got {value:?}"),
+                    )
+                })?,
+        ),
+        Kind::Bool => toml::Value::Boolean(match value.trim() {
+            "true" | "1" => true,
+            "false" | "0" => false,
+            _ => {
+                return Err(invalid(
+                    name,
+                    format!("expected true or false, got {value:?}"),
+                ))
+            }
+        }),
+        Kind::Duration => {
+            parse_duration(value).map_err(|m| invalid(name, m))?;
+            toml::Value::String(value.trim().to_string())
+        }
+        Kind::Addr => {
+            parse_addr(name, value)?;
+            toml::Value::String(value.trim().to_string())
+        }
+        Kind::List => toml::Value::Array(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_string()))
+                .collect(),
+        ),
+    })
+}
+
+fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.trim().parse().map_err(|_| {
+        invalid(
+            key,
+            format!("expected an address like 127.0.0.1:8080, got {value:?}"),
+        )
+    })
+}
+
+fn parse_algorithm(name: &str) -> Result<Algorithm, ConfigError> {
+    Algorithm::from_str(name).map_err(|_| {
+        invalid(
+            "token_algorithms",
+            format!("unknown algorithm {name:?} (expected HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA)"),
+        )
+    })
+}
+
+/// Parses `250ms`, `10s`, `5m` or `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("expected a duration like 500ms, 10s, 5m or 1h, got {text:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "expected a duration like 500ms, 10s, 5m or 1h, got {text:?}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+        items
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_layers(None, &[], &[]).unwrap();
+        assert_eq!(c.ws_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:50051");
+        assert_eq!(c.ping_interval, Duration::from_secs(25));
+        assert_eq!(c.max_queue_bytes, 1 << 20);
+        assert!(!c.token.has_key());
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        let file =
+            "ping_interval = \"7s\"\nmax_subscriptions = 3\n[namespaces.chat]\npresence = true\n";
+        let env = pairs(&[
+            ("SIDECAST_PING_INTERVAL", "9s"),
+            ("PATH", "/bin"),
+            ("SIDECAST_LOG", "debug"),
+        ]);
+        let flags = pairs(&[("max_subscriptions", "5")]);
+        let c = Config::from_layers(Some(("f.toml", file)), &env, &flags).unwrap();
+        assert_eq!(c.ping_interval, Duration::from_secs(9));
+        assert_eq!(c.max_subscriptions, 5);
+        assert!(c.channel_options("chat:x").presence);
+        assert!(!c.channel_options("news:x").presence);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = |file: Option<&str>, env: &[(&str, &str)]| {
+            Config::from_layers(file.map(|f| ("f.toml", f)), &pairs(env), &[])
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(Some("bogus = 1"), &[]).contains("bogus"));
+        assert!(err(Some("ping_interval = \"soon\""), &[]).contains("ping_interval"));
+        assert!(err(Some("max_queue_bytes = \"x\""), &[]).contains("max_queue_bytes"));
+        assert!(err(None, &[("SIDECAST_NOPE", "1")]).contains("SIDECAST_NOPE"));
+        assert!(err(None, &[("SIDECAST_MAX_SUBSCRIPTIONS", "-1")])
+            .contains("SIDECAST_MAX_SUBSCRIPTIONS"));
+        assert!(err(None, &[("SIDECAST_GRPC_ADDR", "0.0.0.0:50051")]).contains("api_key"));
+        assert!(err(None, &[("SIDECAST_TOKEN_ALGORITHMS", "ES256")]).contains("token_algorithms"));
+        assert!(err(None, &[("SIDECAST_TOKEN_ALGORITHMS", "none")]).contains("token_algorithms"));
+        assert!(err(Some("[namespaces.chat]\nhistory = 1"), &[]).contains("history"));
+        assert!(err(None, &[("SIDECAST_MAX_PUBLICATION_SIZE", "1000000")])
+            .contains("max_publication_size"));
+    }
+
+    #[test]
+    fn hmac_secret_defaults_to_hs256() {
+        let c =
+            Config::from_layers(None, &pairs(&[("SIDECAST_TOKEN_HMAC_SECRET", "s")]), &[]).unwrap();
+        assert_eq!(c.token.algorithms, vec![Algorithm::HS256]);
+        assert_eq!(format!("{:?}", c.token.hmac_secret), "Some(\"***\")");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("2 weeks").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+}

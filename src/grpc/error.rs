@@ -1,0 +1,51 @@
+//! The control API's errors and their one mapping to `tonic::Status`.
+
+use tonic::{Code, Status};
+
+use crate::broker::BrokerError;
+use crate::channel::ChannelError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid channel {channel:?}: {error}")]
+    Channel {
+        channel: String,
+        error: ChannelError,
+    },
+    #[error("invalid pattern {pattern:?}: {error}")]
+    Pattern {
+        pattern: String,
+        error: ChannelError,
+    },
+    #[error("{0}")]
+    Json(String),
+    #[error("data is {size} bytes, more than max_publication_size ({max})")]
+    TooLarge { size: usize, max: usize },
+    #[error("target is empty: set user or client")]
+    EmptyTarget,
+    #[error("channels is empty")]
+    NoChannels,
+    #[error("code {0} is not a backend close code (4006, 4503, 4100-4499 or 4600-4999)")]
+    Code(u32),
+    #[error("presence is not enabled for channel {0:?}")]
+    PresenceDisabled(String),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        let code = match &e {
+            ApiError::Channel { .. }
+            | ApiError::Pattern { .. }
+            | ApiError::Json(_)
+            | ApiError::TooLarge { .. }
+            | ApiError::EmptyTarget
+            | ApiError::NoChannels
+            | ApiError::Code(_) => Code::InvalidArgument,
+            ApiError::PresenceDisabled(_) => Code::FailedPrecondition,
+            ApiError::Broker(BrokerError::Unavailable(_)) => Code::Unavailable,
+        };
+        Status::new(code, e.to_string())
+    }
+}

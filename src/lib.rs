@@ -1,0 +1,158 @@
+//! sidecast: a WebSocket fan-out sidecar controlled over gRPC.
+//!
+//! The data flow, top-down:
+//! - `ws::server` accepts a WebSocket and spawns `ws::session` for it. The session reads
+//!   frames, `ws::protocol::decode`s commands, verifies tokens with `auth`, and subscribes
+//!   through the `hub`. Its `ws::writer` drains the connection's `outbox` to the socket.
+//! - `grpc` serves the control API: a Publish goes to the `broker` (the engine boundary),
+//!   which hands it to the `hub` of every node with subscribers; the hub encodes it once
+//!   and pushes the shared frame into each subscriber's bounded `outbox`.
+//! - `admin` answers health probes; `config` is read once, at start, by `main`.
+//!
+//! [`run`] takes listeners that are already bound and a shutdown token, so tests bind
+//! port 0 and run many nodes in one process.
+
+pub mod admin;
+pub mod auth;
+pub mod broker;
+pub mod channel;
+pub mod config;
+pub mod grpc;
+pub mod hub;
+pub mod metrics;
+pub mod node;
+pub mod outbox;
+pub mod ws;
+
+/// The generated control API (package `sidecast.v1`).
+pub mod pb {
+    tonic::include_proto!("sidecast.v1");
+}
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::Health;
+use crate::auth::{KeyError, Verifier};
+use crate::broker::{Broker, MemoryBroker};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::node::Node;
+use crate::ws::server::Sessions;
+
+/// The three listeners of a node.
+pub struct Listeners {
+    pub ws: TcpListener,
+    pub grpc: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses.
+    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
+        let bind = |addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+        };
+        Ok(Listeners {
+            ws: bind(config.ws_addr).await?,
+            grpc: bind(config.grpc_addr).await?,
+            admin: bind(config.admin_addr).await?,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("token keys: {0}")]
+    Keys(#[from] KeyError),
+}
+
+/// Runs a node until `shutdown` is cancelled, then drains: readiness turns false, every
+/// WebSocket is closed with 1001, calls in flight finish, and the whole takes at most
+/// `shutdown_timeout` (connections still open then are dropped).
+pub async fn run(
+    listeners: Listeners,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::default());
+    let verifier = Arc::new(Verifier::from_config(&config.token)?);
+    let hub = Hub::new(config.clone(), metrics.clone());
+    let broker = Arc::new(Broker::Memory(MemoryBroker::new(hub.clone())));
+    let node = Node {
+        config: config.clone(),
+        hub,
+        broker,
+        verifier,
+        metrics,
+        id: Arc::from(format!("{:016x}", rand::random::<u64>())),
+        started: Instant::now(),
+    };
+    let health = Arc::new(Health::default());
+    let sessions = Sessions {
+        tracker: TaskTracker::new(),
+        shutdown: CancellationToken::new(),
+        kill: CancellationToken::new(),
+    };
+    let servers = TaskTracker::new();
+    let stop_accepting = CancellationToken::new();
+    servers.spawn(ws::server::serve(
+        listeners.ws,
+        node.clone(),
+        sessions.clone(),
+        stop_accepting.clone(),
+    ));
+    let grpc_stop = CancellationToken::new();
+    let grpc = servers.spawn(grpc::serve(listeners.grpc, node.clone(), grpc_stop.clone()));
+    let admin_stop = CancellationToken::new();
+    servers.spawn(admin::serve(
+        listeners.admin,
+        health.clone(),
+        admin_stop.clone(),
+    ));
+    tracing::info!(
+        ws = %config.ws_addr, path = %config.ws_path, grpc = %config.grpc_addr, admin = %config.admin_addr,
+        "sidecast is serving"
+    );
+
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        result = grpc => {
+            // The control API died on its own: stop the node rather than run half of it.
+            tracing::error!(?result, "control API stopped");
+        }
+    }
+    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+    tracing::info!("draining");
+    health.set_draining();
+    stop_accepting.cancel();
+    sessions.shutdown.cancel();
+    sessions.tracker.close();
+    if tokio::time::timeout_at(deadline, sessions.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open at shutdown_timeout: dropping them");
+        sessions.kill.cancel();
+        sessions.tracker.wait().await;
+    }
+    grpc_stop.cancel();
+    admin_stop.cancel();
+    servers.close();
+    if tokio::time::timeout_at(deadline, servers.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("control calls still running at shutdown_timeout");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! The `sidecast` binary: parse configuration, set up logging, bind, run, wait for a signal, drain.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use sidecast::auth::{mint_hs256, MintClaims};
+use sidecast::config::{Config, LogFormat, Secret, EXIT_CONFIG};
+use sidecast::{run, Listeners, RunError};
+
+#[derive(Parser)]
+#[command(
+    name = "sidecast",
+    version,
+    about = "A WebSocket fan-out sidecar controlled over gRPC"
+)]
+struct Cli {
+    /// A TOML configuration file.
+    #[arg(short, long, env = "SIDECAST_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Overrides ws_addr.
+    #[arg(long, global = true)]
+    ws_addr: Option<String>,
+    /// Overrides grpc_addr.
+    #[arg(long, global = true)]
+    grpc_addr: Option<String>,
+    /// Overrides admin_addr.
+    #[arg(long, global = true)]
+    admin_addr: Option<String>,
+    /// Overrides any configuration key: --set ping_interval=10s (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", global = true)]
+    set: Vec<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Print a connection token (HS256) that this configuration accepts.
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        user: String,
+        /// A channel pattern the client may subscribe to (repeatable), e.g. 'chat:*'.
+        #[arg(long = "channel")]
+        channels: Vec<String>,
+        /// A channel pattern the client may publish to (repeatable).
+        #[arg(long)]
+        publish: Vec<String>,
+        /// A channel the server subscribes the connection to at connect (repeatable).
+        #[arg(long)]
+        sub: Vec<String>,
+        /// The `info` claim, a JSON object.
+        #[arg(long)]
+        info: Option<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut config = match load_config(&cli) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("sidecast: configuration error: {message}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    init_tracing(config.log_format);
+    if !config.token.has_key() {
+        if let Err(e) = use_dev_secret(&mut config) {
+            eprintln!("sidecast: development secret: {e:#}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    }
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config),
+        Command::Token {
+            user,
+            channels,
+            publish,
+            sub,
+            info,
+            ttl,
+        } => match token(&config, user, channels, publish, sub, info, ttl) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sidecast token: {e:#}");
+                ExitCode::from(EXIT_CONFIG as u8)
+            }
+        },
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config, String> {
+    let mut overrides = Vec::new();
+    for (key, value) in [
+        ("ws_addr", &cli.ws_addr),
+        ("grpc_addr", &cli.grpc_addr),
+        ("admin_addr", &cli.admin_addr),
+    ] {
+        if let Some(value) = value {
+            overrides.push((key.to_string(), value.clone()));
+        }
+    }
+    for pair in &cli.set {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("--set {pair:?}: expected KEY=VALUE"))?;
+        overrides.push((key.trim().to_string(), value.to_string()));
+    }
+    Config::load(cli.config.as_deref(), &overrides).map_err(|e| e.to_string())
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = std::env::var("SIDECAST_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Development mode: with no token key configured, tokens are checked against a random
+/// secret kept in dev_secret_file (made on first use), so `sidecast token` can mint them.
+/// Never accepts everyone.
+fn use_dev_secret(config: &mut Config) -> anyhow::Result<()> {
+    let path = config.dev_secret_file.clone();
+    let secret = read_or_create_secret(&path)?;
+    tracing::warn!(
+        file = %path.display(),
+        "DEVELOPMENT MODE: no token key is configured; tokens are verified with the development secret in this file. \
+         Set token_hmac_secret, token_public_key_file or token_jwks_file in production."
+    );
+    config.token.hmac_secret = Some(Secret::new(secret));
+    config.token.algorithms = vec![jsonwebtoken::Algorithm::HS256];
+    Ok(())
+}
+
+fn read_or_create_secret(path: &Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(secret) if !secret.trim().is_empty() => return Ok(secret.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let secret = format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    );
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    write_private(path, &secret).with_context(|| format!("writing {}", path.display()))?;
+    Ok(secret)
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(secret.as_bytes())
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
+    std::fs::write(path, secret)
+}
+
+fn token(
+    config: &Config,
+    user: String,
+    channels: Vec<String>,
+    publish: Vec<String>,
+    subs: Vec<String>,
+    info: Option<String>,
+    ttl: u64,
+) -> anyhow::Result<String> {
+    let secret = config.token.hmac_secret.as_ref().context(
+        "sidecast token signs with HS256 and needs token_hmac_secret (or development mode)",
+    )?;
+    let info = info
+        .map(|i| serde_json::from_str::<serde_json::Value>(&i))
+        .transpose()
+        .context("--info must be a JSON object")?;
+    let now = sidecast::ws::unix_now();
+    Ok(mint_hs256(
+        &MintClaims {
+            sub: user,
+            exp: now + ttl,
+            iat: now,
+            channels,
+            publish,
+            subs,
+            info,
+        },
+        secret.expose(),
+    ))
+}
+
+fn serve(config: Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("sidecast: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listeners = match Listeners::bind(&config).await {
+            Ok(listeners) => listeners,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signal(shutdown.clone()));
+        match run(listeners, config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e @ RunError::Keys(_)) => {
+                tracing::error!("{e}");
+                ExitCode::from(EXIT_CONFIG as u8)
+            }
+        }
+    })
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = tokio::signal::ctrl_c().await;
+                    shutdown.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("signal received");
+    shutdown.cancel();
+}

@@ -1,0 +1,60 @@
+//! The close codes of protocol v1: one table, and the one mapping from errors to it.
+//!
+//! Clients act on the range for a code they do not know: 4000–4499 they may reconnect,
+//! 4500–4999 they must not reconnect unchanged. Backends pick codes in 4100–4499 or
+//! 4600–4999 through Control.Disconnect. docs/protocol.md carries the same table.
+
+use crate::auth::AuthError;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Close {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl Close {
+    pub fn new(code: u16, reason: impl Into<String>) -> Close {
+        Close {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+pub const NORMAL: u16 = 1000;
+pub const GOING_AWAY: u16 = 1001;
+pub const PROTOCOL_ERROR: u16 = 1002;
+pub const INVALID_PAYLOAD: u16 = 1007;
+pub const TOO_BIG: u16 = 1009;
+pub const INTERNAL: u16 = 1011;
+pub const UNAUTHORIZED: u16 = 4001;
+pub const TOKEN_EXPIRED: u16 = 4002;
+pub const SLOW_CONSUMER: u16 = 4004;
+pub const RATE_LIMITED: u16 = 4005;
+pub const BACKEND_RECONNECT: u16 = 4006;
+pub const TIMEOUT: u16 = 4007;
+pub const BAD_REQUEST: u16 = 4500;
+pub const BACKEND_NO_RECONNECT: u16 = 4503;
+
+/// True for the codes a backend may choose in Control.Disconnect.
+pub fn is_backend_code(code: u32) -> bool {
+    matches!(code, 4006 | 4503 | 4100..=4499 | 4600..=4999)
+}
+
+impl From<&AuthError> for Close {
+    fn from(e: &AuthError) -> Close {
+        let code = match e {
+            AuthError::Expired => TOKEN_EXPIRED,
+            AuthError::Malformed
+            | AuthError::Algorithm
+            | AuthError::UnknownKey
+            | AuthError::Signature
+            | AuthError::NotYetValid
+            | AuthError::MissingClaim(_)
+            | AuthError::InvalidClaim(_)
+            | AuthError::Audience
+            | AuthError::Issuer => UNAUTHORIZED,
+        };
+        Close::new(code, e.to_string())
+    }
+}

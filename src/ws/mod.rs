@@ -1,0 +1,14 @@
+//! The client side: WebSocket listener, one session per connection, and protocol v1.
+//!
+//! `server` accepts and upgrades; `session` reads a connection's frames and acts on its
+//! commands; `writer` is the only code that writes to its socket; `protocol` and `frame`
+//! are the pure encoding of what travels; `close` is the table of close codes.
+
+pub mod close;
+pub mod frame;
+pub mod protocol;
+pub mod server;
+mod session;
+mod writer;
+
+pub use writer::unix_now;

@@ -1,0 +1,164 @@
+//! The WebSocket listener: accepts TCP connections, serves the HTTP/1.1 upgrade on the
+//! configured path, and spawns one session per upgraded connection.
+//!
+//! Checks made before the upgrade, each with its HTTP answer: the path (404), that the
+//! request is a WebSocket upgrade (426), the offered subprotocols (400 when they do not
+//! include `sidecast.v1`, which is echoed when offered), and the handshake headers (400).
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::node::Node;
+use crate::ws::protocol::SUBPROTOCOL;
+use crate::ws::session;
+
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where sessions are spawned and how they are stopped.
+#[derive(Clone)]
+pub struct Sessions {
+    pub tracker: TaskTracker,
+    /// Close every connection with 1001.
+    pub shutdown: CancellationToken,
+    /// End every connection now.
+    pub kill: CancellationToken,
+}
+
+/// Accepts until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, node: Node, sessions: Sessions, stop: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors or a transient error: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        let sessions_for_conn = sessions.clone();
+        let stop = stop.clone();
+        sessions.tracker.spawn(
+            async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let node = node.clone();
+                    let sessions = sessions_for_conn.clone();
+                    async move { Ok::<_, Infallible>(handle(req, node, sessions)) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades();
+                tokio::select! {
+                    result = conn => if let Err(e) = result {
+                        tracing::debug!(error = %e, "http connection ended");
+                    },
+                    _ = stop.cancelled() => {}
+                }
+            }
+            .instrument(tracing::debug_span!("ws", %peer)),
+        );
+    }
+}
+
+fn handle(mut req: Request<Incoming>, node: Node, sessions: Sessions) -> Response<Full<Bytes>> {
+    if req.uri().path() != node.config.ws_path {
+        return plain(StatusCode::NOT_FOUND, "not found");
+    }
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return plain(
+            StatusCode::UPGRADE_REQUIRED,
+            "this endpoint speaks WebSocket only",
+        );
+    }
+    let protocol = match offered_protocol(&req) {
+        Ok(protocol) => protocol,
+        Err(()) => {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "unsupported subprotocol: offer sidecast.v1",
+            )
+        }
+    };
+    let token = req.uri().query().and_then(query_token);
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                &format!("bad WebSocket handshake: {e}"),
+            )
+        }
+    };
+    sessions.tracker.spawn(
+        session::run(
+            upgrade,
+            node,
+            token,
+            sessions.shutdown.clone(),
+            sessions.kill.clone(),
+        )
+        .in_current_span(),
+    );
+    let mut response = response.map(|_| Full::new(Bytes::new()));
+    if protocol {
+        response.headers_mut().insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(SUBPROTOCOL),
+        );
+    }
+    response
+}
+
+/// Ok(true) when the client offered `sidecast.v1`, Ok(false) when it offered nothing.
+fn offered_protocol<B>(req: &Request<B>) -> Result<bool, ()> {
+    let mut offered = req
+        .headers()
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .peekable();
+    if offered.peek().is_none() {
+        return Ok(false);
+    }
+    if offered.any(|p| p == SUBPROTOCOL) {
+        Ok(true)
+    } else {
+        Err(())
+    }
+}
+
+fn query_token(query: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == "token")
+        .map(|(_, v)| v.to_string())
+        .filter(|v| !v.is_empty())
+}
+
+fn plain(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    *response.status_mut() = status;
+    response
+}

@@ -1,0 +1,459 @@
+//! One client connection, from the upgrade to its last frame.
+//!
+//! Spawned by `server` after the HTTP upgrade. The session task reads frames, bounds and
+//! reassembles fragmented messages, decodes commands (`protocol::decode`) and acts on them
+//! through the hub and the broker; its replies go through the same outbox as fan-out, so
+//! a reply and the publications around it keep their order. The connection's state (its
+//! token's grants) lives here as plain fields; the hub keeps only what fan-out needs.
+//! The writer task (`writer`) owns the socket's write half and every timer.
+
+use std::sync::Arc;
+
+use fastwebsockets::{OpCode, Role, WebSocketError};
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Claims;
+use crate::channel::{self, granted};
+use crate::hub::{HubError, Origin};
+use crate::metrics::Metrics;
+use crate::node::Node;
+use crate::outbox::{Outbox, Push};
+use crate::ws::close::{self, Close};
+use crate::ws::frame;
+use crate::ws::protocol::{self, Command, ErrorCode, ProtocolError, Request};
+use crate::ws::writer::{unix_now, Liveness, Writer};
+
+type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+
+/// Runs a connection to its end. `shutdown` asks it to close with 1001; `kill` ends it at once.
+pub async fn run(
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    node: Node,
+    query_token: Option<String>,
+    shutdown: CancellationToken,
+    kill: CancellationToken,
+) {
+    let ws = match upgrade.await {
+        Ok(ws) => ws,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let io: Upgraded = ws.into_inner();
+    let (read, write) = tokio::io::split(io);
+    // Only the reader of fastwebsockets is used: this crate writes pre-encoded frames itself.
+    let (mut reader, _) =
+        fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
+    reader.set_auto_close(false);
+    reader.set_auto_pong(false);
+    // fastwebsockets refuses a frame whose length is >= the limit.
+    reader.set_max_message_size(node.config.max_message_size + 1);
+
+    let outbox = Arc::new(Outbox::new(node.config.max_queue_bytes));
+    let live = Arc::new(Liveness::default());
+    let conn = kill.child_token();
+    let writer = tokio::spawn(
+        Writer {
+            io: write,
+            outbox: outbox.clone(),
+            live: live.clone(),
+            config: node.config.clone(),
+            metrics: node.metrics.clone(),
+            conn: conn.clone(),
+            shutdown,
+        }
+        .run(),
+    );
+
+    let mut session = Session {
+        id: new_client_id(),
+        node,
+        outbox,
+        live,
+        claims: None,
+        closing: false,
+    };
+    tracing::debug!(client = %session.id, "websocket open");
+    if let Some(token) = query_token {
+        session.connect(&token);
+    }
+    session.read_loop(&mut reader, &conn).await;
+    if session.claims.is_some() {
+        session.node.hub.unregister(&session.id);
+        Metrics::inc(&session.node.metrics.disconnects);
+    }
+    conn.cancel();
+    let _ = writer.await;
+}
+
+fn new_client_id() -> Arc<str> {
+    Arc::from(format!("{:032x}", rand::random::<u128>()))
+}
+
+struct Session {
+    id: Arc<str>,
+    node: Node,
+    outbox: Arc<Outbox>,
+    live: Arc<Liveness>,
+    claims: Option<Claims>,
+    /// A close was scheduled: frames are read only to see the client's answer.
+    closing: bool,
+}
+
+// === impl Session ===
+
+impl Session {
+    async fn read_loop<S: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut fastwebsockets::WebSocketRead<S>,
+        conn: &CancellationToken,
+    ) {
+        let max = self.node.config.max_message_size;
+        let mut fragments: Option<Vec<u8>> = None;
+        let mut no_obligations =
+            |_: fastwebsockets::Frame<'_>| async { Ok::<(), std::io::Error>(()) };
+        loop {
+            // read_frame is not cancel-safe: it is cancelled here only when the connection is
+            // being torn down, after which nothing is read again.
+            let result = tokio::select! {
+                biased;
+                _ = conn.cancelled() => return,
+                frame = reader.read_frame(&mut no_obligations) => frame,
+            };
+            let frame = match result {
+                Ok(frame) => frame,
+                Err(e) => {
+                    self.on_read_error(e);
+                    return;
+                }
+            };
+            match frame.opcode {
+                OpCode::Close => {
+                    let code = match frame.payload.len() {
+                        0 => close::NORMAL,
+                        1 => close::PROTOCOL_ERROR,
+                        _ => u16::from_be_bytes([frame.payload[0], frame.payload[1]]),
+                    };
+                    // Echo the client's code (§5.5.1); ignored when ours was sent first.
+                    self.outbox.close(Close::new(code, ""));
+                    return;
+                }
+                OpCode::Ping => {
+                    self.outbox.push(frame::pong(&frame.payload));
+                }
+                OpCode::Pong => {}
+                _ if self.closing => {}
+                OpCode::Binary => self.close(close::BAD_REQUEST, "binary frames are not supported"),
+                OpCode::Text if frame.fin => {
+                    if fragments.is_some() {
+                        self.close(close::PROTOCOL_ERROR, "expected a continuation frame");
+                    } else {
+                        self.on_message(&frame.payload).await;
+                    }
+                }
+                OpCode::Text => fragments = Some(frame.payload.to_vec()),
+                OpCode::Continuation => {
+                    let Some(buffer) = fragments.as_mut() else {
+                        self.close(close::PROTOCOL_ERROR, "unexpected continuation frame");
+                        continue;
+                    };
+                    if buffer.len() + frame.payload.len() > max {
+                        fragments = None;
+                        self.close(close::TOO_BIG, "message too big");
+                        continue;
+                    }
+                    buffer.extend_from_slice(&frame.payload);
+                    if frame.fin {
+                        let message = fragments.take().expect("checked above");
+                        if std::str::from_utf8(&message).is_err() {
+                            self.close(close::INVALID_PAYLOAD, "invalid UTF-8");
+                        } else {
+                            self.on_message(&message).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_read_error(&mut self, e: WebSocketError) {
+        match e {
+            WebSocketError::FrameTooLarge => self.close(close::TOO_BIG, "message too big"),
+            WebSocketError::InvalidUTF8 => self.close(close::INVALID_PAYLOAD, "invalid UTF-8"),
+            WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) => {}
+            other => self.close(close::PROTOCOL_ERROR, &other.to_string()),
+        }
+    }
+
+    fn close(&mut self, code: u16, reason: &str) {
+        self.closing = true;
+        self.outbox.close(Close::new(code, reason));
+    }
+
+    fn send(&self, json: &[u8]) {
+        if self.outbox.push(frame::text(json)) == Push::Overflow {
+            Metrics::inc(&self.node.metrics.slow_consumer_closes);
+        }
+    }
+
+    fn reply(&self, id: Option<u64>, result: &str) {
+        if let Some(id) = id {
+            self.send(&protocol::encode_result(id, result));
+        }
+    }
+
+    fn error(&self, id: u64, code: ErrorCode, message: &str) {
+        self.send(&protocol::encode_error(id, code, message));
+    }
+
+    async fn on_message(&mut self, text: &[u8]) {
+        Metrics::inc(&self.node.metrics.messages_received);
+        match protocol::decode(text) {
+            Ok(request) => self.handle(request).await,
+            Err(ProtocolError::Unanswerable(reason)) => self.close(close::BAD_REQUEST, reason),
+            Err(ProtocolError::BadCommand { id, message }) => {
+                self.error(id, ErrorCode::BadRequest, &message)
+            }
+        }
+    }
+
+    async fn handle(&mut self, Request { id, command }: Request) {
+        if self.claims.is_none() {
+            match command {
+                Command::Connect { token } => self.connect(&token),
+                _ => self.close(close::UNAUTHORIZED, "connect first"),
+            }
+            return;
+        }
+        match (id, command) {
+            (_, Command::Pong) => self.live.pong(),
+            (id, Command::Refresh { token }) => self.refresh(id, &token),
+            (Some(id), command) => self.handle_connected(id, command).await,
+            (None, _) => self.close(close::BAD_REQUEST, "missing id"),
+        }
+    }
+
+    async fn handle_connected(&mut self, id: u64, command: Command) {
+        let result = match command {
+            Command::Connect { .. } => {
+                Err((ErrorCode::BadRequest, "already connected".to_string()))
+            }
+            Command::Subscribe { channel } => self.subscribe(id, &channel),
+            Command::Unsubscribe { channel } => self.unsubscribe(&channel),
+            Command::Publish { channel, data } => self.publish(&channel, &data).await,
+            Command::Presence { channel } => self.presence(&channel),
+            Command::PresenceStats { channel } => self.presence_stats(&channel),
+            Command::Ping => Ok(Some("{}".to_string())),
+            Command::Pong | Command::Refresh { .. } => unreachable!("handled before"),
+        };
+        match result {
+            Ok(Some(result)) => self.reply(Some(id), &result),
+            Ok(None) => {}
+            Err((code, message)) => self.error(id, code, &message),
+        }
+    }
+
+    fn connect(&mut self, token: &str) {
+        let claims = match self.node.verifier.verify(token, unix_now()) {
+            Ok(claims) => claims,
+            Err(e) => {
+                tracing::debug!(error = %e, "token refused");
+                let close = Close::from(&e);
+                self.close(close.code, &close.reason);
+                return;
+            }
+        };
+        let info: Option<Arc<RawValue>> = claims.info.clone().map(Arc::from);
+        self.node
+            .hub
+            .register(self.id.clone(), &claims.user, info, self.outbox.clone());
+        self.live.authenticate(claims.expires_at);
+        self.outbox.poke();
+        Metrics::inc(&self.node.metrics.connects);
+        let config = &self.node.config;
+        self.send(&protocol::encode_connected(&protocol::Connected {
+            kind: "connected",
+            version: protocol::PROTOCOL_VERSION,
+            server: env!("CARGO_PKG_VERSION"),
+            client: &self.id,
+            user: &claims.user,
+            expires_in: claims.expires_at.saturating_sub(unix_now()),
+            ping_interval: config.ping_interval.as_secs(),
+            pong_timeout: config.pong_timeout.as_secs(),
+        }));
+        for channel in &claims.subs {
+            let first = frame::text(&protocol::encode_sub(channel));
+            if let Err(e) = self
+                .node
+                .hub
+                .subscribe(&self.id, channel, Origin::Server, first)
+            {
+                tracing::warn!(%channel, error = %e, "subscription from the subs claim not made");
+            }
+        }
+        self.claims = Some(claims);
+    }
+
+    fn refresh(&mut self, id: Option<u64>, token: &str) {
+        let refused =
+            |session: &mut Session, code: ErrorCode, message: String, close: Close| match id {
+                Some(id) => session.error(id, code, &message),
+                None => session.close(close.code, &close.reason),
+            };
+        let claims = match self.node.verifier.verify(token, unix_now()) {
+            Ok(claims) => claims,
+            Err(e) => {
+                return refused(
+                    self,
+                    ErrorCode::Unauthorized,
+                    e.to_string(),
+                    Close::from(&e),
+                )
+            }
+        };
+        let current = self.claims.as_ref().expect("refresh needs a connection");
+        if claims.user != current.user {
+            let message = "token is for another user".to_string();
+            return refused(
+                self,
+                ErrorCode::Forbidden,
+                message.clone(),
+                Close::new(close::UNAUTHORIZED, message),
+            );
+        }
+        self.live.set_expiry(claims.expires_at);
+        self.outbox.poke();
+        self.node
+            .hub
+            .update_info(&self.id, claims.info.clone().map(Arc::from));
+        for (channel, origin) in self.node.hub.subscriptions(&self.id) {
+            if origin == Origin::Client && !self.may_subscribe(&claims, &channel) {
+                self.node
+                    .hub
+                    .unsubscribe(&self.id, &channel, Some(protocol::UnsubReason::Revoked));
+            }
+        }
+        let expires_in = claims.expires_at.saturating_sub(unix_now());
+        self.claims = Some(claims);
+        self.reply(id, &format!(r#"{{"expires_in":{expires_in}}}"#));
+    }
+
+    fn may_subscribe(&self, claims: &Claims, channel: &str) -> bool {
+        granted(&claims.channels, channel)
+            || self.node.hub.options(channel).public
+            || claims.subs.iter().any(|s| s == channel)
+    }
+
+    fn subscribe(&mut self, id: u64, name: &str) -> CommandResult {
+        channel::validate(name).map_err(bad_request)?;
+        let claims = self.claims.as_ref().expect("connected");
+        if !self.may_subscribe(claims, name) {
+            return Err((
+                ErrorCode::Forbidden,
+                "no permission to subscribe to this channel".into(),
+            ));
+        }
+        // The reply is queued by the hub under the channel's lock: it precedes every publication.
+        let reply = frame::text(&protocol::encode_result(id, "{}"));
+        self.node
+            .hub
+            .subscribe(&self.id, name, Origin::Client, reply)
+            .map_err(|e| (hub_error_code(&e), e.to_string()))?;
+        Ok(None)
+    }
+
+    fn unsubscribe(&mut self, name: &str) -> CommandResult {
+        channel::validate(name).map_err(bad_request)?;
+        self.node.hub.unsubscribe(&self.id, name, None);
+        Ok(Some("{}".into()))
+    }
+
+    async fn publish(&mut self, name: &str, data: &RawValue) -> CommandResult {
+        channel::validate(name).map_err(bad_request)?;
+        let claims = self.claims.as_ref().expect("connected");
+        let max = self.node.config.max_publication_size;
+        if data.get().len() > max {
+            return Err((
+                ErrorCode::LimitExceeded,
+                format!("data is larger than max_publication_size ({max} bytes)"),
+            ));
+        }
+        let allowed = granted(&claims.publish, name)
+            || (self.node.hub.options(name).allow_client_publish
+                && self.node.hub.is_subscribed(&self.id, name));
+        if !allowed {
+            return Err((
+                ErrorCode::Forbidden,
+                "no permission to publish to this channel".into(),
+            ));
+        }
+        match self.node.broker.publish(name, data.get().as_bytes()).await {
+            Ok(_) => Ok(Some("{}".into())),
+            Err(e) => Err((ErrorCode::Unavailable, e.to_string())),
+        }
+    }
+
+    fn presence(&mut self, name: &str) -> CommandResult {
+        self.check_presence_access(name)?;
+        let members = self
+            .node
+            .hub
+            .presence(name)
+            .map_err(|e| (hub_error_code(&e), e.to_string()))?;
+        let mut clients = serde_json::Map::new();
+        for m in members {
+            let info = m
+                .info
+                .as_deref()
+                .map(|raw| serde_json::from_str(raw.get()).unwrap_or(serde_json::Value::Null))
+                .unwrap_or(serde_json::Value::Null);
+            clients.insert(
+                m.client,
+                serde_json::json!({ "user": m.user, "info": info }),
+            );
+        }
+        Ok(Some(serde_json::json!({ "clients": clients }).to_string()))
+    }
+
+    fn presence_stats(&mut self, name: &str) -> CommandResult {
+        self.check_presence_access(name)?;
+        let (clients, users) = self
+            .node
+            .hub
+            .presence_stats(name)
+            .map_err(|e| (hub_error_code(&e), e.to_string()))?;
+        Ok(Some(format!(
+            r#"{{"num_clients":{clients},"num_users":{users}}}"#
+        )))
+    }
+
+    fn check_presence_access(&self, name: &str) -> Result<(), (ErrorCode, String)> {
+        channel::validate(name).map_err(bad_request)?;
+        if !self.node.hub.is_subscribed(&self.id, name) {
+            return Err((
+                ErrorCode::Forbidden,
+                "subscribe to the channel first".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `Ok(Some(result))` is replied; `Ok(None)` was replied already (queued by the hub).
+type CommandResult = Result<Option<String>, (ErrorCode, String)>;
+
+fn bad_request(e: channel::ChannelError) -> (ErrorCode, String) {
+    (ErrorCode::BadRequest, e.to_string())
+}
+
+/// The one mapping from hub errors to reply codes.
+fn hub_error_code(e: &HubError) -> ErrorCode {
+    match e {
+        HubError::AlreadySubscribed => ErrorCode::AlreadySubscribed,
+        HubError::TooManySubscriptions(_) | HubError::ChannelFull(_) => ErrorCode::LimitExceeded,
+        HubError::PresenceDisabled => ErrorCode::NotAvailable,
+        HubError::UnknownClient => ErrorCode::Internal,
+    }
+}
