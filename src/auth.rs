@@ -154,7 +154,10 @@ impl Verifier {
         validation.validate_nbf = false;
         validation.required_spec_claims.clear();
         match &self.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.required_spec_claims.insert("aud".into());
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &self.issuer {
@@ -170,6 +173,7 @@ impl Verifier {
                 | K::InvalidRsaKey(_) => AuthError::Signature,
                 K::InvalidAlgorithm => AuthError::Algorithm,
                 K::InvalidAudience => AuthError::Audience,
+                K::MissingRequiredClaim(claim) if claim == "aud" => AuthError::Audience,
                 K::InvalidIssuer | K::MissingRequiredClaim(_) => AuthError::Issuer,
                 _ => AuthError::Malformed,
             }
@@ -446,6 +450,11 @@ mod tests {
         assert_eq!(
             v.verify(&sign(wrong_aud, Algorithm::HS256, b"s3"), NOW)
                 .err(),
+            Some(AuthError::Audience)
+        );
+        let no_aud = serde_json::json!({"sub":"a","exp":NOW+60,"iss":"backend"});
+        assert_eq!(
+            v.verify(&sign(no_aud, Algorithm::HS256, b"s3"), NOW).err(),
             Some(AuthError::Audience)
         );
         let no_iss = serde_json::json!({"sub":"a","exp":NOW+60,"aud":"app"});

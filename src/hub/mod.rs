@@ -225,7 +225,7 @@ impl Hub {
             };
             (id, subscriber)
         };
-        let channel = loop {
+        let (channel, subscriber_outbox) = loop {
             let channel = {
                 let mut state = self.write();
                 let options = self.shared.config.channel_options(&name).clone();
@@ -259,18 +259,23 @@ impl Hub {
                 ));
                 ch.fan_out(&join, None);
             }
+            let outbox = subscriber.outbox.clone();
             ch.subscribers.insert(id.clone(), subscriber);
-            break channel.clone();
+            break (channel.clone(), outbox);
         };
         // The connection may have gone, or unsubscribed, while the channel lock was taken.
-        let still = self
-            .read()
-            .clients
-            .get(&id)
-            .is_some_and(|c| c.subs.contains_key(&name));
+        let (present, still) = match self.read().clients.get(&id) {
+            Some(client) => (true, client.subs.contains_key(&name)),
+            None => (false, false),
+        };
         if !still {
             self.detach(&id, &channel);
-            return Err(HubError::UnknownClient);
+            if present {
+                // A backend Unsubscribe overtook this subscribe; the client saw `first`, so it
+                // is told that the subscription ended.
+                let unsub = protocol::encode_unsub(&name, protocol::UnsubReason::Backend);
+                subscriber_outbox.push(frame::text(&unsub));
+            }
         }
         Ok(())
     }
@@ -289,15 +294,15 @@ impl Hub {
             if client.subs.remove(name).is_none() {
                 return false;
             }
-            if let Some(reason) = notify {
-                client
-                    .outbox
-                    .push(frame::text(&protocol::encode_unsub(name, reason)));
-            }
-            channels.get(name).cloned()
+            (channels.get(name).cloned(), client.outbox.clone())
         };
+        let (channel, outbox) = channel;
         if let Some(channel) = channel {
             self.detach(id, &channel);
+        }
+        // Queued after the connection left the channel: no `pub` of it can follow the `unsub`.
+        if let Some(reason) = notify {
+            outbox.push(frame::text(&protocol::encode_unsub(name, reason)));
         }
         true
     }

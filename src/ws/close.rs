@@ -36,6 +36,12 @@ pub const TIMEOUT: u16 = 4007;
 pub const BAD_REQUEST: u16 = 4500;
 pub const BACKEND_NO_RECONNECT: u16 = 4503;
 
+/// True for the codes a Close frame may carry (RFC 6455 §7.4): 1005, 1006 and 1015 are
+/// only ever reported locally, and the rest below 3000 are reserved.
+pub fn may_be_sent(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
 /// True for the codes a backend may choose in Control.Disconnect.
 pub fn is_backend_code(code: u32) -> bool {
     matches!(code, 4006 | 4503 | 4100..=4499 | 4600..=4999)

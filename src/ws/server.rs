@@ -153,8 +153,40 @@ fn query_token(query: &str) -> Option<String> {
         .split('&')
         .filter_map(|pair| pair.split_once('='))
         .find(|(k, _)| *k == "token")
-        .map(|(_, v)| v.to_string())
+        .and_then(|(_, v)| percent_decode(v))
         .filter(|v| !v.is_empty())
+}
+
+/// Decodes `%XX` escapes (a JWT needs none, but clients may escape anyway); None if malformed.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_tokens() {
+        assert_eq!(query_token("a=1&token=x.y.z").as_deref(), Some("x.y.z"));
+        assert_eq!(query_token("token=a%2Eb").as_deref(), Some("a.b"));
+        assert_eq!(query_token("token=").as_deref(), None);
+        assert_eq!(query_token("token=%zz").as_deref(), None);
+        assert_eq!(query_token("other=1").as_deref(), None);
+    }
 }
 
 fn plain(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

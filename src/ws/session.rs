@@ -134,7 +134,10 @@ impl Session {
                     let code = match frame.payload.len() {
                         0 => close::NORMAL,
                         1 => close::PROTOCOL_ERROR,
-                        _ => u16::from_be_bytes([frame.payload[0], frame.payload[1]]),
+                        _ => match u16::from_be_bytes([frame.payload[0], frame.payload[1]]) {
+                            code if close::may_be_sent(code) => code,
+                            _ => close::PROTOCOL_ERROR,
+                        },
                     };
                     // Echo the client's code (§5.5.1); ignored when ours was sent first.
                     self.outbox.close(Close::new(code, ""));
@@ -152,6 +155,9 @@ impl Session {
                     } else {
                         self.on_message(&frame.payload).await;
                     }
+                }
+                OpCode::Text if fragments.is_some() => {
+                    self.close(close::PROTOCOL_ERROR, "expected a continuation frame");
                 }
                 OpCode::Text => fragments = Some(frame.payload.to_vec()),
                 OpCode::Continuation => {
@@ -265,13 +271,6 @@ impl Session {
                 return;
             }
         };
-        let info: Option<Arc<RawValue>> = claims.info.clone().map(Arc::from);
-        self.node
-            .hub
-            .register(self.id.clone(), &claims.user, info, self.outbox.clone());
-        self.live.authenticate(claims.expires_at);
-        self.outbox.poke();
-        Metrics::inc(&self.node.metrics.connects);
         let config = &self.node.config;
         self.send(&protocol::encode_connected(&protocol::Connected {
             kind: "connected",
@@ -280,9 +279,16 @@ impl Session {
             client: &self.id,
             user: &claims.user,
             expires_in: claims.expires_at.saturating_sub(unix_now()),
-            ping_interval: config.ping_interval.as_secs(),
-            pong_timeout: config.pong_timeout.as_secs(),
+            ping_interval: config.ping_interval.as_millis().div_ceil(1000) as u64,
+            pong_timeout: config.pong_timeout.as_millis().div_ceil(1000) as u64,
         }));
+        let info: Option<Arc<RawValue>> = claims.info.clone().map(Arc::from);
+        self.node
+            .hub
+            .register(self.id.clone(), &claims.user, info, self.outbox.clone());
+        self.live.authenticate(claims.expires_at);
+        self.outbox.poke();
+        Metrics::inc(&self.node.metrics.connects);
         for channel in &claims.subs {
             let first = frame::text(&protocol::encode_sub(channel));
             if let Err(e) = self
@@ -348,6 +354,9 @@ impl Session {
 
     fn subscribe(&mut self, id: u64, name: &str) -> CommandResult {
         channel::validate(name).map_err(bad_request)?;
+        if self.node.hub.is_subscribed(&self.id, name) {
+            return Err((ErrorCode::AlreadySubscribed, "already subscribed".into()));
+        }
         let claims = self.claims.as_ref().expect("connected");
         if !self.may_subscribe(claims, name) {
             return Err((

@@ -125,14 +125,17 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                         wake.push(deadline);
                     }
                 }
-                if now >= ping_at {
+                // A new ping waits for the previous pong's deadline, whatever the two settings are.
+                if now >= ping_at && pong_deadline.is_none() {
                     self.live.pong_seen.store(false, Relaxed);
                     self.outbox.push(frame::text(protocol::PING));
                     next_ping = Some(now + self.config.ping_interval);
                     pong_deadline = Some(now + self.config.pong_timeout);
                     continue;
                 }
-                wake.push(ping_at);
+                if pong_deadline.is_none() {
+                    wake.push(ping_at);
+                }
                 let expires =
                     self.live.expires_at.load(Relaxed) + self.config.token.leeway.as_secs();
                 let unix = unix_now();

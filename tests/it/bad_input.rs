@@ -1,0 +1,271 @@
+//! Bad input on the socket and backpressure: each kind gets its documented answer, and the
+//! other clients are not disturbed.
+
+use serde_json::json;
+use sidecast::pb;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::{eventually, Client, TestServer};
+
+fn text_fragment(payload: &[u8], first: bool, fin: bool) -> Message {
+    let opcode = if first {
+        OpCode::Data(Data::Text)
+    } else {
+        OpCode::Data(Data::Continue)
+    };
+    Message::Frame(Frame::message(payload.to_vec(), opcode, fin))
+}
+
+#[tokio::test]
+async fn unanswerable_frames_close_4500_and_others_carry_on() {
+    let server = TestServer::start(&[]).await;
+    let mut bystander = server.user("by", json!({})).await;
+    let cases: Vec<(Message, u16, &str)> = vec![
+        (
+            Message::binary(vec![1, 2, 3]),
+            4500,
+            "binary frames are not supported",
+        ),
+        (Message::text("not json"), 4500, "expected a JSON object"),
+        (Message::text("[1,2]"), 4500, "expected a JSON object"),
+        (Message::text(r#"{"op":"ping"}"#), 4500, "missing id"),
+        (
+            Message::text(r#"{"id":"7","op":"ping"}"#),
+            4500,
+            "id must be a non-negative integer",
+        ),
+    ];
+    for (message, code, reason) in cases {
+        let mut client = server.user("bad", json!({})).await;
+        client.send_raw(message).await;
+        assert_eq!(client.closed().await, (code, reason.to_string()));
+    }
+    assert_eq!(
+        bystander.request(json!({"id": 2, "op": "ping"})).await["result"],
+        json!({})
+    );
+}
+
+#[tokio::test]
+async fn oversize_frames_and_fragmented_messages_close_1009() {
+    let server = TestServer::start(&[("max_message_size", "1024")]).await;
+    let mut big = server.user("big", json!({})).await;
+    let padding = "x".repeat(1100);
+    big.send(json!({"id": 2, "op": "ping", "pad": padding}))
+        .await;
+    assert_eq!(big.closed().await, (1009, "message too big".into()));
+
+    // Small frames that add up past the limit: fastwebsockets alone would not notice.
+    let mut frag = server.user("frag", json!({})).await;
+    frag.send_raw(text_fragment(
+        br#"{"id":2,"op":"ping","pad":""#,
+        true,
+        false,
+    ))
+    .await;
+    for _ in 0..20 {
+        frag.send_raw(text_fragment(&[b'x'; 100], false, false))
+            .await;
+    }
+    assert_eq!(frag.closed().await, (1009, "message too big".into()));
+
+    // Within the limit, a fragmented command is reassembled and answered.
+    let mut ok = server.user("ok", json!({})).await;
+    ok.send_raw(text_fragment(br#"{"id":3,"#, true, false))
+        .await;
+    ok.send_raw(text_fragment(br#""op":"#, false, false)).await;
+    ok.send_raw(text_fragment(br#""ping"}"#, false, true)).await;
+    assert_eq!(ok.recv().await, json!({"id": 3, "result": {}}));
+}
+
+#[tokio::test]
+async fn invalid_utf8_closes_1007() {
+    let server = TestServer::start(&[]).await;
+    let mut client = server.user("u", json!({})).await;
+    client
+        .send_raw(Message::Frame(Frame::message(
+            vec![b'{', 0xff, b'}'],
+            OpCode::Data(Data::Text),
+            true,
+        )))
+        .await;
+    assert_eq!(client.closed().await.0, 1007);
+    let mut split = server.user("u", json!({})).await;
+    split
+        .send_raw(text_fragment(&[b'"', 0xc3], true, false))
+        .await;
+    split
+        .send_raw(text_fragment(&[0x28, b'"'], false, true))
+        .await;
+    assert_eq!(split.closed().await, (1007, "invalid UTF-8".into()));
+}
+
+// About time: the heartbeat is a clock.
+#[tokio::test]
+async fn heartbeat_closes_silent_clients_4007() {
+    let server = TestServer::start(&[("ping_interval", "300ms"), ("pong_timeout", "300ms")]).await;
+    let mut silent = server.user("s", json!({})).await;
+    let mut alive = server.user("a", json!({})).await;
+    assert_eq!(silent.recv_any().await, json!({"type": "ping"}));
+    for _ in 0..3 {
+        assert_eq!(alive.recv_any().await, json!({"type": "ping"}));
+        alive.send(json!({"op": "pong"})).await;
+    }
+    assert_eq!(
+        silent.closed().await,
+        (4007, "no pong within pong_timeout".into())
+    );
+    assert_eq!(
+        alive.request(json!({"id": 2, "op": "ping"})).await["result"],
+        json!({})
+    );
+}
+
+#[tokio::test]
+async fn slow_consumer_is_closed_4004_while_a_fast_one_gets_everything() {
+    const TOTAL: u64 = 1500;
+    const BATCH: u64 = 25;
+    let server = TestServer::start(&[
+        ("max_queue_bytes", "131072"),
+        ("max_publication_size", "16384"),
+    ])
+    .await;
+    let mut grpc = server.grpc().await;
+    let mut fast = server.user("fast", json!({"channels": ["firehose"]})).await;
+    fast.subscribe(2, "firehose").await;
+    let mut slow = Client::open_small_buffer(server.ws_addr, &server.ws_url).await;
+    slow.send(json!({"id": 1, "op": "connect", "token": crate::support::token("slow", json!({"channels": ["firehose"]}))}))
+        .await;
+    slow.recv().await;
+    slow.subscribe(2, "firehose").await;
+
+    let (progress, mut seen) = tokio::sync::watch::channel(0u64);
+    let reader = tokio::spawn(async move {
+        for n in 0..TOTAL {
+            let m = fast.recv().await;
+            assert_eq!(
+                m["data"]["n"], n,
+                "fast subscriber sees every publication in order"
+            );
+            progress.send_replace(n + 1);
+        }
+    });
+    let pad = "p".repeat(8000);
+    for batch in 0..TOTAL / BATCH {
+        for i in 0..BATCH {
+            let n = batch * BATCH + i;
+            let data = format!(r#"{{"n":{n},"pad":"{pad}"}}"#);
+            grpc.publish(pb::PublishRequest {
+                channel: "firehose".into(),
+                data: data.into_bytes(),
+                idempotency_key: String::new(),
+            })
+            .await
+            .unwrap();
+        }
+        // Wait for the fast reader, so that only the slow one falls behind.
+        seen.wait_for(|n| *n >= (batch + 1) * BATCH).await.unwrap();
+    }
+    reader.await.unwrap();
+    let (messages, code) = slow.drain_until_close().await;
+    assert_eq!(code, 4004);
+    assert!(
+        (messages.len() as u64) < TOTAL,
+        "the slow consumer fell behind"
+    );
+    for (i, m) in messages.iter().enumerate() {
+        assert_eq!(
+            m["data"]["n"], i as u64,
+            "what it got is an in-order prefix"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_write_that_does_not_finish_drops_the_socket() {
+    let server = TestServer::start(&[
+        ("max_queue_bytes", "67108864"),
+        ("max_publication_size", "65536"),
+        ("write_timeout", "300ms"),
+    ])
+    .await;
+    let mut grpc = server.grpc().await;
+    let mut stuck = Client::open_small_buffer(server.ws_addr, &server.ws_url).await;
+    stuck.send(json!({"id": 1, "op": "connect", "token": crate::support::token("stuck", json!({"channels": ["big"]}))}))
+        .await;
+    stuck.recv().await;
+    stuck.subscribe(2, "big").await;
+    let data = format!("\"{}\"", "z".repeat(60_000)).into_bytes();
+    for _ in 0..200 {
+        grpc.publish(pb::PublishRequest {
+            channel: "big".into(),
+            data: data.clone(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    eventually("the stuck connection is dropped", || {
+        let mut grpc = grpc.clone();
+        async move {
+            grpc.info(pb::InfoRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .connections
+                == 0
+        }
+    })
+    .await;
+}
+
+// About time: the heartbeat is a clock.
+#[tokio::test]
+async fn heartbeat_works_when_pong_timeout_exceeds_ping_interval() {
+    let server = TestServer::start(&[("ping_interval", "100ms"), ("pong_timeout", "400ms")]).await;
+    let mut silent = server.user("s", json!({})).await;
+    assert_eq!(silent.recv_any().await, json!({"type": "ping"}));
+    assert_eq!(silent.closed().await.0, 4007);
+}
+
+#[tokio::test]
+async fn a_new_message_inside_a_fragmented_one_closes_1002() {
+    let server = TestServer::start(&[]).await;
+    let mut client = server.user("f", json!({})).await;
+    client.send_raw(text_fragment(b"{", true, false)).await;
+    client.send_raw(text_fragment(b"{", true, false)).await;
+    assert_eq!(
+        client.closed().await,
+        (1002, "expected a continuation frame".into())
+    );
+    let mut stray = server.user("f", json!({})).await;
+    stray.send_raw(text_fragment(b"}", false, true)).await;
+    assert_eq!(
+        stray.closed().await,
+        (1002, "unexpected continuation frame".into())
+    );
+}
+
+#[tokio::test]
+async fn a_close_code_that_may_not_be_sent_is_answered_1002() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    let server = TestServer::start(&[]).await;
+    let mut polite = server.user("p", json!({})).await;
+    polite
+        .send_raw(Message::Close(Some(CloseFrame {
+            code: CloseCode::Away,
+            reason: "bye".into(),
+        })))
+        .await;
+    assert_eq!(polite.closed().await.0, 1001, "a valid code is echoed");
+    let mut odd = server.user("o", json!({})).await;
+    odd.send_raw(Message::Close(Some(CloseFrame {
+        code: CloseCode::from(1006),
+        reason: "".into(),
+    })))
+    .await;
+    assert_eq!(odd.closed().await.0, 1002);
+}

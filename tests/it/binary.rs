@@ -1,0 +1,178 @@
+//! The `sidecast` binary itself: fail-fast configuration (exit 64), development mode with
+//! `sidecast token`, and draining on SIGTERM.
+
+use std::net::TcpListener as StdListener;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use serde_json::json;
+
+use crate::support::{eventually, http_status, Client};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sidecast");
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sidecast-{name}-{:x}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs the binary to completion; returns (exit code, stderr).
+fn run_bin(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const LOOPBACK: [&str; 6] = [
+    "--ws-addr",
+    "127.0.0.1:0",
+    "--grpc-addr",
+    "127.0.0.1:0",
+    "--admin-addr",
+    "127.0.0.1:0",
+];
+
+#[test]
+fn invalid_configuration_exits_64_naming_the_key() {
+    let dir = scratch("config");
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "bogus_key = 1\n").unwrap();
+    let file = file.to_str().unwrap();
+    let typed = dir.join("typed.toml");
+    std::fs::write(&typed, "[namespaces.chat]\npresence = \"yes\"\n").unwrap();
+    let typed = typed.to_str().unwrap();
+    let missing_key = dir.join("missing.pem");
+    let missing_key = missing_key.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+        (vec!["--config", file], vec![], "bogus_key"),
+        (vec!["--config", typed], vec![], "presence"),
+        (
+            vec!["--config", "/nonexistent/sidecast.toml"],
+            vec![],
+            "/nonexistent/sidecast.toml",
+        ),
+        (
+            vec![],
+            vec![("SIDECAST_PING_INTERVAL", "soon")],
+            "SIDECAST_PING_INTERVAL",
+        ),
+        (
+            vec![],
+            vec![("SIDECAST_NOT_A_KEY", "1")],
+            "SIDECAST_NOT_A_KEY",
+        ),
+        (vec!["--grpc-addr", "0.0.0.0:50051"], vec![], "api_key"),
+        (vec!["--set", "max_queue_bytes"], vec![], "KEY=VALUE"),
+        (vec!["--set", "log_format=xml"], vec![], "log_format"),
+        (
+            LOOPBACK.to_vec(),
+            vec![
+                ("SIDECAST_TOKEN_PUBLIC_KEY_FILE", missing_key),
+                ("SIDECAST_TOKEN_ALGORITHMS", "ES256"),
+            ],
+            "missing.pem",
+        ),
+    ];
+    for (args, env, needle) in cases {
+        let (code, stderr) = run_bin(&args, &env);
+        assert_eq!(code, 64, "{args:?} {env:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?} {env:?}: expected {needle:?} in {stderr}"
+        );
+    }
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn development_mode_token_then_sigterm_drains_with_1001() {
+    let dir = scratch("dev");
+    let secret_file = dir.join("dev-secret");
+    let secret_env = secret_file.to_str().unwrap();
+    let (code, stderr) = run_bin(
+        &["token", "--user", "nobody"],
+        &[("SIDECAST_DEV_SECRET_FILE", secret_env)],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let out = Command::new(BIN)
+        .args(["token", "--user", "alice", "--channel", "chat:*"])
+        .env("SIDECAST_DEV_SECRET_FILE", secret_env)
+        .output()
+        .unwrap();
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(token.split('.').count(), 3, "{token}");
+
+    let (ws, grpc, admin) = (free_port(), free_port(), free_port());
+    let child = Command::new(BIN)
+        .args([
+            "--ws-addr",
+            &format!("127.0.0.1:{ws}"),
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+        ])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .env("SIDECAST_DEV_SECRET_FILE", secret_env)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let admin_addr = format!("127.0.0.1:{admin}").parse().unwrap();
+    eventually("the binary serves /readyz", || async move {
+        tokio::net::TcpStream::connect(admin_addr).await.is_ok()
+    })
+    .await;
+    assert_eq!(
+        http_status(admin_addr, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").await,
+        200
+    );
+
+    let mut client = Client::open(&format!("ws://127.0.0.1:{ws}/ws")).await;
+    client
+        .send(json!({"id": 1, "op": "connect", "token": token}))
+        .await;
+    let connected = client.recv().await;
+    assert_eq!(connected["user"], "alice");
+    assert_eq!(client.subscribe(2, "chat:lobby").await["result"], json!({}));
+    // A token from another secret is refused: development mode does not accept everyone.
+    let mut stranger = Client::open(&format!("ws://127.0.0.1:{ws}/ws")).await;
+    let forged = crate::support::sign_hs256(
+        &json!({"sub": "x", "exp": crate::support::now() + 60}),
+        "guess",
+    );
+    stranger
+        .send(json!({"id": 1, "op": "connect", "token": forged}))
+        .await;
+    assert_eq!(stranger.closed().await.0, 4001);
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(client.closed().await, (1001, "server shutting down".into()));
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("DEVELOPMENT MODE"), "{stderr}");
+    assert!(
+        !stderr.contains(std::fs::read_to_string(&secret_file).unwrap().trim()),
+        "the secret is never logged"
+    );
+}

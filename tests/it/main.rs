@@ -1,0 +1,10 @@
+//! Black-box tests: a real node on loopback, real WebSocket and gRPC clients.
+//! One test binary (one link) with a module per area.
+
+mod auth;
+mod bad_input;
+mod binary;
+mod control;
+mod jose;
+mod pubsub;
+mod support;

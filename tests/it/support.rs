@@ -1,0 +1,283 @@
+//! The test DSL: an in-process node on port 0, WebSocket clients (tokio-tungstenite, an
+//! independent implementation) and the generated gRPC client.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use sidecast::config::Config;
+use sidecast::pb::control_client::ControlClient;
+use sidecast::{run, Listeners};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "test-secret";
+/// A safety net so a broken server fails the test instead of hanging it; never a pacing device.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    pub ws_url: String,
+    pub grpc_url: String,
+    pub admin: SocketAddr,
+    pub ws_addr: SocketAddr,
+    shutdown: CancellationToken,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// A node with the test HMAC secret and `settings` as configuration overrides.
+    pub async fn start(settings: &[(&str, &str)]) -> TestServer {
+        TestServer::start_with_file(None, settings).await
+    }
+
+    pub async fn start_with_file(file: Option<&str>, settings: &[(&str, &str)]) -> TestServer {
+        let mut overrides: Vec<(String, String)> =
+            vec![("token_hmac_secret".into(), SECRET.into())];
+        overrides.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let config = Config::from_layers(file.map(|f| ("test.toml", f)), &[], &overrides)
+            .expect("valid test config");
+        TestServer::start_config(config).await
+    }
+
+    pub async fn start_config(config: Config) -> TestServer {
+        let ws = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ws_addr = ws.local_addr().unwrap();
+        let grpc_url = format!("http://{}", grpc.local_addr().unwrap());
+        let admin_addr = admin.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let listeners = Listeners { ws, grpc, admin };
+        let token = shutdown.clone();
+        let handle = tokio::spawn(async move {
+            run(listeners, config, token).await.expect("node runs");
+        });
+        TestServer {
+            ws_url: format!("ws://{ws_addr}/ws"),
+            grpc_url,
+            admin: admin_addr,
+            ws_addr,
+            shutdown,
+            handle: Some(handle),
+        }
+    }
+
+    pub async fn grpc(&self) -> ControlClient<tonic::transport::Channel> {
+        ControlClient::connect(self.grpc_url.clone())
+            .await
+            .expect("grpc connects")
+    }
+
+    /// Connects with the first-frame form and returns once `connected` arrived.
+    pub async fn connect(&self, token: &str) -> Client {
+        let mut client = Client::open(&self.ws_url).await;
+        client
+            .send(json!({"id": 1, "op": "connect", "token": token}))
+            .await;
+        let connected = client.recv().await;
+        assert_eq!(connected["type"], "connected", "{connected}");
+        client.client_id = connected["client"].as_str().unwrap().to_string();
+        client
+    }
+
+    /// A connected client of `user` with the given extra claims (channels, publish, subs...).
+    pub async fn user(&self, user: &str, claims: Value) -> Client {
+        self.connect(&token(user, claims)).await
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(handle) = self.handle.take() {
+            handle.await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn now() -> u64 {
+    sidecast::ws::unix_now()
+}
+
+/// An HS256 token for `user` with `exp` an hour away, merged with `claims`.
+pub fn token(user: &str, claims: Value) -> String {
+    let mut all = json!({"sub": user, "exp": now() + 3600, "iat": now()});
+    for (k, v) in claims.as_object().cloned().unwrap_or_default() {
+        all[k] = v;
+    }
+    sign_hs256(&all, SECRET)
+}
+
+pub fn sign_hs256(claims: &Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub client_id: String,
+}
+
+impl Client {
+    pub async fn open(url: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket opens");
+        Client {
+            ws,
+            client_id: String::new(),
+        }
+    }
+
+    /// Opens over a socket with a small receive buffer (for slow-consumer tests).
+    pub async fn open_small_buffer(addr: SocketAddr, url: &str) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let request = url.into_client_request().unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+        Client {
+            ws,
+            client_id: String::new(),
+        }
+    }
+
+    pub async fn send(&mut self, value: Value) {
+        self.ws
+            .send(Message::text(value.to_string()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.ws.send(message).await.unwrap();
+    }
+
+    /// The next JSON message, pings included.
+    pub async fn recv_any(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("a message in time")
+                .expect("the connection is open")
+                .expect("a frame");
+            match message {
+                Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+                Message::Close(frame) => panic!("closed while waiting for a message: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next JSON message that is not a heartbeat ping.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let value = self.recv_any().await;
+            if value["type"] != "ping" {
+                return value;
+            }
+        }
+    }
+
+    /// Sends a command and returns its reply (pushes before it are skipped).
+    pub async fn request(&mut self, command: Value) -> Value {
+        let id = command["id"].clone();
+        self.send(command).await;
+        loop {
+            let value = self.recv().await;
+            if value["id"] == id {
+                return value;
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, id: u64, channel: &str) -> Value {
+        self.request(json!({"id": id, "op": "subscribe", "channel": channel}))
+            .await
+    }
+
+    /// Reads until the server's Close, skipping messages; returns (code, reason).
+    pub async fn closed(&mut self) -> (u16, String) {
+        loop {
+            let next = tokio::time::timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("a close in time");
+            match next {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.to_string())
+                }
+                Some(Ok(Message::Close(None))) => return (1005, String::new()),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("error instead of a close frame: {e}"),
+                None => panic!("stream ended without a close frame"),
+            }
+        }
+    }
+
+    /// Collects messages until the server's Close: (messages, close code).
+    pub async fn drain_until_close(&mut self) -> (Vec<Value>, u16) {
+        let mut messages = Vec::new();
+        loop {
+            let next = tokio::time::timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("a close in time");
+            match next {
+                Some(Ok(Message::Text(text))) => {
+                    messages.push(serde_json::from_str(&text).unwrap())
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return (messages, frame.map_or(1005, |f| u16::from(f.code)))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("error instead of a close frame: {e}"),
+                None => panic!("stream ended without a close frame"),
+            }
+        }
+    }
+}
+
+/// Sends a raw HTTP request and returns the status code.
+pub async fn http_status(addr: SocketAddr, request: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    text.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Polls a condition of the node's state until it holds (state changes after a socket
+/// closes are not observable as an event from outside).
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
