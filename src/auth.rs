@@ -505,4 +505,89 @@ mod tests {
             Some(AuthError::Algorithm)
         );
     }
+
+    fn asymmetric(alg: Algorithm, public: Option<&str>, jwks: Option<&str>) -> Verifier {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        Verifier::from_config(&TokenConfig {
+            hmac_secret: None,
+            public_key_file: public.map(|f| format!("{dir}/tests/fixtures/{f}").into()),
+            jwks_file: jwks.map(|f| format!("{dir}/tests/fixtures/{f}").into()),
+            algorithms: vec![alg],
+            audience: None,
+            issuer: None,
+            leeway: Duration::from_secs(5),
+        })
+        .unwrap()
+    }
+
+    fn sign_pem(alg: Algorithm, private: &str, kid: Option<&str>) -> String {
+        let pem = std::fs::read(format!(
+            "{}/tests/fixtures/{private}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        let key = match alg {
+            Algorithm::ES256 => EncodingKey::from_ec_pem(&pem),
+            Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
+            _ => EncodingKey::from_rsa_pem(&pem),
+        }
+        .unwrap();
+        let mut header = Header::new(alg);
+        header.kid = kid.map(str::to_string);
+        jsonwebtoken::encode(&header, &serde_json::json!({"sub":"k","exp":NOW+60}), &key).unwrap()
+    }
+
+    #[test]
+    fn rs256_and_eddsa_public_keys() {
+        let rs = asymmetric(Algorithm::RS256, Some("rs256-public.pem"), None);
+        assert_eq!(
+            rs.verify(&sign_pem(Algorithm::RS256, "rs256-private.pem", None), NOW)
+                .unwrap()
+                .user,
+            "k"
+        );
+        let ed = asymmetric(Algorithm::EdDSA, Some("ed25519-public.pem"), None);
+        assert_eq!(
+            ed.verify(
+                &sign_pem(Algorithm::EdDSA, "ed25519-private.pem", None),
+                NOW
+            )
+            .unwrap()
+            .user,
+            "k"
+        );
+        // A key of another family does not verify.
+        assert_eq!(
+            ed.verify(&sign_pem(Algorithm::RS256, "rs256-private.pem", None), NOW)
+                .err(),
+            Some(AuthError::Algorithm)
+        );
+    }
+
+    #[test]
+    fn jwks_selects_the_key_by_kid() {
+        let v = asymmetric(Algorithm::ES256, None, Some("es256.jwks.json"));
+        assert_eq!(
+            v.verify(
+                &sign_pem(Algorithm::ES256, "es256-private.pem", Some("es-1")),
+                NOW
+            )
+            .unwrap()
+            .user,
+            "k"
+        );
+        assert_eq!(
+            v.verify(
+                &sign_pem(Algorithm::ES256, "es256-private.pem", Some("es-2")),
+                NOW
+            )
+            .err(),
+            Some(AuthError::UnknownKey)
+        );
+        assert_eq!(
+            v.verify(&sign_pem(Algorithm::ES256, "es256-private.pem", None), NOW)
+                .err(),
+            Some(AuthError::UnknownKey)
+        );
+    }
 }

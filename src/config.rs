@@ -610,4 +610,27 @@ mod tests {
         assert!(parse_duration("2 weeks").is_err());
         assert!(parse_duration("s").is_err());
     }
+
+    #[test]
+    fn the_documented_example_file_is_valid() {
+        let doc = include_str!("../docs/configuration.md");
+        let start = doc.find("```toml\n").expect("an example") + "```toml\n".len();
+        let end = start + doc[start..].find("```").unwrap();
+        let c = Config::from_layers(Some(("docs/configuration.md", &doc[start..end])), &[], &[])
+            .unwrap();
+        assert!(c.channel_options("chat:1").allow_client_publish);
+        assert_eq!(c.channel_options("notifications:a").max_subscribers, 10000);
+        assert_eq!(c.max_subscriptions, 64);
+    }
+
+    #[test]
+    fn every_key_has_a_documented_row() {
+        let doc = include_str!("../docs/configuration.md");
+        for (key, _, _) in KEYS {
+            assert!(
+                doc.contains(&format!("| `{key}` |")),
+                "{key} is missing from docs/configuration.md"
+            );
+        }
+    }
 }

@@ -175,6 +175,12 @@ fn percent_decode(text: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+fn plain(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    *response.status_mut() = status;
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,10 +193,4 @@ mod tests {
         assert_eq!(query_token("token=%zz").as_deref(), None);
         assert_eq!(query_token("other=1").as_deref(), None);
     }
-}
-
-fn plain(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
-    *response.status_mut() = status;
-    response
 }

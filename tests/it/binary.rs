@@ -31,6 +31,9 @@ fn run_bin(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     )
 }
 
+/// (arguments, environment, what the error message must name).
+type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+
 const LOOPBACK: [&str; 6] = [
     "--ws-addr",
     "127.0.0.1:0",
@@ -51,7 +54,7 @@ fn invalid_configuration_exits_64_naming_the_key() {
     let typed = typed.to_str().unwrap();
     let missing_key = dir.join("missing.pem");
     let missing_key = missing_key.to_str().unwrap();
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (vec!["--config", file], vec![], "bogus_key"),
         (vec!["--config", typed], vec![], "presence"),
         (

@@ -273,3 +273,34 @@ async fn shutdown_closes_every_connection_with_1001() {
     assert_eq!(a.closed().await, (1001, "server shutting down".into()));
     assert_eq!(pending.closed().await.0, 1001);
 }
+
+#[tokio::test]
+async fn the_subscribe_reply_precedes_the_first_publication() {
+    let server = TestServer::start(&[]).await;
+    let mut grpc = server.grpc().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let publishing = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                grpc.publish(publish("busy", &n.to_string())).await.unwrap();
+                n += 1;
+            }
+        })
+    };
+    for i in 0..20 {
+        let mut client = server
+            .user(&format!("s{i}"), json!({"channels": ["busy"]}))
+            .await;
+        client
+            .send(json!({"id": 2, "op": "subscribe", "channel": "busy"}))
+            .await;
+        assert_eq!(client.recv().await, json!({"id": 2, "result": {}}));
+        let first = client.recv().await["data"].as_u64().unwrap();
+        let second = client.recv().await["data"].as_u64().unwrap();
+        assert_eq!(second, first + 1, "no gap after the reply");
+    }
+    stop.cancel();
+    publishing.await.unwrap();
+}
