@@ -3,6 +3,7 @@
 
 mod auth;
 mod bad_input;
+mod bench_smoke;
 mod binary;
 mod control;
 mod jose;

@@ -1,0 +1,179 @@
+//! The generator's WebSocket connections: opened from several 127.0.0.x source addresses,
+//! authenticated, subscribed, then read by one task each until told to stop.
+
+use std::cell::RefCell;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::stats::{Sequences, Stats};
+use crate::wsclient::{WsConn, OP_CLOSE, OP_TEXT};
+
+#[derive(Clone)]
+pub struct Target {
+    pub ws: SocketAddr,
+    pub path: String,
+    pub secret: String,
+    /// How many 127.0.0.x source addresses to spread connections over.
+    pub sources: u8,
+}
+
+/// One simulated client.
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub user: String,
+    /// Channels in the token's `subs` claim (subscribed by the server at connect).
+    pub subs: Vec<String>,
+    /// Channels subscribed with the subscribe command.
+    pub channels: Vec<String>,
+    /// A small receive buffer, for clients that will stop reading.
+    pub small_buffer: bool,
+}
+
+impl Target {
+    fn source(&self, index: usize) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            1 + (index % self.sources.max(1) as usize) as u8,
+        ))
+    }
+
+    fn token(&self, member: &Member) -> String {
+        let now = crate::stats::now_nanos() / 1_000_000_000;
+        let claims = json!({
+            "sub": member.user, "exp": now + 86_400, "iat": now,
+            "channels": member.channels, "subs": member.subs,
+        });
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(self.secret.as_bytes()),
+        )
+        .expect("HS256 signing")
+    }
+
+    /// Opens the socket and completes the WebSocket upgrade only.
+    pub async fn upgrade(&self, index: usize, member: &Member) -> std::io::Result<WsConn> {
+        let rcvbuf = member.small_buffer.then_some(4096);
+        WsConn::connect(self.ws, self.source(index), &self.path, rcvbuf).await
+    }
+
+    /// Sends `connect` and waits for `connected` (and the `sub` pushes of the subs claim).
+    pub async fn authenticate(&self, conn: &mut WsConn, member: &Member) -> std::io::Result<()> {
+        let connect = json!({"id": 1, "op": "connect", "token": self.token(member)});
+        conn.send_text(connect.to_string().as_bytes()).await?;
+        conn.expect(|p| p.starts_with(br#"{"type":"connected""#))
+            .await?;
+        for _ in &member.subs {
+            conn.expect(|p| p.starts_with(br#"{"type":"sub""#)).await?;
+        }
+        Ok(())
+    }
+
+    /// Subscribes with commands and waits for each reply.
+    pub async fn subscribe(&self, conn: &mut WsConn, member: &Member) -> std::io::Result<()> {
+        for (i, channel) in member.channels.iter().enumerate() {
+            let id = 10 + i as u64;
+            let command = json!({"id": id, "op": "subscribe", "channel": channel});
+            conn.send_text(command.to_string().as_bytes()).await?;
+            let prefix = format!(r#"{{"id":{id},"#);
+            let reply = conn.expect(|p| p.starts_with(prefix.as_bytes())).await?;
+            if !reply.windows(9).any(|w| w == br#""result":"#) {
+                return Err(std::io::Error::other(format!(
+                    "subscribe refused: {}",
+                    String::from_utf8_lossy(&reply)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Upgrade, authenticate and subscribe.
+    pub async fn open(&self, index: usize, member: &Member) -> std::io::Result<WsConn> {
+        let mut conn = self.upgrade(index, member).await?;
+        self.authenticate(&mut conn, member).await?;
+        self.subscribe(&mut conn, member).await?;
+        Ok(conn)
+    }
+}
+
+/// Runs `f` for `items` with at most `limit` in flight, on the current thread.
+pub async fn in_batches<T, R, F, Fut>(items: Vec<T>, limit: usize, f: F) -> Vec<R>
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = R> + 'static,
+    R: 'static,
+{
+    let mut out = Vec::with_capacity(items.len());
+    let mut running = tokio::task::JoinSet::new();
+    let mut order = 0usize;
+    let mut results: Vec<Option<R>> = Vec::new();
+    for item in items {
+        if running.len() >= limit {
+            let (i, r) = running
+                .join_next()
+                .await
+                .expect("a task")
+                .expect("task ran");
+            results_put(&mut results, i, r);
+        }
+        let fut = f(item);
+        let i = order;
+        order += 1;
+        running.spawn_local(async move { (i, fut.await) });
+    }
+    while let Some(done) = running.join_next().await {
+        let (i, r) = done.expect("task ran");
+        results_put(&mut results, i, r);
+    }
+    out.extend(results.into_iter().map(|r| r.expect("every result")));
+    out
+}
+
+fn results_put<R>(results: &mut Vec<Option<R>>, i: usize, r: R) {
+    if results.len() <= i {
+        results.resize_with(i + 1, || None);
+    }
+    results[i] = Some(r);
+}
+
+/// Reads a connection until `stop`, recording publications; answers pings.
+pub async fn read(mut conn: WsConn, stats: Rc<RefCell<Stats>>, stop: CancellationToken) {
+    let mut seqs = Sequences::default();
+    loop {
+        // Our own client's read is cancel-safe: bytes are only ever appended to the buffer.
+        let frame = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            frame = conn.next() => frame,
+        };
+        let Ok(frame) = frame else { return };
+        match frame.opcode {
+            OP_TEXT => {
+                let payload = conn.payload(&frame);
+                if payload.starts_with(br#"{"type":"pub""#) {
+                    stats.borrow_mut().delivered(&mut seqs, payload);
+                } else if payload == br#"{"type":"ping"}"#
+                    && conn.send_text(br#"{"op":"pong"}"#).await.is_err()
+                {
+                    return;
+                }
+            }
+            OP_CLOSE => {
+                let p = conn.payload(&frame);
+                let code = if p.len() >= 2 {
+                    u16::from_be_bytes([p[0], p[1]])
+                } else {
+                    1005
+                };
+                *stats.borrow_mut().closes.entry(code).or_default() += 1;
+                return;
+            }
+            _ => {}
+        }
+    }
+}

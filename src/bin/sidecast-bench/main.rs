@@ -1,0 +1,199 @@
+//! `sidecast-bench`: the load generator behind BENCHMARKS.md.
+//!
+//! It opens WebSocket connections (spread over 127.0.0.x source addresses), authenticates
+//! and subscribes them, publishes open loop through sidecast's gRPC API (or the Node peer's
+//! HTTP publish path), and reports deliveries/s, publish-to-receive latency percentiles
+//! (HDR histogram), time to the last subscriber, loss, duplicates and reordering, the
+//! server's CPU-seconds per million deliveries and its memory per connection, and its own
+//! CPU use: a figure counts only if the generator stayed under 80% of its core.
+//!
+//! It runs on one thread (pin it to its own core with taskset). One process holds at most
+//! ~20,000 sockets here, which covers every scenario of BENCHMARKS.md.
+
+mod fleet;
+mod probe;
+mod publisher;
+mod scenario;
+mod stats;
+mod wsclient;
+
+use std::net::SocketAddr;
+
+use clap::{Parser, Subcommand};
+
+use fleet::Target;
+use publisher::Sink;
+use scenario::Ctx;
+
+#[derive(Parser)]
+#[command(
+    name = "sidecast-bench",
+    about = "Load generator for sidecast and its peers"
+)]
+struct Cli {
+    /// The server's WebSocket address.
+    #[arg(long, default_value = "127.0.0.1:8080", global = true)]
+    ws: SocketAddr,
+    #[arg(long, default_value = "/ws", global = true)]
+    path: String,
+    /// sidecast's control API; ignored with --publish-http.
+    #[arg(long, default_value = "http://127.0.0.1:50051", global = true)]
+    grpc: String,
+    /// Publish through a peer's `POST /publish?channel=` at this address instead of gRPC.
+    #[arg(long, global = true)]
+    publish_http: Option<SocketAddr>,
+    /// The HS256 secret the server verifies tokens with.
+    #[arg(long, default_value = "bench-secret", global = true)]
+    secret: String,
+    /// The server's process id, for its CPU time and memory.
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    /// Name of the server in the report.
+    #[arg(long, default_value = "sidecast", global = true)]
+    peer: String,
+    /// How many 127.0.0.x source addresses to spread connections over.
+    #[arg(long, default_value_t = 8, global = true)]
+    sources: u8,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// CI smoke run: small N, a few seconds; fails on loss, duplicates or reordering.
+    Smoke {
+        #[arg(long, default_value_t = 50)]
+        connections: usize,
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
+    /// S1 idle: memory per connection by stage, and idle CPU.
+    S1 {
+        #[arg(long, default_value_t = 19_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 60.0)]
+        hold: f64,
+    },
+    /// S2 fan-out: one channel, rising publish rate until loss or p99 > 250 ms.
+    S2 {
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        /// Padding bytes in each payload (total payload ≈ pad + 60).
+        #[arg(long, default_value_t = 0)]
+        pad: usize,
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "10,20,50,100,200,500,1000,2000"
+        )]
+        rates: Vec<f64>,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
+    /// S3 latency: percentiles and time to the last subscriber at a fixed rate.
+    S3 {
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 15.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 0)]
+        pad: usize,
+    },
+    /// S4 chat shape: personal channel + a room, connect/disconnect churn, rising rate.
+    S4 {
+        #[arg(long, default_value_t = 19_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 10)]
+        room_size: usize,
+        /// Connects and disconnects per second.
+        #[arg(long, default_value_t = 60.0)]
+        churn: f64,
+        /// Room publications per second, all rooms together.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "500,1000,2000,5000,10000,20000"
+        )]
+        rates: Vec<f64>,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
+    /// S5 slow consumers: a share of subscribers stops reading.
+    S5 {
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 1.0)]
+        slow_percent: f64,
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 15.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 1000)]
+        pad: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let sink = match cli.publish_http {
+            Some(addr) => Sink::Http(addr),
+            None => Sink::Grpc(
+                sidecast::pb::control_client::ControlClient::connect(cli.grpc.clone()).await?,
+            ),
+        };
+        let ctx = Ctx {
+            target: Target {
+                ws: cli.ws,
+                path: cli.path,
+                secret: cli.secret,
+                sources: cli.sources,
+            },
+            sink,
+            server_pid: cli.server_pid.map(|p| p.to_string()),
+            peer: cli.peer,
+        };
+        match cli.scenario {
+            Scenario::Smoke {
+                connections,
+                rate,
+                seconds,
+            } => scenario::smoke(&ctx, connections, rate, seconds).await,
+            Scenario::S1 { connections, hold } => scenario::s1(&ctx, connections, hold).await,
+            Scenario::S2 {
+                subscribers,
+                pad,
+                rates,
+                seconds,
+            } => scenario::s2(&ctx, subscribers, pad, &rates, seconds).await,
+            Scenario::S3 {
+                subscribers,
+                rate,
+                seconds,
+                pad,
+            } => scenario::s3(&ctx, subscribers, rate, seconds, pad).await,
+            Scenario::S4 {
+                connections,
+                room_size,
+                churn,
+                rates,
+                seconds,
+            } => scenario::s4(&ctx, connections, room_size, churn, &rates, seconds).await,
+            Scenario::S5 {
+                subscribers,
+                slow_percent,
+                rate,
+                seconds,
+                pad,
+            } => scenario::s5(&ctx, subscribers, slow_percent, rate, seconds, pad).await,
+        }
+    })
+}

@@ -1,0 +1,156 @@
+//! Publishing at a set rate, open loop: publication i of a channel is due at start + i/rate
+//! and carries that due time, so a sender that falls behind shows up as latency. One task
+//! per channel publishes in sequence (so per-channel sequence numbers match the order the
+//! server sees); channels run concurrently.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use sidecast::pb::control_client::ControlClient;
+use sidecast::pb::PublishRequest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{sleep_until, Instant};
+
+use crate::stats::{now_nanos, payload, Stats};
+
+/// Where publications go: sidecast's control API or the peer's HTTP publish path.
+#[derive(Clone)]
+pub enum Sink {
+    Grpc(ControlClient<tonic::transport::Channel>),
+    Http(std::net::SocketAddr),
+}
+
+pub enum Conn {
+    Grpc(ControlClient<tonic::transport::Channel>),
+    Http(TcpStream, Vec<u8>),
+}
+
+impl Sink {
+    pub async fn connect(&self) -> anyhow::Result<Conn> {
+        Ok(match self {
+            Sink::Grpc(client) => Conn::Grpc(client.clone()),
+            Sink::Http(addr) => {
+                let stream = TcpStream::connect(addr).await?;
+                stream.set_nodelay(true)?;
+                Conn::Http(stream, Vec::with_capacity(512))
+            }
+        })
+    }
+}
+
+impl Conn {
+    pub async fn publish(&mut self, channel: &str, data: Vec<u8>) -> anyhow::Result<()> {
+        match self {
+            Conn::Grpc(client) => {
+                client
+                    .publish(PublishRequest {
+                        channel: channel.to_string(),
+                        data,
+                        idempotency_key: String::new(),
+                    })
+                    .await?;
+            }
+            Conn::Http(stream, buf) => {
+                let head = format!(
+                    "POST /publish?channel={channel} HTTP/1.1\r\nHost: peer\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    data.len()
+                );
+                stream.write_all(&[head.as_bytes(), &data].concat()).await?;
+                read_http_response(stream, buf).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body; errors unless 200.
+async fn read_http_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+    buf.clear();
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buf.len() < end + 4 + length {
+                let n = stream.read(&mut chunk).await?;
+                anyhow::ensure!(n > 0, "publish connection closed");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            anyhow::ensure!(head.starts_with("http/1.1 200"), "publish refused: {head}");
+            return Ok(());
+        }
+        let n = stream.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "publish connection closed");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// One channel's publishing plan.
+pub struct Plan {
+    pub channel: String,
+    pub index: u32,
+    pub rate: f64,
+    pub duration: Duration,
+    pub pad: usize,
+    /// Connections subscribed to it (for loss and time-to-last accounting).
+    pub subscribers: u32,
+    pub track_last: bool,
+    /// The first sequence number (continues across steps of a ladder).
+    pub first_seq: u64,
+}
+
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Sent {
+    pub published: u64,
+    pub errors: u64,
+    /// Publications sent more than one interval after they were due.
+    pub late: u64,
+}
+
+/// Publishes `plan` open loop on `conn`; returns what was sent.
+pub async fn run(plan: Plan, mut conn: Conn, stats: Rc<RefCell<Stats>>) -> (Sent, Conn) {
+    let mut sent = Sent::default();
+    let interval = Duration::from_secs_f64(1.0 / plan.rate);
+    let start = Instant::now();
+    let start_nanos = now_nanos();
+    let end = start + plan.duration;
+    for i in 0u64.. {
+        let offset = interval.mul_f64(i as f64);
+        let due = start + offset;
+        if due >= end {
+            break;
+        }
+        let now = Instant::now();
+        if now < due {
+            sleep_until(due).await;
+        } else if now - due > interval {
+            sent.late += 1;
+        }
+        let seq = plan.first_seq + i;
+        let data = payload(
+            plan.index,
+            seq,
+            start_nanos + offset.as_nanos() as u64,
+            plan.pad,
+        );
+        stats
+            .borrow_mut()
+            .published(plan.index, seq, plan.subscribers, plan.track_last);
+        match conn.publish(&plan.channel, data).await {
+            Ok(()) => sent.published += 1,
+            Err(e) => {
+                if sent.errors == 0 {
+                    eprintln!("publish to {} failed: {e}", plan.channel);
+                }
+                sent.errors += 1;
+            }
+        }
+    }
+    (sent, conn)
+}

@@ -1,0 +1,592 @@
+//! The benchmark scenarios (BENCHMARKS.md gives the command for each) and the CI smoke run.
+//!
+//! Each scenario opens its fleet, runs one or more measurement windows, prints a
+//! human-readable line per window and a `RESULT {json}` line for the record.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::fleet::{in_batches, read, Member, Target};
+use crate::probe::{rss_bytes, slab_bytes, Snapshot};
+use crate::publisher::{self, Plan, Sent, Sink};
+use crate::stats::Stats;
+use crate::wsclient::WsConn;
+
+pub struct Ctx {
+    pub target: Target,
+    pub sink: Sink,
+    pub server_pid: Option<String>,
+    pub peer: String,
+}
+
+/// How many connection setups run at once.
+const SETUP_CONCURRENCY: usize = 256;
+
+/// What one measurement window saw.
+#[derive(Debug, Clone)]
+pub struct Window {
+    pub label: String,
+    pub subscribers: usize,
+    pub rate: f64,
+    pub seconds: f64,
+    pub received: u64,
+    pub missing: u64,
+    pub gaps: u64,
+    pub duplicates: u64,
+    pub reordered: u64,
+    pub sent: Sent,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    pub last_p50_us: u64,
+    pub last_p99_us: u64,
+    pub server_cpu_s: f64,
+    pub generator_cpu: f64,
+    pub closes: Vec<(u16, u64)>,
+}
+
+impl Window {
+    pub fn deliveries_per_sec(&self) -> f64 {
+        self.received as f64 / self.seconds
+    }
+    pub fn cpu_per_million(&self) -> f64 {
+        if self.received == 0 {
+            return 0.0;
+        }
+        self.server_cpu_s / (self.received as f64 / 1e6)
+    }
+    pub fn generator_bound(&self) -> bool {
+        self.generator_cpu > 0.8
+    }
+    pub fn lossless(&self) -> bool {
+        self.missing == 0
+            && self.gaps == 0
+            && self.duplicates == 0
+            && self.reordered == 0
+            && self.sent.errors == 0
+    }
+
+    pub fn print(&self, peer: &str) {
+        println!(
+            "{peer} {} subs={} rate={}/s: {:.0} deliveries/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, \
+             last p99 {:.2} ms, missing {} gaps {} dup {} reorder {}, server {:.3} CPU-s/M deliveries, generator CPU {:.0}%{}",
+            self.label,
+            self.subscribers,
+            self.rate,
+            self.deliveries_per_sec(),
+            self.p50_us as f64 / 1000.0,
+            self.p99_us as f64 / 1000.0,
+            self.p999_us as f64 / 1000.0,
+            self.max_us as f64 / 1000.0,
+            self.last_p99_us as f64 / 1000.0,
+            self.missing,
+            self.gaps,
+            self.duplicates,
+            self.reordered,
+            self.cpu_per_million(),
+            self.generator_cpu * 100.0,
+            if self.generator_bound() { " (GENERATOR-BOUND: figure does not count)" } else { "" },
+        );
+        let result = json!({
+            "peer": peer, "label": self.label, "subscribers": self.subscribers, "rate": self.rate,
+            "seconds": self.seconds, "received": self.received, "deliveries_per_sec": self.deliveries_per_sec(),
+            "missing": self.missing, "gaps": self.gaps, "duplicates": self.duplicates, "reordered": self.reordered,
+            "published": self.sent.published, "late": self.sent.late, "errors": self.sent.errors,
+            "p50_ms": self.p50_us as f64 / 1000.0, "p99_ms": self.p99_us as f64 / 1000.0,
+            "p999_ms": self.p999_us as f64 / 1000.0, "max_ms": self.max_us as f64 / 1000.0,
+            "last_p50_ms": self.last_p50_us as f64 / 1000.0, "last_p99_ms": self.last_p99_us as f64 / 1000.0,
+            "server_cpu_s_per_million": self.cpu_per_million(), "generator_cpu": self.generator_cpu,
+            "generator_bound": self.generator_bound(), "closes": self.closes,
+        });
+        println!("RESULT {result}");
+    }
+}
+
+fn members(n: usize, f: impl Fn(usize) -> Member) -> Vec<Member> {
+    (0..n).map(f).collect()
+}
+
+/// Opens every member's connection; fails on the first refusal.
+async fn open_all(ctx: &Ctx, members: &[Member]) -> anyhow::Result<Vec<WsConn>> {
+    let target = ctx.target.clone();
+    let items: Vec<(usize, Member)> = members.iter().cloned().enumerate().collect();
+    let results = in_batches(items, SETUP_CONCURRENCY, move |(i, m)| {
+        let target = target.clone();
+        async move { target.open(i, &m).await }
+    })
+    .await;
+    results
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("opening connections: {e}"))
+}
+
+fn spawn_readers(conns: Vec<WsConn>, stats: &Rc<RefCell<Stats>>, stop: &CancellationToken) {
+    for conn in conns {
+        tokio::task::spawn_local(read(conn, stats.clone(), stop.clone()));
+    }
+}
+
+/// Runs the plans concurrently, waits for their deliveries (bounded), and measures.
+async fn window(
+    ctx: &Ctx,
+    stats: &Rc<RefCell<Stats>>,
+    label: &str,
+    subscribers: usize,
+    rate: f64,
+    plans: Vec<Plan>,
+) -> Window {
+    let seconds = plans
+        .iter()
+        .map(|p| p.duration.as_secs_f64())
+        .fold(0.0, f64::max);
+    stats.borrow_mut().reset();
+    let before = Snapshot::take(ctx.server_pid.as_deref());
+    let mut tasks = Vec::new();
+    for plan in plans {
+        let conn = ctx.sink.connect().await.expect("publish connection");
+        tasks.push(tokio::task::spawn_local(publisher::run(
+            plan,
+            conn,
+            stats.clone(),
+        )));
+    }
+    let mut sent = Sent::default();
+    for task in tasks {
+        let (s, _) = task.await.expect("publisher ran");
+        sent.published += s.published;
+        sent.errors += s.errors;
+        sent.late += s.late;
+    }
+    // Let deliveries in flight arrive: until nothing is missing, or 2 s.
+    let drain = tokio::time::Instant::now() + Duration::from_secs(2);
+    while stats.borrow().missing() > 0 && tokio::time::Instant::now() < drain {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let after = Snapshot::take(ctx.server_pid.as_deref());
+    let (wall, server_cpu, own_cpu) = after.since(&before);
+    let s = stats.borrow();
+    let mut closes: Vec<(u16, u64)> = s.closes.iter().map(|(k, v)| (*k, *v)).collect();
+    closes.sort();
+    Window {
+        label: label.to_string(),
+        subscribers,
+        rate,
+        seconds,
+        received: s.received,
+        missing: s.missing(),
+        gaps: s.gaps,
+        duplicates: s.duplicates,
+        reordered: s.reordered,
+        sent,
+        p50_us: s.latency.value_at_quantile(0.5),
+        p99_us: s.latency.value_at_quantile(0.99),
+        p999_us: s.latency.value_at_quantile(0.999),
+        max_us: s.latency.max(),
+        last_p50_us: s.to_last.value_at_quantile(0.5),
+        last_p99_us: s.to_last.value_at_quantile(0.99),
+        server_cpu_s: server_cpu,
+        generator_cpu: own_cpu / wall,
+        closes,
+    }
+}
+
+fn one_channel(
+    channel: &str,
+    rate: f64,
+    secs: f64,
+    pad: usize,
+    subscribers: usize,
+    first_seq: u64,
+) -> Plan {
+    Plan {
+        channel: channel.to_string(),
+        index: 0,
+        rate,
+        duration: Duration::from_secs_f64(secs),
+        pad,
+        subscribers: subscribers as u32,
+        track_last: true,
+        first_seq,
+    }
+}
+
+/// A few seconds, small N: asserts correctness (no loss, duplicates or reordering), never timings.
+pub async fn smoke(ctx: &Ctx, connections: usize, rate: f64, secs: f64) -> anyhow::Result<()> {
+    let ms = members(connections, |i| Member {
+        user: format!("smoke{i}"),
+        subs: vec![],
+        channels: vec!["smoke".into()],
+        small_buffer: false,
+    });
+    let conns = open_all(ctx, &ms).await?;
+    let stats = Rc::new(RefCell::new(Stats::default()));
+    let stop = CancellationToken::new();
+    spawn_readers(conns, &stats, &stop);
+    let w = window(
+        ctx,
+        &stats,
+        "smoke",
+        connections,
+        rate,
+        vec![one_channel("smoke", rate, secs, 16, connections, 1)],
+    )
+    .await;
+    w.print(&ctx.peer);
+    stop.cancel();
+    anyhow::ensure!(
+        w.sent.published > 0 && w.received == w.sent.published * connections as u64,
+        "not every publication arrived"
+    );
+    anyhow::ensure!(w.lossless(), "loss, duplicates or reordering: {w:?}");
+    anyhow::ensure!(
+        w.closes.is_empty(),
+        "connections were closed: {:?}",
+        w.closes
+    );
+    println!("smoke: 1 passed, 0 failed");
+    Ok(())
+}
+
+/// S1: idle connections, each subscribed to a personal and a shared channel; memory by stage and idle CPU.
+pub async fn s1(ctx: &Ctx, connections: usize, hold: f64) -> anyhow::Result<()> {
+    let pid = ctx
+        .server_pid
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("s1 needs --server-pid"))?;
+    let ms = members(connections, |i| Member {
+        user: format!("u{i}"),
+        subs: vec![],
+        channels: vec![format!("user:{i}"), "shared:1".into()],
+        small_buffer: false,
+    });
+    let stage = |name: &str, base: (u64, u64)| {
+        let (rss, slab) = (rss_bytes(&pid), slab_bytes());
+        let per_rss = (rss as f64 - base.0 as f64) / connections as f64;
+        let per_slab = (slab as f64 - base.1 as f64) / connections as f64;
+        println!(
+            "{} s1 {name}: server RSS {:.1} MiB ({:+.0} B/conn), kernel slab {:+.0} B/conn (both ends of each socket)",
+            ctx.peer,
+            rss as f64 / 1048576.0,
+            per_rss,
+            per_slab
+        );
+        (per_rss, per_slab)
+    };
+    let base = (rss_bytes(&pid), slab_bytes());
+    println!(
+        "{} s1 baseline: server RSS {:.1} MiB",
+        ctx.peer,
+        base.0 as f64 / 1048576.0
+    );
+    let target = ctx.target.clone();
+    let items: Vec<(usize, Member)> = ms.iter().cloned().enumerate().collect();
+    let mut conns: Vec<WsConn> = in_batches(items, SETUP_CONCURRENCY, move |(i, m)| {
+        let target = target.clone();
+        async move { target.upgrade(i, &m).await }
+    })
+    .await
+    .into_iter()
+    .collect::<Result<_, _>>()?;
+    let upgraded = stage("upgraded (no token yet)", base);
+    for (conn, m) in conns.iter_mut().zip(&ms) {
+        ctx.target.authenticate(conn, m).await?;
+    }
+    let authenticated = stage("authenticated", base);
+    for (conn, m) in conns.iter_mut().zip(&ms) {
+        ctx.target.subscribe(conn, m).await?;
+    }
+    let subscribed = stage("subscribed to 2 channels", base);
+    let stats = Rc::new(RefCell::new(Stats::default()));
+    let stop = CancellationToken::new();
+    spawn_readers(conns, &stats, &stop);
+    let before = Snapshot::take(Some(&pid));
+    tokio::time::sleep(Duration::from_secs_f64(hold)).await;
+    let after = Snapshot::take(Some(&pid));
+    let (wall, server_cpu, own_cpu) = after.since(&before);
+    let held = stage("after holding", base);
+    println!(
+        "{} s1 idle: {connections} connections held {wall:.0} s: server CPU {:.2}% of a core, generator CPU {:.0}%",
+        ctx.peer,
+        server_cpu / wall * 100.0,
+        own_cpu / wall * 100.0
+    );
+    let result = json!({
+        "peer": ctx.peer, "scenario": "s1", "connections": connections, "hold_s": wall,
+        "rss_per_conn": {"upgraded": upgraded.0, "authenticated": authenticated.0, "subscribed": subscribed.0, "held": held.0},
+        "slab_per_conn_both_ends": {"upgraded": upgraded.1, "authenticated": authenticated.1, "subscribed": subscribed.1, "held": held.1},
+        "idle_server_cpu_pct": server_cpu / wall * 100.0, "generator_cpu": own_cpu / wall,
+    });
+    println!("RESULT {result}");
+    stop.cancel();
+    Ok(())
+}
+
+/// S2: one channel; raise the rate until loss or p99 > 250 ms.
+pub async fn s2(
+    ctx: &Ctx,
+    subscribers: usize,
+    pad: usize,
+    rates: &[f64],
+    secs: f64,
+) -> anyhow::Result<()> {
+    let ms = members(subscribers, |i| Member {
+        user: format!("u{i}"),
+        subs: vec![],
+        channels: vec!["fan".into()],
+        small_buffer: false,
+    });
+    let conns = open_all(ctx, &ms).await?;
+    let stats = Rc::new(RefCell::new(Stats::default()));
+    let stop = CancellationToken::new();
+    spawn_readers(conns, &stats, &stop);
+    let mut seq = 1;
+    let mut best: Option<Window> = None;
+    for &rate in rates {
+        let plan = one_channel("fan", rate, secs, pad, subscribers, seq);
+        let w = window(
+            ctx,
+            &stats,
+            &format!("s2 pad={pad}"),
+            subscribers,
+            rate,
+            vec![plan],
+        )
+        .await;
+        seq += w.sent.published + w.sent.errors;
+        w.print(&ctx.peer);
+        let sustained = w.lossless()
+            && w.closes.is_empty()
+            && w.p99_us <= 250_000
+            && w.sent.late * 100 <= w.sent.published;
+        if w.generator_bound() {
+            println!("{} s2: stopped: generator-bound", ctx.peer);
+            break;
+        }
+        if !sustained {
+            println!("{} s2: stopped: not sustained at {rate}/s", ctx.peer);
+            break;
+        }
+        best = Some(w);
+    }
+    match best {
+        Some(w) => println!(
+            "{} s2 best sustained: subs={subscribers} pad={pad}: {:.0} deliveries/s at {}/s, {:.3} CPU-s per million deliveries",
+            ctx.peer,
+            w.deliveries_per_sec(),
+            w.rate,
+            w.cpu_per_million()
+        ),
+        None => println!("{} s2: no rate was sustained", ctx.peer),
+    }
+    stop.cancel();
+    Ok(())
+}
+
+/// S3: latency percentiles and time to the last subscriber at a fixed rate.
+pub async fn s3(
+    ctx: &Ctx,
+    subscribers: usize,
+    rate: f64,
+    secs: f64,
+    pad: usize,
+) -> anyhow::Result<()> {
+    let ms = members(subscribers, |i| Member {
+        user: format!("u{i}"),
+        subs: vec![],
+        channels: vec!["lat".into()],
+        small_buffer: false,
+    });
+    let conns = open_all(ctx, &ms).await?;
+    let stats = Rc::new(RefCell::new(Stats::default()));
+    let stop = CancellationToken::new();
+    spawn_readers(conns, &stats, &stop);
+    let w = window(
+        ctx,
+        &stats,
+        "s3",
+        subscribers,
+        rate,
+        vec![one_channel("lat", rate, secs, pad, subscribers, 1)],
+    )
+    .await;
+    w.print(&ctx.peer);
+    println!(
+        "{} s3 subs={subscribers} rate={rate}/s: first-subscriber latency is p50 of all deliveries; time to last subscriber p50 {:.2} ms p99 {:.2} ms",
+        ctx.peer,
+        w.last_p50_us as f64 / 1000.0,
+        w.last_p99_us as f64 / 1000.0
+    );
+    stop.cancel();
+    Ok(())
+}
+
+/// S4: chat shape: personal channel + one room of `room_size`, churn, growing room publish rate.
+pub async fn s4(
+    ctx: &Ctx,
+    connections: usize,
+    room_size: usize,
+    churn: f64,
+    rates: &[f64],
+    secs: f64,
+) -> anyhow::Result<()> {
+    let rooms = connections / room_size;
+    let member = move |i: usize| Member {
+        user: format!("u{i}"),
+        subs: vec![],
+        channels: vec![format!("user:{i}"), format!("room:{}", i % rooms)],
+        small_buffer: false,
+    };
+    let ms = members(connections, member);
+    let conns = open_all(ctx, &ms).await?;
+    let stats = Rc::new(RefCell::new(Stats::default()));
+    let stop = CancellationToken::new();
+    let mut readers: Vec<CancellationToken> = Vec::with_capacity(connections);
+    for conn in conns {
+        let token = stop.child_token();
+        tokio::task::spawn_local(read(conn, stats.clone(), token.clone()));
+        readers.push(token);
+    }
+    let readers = Rc::new(RefCell::new(readers));
+    // Churn: every 1/churn s, one random connection goes away and a new one takes its place.
+    let churn_stop = stop.child_token();
+    let churned = Rc::new(RefCell::new(0u64));
+    {
+        let (readers, stats, target, churned, churn_stop, parent) = (
+            readers.clone(),
+            stats.clone(),
+            ctx.target.clone(),
+            churned.clone(),
+            churn_stop.clone(),
+            stop.clone(),
+        );
+        tokio::task::spawn_local(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / churn));
+            loop {
+                tokio::select! {
+                    _ = churn_stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let i = rand::random::<u64>() as usize % connections;
+                readers.borrow()[i].cancel();
+                match target.open(i, &member(i)).await {
+                    Ok(conn) => {
+                        let token = parent.child_token();
+                        tokio::task::spawn_local(read(conn, stats.clone(), token.clone()));
+                        readers.borrow_mut()[i] = token;
+                        *churned.borrow_mut() += 1;
+                    }
+                    Err(e) => eprintln!("s4 churn reconnect failed: {e}"),
+                }
+            }
+        });
+    }
+    let mut seq = 1;
+    for &total in rates {
+        let per_room = total / rooms as f64;
+        let plans = (0..rooms)
+            .map(|r| Plan {
+                channel: format!("room:{r}"),
+                index: r as u32,
+                rate: per_room,
+                duration: Duration::from_secs_f64(secs),
+                pad: 64,
+                subscribers: room_size as u32,
+                track_last: false,
+                first_seq: seq,
+            })
+            .collect();
+        let w = window(ctx, &stats, "s4", connections, total, plans).await;
+        seq += (per_room * secs).ceil() as u64 + 1;
+        w.print(&ctx.peer);
+        println!(
+            "{} s4: {} reconnects so far ({churn}/s)",
+            ctx.peer,
+            churned.borrow()
+        );
+        if w.generator_bound() || w.gaps > 0 || w.p99_us > 250_000 {
+            println!("{} s4: stopped at {total} publications/s", ctx.peer);
+            break;
+        }
+    }
+    churn_stop.cancel();
+    stop.cancel();
+    Ok(())
+}
+
+/// S5: `slow_pct`% of subscribers stop reading; server memory and the others' latency,
+/// compared with the same run without them.
+pub async fn s5(
+    ctx: &Ctx,
+    subscribers: usize,
+    slow_pct: f64,
+    rate: f64,
+    secs: f64,
+    pad: usize,
+) -> anyhow::Result<()> {
+    let pid = ctx
+        .server_pid
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("s5 needs --server-pid"))?;
+    for with_slow in [false, true] {
+        let slow = if with_slow {
+            ((subscribers as f64) * slow_pct / 100.0).ceil() as usize
+        } else {
+            0
+        };
+        let channel = if with_slow { "s5slow" } else { "s5" };
+        let ms = members(subscribers, |i| Member {
+            user: format!("u{i}"),
+            subs: vec![],
+            channels: vec![channel.into()],
+            small_buffer: i < slow,
+        });
+        let mut conns = open_all(ctx, &ms).await?;
+        let stalled: Vec<WsConn> = conns.drain(..slow).collect();
+        let stats = Rc::new(RefCell::new(Stats::default()));
+        let stop = CancellationToken::new();
+        spawn_readers(conns, &stats, &stop);
+        let base = rss_bytes(&pid);
+        let peak = Rc::new(RefCell::new(base));
+        let sampler = {
+            let (peak, pid, stop) = (peak.clone(), pid.clone(), stop.clone());
+            tokio::task::spawn_local(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                while !stop.is_cancelled() {
+                    tick.tick().await;
+                    let rss = rss_bytes(&pid);
+                    let mut p = peak.borrow_mut();
+                    *p = (*p).max(rss);
+                }
+            })
+        };
+        let label = if with_slow {
+            "s5 with slow consumers"
+        } else {
+            "s5 without slow consumers"
+        };
+        let plan = one_channel(channel, rate, secs, pad, subscribers - slow, 1);
+        let w = window(ctx, &stats, label, subscribers, rate, vec![plan]).await;
+        w.print(&ctx.peer);
+        let growth = *peak.borrow() as f64 - base as f64;
+        println!(
+            "{} {label}: {slow} stalled of {subscribers}; server RSS peak {:+.1} MiB over the start of the run; others p99 {:.2} ms",
+            ctx.peer,
+            growth / 1048576.0,
+            w.p99_us as f64 / 1000.0
+        );
+        println!(
+            "RESULT {}",
+            json!({"peer": ctx.peer, "scenario": "s5", "slow": slow, "rss_peak_growth_bytes": growth, "others_p99_ms": w.p99_us as f64 / 1000.0})
+        );
+        stop.cancel();
+        let _ = sampler.await;
+        drop(stalled);
+    }
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! The load generator keeps working: a short smoke run against sidecast and against the
+//! Node `ws` peer. It asserts correctness (no loss, duplicates or reordering), never timings.
+
+use std::process::{Command, Stdio};
+
+use crate::support::{TestServer, SECRET};
+
+const BENCH: &str = env!("CARGO_BIN_EXE_sidecast-bench");
+
+fn smoke(args: &[String]) -> String {
+    let output = Command::new(BENCH)
+        .args(args)
+        .arg("smoke")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[tokio::test]
+async fn generator_smoke_against_sidecast() {
+    let server = TestServer::start(&[]).await;
+    let args = vec![
+        "--ws".to_string(),
+        server.ws_addr.to_string(),
+        "--grpc".into(),
+        server.grpc_url.clone(),
+        "--secret".into(),
+        SECRET.into(),
+    ];
+    let out = tokio::task::spawn_blocking(move || smoke(&args))
+        .await
+        .unwrap();
+    assert!(out.contains("smoke: 1 passed, 0 failed"), "{out}");
+}
+
+#[tokio::test]
+async fn generator_smoke_against_the_node_ws_peer() {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    assert!(
+        std::path::Path::new(&format!("{dir}/bench/peers/node-ws/node_modules/ws")).exists(),
+        "bench/peers/node-ws/node_modules is missing: run the README's test command (scripts/test)"
+    );
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (ws, publish) = (free(), free());
+    let mut peer = Command::new("node")
+        .arg(format!("{dir}/bench/peers/node-ws/server.mjs"))
+        .env("PORT", ws.to_string())
+        .env("PUBLISH_PORT", publish.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The peer prints one line once both listeners are ready.
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(peer.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.contains("listening"), "{line}");
+    let args = vec![
+        "--ws".to_string(),
+        format!("127.0.0.1:{ws}"),
+        "--publish-http".into(),
+        format!("127.0.0.1:{publish}"),
+        "--peer".into(),
+        "node-ws".into(),
+    ];
+    let out = tokio::task::spawn_blocking(move || smoke(&args))
+        .await
+        .unwrap();
+    peer.kill().unwrap();
+    let _ = peer.wait();
+    assert!(out.contains("smoke: 1 passed, 0 failed"), "{out}");
+}
