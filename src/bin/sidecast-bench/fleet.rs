@@ -101,44 +101,36 @@ impl Target {
     }
 }
 
-/// Runs `f` for `items` with at most `limit` in flight, on the current thread.
+/// Runs `f` for `items` with at most `limit` in flight, on the current thread; results keep
+/// the order of `items`.
 pub async fn in_batches<T, R, F, Fut>(items: Vec<T>, limit: usize, f: F) -> Vec<R>
 where
     F: Fn(T) -> Fut,
     Fut: std::future::Future<Output = R> + 'static,
     R: 'static,
 {
-    let mut out = Vec::with_capacity(items.len());
+    let mut results: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
     let mut running = tokio::task::JoinSet::new();
-    let mut order = 0usize;
-    let mut results: Vec<Option<R>> = Vec::new();
-    for item in items {
+    for (i, item) in items.into_iter().enumerate() {
         if running.len() >= limit {
-            let (i, r) = running
+            let (done, r) = running
                 .join_next()
                 .await
                 .expect("a task")
                 .expect("task ran");
-            results_put(&mut results, i, r);
+            results[done] = Some(r);
         }
         let fut = f(item);
-        let i = order;
-        order += 1;
         running.spawn_local(async move { (i, fut.await) });
     }
-    while let Some(done) = running.join_next().await {
-        let (i, r) = done.expect("task ran");
-        results_put(&mut results, i, r);
+    while let Some(joined) = running.join_next().await {
+        let (done, r) = joined.expect("task ran");
+        results[done] = Some(r);
     }
-    out.extend(results.into_iter().map(|r| r.expect("every result")));
-    out
-}
-
-fn results_put<R>(results: &mut Vec<Option<R>>, i: usize, r: R) {
-    if results.len() <= i {
-        results.resize_with(i + 1, || None);
-    }
-    results[i] = Some(r);
+    results
+        .into_iter()
+        .map(|r| r.expect("every result"))
+        .collect()
 }
 
 /// Reads a connection until `stop`, recording publications; answers pings.
