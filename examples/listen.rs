@@ -3,7 +3,7 @@
 //!
 //!     cargo run --release --example listen -- "$TOKEN" chat:lobby
 //!
-//! SIDECAST_WS_URL overrides the address (default ws://127.0.0.1:8080/ws).
+//! WS_URL overrides the address (default ws://127.0.0.1:8080/ws).
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -15,7 +15,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("usage: listen TOKEN CHANNEL");
         std::process::exit(2);
     };
-    let url = std::env::var("SIDECAST_WS_URL").unwrap_or_else(|_| "ws://127.0.0.1:8080/ws".into());
+    let url = std::env::var("WS_URL").unwrap_or_else(|_| "ws://127.0.0.1:8080/ws".into());
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
     let connect = serde_json::json!({"id": 1, "op": "connect", "token": token});
     ws.send(Message::text(connect.to_string())).await?;

@@ -2,8 +2,8 @@
 //!
 //!     cargo run --release --example publish -- chat:lobby '{"text":"hello"}'
 //!
-//! SIDECAST_GRPC_URL overrides the address (default http://127.0.0.1:50051) and
-//! SIDECAST_API_KEY, when set, is sent as `authorization: Bearer <key>`.
+//! GRPC_URL overrides the address (default http://127.0.0.1:50051) and
+//! API_KEY, when set, is sent as `authorization: Bearer <key>`.
 
 use sidecast::pb::control_client::ControlClient;
 use sidecast::pb::PublishRequest;
@@ -15,15 +15,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("usage: publish CHANNEL JSON");
         std::process::exit(2);
     };
-    let url =
-        std::env::var("SIDECAST_GRPC_URL").unwrap_or_else(|_| "http://127.0.0.1:50051".into());
+    let url = std::env::var("GRPC_URL").unwrap_or_else(|_| "http://127.0.0.1:50051".into());
     let mut client = ControlClient::connect(url).await?;
     let mut request = tonic::Request::new(PublishRequest {
         channel,
         data: data.into_bytes(),
         idempotency_key: String::new(),
     });
-    if let Ok(key) = std::env::var("SIDECAST_API_KEY") {
+    if let Ok(key) = std::env::var("API_KEY") {
         request
             .metadata_mut()
             .insert("authorization", format!("Bearer {key}").parse()?);

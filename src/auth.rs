@@ -439,6 +439,24 @@ mod tests {
     }
 
     #[test]
+    fn every_pinned_hmac_algorithm() {
+        let mut config = hs_config("s3");
+        config.algorithms = vec![Algorithm::HS384, Algorithm::HS512];
+        let v = Verifier::from_config(&config).unwrap();
+        let claims = serde_json::json!({"sub":"a","exp":NOW+60});
+        assert!(v
+            .verify(&sign(claims.clone(), Algorithm::HS384, b"s3"), NOW)
+            .is_ok());
+        assert!(v
+            .verify(&sign(claims.clone(), Algorithm::HS512, b"s3"), NOW)
+            .is_ok());
+        assert_eq!(
+            v.verify(&sign(claims, Algorithm::HS256, b"s3"), NOW).err(),
+            Some(AuthError::Algorithm)
+        );
+    }
+
+    #[test]
     fn audience_and_issuer_when_configured() {
         let mut config = hs_config("s3");
         config.audience = Some("app".into());

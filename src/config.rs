@@ -220,7 +220,11 @@ impl Config {
             )),
             None => None,
         };
-        let env: Vec<(String, String)> = std::env::vars().collect();
+        // vars() would panic on a variable that is not UTF-8; such values reach validation
+        // (lossily converted) and fail there with the variable's name.
+        let env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
+            .collect();
         Config::from_layers(
             text.as_ref().map(|(p, t)| (p.as_str(), t.as_str())),
             &env,
@@ -399,6 +403,33 @@ impl Config {
                 token.algorithms = vec![Algorithm::HS256];
             }
         }
+        // jsonwebtoken's Algorithm is non-exhaustive: anything unnamed counts as its own family.
+        let family = |alg: &Algorithm| -> u8 {
+            use Algorithm::*;
+            if is_hmac(*alg) {
+                0
+            } else if matches!(alg, RS256 | RS384 | RS512 | PS256 | PS384 | PS512) {
+                1
+            } else if matches!(alg, ES256 | ES384) {
+                2
+            } else {
+                3
+            }
+        };
+        let mut families: Vec<u8> = token
+            .algorithms
+            .iter()
+            .map(family)
+            .filter(|f| *f != 0)
+            .collect();
+        families.sort_unstable();
+        families.dedup();
+        if token.public_key_file.is_some() && token.jwks_file.is_none() && families.len() > 1 {
+            return Err(invalid(
+                "token_algorithms",
+                "token_public_key_file holds one key, so pin algorithms of one family (RS/PS, ES or EdDSA), or use token_jwks_file",
+            ));
+        }
         for alg in &token.algorithms {
             if is_hmac(*alg) && token.hmac_secret.is_none() {
                 return Err(invalid(
@@ -515,7 +546,10 @@ fn parse_algorithm(name: &str) -> Result<Algorithm, ConfigError> {
     })
 }
 
-/// Parses `250ms`, `10s`, `5m` or `1h`.
+/// The longest duration any key accepts: longer ones are mistakes (and overflow clocks).
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Parses `250ms`, `10s`, `5m` or `1h`, up to 30 days.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -525,15 +559,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let n: u64 = digits
         .parse()
         .map_err(|_| format!("expected a duration like 500ms, 10s, 5m or 1h, got {text:?}"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!(
-            "expected a duration like 500ms, 10s, 5m or 1h, got {text:?}"
-        )),
+    let duration = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => {
+            return Err(format!(
+                "expected a duration like 500ms, 10s, 5m or 1h, got {text:?}"
+            ))
+        }
+    };
+    if duration > MAX_DURATION {
+        return Err(format!("{text:?} is longer than the maximum of 30 days"));
     }
+    Ok(duration)
 }
 
 #[cfg(test)]
@@ -593,6 +633,11 @@ mod tests {
         assert!(err(Some("[namespaces.chat]\nhistory = 1"), &[]).contains("history"));
         assert!(err(None, &[("SIDECAST_MAX_PUBLICATION_SIZE", "1000000")])
             .contains("max_publication_size"));
+        let two_families = [
+            ("SIDECAST_TOKEN_PUBLIC_KEY_FILE", "k.pem"),
+            ("SIDECAST_TOKEN_ALGORITHMS", "RS256,ES256"),
+        ];
+        assert!(err(None, &two_families).contains("one family"));
     }
 
     #[test]
@@ -609,6 +654,9 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("2 weeks").is_err());
         assert!(parse_duration("s").is_err());
+        assert!(parse_duration("99999999999999999h").is_err());
+        assert!(parse_duration("31d").is_err());
+        assert!(parse_duration("721h").is_err());
     }
 
     #[test]

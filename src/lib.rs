@@ -72,6 +72,8 @@ impl Listeners {
 pub enum RunError {
     #[error("token keys: {0}")]
     Keys(#[from] KeyError),
+    #[error("the control API stopped: {0}")]
+    Control(String),
 }
 
 /// Runs a node until `shutdown` is cancelled, then drains: readiness turns false, every
@@ -123,11 +125,18 @@ pub async fn run(
         "sidecast is serving"
     );
 
+    let mut failure = None;
     tokio::select! {
         _ = shutdown.cancelled() => {}
         result = grpc => {
             // The control API died on its own: stop the node rather than run half of it.
-            tracing::error!(?result, "control API stopped");
+            let message = match result {
+                Ok(Ok(())) => "it ended".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            tracing::error!(%message, "control API stopped");
+            failure = Some(RunError::Control(message));
         }
     }
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
@@ -142,7 +151,8 @@ pub async fn run(
     {
         tracing::warn!("connections still open at shutdown_timeout: dropping them");
         sessions.kill.cancel();
-        sessions.tracker.wait().await;
+        // Killed connections end at once unless a write is stuck; those are dropped with the runtime.
+        let _ = tokio::time::timeout(KILL_GRACE, sessions.tracker.wait()).await;
     }
     grpc_stop.cancel();
     admin_stop.cancel();
@@ -154,5 +164,11 @@ pub async fn run(
         tracing::warn!("control calls still running at shutdown_timeout");
     }
     tracing::info!("stopped");
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
+
+/// How long killed connections get to end after shutdown_timeout.
+const KILL_GRACE: std::time::Duration = std::time::Duration::from_millis(500);

@@ -247,6 +247,10 @@ fn serve(config: Config) -> ExitCode {
                 tracing::error!("{e}");
                 ExitCode::from(EXIT_CONFIG as u8)
             }
+            Err(e @ RunError::Control(_)) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
         }
     })
 }

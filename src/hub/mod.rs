@@ -145,24 +145,27 @@ impl Hub {
 
     /// Removes a connection and all its subscriptions (with `leave` where enabled).
     pub fn unregister(&self, id: &str) {
-        let channels: Vec<Arc<str>> = {
-            let state = self.read();
-            match state.clients.get(id) {
-                Some(client) => client.subs.keys().cloned().collect(),
-                None => return,
-            }
-        };
-        for channel in channels {
-            self.unsubscribe(id, &channel, None);
-        }
-        let mut state = self.write();
-        if let Some(client) = state.clients.remove(id) {
+        // The client leaves the index first: a concurrent subscribe then finds it gone and
+        // undoes its own work, so no subscriber outlives its connection.
+        let channels: Vec<Arc<Channel>> = {
+            let mut state = self.write();
+            let Some(client) = state.clients.remove(id) else {
+                return;
+            };
             if let Some(ids) = state.users.get_mut(&client.user) {
                 ids.retain(|c| &**c != id);
                 if ids.is_empty() {
                     state.users.remove(&client.user);
                 }
             }
+            client
+                .subs
+                .keys()
+                .filter_map(|name| state.channels.get(name).cloned())
+                .collect()
+        };
+        for channel in channels {
+            self.detach(id, &channel);
         }
     }
 

@@ -291,7 +291,10 @@ pub const PING: &[u8] = br#"{"type":"ping"}"#;
 
 /// Checks that `data` is one JSON value (what publications and messages carry).
 pub fn validate_json(data: &[u8]) -> Result<(), String> {
-    serde_json::from_slice::<serde::de::IgnoredAny>(data)
+    // Checked first and whole: skipping a value (IgnoredAny) does not validate the bytes
+    // inside strings, and one invalid byte in a text frame makes browsers drop the socket.
+    let text = std::str::from_utf8(data).map_err(|e| format!("data is not valid UTF-8: {e}"))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
         .map(|_| ())
         .map_err(|e| format!("data is not valid JSON: {e}"))
 }
@@ -383,5 +386,6 @@ mod tests {
         assert!(validate_json(b"{\"a\":1}").is_ok());
         assert!(validate_json(b"{\"a\":").is_err());
         assert!(validate_json(b"1 2").is_err());
+        assert!(validate_json(b"\"\xff\"").unwrap_err().contains("UTF-8"));
     }
 }

@@ -114,12 +114,14 @@ impl Session {
         let mut fragments: Option<Vec<u8>> = None;
         let mut no_obligations =
             |_: fastwebsockets::Frame<'_>| async { Ok::<(), std::io::Error>(()) };
+        let cancelled = conn.cancelled();
+        tokio::pin!(cancelled);
         loop {
             // read_frame is not cancel-safe: it is cancelled here only when the connection is
             // being torn down, after which nothing is read again.
             let result = tokio::select! {
                 biased;
-                _ = conn.cancelled() => return,
+                _ = &mut cancelled => return,
                 frame = reader.read_frame(&mut no_obligations) => frame,
             };
             let frame = match result {
@@ -147,7 +149,7 @@ impl Session {
                     self.outbox.push(frame::pong(&frame.payload));
                 }
                 OpCode::Pong => {}
-                _ if self.closing => {}
+                _ if self.closing || self.outbox.is_closing() => self.closing = true,
                 OpCode::Binary => self.close(close::BAD_REQUEST, "binary frames are not supported"),
                 OpCode::Text if frame.fin => {
                     if fragments.is_some() {

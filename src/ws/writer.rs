@@ -10,7 +10,7 @@
 use std::io::IoSlice;
 use std::sync::atomic::{
     AtomicBool, AtomicU64,
-    Ordering::{Acquire, Relaxed, Release},
+    Ordering::{AcqRel, Acquire, Relaxed, Release},
 };
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -36,18 +36,97 @@ pub struct Liveness {
     /// Token expiry, seconds since the Unix epoch.
     expires_at: AtomicU64,
     pong_seen: AtomicBool,
+    /// Set when a deadline changed (authentication, refresh): the writer re-reads its clock.
+    changed: AtomicBool,
 }
 
 impl Liveness {
     pub fn authenticate(&self, expires_at: u64) {
         self.expires_at.store(expires_at, Relaxed);
         self.authenticated.store(true, Release);
+        self.changed.store(true, Release);
     }
     pub fn set_expiry(&self, expires_at: u64) {
         self.expires_at.store(expires_at, Relaxed);
+        self.changed.store(true, Release);
+    }
+    fn take_changed(&self) -> bool {
+        self.changed.load(Relaxed) && self.changed.swap(false, AcqRel)
     }
     pub fn pong(&self) {
         self.pong_seen.store(true, Relaxed);
+    }
+}
+
+/// The connection's deadlines: a pure state machine driven by the writer with `now`.
+pub struct Clock {
+    connect_deadline: Instant,
+    next_ping: Option<Instant>,
+    pong_deadline: Option<Instant>,
+}
+
+/// Far enough to mean "no deadline".
+const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+impl Clock {
+    pub fn new(now: Instant, config: &Config) -> Clock {
+        Clock {
+            connect_deadline: now + config.connect_timeout,
+            next_ping: None,
+            pong_deadline: None,
+        }
+    }
+
+    /// Acts on every deadline passed at `now` (`unix`: seconds since the Unix epoch) by queueing
+    /// a ping or scheduling a close, and returns when to look again.
+    pub fn tick(
+        &mut self,
+        live: &Liveness,
+        config: &Config,
+        outbox: &Outbox,
+        now: Instant,
+        unix: u64,
+    ) -> Instant {
+        if !live.authenticated.load(Acquire) {
+            if now >= self.connect_deadline {
+                outbox.close(Close::new(
+                    close::UNAUTHORIZED,
+                    "no connect within connect_timeout",
+                ));
+                return now + NEVER;
+            }
+            return self.connect_deadline;
+        }
+        let ping_at = *self.next_ping.get_or_insert(now + config.ping_interval);
+        if let Some(deadline) = self.pong_deadline {
+            if now >= deadline {
+                if !live.pong_seen.load(Relaxed) {
+                    outbox.close(Close::new(close::TIMEOUT, "no pong within pong_timeout"));
+                    return now + NEVER;
+                }
+                self.pong_deadline = None;
+            }
+        }
+        // A new ping waits for the previous pong's deadline, whatever the two settings are.
+        if self.pong_deadline.is_none() && now >= ping_at {
+            live.pong_seen.store(false, Relaxed);
+            outbox.push(frame::text(protocol::PING));
+            self.next_ping = Some(now + config.ping_interval);
+            self.pong_deadline = Some(now + config.pong_timeout);
+        }
+        let expires = live
+            .expires_at
+            .load(Relaxed)
+            .saturating_add(config.token.leeway.as_secs());
+        if unix >= expires {
+            outbox.close(Close::new(close::TOKEN_EXPIRED, "token expired"));
+            return now + NEVER;
+        }
+        let timer = match self.pong_deadline {
+            Some(deadline) => deadline,
+            None => self.next_ping.unwrap_or(ping_at),
+        };
+        timer.min(now + Duration::from_secs(expires - unix).min(NEVER))
     }
 }
 
@@ -74,13 +153,28 @@ pub struct Writer<W> {
 
 impl<W: AsyncWrite + Unpin> Writer<W> {
     pub async fn run(mut self) {
-        let started = Instant::now();
-        let connect_deadline = started + self.config.connect_timeout;
-        let mut next_ping: Option<Instant> = None;
-        let mut pong_deadline: Option<Instant> = None;
+        let mut clock = Clock::new(Instant::now(), &self.config);
         let mut frames: Vec<Bytes> = Vec::new();
+        // Registered once: re-creating these futures on every wakeup costs a lock each.
+        let conn_cancelled = self.conn.clone().cancelled_owned();
+        let shutdown = self.shutdown.clone().cancelled_owned();
+        let sleep = sleep_until(Instant::now());
+        tokio::pin!(conn_cancelled, shutdown, sleep);
+        let mut timers_due = true;
+        let mut draining = false;
+        let mut shutting_down = false;
         loop {
-            let draining = self.conn.is_cancelled();
+            if timers_due || self.live.take_changed() {
+                let next = clock.tick(
+                    &self.live,
+                    &self.config,
+                    &self.outbox,
+                    Instant::now(),
+                    unix_now(),
+                );
+                sleep.as_mut().reset(next);
+                timers_due = false;
+            }
             let close = self.outbox.take(&mut frames);
             if !frames.is_empty() {
                 let written = self.write(&frames).await;
@@ -91,73 +185,23 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 }
             }
             if let Some(close) = close {
-                if self.write(&[frame::close(close.code, &close.reason)]).await {
-                    let _ = timeout(CLOSE_HANDSHAKE_TIMEOUT, self.conn.cancelled()).await;
+                if self.write(&[frame::close(close.code, &close.reason)]).await && !draining {
+                    let _ = timeout(CLOSE_HANDSHAKE_TIMEOUT, &mut conn_cancelled).await;
                 }
                 break;
             }
             if draining {
                 break;
             }
-
-            let now = Instant::now();
-            let mut wake = Vec::with_capacity(4);
-            if !self.live.authenticated.load(Acquire) {
-                if now >= connect_deadline {
-                    self.outbox.close(Close::new(
-                        close::UNAUTHORIZED,
-                        "no connect within connect_timeout",
-                    ));
-                    continue;
-                }
-                wake.push(connect_deadline);
-            } else {
-                let ping_at = *next_ping.get_or_insert(now + self.config.ping_interval);
-                if let Some(deadline) = pong_deadline {
-                    if now >= deadline {
-                        if !self.live.pong_seen.load(Relaxed) {
-                            self.outbox
-                                .close(Close::new(close::TIMEOUT, "no pong within pong_timeout"));
-                            continue;
-                        }
-                        pong_deadline = None;
-                    } else {
-                        wake.push(deadline);
-                    }
-                }
-                // A new ping waits for the previous pong's deadline, whatever the two settings are.
-                if now >= ping_at && pong_deadline.is_none() {
-                    self.live.pong_seen.store(false, Relaxed);
-                    self.outbox.push(frame::text(protocol::PING));
-                    next_ping = Some(now + self.config.ping_interval);
-                    pong_deadline = Some(now + self.config.pong_timeout);
-                    continue;
-                }
-                if pong_deadline.is_none() {
-                    wake.push(ping_at);
-                }
-                let expires =
-                    self.live.expires_at.load(Relaxed) + self.config.token.leeway.as_secs();
-                let unix = unix_now();
-                if unix >= expires {
-                    self.outbox
-                        .close(Close::new(close::TOKEN_EXPIRED, "token expired"));
-                    continue;
-                }
-                wake.push(now + Duration::from_secs(expires - unix));
-            }
-            let next = wake
-                .into_iter()
-                .min()
-                .unwrap_or(now + self.config.ping_interval);
             tokio::select! {
                 biased;
-                _ = self.conn.cancelled() => {}
-                _ = self.shutdown.cancelled(), if !self.outbox.is_closing() => {
+                _ = &mut conn_cancelled => draining = true,
+                _ = &mut shutdown, if !shutting_down => {
+                    shutting_down = true;
                     self.outbox.close(Close::new(close::GOING_AWAY, "server shutting down"));
                 }
                 _ = self.outbox.wait() => {}
-                _ = sleep_until(next) => {}
+                () = &mut sleep => timers_due = true,
             }
         }
         let _ = timeout(self.config.write_timeout, self.io.shutdown()).await;
@@ -234,5 +278,84 @@ mod tests {
         write_all(&mut a, &frames).await.unwrap();
         drop(a);
         assert_eq!(reader.await.unwrap(), expected);
+    }
+
+    #[test]
+    fn clock_deadlines() {
+        let config = Config::from_layers(
+            None,
+            &[],
+            &[
+                ("connect_timeout".into(), "10s".into()),
+                ("ping_interval".into(), "25s".into()),
+                ("pong_timeout".into(), "10s".into()),
+                ("token_leeway".into(), "5s".into()),
+            ],
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        let s = |secs: u64| t0 + Duration::from_secs(secs);
+        let unix0 = 1_000_000;
+        let live = Liveness::default();
+        let outbox = Outbox::new(1 << 20);
+        let mut clock = Clock::new(t0, &config);
+        let mut frames = Vec::new();
+        // Unauthenticated: the connect deadline.
+        assert_eq!(clock.tick(&live, &config, &outbox, s(1), unix0), s(10));
+        live.authenticate(unix0 + 100);
+        assert!(live.take_changed() && !live.take_changed());
+        // First ping 25 s after authentication.
+        assert_eq!(clock.tick(&live, &config, &outbox, s(2), unix0 + 2), s(27));
+        assert_eq!(
+            clock.tick(&live, &config, &outbox, s(27), unix0 + 27),
+            s(37),
+            "ping sent, pong due"
+        );
+        assert_eq!(outbox.take(&mut frames), None);
+        assert_eq!(&frames[0][2..], protocol::PING);
+        live.pong();
+        assert_eq!(
+            clock.tick(&live, &config, &outbox, s(37), unix0 + 37),
+            s(52),
+            "pong seen: next ping"
+        );
+        // Expiry (exp 100 + leeway 5) comes before the next ping.
+        assert_eq!(
+            clock.tick(&live, &config, &outbox, s(52), unix0 + 52),
+            s(62)
+        );
+        live.pong();
+        assert_eq!(
+            clock.tick(&live, &config, &outbox, s(62), unix0 + 62),
+            s(77)
+        );
+        frames.clear();
+        assert_eq!(
+            clock.tick(&live, &config, &outbox, s(105), unix0 + 105),
+            s(105) + NEVER
+        );
+        assert_eq!(outbox.take(&mut frames).unwrap().code, close::TOKEN_EXPIRED);
+    }
+
+    #[test]
+    fn clock_closes_without_pong_or_connect() {
+        let config = Config::from_layers(None, &[], &[]).unwrap();
+        let t0 = Instant::now();
+        let live = Liveness::default();
+        let outbox = Outbox::new(1 << 20);
+        let mut clock = Clock::new(t0, &config);
+        clock.tick(&live, &config, &outbox, t0 + Duration::from_secs(10), 0);
+        assert_eq!(
+            outbox.take(&mut Vec::new()).unwrap().code,
+            close::UNAUTHORIZED
+        );
+
+        let outbox = Outbox::new(1 << 20);
+        let mut clock = Clock::new(t0, &config);
+        live.authenticate(u64::MAX / 2);
+        clock.tick(&live, &config, &outbox, t0, 0);
+        clock.tick(&live, &config, &outbox, t0 + Duration::from_secs(25), 25);
+        clock.tick(&live, &config, &outbox, t0 + Duration::from_secs(35), 35);
+        assert_eq!(outbox.take(&mut Vec::new()).unwrap().code, close::TIMEOUT);
     }
 }

@@ -125,6 +125,20 @@ async fn disconnect_with_backend_codes() {
         reason.len() <= 123 && reason.chars().all(|c| c == 'é'),
         "{reason}"
     );
+    // Once the close is scheduled, the connection executes nothing more.
+    let mut e = server.user("emu", json!({"channels": ["x"]})).await;
+    grpc.disconnect(pb::DisconnectRequest {
+        target: user("emu"),
+        code: 4200,
+        reason: "bye".into(),
+    })
+    .await
+    .unwrap();
+    e.send(json!({"id": 5, "op": "subscribe", "channel": "x"}))
+        .await;
+    let (messages, code) = e.drain_until_close().await;
+    assert_eq!(code, 4200);
+    assert!(messages.iter().all(|m| m["id"] != 5), "{messages:?}");
     for code in [1000, 3000, 4001, 4004, 4500, 5000] {
         let err = grpc
             .disconnect(pb::DisconnectRequest {
@@ -318,6 +332,31 @@ async fn invalid_arguments_say_what_is_wrong() {
             "max_publication_size",
         ),
     ];
+    // Bytes that are not UTF-8 inside a JSON string: a text frame must never carry them.
+    let not_utf8 = pb::PublishRequest {
+        channel: "ok".into(),
+        data: b"\"\xff\"".to_vec(),
+        idempotency_key: String::new(),
+    };
+    let err = grpc.publish(not_utf8).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("UTF-8"), "{}", err.message());
+    let err = grpc
+        .send(pb::SendRequest {
+            target: user("u"),
+            data: b"\"\xc3\"".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = grpc
+        .broadcast(pb::BroadcastRequest {
+            channels: vec!["a".into()],
+            data: b"{oops".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
     for (request, needle) in cases {
         let err = grpc.publish(request).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);

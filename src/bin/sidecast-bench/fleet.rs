@@ -136,11 +136,13 @@ where
 /// Reads a connection until `stop`, recording publications; answers pings.
 pub async fn read(mut conn: WsConn, stats: Rc<RefCell<Stats>>, stop: CancellationToken) {
     let mut seqs = Sequences::default();
+    let cancelled = stop.cancelled();
+    tokio::pin!(cancelled);
     loop {
         // Our own client's read is cancel-safe: bytes are only ever appended to the buffer.
         let frame = tokio::select! {
             biased;
-            _ = stop.cancelled() => return,
+            _ = &mut cancelled => return,
             frame = conn.next() => frame,
         };
         let Ok(frame) = frame else { return };

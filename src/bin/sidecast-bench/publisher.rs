@@ -103,6 +103,9 @@ pub struct Plan {
     pub track_last: bool,
     /// The first sequence number (continues across steps of a ladder).
     pub first_seq: u64,
+    /// Where in its interval this channel starts, as a fraction in [0, 1): many channels at a
+    /// low rate are spread out instead of all publishing in the same instant.
+    pub phase: f64,
 }
 
 #[derive(Default, Debug, Clone, Copy)]
@@ -121,7 +124,7 @@ pub async fn run(plan: Plan, mut conn: Conn, stats: Rc<RefCell<Stats>>) -> (Sent
     let start_nanos = now_nanos();
     let end = start + plan.duration;
     for i in 0u64.. {
-        let offset = interval.mul_f64(i as f64);
+        let offset = interval.mul_f64(i as f64 + plan.phase);
         let due = start + offset;
         if due >= end {
             break;
