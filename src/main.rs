@@ -73,7 +73,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
-    init_tracing(config.log_format);
+    if let Err(message) = init_tracing(config.log_format) {
+        eprintln!("sidecast: configuration error: {message}");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
     if !config.token.has_key() {
         if let Err(e) = use_dev_secret(&mut config) {
             eprintln!("sidecast: development secret: {e:#}");
@@ -122,12 +125,15 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
     Config::load(cli.config.as_deref(), &overrides).map_err(|e| e.to_string())
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = std::env::var("SIDECAST_LOG")
-        .ok()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".into());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into());
+/// Sets up logging; an invalid filter in SIDECAST_LOG or RUST_LOG is a configuration error.
+fn init_tracing(format: LogFormat) -> Result<(), String> {
+    let (var, filter) = match (std::env::var("SIDECAST_LOG"), std::env::var("RUST_LOG")) {
+        (Ok(f), _) => ("SIDECAST_LOG", f),
+        (_, Ok(f)) => ("RUST_LOG", f),
+        _ => ("default", "info".to_string()),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .map_err(|e| format!("invalid log filter in {var} ({filter:?}): {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -135,6 +141,7 @@ fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(())
 }
 
 /// Development mode: with no token key configured, tokens are checked against a random

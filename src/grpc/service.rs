@@ -125,7 +125,7 @@ impl Control for ControlService {
                     out.limit_exceeded += 1
                 }
                 // The connection ended meanwhile.
-                Err(HubError::UnknownClient | HubError::PresenceDisabled) => {}
+                Err(HubError::UnknownClient) => {}
             }
         }
         Ok(Response::new(out))
@@ -201,7 +201,7 @@ impl Control for ControlService {
             .node
             .hub
             .presence(&req.channel)
-            .map_err(|_| ApiError::PresenceDisabled(req.channel.clone()))?;
+            .ok_or_else(|| ApiError::PresenceDisabled(req.channel.clone()))?;
         let clients = members
             .into_iter()
             .map(|m| pb::ClientInfo {
@@ -227,7 +227,7 @@ impl Control for ControlService {
             .node
             .hub
             .presence_stats(&req.channel)
-            .map_err(|_| ApiError::PresenceDisabled(req.channel.clone()))?;
+            .ok_or_else(|| ApiError::PresenceDisabled(req.channel.clone()))?;
         Ok(Response::new(pb::PresenceStatsResponse {
             num_clients: clients as u32,
             num_users: users as u32,

@@ -32,8 +32,6 @@ pub enum HubError {
     TooManySubscriptions(usize),
     #[error("channel is full (max {0} subscribers)")]
     ChannelFull(usize),
-    #[error("presence is not enabled for this channel")]
-    PresenceDisabled,
     #[error("unknown client")]
     UnknownClient,
 }
@@ -416,33 +414,34 @@ impl Hub {
         self.shared.config.channel_options(channel)
     }
 
-    /// Who is subscribed to a channel with presence enabled.
-    pub fn presence(&self, name: &str) -> Result<Vec<Member>, HubError> {
+    /// Who is subscribed to a channel; None where its namespace keeps no presence.
+    pub fn presence(&self, name: &str) -> Option<Vec<Member>> {
         if !self.options(name).presence {
-            return Err(HubError::PresenceDisabled);
+            return None;
         }
         let Some(channel) = self.read().channels.get(name).cloned() else {
-            return Ok(Vec::new());
+            return Some(Vec::new());
         };
         let ch = channel.lock();
-        Ok(ch
-            .subscribers
-            .iter()
-            .map(|(id, s)| Member {
-                client: id.to_string(),
-                user: s.user.to_string(),
-                info: s.info.clone(),
-            })
-            .collect())
+        Some(
+            ch.subscribers
+                .iter()
+                .map(|(id, s)| Member {
+                    client: id.to_string(),
+                    user: s.user.to_string(),
+                    info: s.info.clone(),
+                })
+                .collect(),
+        )
     }
 
     /// (clients, distinct users) subscribed to a channel with presence enabled.
-    pub fn presence_stats(&self, name: &str) -> Result<(usize, usize), HubError> {
+    pub fn presence_stats(&self, name: &str) -> Option<(usize, usize)> {
         let members = self.presence(name)?;
         let mut users: Vec<&str> = members.iter().map(|m| m.user.as_str()).collect();
         users.sort_unstable();
         users.dedup();
-        Ok((members.len(), users.len()))
+        Some((members.len(), users.len()))
     }
 
     /// Channels with subscribers on this node, matching `pattern` when given.

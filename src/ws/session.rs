@@ -412,20 +412,33 @@ impl Session {
             .node
             .hub
             .presence(name)
-            .map_err(|e| (hub_error_code(&e), e.to_string()))?;
-        let mut clients = serde_json::Map::new();
-        for m in members {
-            let info = m
-                .info
-                .as_deref()
-                .map(|raw| serde_json::from_str(raw.get()).unwrap_or(serde_json::Value::Null))
-                .unwrap_or(serde_json::Value::Null);
-            clients.insert(
-                m.client,
-                serde_json::json!({ "user": m.user, "info": info }),
+            .ok_or_else(presence_not_enabled)?;
+        // `info` was validated as a JSON object at connect: it is passed through verbatim.
+        let mut reply = String::from(r#"{"clients":{"#);
+        for (i, m) in members.iter().enumerate() {
+            if i > 0 {
+                reply.push(',');
+            }
+            let entry = format!(
+                r#"{}:{{"user":{},"info":{}}}"#,
+                serde_json::Value::from(m.client.as_str()),
+                serde_json::Value::from(m.user.as_str()),
+                m.info.as_deref().map_or("null", RawValue::get)
             );
+            reply.push_str(&entry);
         }
-        Ok(Some(serde_json::json!({ "clients": clients }).to_string()))
+        reply.push_str("}}");
+        // A reply the queue could not hold would close the asker as a slow consumer.
+        let max = self.node.config.max_queue_bytes / 4;
+        if reply.len() > max {
+            return Err((
+                ErrorCode::LimitExceeded,
+                format!(
+                    "presence is larger than {max} bytes: use presence_stats or the control API"
+                ),
+            ));
+        }
+        Ok(Some(reply))
     }
 
     fn presence_stats(&mut self, name: &str) -> CommandResult {
@@ -434,7 +447,7 @@ impl Session {
             .node
             .hub
             .presence_stats(name)
-            .map_err(|e| (hub_error_code(&e), e.to_string()))?;
+            .ok_or_else(presence_not_enabled)?;
         Ok(Some(format!(
             r#"{{"num_clients":{clients},"num_users":{users}}}"#
         )))
@@ -459,12 +472,18 @@ fn bad_request(e: channel::ChannelError) -> (ErrorCode, String) {
     (ErrorCode::BadRequest, e.to_string())
 }
 
+fn presence_not_enabled() -> (ErrorCode, String) {
+    (
+        ErrorCode::NotAvailable,
+        "presence is not enabled for this channel".into(),
+    )
+}
+
 /// The one mapping from hub errors to reply codes.
 fn hub_error_code(e: &HubError) -> ErrorCode {
     match e {
         HubError::AlreadySubscribed => ErrorCode::AlreadySubscribed,
         HubError::TooManySubscriptions(_) | HubError::ChannelFull(_) => ErrorCode::LimitExceeded,
-        HubError::PresenceDisabled => ErrorCode::NotAvailable,
         HubError::UnknownClient => ErrorCode::Internal,
     }
 }

@@ -77,6 +77,11 @@ fn invalid_configuration_exits_64_naming_the_key() {
         (vec!["--set", "log_format=xml"], vec![], "log_format"),
         (
             LOOPBACK.to_vec(),
+            vec![("SIDECAST_LOG", "sidecast=lots")],
+            "SIDECAST_LOG",
+        ),
+        (
+            LOOPBACK.to_vec(),
             vec![
                 ("SIDECAST_TOKEN_PUBLIC_KEY_FILE", missing_key),
                 ("SIDECAST_TOKEN_ALGORITHMS", "ES256"),

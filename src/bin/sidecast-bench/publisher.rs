@@ -91,40 +91,52 @@ async fn read_http_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow
     }
 }
 
-/// One channel's publishing plan.
-pub struct Plan {
-    pub channel: String,
+/// One channel a plan publishes to.
+pub struct PlanChannel {
+    pub name: String,
     pub index: u32,
+    /// The first sequence number (continues across steps of a ladder).
+    pub first_seq: u64,
+}
+
+/// One publisher's plan: publication k goes to channel k mod n, so each channel's
+/// publications stay in sequence while one task (and one connection) serves many channels.
+pub struct Plan {
+    pub channels: Vec<PlanChannel>,
+    /// Publications per second, all of this plan's channels together.
     pub rate: f64,
     pub duration: Duration,
     pub pad: usize,
-    /// Connections subscribed to it (for loss and time-to-last accounting).
+    /// Connections subscribed to each channel (for loss and time-to-last accounting).
     pub subscribers: u32,
     pub track_last: bool,
-    /// The first sequence number (continues across steps of a ladder).
-    pub first_seq: u64,
-    /// Where in its interval this channel starts, as a fraction in [0, 1): many channels at a
-    /// low rate are spread out instead of all publishing in the same instant.
+    /// Where in its interval this plan starts, as a fraction in [0, 1): many publishers are
+    /// spread out instead of all publishing in the same instant.
     pub phase: f64,
 }
 
-#[derive(Default, Debug, Clone, Copy)]
+#[derive(Default, Debug, Clone)]
 pub struct Sent {
     pub published: u64,
     pub errors: u64,
     /// Publications sent more than one interval after they were due.
     pub late: u64,
+    /// The sequence number each channel's next publication takes, in plan order.
+    pub next_seqs: Vec<u64>,
 }
 
 /// Publishes `plan` open loop on `conn`; returns what was sent.
 pub async fn run(plan: Plan, mut conn: Conn, stats: Rc<RefCell<Stats>>) -> (Sent, Conn) {
-    let mut sent = Sent::default();
+    let mut sent = Sent {
+        next_seqs: plan.channels.iter().map(|c| c.first_seq).collect(),
+        ..Sent::default()
+    };
     let interval = Duration::from_secs_f64(1.0 / plan.rate);
     let start = Instant::now();
     let start_nanos = now_nanos();
     let end = start + plan.duration;
-    for i in 0u64.. {
-        let offset = interval.mul_f64(i as f64 + plan.phase);
+    for k in 0u64.. {
+        let offset = interval.mul_f64(k as f64 + plan.phase);
         let due = start + offset;
         if due >= end {
             break;
@@ -135,21 +147,24 @@ pub async fn run(plan: Plan, mut conn: Conn, stats: Rc<RefCell<Stats>>) -> (Sent
         } else if now - due > interval {
             sent.late += 1;
         }
-        let seq = plan.first_seq + i;
+        let slot = (k % plan.channels.len() as u64) as usize;
+        let channel = &plan.channels[slot];
+        let seq = sent.next_seqs[slot];
+        sent.next_seqs[slot] = seq + 1;
         let data = payload(
-            plan.index,
+            channel.index,
             seq,
             start_nanos + offset.as_nanos() as u64,
             plan.pad,
         );
         stats
             .borrow_mut()
-            .published(plan.index, seq, plan.subscribers, plan.track_last);
-        match conn.publish(&plan.channel, data).await {
+            .published(channel.index, seq, plan.subscribers, plan.track_last);
+        match conn.publish(&channel.name, data).await {
             Ok(()) => sent.published += 1,
             Err(e) => {
                 if sent.errors == 0 {
-                    eprintln!("publish to {} failed: {e}", plan.channel);
+                    eprintln!("publish to {} failed: {e}", channel.name);
                 }
                 sent.errors += 1;
             }

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fleet::{in_batches, read, Member, Target};
 use crate::probe::{rss_bytes, slab_bytes, Snapshot};
-use crate::publisher::{self, Plan, Sent, Sink};
+use crate::publisher::{self, Plan, PlanChannel, Sent, Sink};
 use crate::stats::Stats;
 use crate::wsclient::WsConn;
 
@@ -39,6 +39,8 @@ pub struct Window {
     pub duplicates: u64,
     pub reordered: u64,
     pub sent: Sent,
+    /// Each plan's next sequence number, in plan order (the next window continues from it).
+    pub next_seqs: Vec<u64>,
     pub p50_us: u64,
     pub p99_us: u64,
     pub p999_us: u64,
@@ -158,11 +160,13 @@ async fn window(
         )));
     }
     let mut sent = Sent::default();
+    let mut next_seqs = Vec::with_capacity(tasks.len());
     for task in tasks {
         let (s, _) = task.await.expect("publisher ran");
         sent.published += s.published;
         sent.errors += s.errors;
         sent.late += s.late;
+        next_seqs.extend(s.next_seqs);
     }
     // Let deliveries in flight arrive: until nothing is missing, or nothing arrived for 2 s.
     let mut last_count = stats.borrow().received;
@@ -193,6 +197,7 @@ async fn window(
         duplicates: s.duplicates,
         reordered: s.reordered,
         sent,
+        next_seqs,
         p50_us: s.latency.value_at_quantile(0.5),
         p99_us: s.latency.value_at_quantile(0.99),
         p999_us: s.latency.value_at_quantile(0.999),
@@ -214,14 +219,16 @@ fn one_channel(
     first_seq: u64,
 ) -> Plan {
     Plan {
-        channel: channel.to_string(),
-        index: 0,
+        channels: vec![PlanChannel {
+            name: channel.to_string(),
+            index: 0,
+            first_seq,
+        }],
         rate,
         duration: Duration::from_secs_f64(secs),
         pad,
         subscribers: subscribers as u32,
         track_last: true,
-        first_seq,
         phase: 0.0,
     }
 }
@@ -368,7 +375,7 @@ pub async fn s2(
             vec![plan],
         )
         .await;
-        seq += w.sent.published + w.sent.errors;
+        seq = w.next_seqs[0];
         w.print(&ctx.peer);
         let sustained = w.lossless()
             && w.closes.is_empty()
@@ -451,6 +458,9 @@ pub async fn s3(
 }
 
 /// S4: chat shape: personal channel + one room of `room_size`, churn, growing room publish rate.
+/// How many publishing tasks (and connections) S4 spreads its rooms over.
+const PUBLISHERS: usize = 50;
+
 pub async fn s4(
     ctx: &Ctx,
     connections: usize,
@@ -510,24 +520,34 @@ pub async fn s4(
             }
         });
     }
-    let mut seq = 1;
+    let mut seqs = vec![1u64; rooms];
     for &total in rates {
-        let per_room = total / rooms as f64;
-        let plans = (0..rooms)
-            .map(|r| Plan {
-                channel: format!("room:{r}"),
-                index: r as u32,
-                rate: per_room,
+        // A few publishers serve every room in turn (one connection each: with 19,000 sockets
+        // open, one publishing connection per room would exceed the descriptor limit).
+        let plans = (0..PUBLISHERS)
+            .map(|g| Plan {
+                channels: (g..rooms)
+                    .step_by(PUBLISHERS)
+                    .map(|r| PlanChannel {
+                        name: format!("room:{r}"),
+                        index: r as u32,
+                        first_seq: seqs[r],
+                    })
+                    .collect(),
+                rate: total / PUBLISHERS as f64,
                 duration: Duration::from_secs_f64(secs),
                 pad: 64,
                 subscribers: room_size as u32,
                 track_last: false,
-                first_seq: seq,
-                phase: r as f64 / rooms as f64,
+                phase: g as f64 / PUBLISHERS as f64,
             })
             .collect();
         let w = window(ctx, &stats, "s4", connections, total, plans).await;
-        seq += (per_room * secs).ceil() as u64 + 1;
+        // Plans list their rooms as g, g+P, g+2P...: put the next sequence numbers back by room.
+        let mut order = (0..PUBLISHERS).flat_map(|g| (g..rooms).step_by(PUBLISHERS));
+        for next in &w.next_seqs {
+            seqs[order.next().expect("one entry per room")] = *next;
+        }
         w.print(&ctx.peer);
         println!(
             "{} s4: {} reconnects so far ({churn}/s)",
