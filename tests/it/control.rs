@@ -5,7 +5,7 @@ use serde_json::json;
 use sidecast::pb::{self, target::Target as T, Target};
 use tonic::Code;
 
-use crate::support::TestServer;
+use crate::support::{publish, TestServer};
 
 fn user(u: &str) -> Option<Target> {
     Some(Target {
@@ -17,14 +17,6 @@ fn client(c: &str) -> Option<Target> {
     Some(Target {
         target: Some(T::Client(c.into())),
     })
-}
-
-fn publish(channel: &str, data: &str) -> pb::PublishRequest {
-    pb::PublishRequest {
-        channel: channel.into(),
-        data: data.as_bytes().to_vec(),
-        idempotency_key: String::new(),
-    }
 }
 
 #[tokio::test]

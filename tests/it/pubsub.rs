@@ -1,17 +1,9 @@
 //! Subscribing, publishing and unsubscribing; ordering; channel cleanup.
 
 use serde_json::json;
-use sidecast::pb::{self, InfoRequest};
+use sidecast::pb::InfoRequest;
 
-use crate::support::{eventually, TestServer};
-
-fn publish(channel: &str, data: &str) -> pb::PublishRequest {
-    pb::PublishRequest {
-        channel: channel.into(),
-        data: data.as_bytes().to_vec(),
-        idempotency_key: String::new(),
-    }
-}
+use crate::support::{eventually, publish, TestServer};
 
 #[tokio::test]
 async fn subscribe_publish_unsubscribe() {

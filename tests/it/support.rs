@@ -251,6 +251,15 @@ impl Client {
     }
 }
 
+/// A Publish request with `data` as JSON text.
+pub fn publish(channel: &str, data: &str) -> sidecast::pb::PublishRequest {
+    sidecast::pb::PublishRequest {
+        channel: channel.into(),
+        data: data.as_bytes().to_vec(),
+        idempotency_key: String::new(),
+    }
+}
+
 /// Sends a raw HTTP request and returns the status code.
 pub async fn http_status(addr: SocketAddr, request: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

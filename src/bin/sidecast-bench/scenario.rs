@@ -128,6 +128,26 @@ async fn open_all(ctx: &Ctx, members: &[Member]) -> anyhow::Result<Vec<WsConn>> 
         .map_err(|e| anyhow::anyhow!("opening connections: {e}"))
 }
 
+/// `n` connections of users `{prefix}{i}` subscribed to `channel`, each read by its own task.
+async fn reading_fleet(
+    ctx: &Ctx,
+    n: usize,
+    prefix: &str,
+    channel: &str,
+) -> anyhow::Result<(Rc<RefCell<Stats>>, CancellationToken)> {
+    let ms = members(n, |i| Member {
+        user: format!("{prefix}{i}"),
+        subs: vec![],
+        channels: vec![channel.to_string()],
+        small_buffer: false,
+    });
+    let conns = open_all(ctx, &ms).await?;
+    let stats = Rc::new(RefCell::new(Stats::default()));
+    let stop = CancellationToken::new();
+    spawn_readers(conns, &stats, &stop);
+    Ok((stats, stop))
+}
+
 fn spawn_readers(conns: Vec<WsConn>, stats: &Rc<RefCell<Stats>>, stop: &CancellationToken) {
     for conn in conns {
         tokio::task::spawn_local(read(conn, stats.clone(), stop.clone()));
@@ -235,16 +255,7 @@ fn one_channel(
 
 /// A few seconds, small N: asserts correctness (no loss, duplicates or reordering), never timings.
 pub async fn smoke(ctx: &Ctx, connections: usize, rate: f64, secs: f64) -> anyhow::Result<()> {
-    let ms = members(connections, |i| Member {
-        user: format!("smoke{i}"),
-        subs: vec![],
-        channels: vec!["smoke".into()],
-        small_buffer: false,
-    });
-    let conns = open_all(ctx, &ms).await?;
-    let stats = Rc::new(RefCell::new(Stats::default()));
-    let stop = CancellationToken::new();
-    spawn_readers(conns, &stats, &stop);
+    let (stats, stop) = reading_fleet(ctx, connections, "smoke", "smoke").await?;
     let w = window(
         ctx,
         &stats,
@@ -352,16 +363,7 @@ pub async fn s2(
     rates: &[f64],
     secs: f64,
 ) -> anyhow::Result<()> {
-    let ms = members(subscribers, |i| Member {
-        user: format!("u{i}"),
-        subs: vec![],
-        channels: vec!["fan".into()],
-        small_buffer: false,
-    });
-    let conns = open_all(ctx, &ms).await?;
-    let stats = Rc::new(RefCell::new(Stats::default()));
-    let stop = CancellationToken::new();
-    spawn_readers(conns, &stats, &stop);
+    let (stats, stop) = reading_fleet(ctx, subscribers, "u", "fan").await?;
     let mut seq = 1;
     let mut best: Option<Window> = None;
     for &rate in rates {
@@ -427,16 +429,7 @@ pub async fn s3(
     secs: f64,
     pad: usize,
 ) -> anyhow::Result<()> {
-    let ms = members(subscribers, |i| Member {
-        user: format!("u{i}"),
-        subs: vec![],
-        channels: vec!["lat".into()],
-        small_buffer: false,
-    });
-    let conns = open_all(ctx, &ms).await?;
-    let stats = Rc::new(RefCell::new(Stats::default()));
-    let stop = CancellationToken::new();
-    spawn_readers(conns, &stats, &stop);
+    let (stats, stop) = reading_fleet(ctx, subscribers, "u", "lat").await?;
     let w = window(
         ctx,
         &stats,
