@@ -69,6 +69,11 @@ fn server(n: usize) -> Result<(), Box<dyn std::error::Error>> {
             ("ping_interval".to_string(), "10m".to_string()),
         ];
         let config = sidecast::config::Config::from_layers(None, &[], &overrides).expect("config");
+        let node = sidecast::node::Node::build(config.clone()).expect("node");
+        println!("fixed state of one connection (size_of, bytes):");
+        for (part, bytes) in sidecast::ws::connection_state_sizes(&node) {
+            println!("  {bytes:>6}  {part}");
+        }
         let listeners = sidecast::Listeners {
             ws: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
             grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),

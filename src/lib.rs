@@ -30,18 +30,14 @@ pub mod pb {
 }
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Health;
-use crate::auth::{KeyError, Verifier};
-use crate::broker::{Broker, MemoryBroker};
+use crate::auth::KeyError;
 use crate::config::Config;
-use crate::hub::Hub;
-use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::ws::server::Sessions;
 
@@ -84,20 +80,8 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let config = Arc::new(config);
-    let metrics = Arc::new(Metrics::default());
-    let verifier = Arc::new(Verifier::from_config(&config.token)?);
-    let hub = Hub::new(config.clone(), metrics.clone());
-    let broker = Arc::new(Broker::Memory(MemoryBroker::new(hub.clone())));
-    let node = Node {
-        config: config.clone(),
-        hub,
-        broker,
-        verifier,
-        metrics,
-        id: Arc::from(format!("{:016x}", rand::random::<u64>())),
-        started: Instant::now(),
-    };
+    let node = Node::build(config)?;
+    let config = node.config.clone();
     let health = Arc::new(Health::default());
     let sessions = Sessions {
         tracker: TaskTracker::new(),

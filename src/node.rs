@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::auth::Verifier;
-use crate::broker::Broker;
+use crate::auth::{KeyError, Verifier};
+use crate::broker::{Broker, MemoryBroker};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -21,4 +21,25 @@ pub struct Node {
     /// Random per process start.
     pub id: Arc<str>,
     pub started: Instant,
+}
+
+impl Node {
+    /// Builds a node's shared state on the in-memory engine; fails when the token keys
+    /// named by the configuration cannot be read.
+    pub fn build(config: Config) -> Result<Node, KeyError> {
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::default());
+        let verifier = Arc::new(Verifier::from_config(&config.token)?);
+        let hub = Hub::new(config.clone(), metrics.clone());
+        let broker = Arc::new(Broker::Memory(MemoryBroker::new(hub.clone())));
+        Ok(Node {
+            config,
+            hub,
+            broker,
+            verifier,
+            metrics,
+            id: Arc::from(format!("{:016x}", rand::random::<u64>())),
+            started: Instant::now(),
+        })
+    }
 }

@@ -5,10 +5,12 @@
 //! are the pure encoding of what travels; `close` is the table of close codes.
 
 pub mod close;
+mod footprint;
 pub mod frame;
 pub mod protocol;
 pub mod server;
 mod session;
 mod writer;
 
+pub use footprint::connection_state_sizes;
 pub use writer::unix_now;
