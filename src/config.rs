@@ -82,6 +82,8 @@ pub const KEYS: &[(&str, Kind, &str)] = &[
     ("max_queue_bytes", Kind::Int, "1048576"),
     ("max_publication_size", Kind::Int, "65536"),
     ("max_subscriptions", Kind::Int, "128"),
+    ("max_recovery", Kind::Int, "300"),
+    ("idempotency_window", Kind::Duration, "5m"),
     ("log_format", Kind::Str, "text"),
 ];
 
@@ -89,9 +91,17 @@ pub const KEYS: &[(&str, Kind, &str)] = &[
 const ENV_NOT_KEYS: &[&str] = &["SIDECAST_LOG", "SIDECAST_CONFIG"];
 
 /// Options of a namespace (`[namespaces.NAME]`) or of channels without one (`[channel_defaults]`).
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NamespaceOptions {
+    /// Publications kept per channel for recovery and the history queries; 0 keeps none.
+    pub history_size: usize,
+    /// How long a kept publication lives; required when history_size is set.
+    #[serde(deserialize_with = "duration_field")]
+    pub history_ttl: Duration,
+    /// How long a channel's position (epoch and last offset) outlives its last publication.
+    #[serde(deserialize_with = "duration_field")]
+    pub history_meta_ttl: Duration,
     /// Keep who is subscribed, for the presence queries.
     pub presence: bool,
     /// Push `join` and `leave` to subscribers when others subscribe and leave.
@@ -102,6 +112,32 @@ pub struct NamespaceOptions {
     pub public: bool,
     /// 0 for no limit.
     pub max_subscribers: usize,
+}
+
+impl Default for NamespaceOptions {
+    fn default() -> NamespaceOptions {
+        NamespaceOptions {
+            history_size: 0,
+            history_ttl: Duration::ZERO,
+            history_meta_ttl: Duration::from_secs(24 * 3600),
+            presence: false,
+            join_leave: false,
+            allow_client_publish: false,
+            public: false,
+            max_subscribers: 0,
+        }
+    }
+}
+
+impl NamespaceOptions {
+    pub fn has_history(&self) -> bool {
+        self.history_size > 0
+    }
+}
+
+fn duration_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,6 +201,10 @@ pub struct Config {
     pub max_queue_bytes: usize,
     pub max_publication_size: usize,
     pub max_subscriptions: usize,
+    /// Most publications one recovery may return.
+    pub max_recovery: usize,
+    /// How long a Publish idempotency_key is remembered.
+    pub idempotency_window: Duration,
     pub log_format: LogFormat,
     pub channel_defaults: NamespaceOptions,
     pub namespaces: HashMap<String, NamespaceOptions>,
@@ -196,6 +236,8 @@ struct RawConfig {
     max_queue_bytes: Option<u64>,
     max_publication_size: Option<u64>,
     max_subscriptions: Option<u64>,
+    max_recovery: Option<u64>,
+    idempotency_window: Option<String>,
     log_format: Option<String>,
     channel_defaults: Option<NamespaceOptions>,
     namespaces: Option<BTreeMap<String, NamespaceOptions>>,
@@ -343,6 +385,8 @@ impl Config {
             max_queue_bytes: size("max_queue_bytes", raw.max_queue_bytes)?,
             max_publication_size: size("max_publication_size", raw.max_publication_size)?,
             max_subscriptions: size("max_subscriptions", raw.max_subscriptions)?,
+            max_recovery: size("max_recovery", raw.max_recovery)?,
+            idempotency_window: dur("idempotency_window", raw.idempotency_window)?,
             log_format,
             channel_defaults: raw.channel_defaults.unwrap_or_default(),
             namespaces: HashMap::new(),
@@ -354,8 +398,10 @@ impl Config {
                     "not a valid namespace name",
                 ));
             }
+            check_history(&format!("namespaces.{name}"), &options)?;
             config.namespaces.insert(name, options);
         }
+        check_history("channel_defaults", &config.channel_defaults)?;
         for key in [
             "connect_timeout",
             "ping_interval",
@@ -463,6 +509,22 @@ impl Config {
             .and_then(|ns| self.namespaces.get(ns))
             .unwrap_or(&self.channel_defaults)
     }
+}
+
+fn check_history(table: &str, options: &NamespaceOptions) -> Result<(), ConfigError> {
+    if options.has_history() && options.history_ttl.is_zero() {
+        return Err(invalid(
+            &format!("{table}.history_ttl"),
+            "must be set when history_size is",
+        ));
+    }
+    if options.has_history() && options.history_meta_ttl < options.history_ttl {
+        return Err(invalid(
+            &format!("{table}.history_meta_ttl"),
+            "must be at least history_ttl",
+        ));
+    }
+    Ok(())
 }
 
 pub fn is_hmac(alg: Algorithm) -> bool {
@@ -631,6 +693,9 @@ mod tests {
         assert!(err(None, &[("SIDECAST_TOKEN_ALGORITHMS", "ES256")]).contains("token_algorithms"));
         assert!(err(None, &[("SIDECAST_TOKEN_ALGORITHMS", "none")]).contains("token_algorithms"));
         assert!(err(Some("[namespaces.chat]\nhistory = 1"), &[]).contains("history"));
+        assert!(err(Some("[namespaces.chat]\nhistory_size = 10"), &[])
+            .contains("namespaces.chat.history_ttl"));
+        assert!(err(Some("[namespaces.chat]\nhistory_ttl = \"soon\""), &[]).contains("history_ttl"));
         assert!(err(None, &[("SIDECAST_MAX_PUBLICATION_SIZE", "1000000")])
             .contains("max_publication_size"));
         let two_families = [

@@ -98,6 +98,20 @@ pub async fn run(
     ));
     let grpc_stop = CancellationToken::new();
     let grpc = servers.spawn(grpc::serve(listeners.grpc, node.clone(), grpc_stop.clone()));
+    // Expired history positions and idempotency keys are forgotten in the background.
+    let sweep_stop = CancellationToken::new();
+    {
+        let (broker, stop) = (node.broker.clone(), sweep_stop.clone());
+        servers.spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => broker.sweep(),
+                }
+            }
+        });
+    }
     let admin_stop = CancellationToken::new();
     servers.spawn(admin::serve(
         listeners.admin,
@@ -139,6 +153,7 @@ pub async fn run(
         let _ = tokio::time::timeout(KILL_GRACE, sessions.tracker.wait()).await;
     }
     grpc_stop.cancel();
+    sweep_stop.cancel();
     admin_stop.cancel();
     servers.close();
     if tokio::time::timeout_at(deadline, servers.wait())
@@ -153,6 +168,9 @@ pub async fn run(
         None => Ok(()),
     }
 }
+
+/// How often expired history positions and idempotency keys are swept.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long killed connections get to end after shutdown_timeout.
 const KILL_GRACE: std::time::Duration = std::time::Duration::from_millis(500);

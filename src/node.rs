@@ -31,7 +31,10 @@ impl Node {
         let metrics = Arc::new(Metrics::default());
         let verifier = Arc::new(Verifier::from_config(&config.token)?);
         let hub = Hub::new(config.clone(), metrics.clone());
-        let broker = Arc::new(Broker::Memory(MemoryBroker::new(hub.clone())));
+        let broker = Arc::new(Broker::Memory(MemoryBroker::new(
+            hub.clone(),
+            config.clone(),
+        )));
         Ok(Node {
             config,
             hub,

@@ -29,6 +29,12 @@ pub enum ApiError {
     Code(u32),
     #[error("presence is not enabled for channel {0:?}")]
     PresenceDisabled(String),
+    #[error("history is not enabled for channel {0:?}")]
+    HistoryDisabled(String),
+    #[error("the stream of channel {0:?} has a new epoch: that position is gone")]
+    EpochChanged(String),
+    #[error("limit must be at most max_recovery ({0})")]
+    Limit(usize),
     #[error(transparent)]
     Broker(#[from] BrokerError),
 }
@@ -42,8 +48,11 @@ impl From<ApiError> for Status {
             | ApiError::TooLarge { .. }
             | ApiError::EmptyTarget
             | ApiError::NoChannels
-            | ApiError::Code(_) => Code::InvalidArgument,
-            ApiError::PresenceDisabled(_) => Code::FailedPrecondition,
+            | ApiError::Code(_)
+            | ApiError::Limit(_) => Code::InvalidArgument,
+            ApiError::PresenceDisabled(_)
+            | ApiError::HistoryDisabled(_)
+            | ApiError::EpochChanged(_) => Code::FailedPrecondition,
             ApiError::Broker(BrokerError::Unavailable(_)) => Code::Unavailable,
         };
         Status::new(code, e.to_string())

@@ -60,10 +60,11 @@ impl Control for ControlService {
         let req = request.into_inner();
         Self::channel(&req.channel)?;
         self.data(&req.data)?;
+        let key = Some(req.idempotency_key.as_str()).filter(|k| !k.is_empty());
         let published = self
             .node
             .broker
-            .publish(&req.channel, &req.data)
+            .publish(&req.channel, &req.data, key)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(pb::PublishResponse {
@@ -91,7 +92,7 @@ impl Control for ControlService {
             let published = self
                 .node
                 .broker
-                .publish(channel, &req.data)
+                .publish(channel, &req.data, None)
                 .await
                 .map_err(ApiError::from)?;
             results.push(pb::PublishResponse {
@@ -113,12 +114,12 @@ impl Control for ControlService {
         let target = Self::target(req.target)?;
         let mut out = pb::SubscribeResponse::default();
         for (id, _) in self.node.hub.connections(&target) {
-            let first = frame::text(&protocol::encode_sub(&req.channel));
-            match self
-                .node
-                .hub
-                .subscribe(&id, &req.channel, crate::hub::Origin::Server, first)
-            {
+            let hub = &self.node.hub;
+            let subscribed = self.node.broker.subscribe(&req.channel, None, |attach| {
+                let first = frame::text(&protocol::encode_sub(&req.channel, &attach));
+                hub.subscribe(&id, &req.channel, crate::hub::Origin::Server, first)
+            });
+            match subscribed {
                 Ok(()) => out.subscribed += 1,
                 Err(HubError::AlreadySubscribed) => out.already_subscribed += 1,
                 Err(HubError::TooManySubscriptions(_) | HubError::ChannelFull(_)) => {
@@ -269,5 +270,50 @@ impl Control for ControlService {
             channels: counts.channels as u32,
             subscriptions: counts.subscriptions as u32,
         }))
+    }
+
+    #[tracing::instrument(skip_all, fields(channel = %request.get_ref().channel))]
+    async fn history(&self, request: Request<pb::HistoryRequest>) -> Reply<pb::HistoryResponse> {
+        let req = request.into_inner();
+        Self::channel(&req.channel)?;
+        let max = self.node.config.max_recovery;
+        if req.limit as usize > max {
+            return Err(ApiError::Limit(max).into());
+        }
+        let since = req.since.as_ref().map(|p| p.offset);
+        let (entries, position) = self
+            .node
+            .broker
+            .history(&req.channel, since, req.limit as usize, req.reverse)
+            .ok_or_else(|| ApiError::HistoryDisabled(req.channel.clone()))?;
+        if let Some(since) = req.since.as_ref().filter(|s| !s.epoch.is_empty()) {
+            if *since.epoch != *position.epoch {
+                return Err(ApiError::EpochChanged(req.channel).into());
+            }
+        }
+        Ok(Response::new(pb::HistoryResponse {
+            publications: entries
+                .into_iter()
+                .map(|e| pb::Publication {
+                    offset: e.offset,
+                    data: e.data.to_vec(),
+                })
+                .collect(),
+            offset: position.offset,
+            epoch: position.epoch.to_string(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(channel = %request.get_ref().channel))]
+    async fn history_remove(
+        &self,
+        request: Request<pb::HistoryRemoveRequest>,
+    ) -> Reply<pb::HistoryRemoveResponse> {
+        let req = request.into_inner();
+        Self::channel(&req.channel)?;
+        if !self.node.broker.remove_history(&req.channel) {
+            return Err(ApiError::HistoryDisabled(req.channel).into());
+        }
+        Ok(Response::new(pb::HistoryRemoveResponse {}))
     }
 }

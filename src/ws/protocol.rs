@@ -7,9 +7,12 @@
 //! unknown field, and encoding only ever adds fields.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::value::RawValue;
+
+use crate::broker::{Attach, Entry, Position, Recovery};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const SUBPROTOCOL: &str = "sidecast.v1";
@@ -17,14 +20,23 @@ pub const SUBPROTOCOL: &str = "sidecast.v1";
 /// A command from the client.
 #[derive(Debug)]
 pub enum Command {
+    /// `subs`: positions to recover the token's server-side subscriptions from.
     Connect {
         token: String,
+        subs: Vec<(String, Position)>,
     },
     Refresh {
         token: String,
     },
     Subscribe {
         channel: String,
+        since: Option<Position>,
+    },
+    History {
+        channel: String,
+        since: Option<Position>,
+        limit: usize,
+        reverse: bool,
     },
     Unsubscribe {
         channel: String,
@@ -69,6 +81,7 @@ pub enum ErrorCode {
     NotFound,
     NotAvailable,
     AlreadySubscribed,
+    UnrecoverablePosition,
     LimitExceeded,
     Unavailable,
     Internal,
@@ -83,6 +96,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::NotAvailable => "not_available",
             ErrorCode::AlreadySubscribed => "already_subscribed",
+            ErrorCode::UnrecoverablePosition => "unrecoverable_position",
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
@@ -127,12 +141,43 @@ pub fn decode(text: &[u8]) -> Result<Request, ProtocolError> {
     let command = match op.as_str() {
         "connect" => Command::Connect {
             token: field("token")?,
+            subs: match fields.get("subs") {
+                Some(raw) => serde_json::from_str::<HashMap<String, &RawValue>>(raw.get())
+                    .map_err(|_| bad("subs must be an object of positions".into()))?
+                    .into_iter()
+                    .map(|(channel, raw)| Ok((channel, position(raw).map_err(bad)?)))
+                    .collect::<Result<_, ProtocolError>>()?,
+                None => Vec::new(),
+            },
         },
         "refresh" => Command::Refresh {
             token: field("token")?,
         },
         "subscribe" => Command::Subscribe {
             channel: field("channel")?,
+            since: fields
+                .get("since")
+                .map(|raw| position(raw))
+                .transpose()
+                .map_err(bad)?,
+        },
+        "history" => Command::History {
+            channel: field("channel")?,
+            since: fields
+                .get("since")
+                .map(|raw| position(raw))
+                .transpose()
+                .map_err(bad)?,
+            limit: match fields.get("limit") {
+                Some(raw) => serde_json::from_str::<usize>(raw.get())
+                    .map_err(|_| bad("limit must be a non-negative integer".into()))?,
+                None => 0,
+            },
+            reverse: match fields.get("reverse") {
+                Some(raw) => serde_json::from_str::<bool>(raw.get())
+                    .map_err(|_| bad("reverse must be a boolean".into()))?,
+                None => false,
+            },
         },
         "unsubscribe" => Command::Unsubscribe {
             channel: field("channel")?,
@@ -157,6 +202,21 @@ pub fn decode(text: &[u8]) -> Result<Request, ProtocolError> {
     Ok(Request {
         id: Some(id),
         command,
+    })
+}
+
+/// `{"offset":17,"epoch":"..."}`.
+fn position(raw: &RawValue) -> Result<Position, String> {
+    #[derive(serde::Deserialize)]
+    struct Wire {
+        offset: u64,
+        epoch: String,
+    }
+    let wire: Wire = serde_json::from_str(raw.get())
+        .map_err(|_| r#"a position is {"offset": integer, "epoch": string}"#.to_string())?;
+    Ok(Position {
+        offset: wire.offset,
+        epoch: Arc::from(wire.epoch),
     })
 }
 
@@ -221,9 +281,71 @@ pub fn encode_connected(c: &Connected<'_>) -> Vec<u8> {
     serde_json::to_vec(c).expect("connected serializes")
 }
 
-/// `{"type":"sub","channel":"..."}`: a subscription made by the server.
-pub fn encode_sub(channel: &str) -> Vec<u8> {
-    format!(r#"{{"type":"sub","channel":{}}}"#, json_string(channel)).into_bytes()
+/// The fields a new subscription reports: where the channel's stream stands and, when the
+/// client gave a position, whether everything it missed follows (and what).
+fn subscription_fields(out: &mut String, attach: &Attach) {
+    match &attach.position {
+        None => out.push_str(r#""recoverable":false"#),
+        Some(position) => {
+            out.push_str(&format!(
+                r#""recoverable":true,"offset":{},"epoch":{}"#,
+                position.offset,
+                json_string(&position.epoch)
+            ));
+        }
+    }
+    match &attach.recovery {
+        None => {}
+        Some(Recovery::Impossible) => out.push_str(r#","recovered":false,"publications":[]"#),
+        Some(Recovery::Complete(entries)) => {
+            out.push_str(r#","recovered":true,"publications":"#);
+            publications(out, entries);
+        }
+    }
+}
+
+fn publications(out: &mut String, entries: &[Entry]) {
+    out.push('[');
+    for (i, entry) in entries.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        // Kept data was validated JSON (UTF-8) at publish.
+        out.push_str(&format!(
+            r#"{{"offset":{},"data":{}}}"#,
+            entry.offset,
+            String::from_utf8_lossy(&entry.data)
+        ));
+    }
+    out.push(']');
+}
+
+/// The reply to `subscribe`.
+pub fn encode_subscribe_result(id: u64, attach: &Attach) -> Vec<u8> {
+    let mut out = format!(r#"{{"id":{id},"result":{{"#);
+    subscription_fields(&mut out, attach);
+    out.push_str("}}");
+    out.into_bytes()
+}
+
+/// `{"type":"sub","channel":"...",...}`: a subscription made by the server.
+pub fn encode_sub(channel: &str, attach: &Attach) -> Vec<u8> {
+    let mut out = format!(r#"{{"type":"sub","channel":{},"#, json_string(channel));
+    subscription_fields(&mut out, attach);
+    out.push('}');
+    out.into_bytes()
+}
+
+/// The result of `history`: a page of publications and the channel's position.
+pub fn encode_history(entries: &[Entry], position: &Position) -> String {
+    let mut out = String::from(r#"{"publications":"#);
+    publications(&mut out, entries);
+    out.push_str(&format!(
+        r#","offset":{},"epoch":{}}}"#,
+        position.offset,
+        json_string(&position.epoch)
+    ));
+    out
 }
 
 /// Why a subscription ended without the client asking.
@@ -307,7 +429,34 @@ mod tests {
     fn decodes_commands() {
         let r = decode(br#"{"id":2,"op":"subscribe","channel":"chat:lobby","extra":[1]}"#).unwrap();
         assert_eq!(r.id, Some(2));
-        assert!(matches!(r.command, Command::Subscribe { channel } if channel == "chat:lobby"));
+        assert!(
+            matches!(r.command, Command::Subscribe { channel, since: None } if channel == "chat:lobby")
+        );
+        let r = decode(
+            br#"{"id":3,"op":"subscribe","channel":"c","since":{"offset":17,"epoch":"e1"}}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(r.command, Command::Subscribe { since: Some(p), .. } if p.offset == 17 && &*p.epoch == "e1")
+        );
+        let r = decode(
+            br#"{"id":4,"op":"connect","token":"t","subs":{"u:1":{"offset":2,"epoch":"x"}}}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(r.command, Command::Connect { subs, .. } if subs.len() == 1 && subs[0].0 == "u:1")
+        );
+        let r =
+            decode(br#"{"id":5,"op":"history","channel":"c","limit":10,"reverse":true}"#).unwrap();
+        assert!(matches!(
+            r.command,
+            Command::History {
+                limit: 10,
+                reverse: true,
+                since: None,
+                ..
+            }
+        ));
         let r = decode(br#"{"id":3,"op":"publish","channel":"c","data":{"a":[1, 2]}}"#).unwrap();
         match r.command {
             Command::Publish { data, .. } => assert_eq!(data.get(), r#"{"a":[1, 2]}"#),
@@ -352,6 +501,14 @@ mod tests {
                 "channel must be a string",
             ),
             (br#"{"id":7,"op":"publish","channel":"c"}"#, "needs data"),
+            (
+                br#"{"id":7,"op":"subscribe","channel":"c","since":{"offset":-1}}"#,
+                "position",
+            ),
+            (
+                br#"{"id":7,"op":"history","channel":"c","limit":"all"}"#,
+                "limit",
+            ),
         ] {
             match decode(text) {
                 Err(ProtocolError::BadCommand { id: 7, message }) => {

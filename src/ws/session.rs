@@ -14,6 +14,7 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
+use crate::broker::Position;
 use crate::channel::{self, granted};
 use crate::hub::{HubError, Origin};
 use crate::metrics::Metrics;
@@ -77,7 +78,7 @@ pub async fn run(
     };
     tracing::debug!(client = %session.id, "websocket open");
     if let Some(token) = query_token {
-        session.connect(&token);
+        session.connect(&token, &[]);
     }
     session.read_loop(&mut reader, &conn).await;
     if session.claims.is_some() {
@@ -230,7 +231,7 @@ impl Session {
     async fn handle(&mut self, Request { id, command }: Request) {
         if self.claims.is_none() {
             match command {
-                Command::Connect { token } => self.connect(&token),
+                Command::Connect { token, subs } => self.connect(&token, &subs),
                 _ => self.close(close::UNAUTHORIZED, "connect first"),
             }
             return;
@@ -248,7 +249,13 @@ impl Session {
             Command::Connect { .. } => {
                 Err((ErrorCode::BadRequest, "already connected".to_string()))
             }
-            Command::Subscribe { channel } => self.subscribe(id, &channel),
+            Command::Subscribe { channel, since } => self.subscribe(id, &channel, since.as_ref()),
+            Command::History {
+                channel,
+                since,
+                limit,
+                reverse,
+            } => self.history(&channel, since.as_ref(), limit, reverse),
             Command::Unsubscribe { channel } => self.unsubscribe(&channel),
             Command::Publish { channel, data } => self.publish(&channel, &data).await,
             Command::Presence { channel } => self.presence(&channel),
@@ -263,7 +270,7 @@ impl Session {
         }
     }
 
-    fn connect(&mut self, token: &str) {
+    fn connect(&mut self, token: &str, positions: &[(String, Position)]) {
         let claims = match self.node.verifier.verify(token, unix_now()) {
             Ok(claims) => claims,
             Err(e) => {
@@ -291,13 +298,16 @@ impl Session {
         self.live.authenticate(claims.expires_at);
         self.outbox.poke();
         Metrics::inc(&self.node.metrics.connects);
+        let (hub, me) = (&self.node.hub, &self.id);
         for channel in &claims.subs {
-            let first = frame::text(&protocol::encode_sub(channel));
-            if let Err(e) = self
-                .node
-                .hub
-                .subscribe(&self.id, channel, Origin::Server, first)
-            {
+            let since = positions.iter().find(|(c, _)| c == channel).map(|(_, p)| p);
+            // The `sub` push carries the channel's position, and what was missed since the
+            // position the client gave for it.
+            let subscribed = self.node.broker.subscribe(channel, since, |attach| {
+                let first = frame::text(&protocol::encode_sub(channel, &attach));
+                hub.subscribe(me, channel, Origin::Server, first)
+            });
+            if let Err(e) = subscribed {
                 tracing::warn!(%channel, error = %e, "subscription from the subs claim not made");
             }
         }
@@ -354,7 +364,7 @@ impl Session {
             || claims.subs.iter().any(|s| s == channel)
     }
 
-    fn subscribe(&mut self, id: u64, name: &str) -> CommandResult {
+    fn subscribe(&mut self, id: u64, name: &str, since: Option<&Position>) -> CommandResult {
         channel::validate(name).map_err(bad_request)?;
         if self.node.hub.is_subscribed(&self.id, name) {
             return Err((ErrorCode::AlreadySubscribed, "already subscribed".into()));
@@ -366,13 +376,66 @@ impl Session {
                 "no permission to subscribe to this channel".into(),
             ));
         }
-        // The reply is queued by the hub under the channel's lock: it precedes every publication.
-        let reply = frame::text(&protocol::encode_result(id, "{}"));
+        // The reply (with the position and any recovered publications) is queued by the hub
+        // under the channel's lock while the engine holds back the channel's publications: it
+        // precedes every publication the subscription receives, and none falls in between.
+        let (hub, me) = (&self.node.hub, &self.id);
         self.node
-            .hub
-            .subscribe(&self.id, name, Origin::Client, reply)
+            .broker
+            .subscribe(name, since, |attach| {
+                let reply = frame::text(&protocol::encode_subscribe_result(id, &attach));
+                hub.subscribe(me, name, Origin::Client, reply)
+            })
             .map_err(|e| (hub_error_code(&e), e.to_string()))?;
         Ok(None)
+    }
+
+    fn history(
+        &mut self,
+        name: &str,
+        since: Option<&Position>,
+        limit: usize,
+        reverse: bool,
+    ) -> CommandResult {
+        channel::validate(name).map_err(bad_request)?;
+        if !self.node.hub.is_subscribed(&self.id, name) {
+            return Err((
+                ErrorCode::Forbidden,
+                "subscribe to the channel first".into(),
+            ));
+        }
+        let max = self.node.config.max_recovery;
+        if limit > max {
+            return Err((
+                ErrorCode::BadRequest,
+                format!("limit must be at most max_recovery ({max})"),
+            ));
+        }
+        let Some((entries, position)) =
+            self.node
+                .broker
+                .history(name, since.map(|p| p.offset), limit, reverse)
+        else {
+            return Err((
+                ErrorCode::NotAvailable,
+                "history is not enabled for this channel".into(),
+            ));
+        };
+        if since.is_some_and(|since| since.epoch != position.epoch) {
+            return Err((
+                ErrorCode::UnrecoverablePosition,
+                "the channel's stream has a new epoch: that position is gone".into(),
+            ));
+        }
+        let reply = protocol::encode_history(&entries, &position);
+        let max_bytes = self.node.config.max_queue_bytes / 4;
+        if reply.len() > max_bytes {
+            return Err((
+                ErrorCode::LimitExceeded,
+                format!("history page is larger than {max_bytes} bytes: ask for fewer"),
+            ));
+        }
+        Ok(Some(reply))
     }
 
     fn unsubscribe(&mut self, name: &str) -> CommandResult {
@@ -400,7 +463,12 @@ impl Session {
                 "no permission to publish to this channel".into(),
             ));
         }
-        match self.node.broker.publish(name, data.get().as_bytes()).await {
+        match self
+            .node
+            .broker
+            .publish(name, data.get().as_bytes(), None)
+            .await
+        {
             Ok(_) => Ok(Some("{}".into())),
             Err(e) => Err((ErrorCode::Unavailable, e.to_string())),
         }

@@ -193,7 +193,7 @@ async fn refresh_narrows_grants_with_unsub() {
         .await;
     assert_eq!(
         client.recv().await,
-        json!({"type": "sub", "channel": "user:dan"})
+        json!({"type": "sub", "channel": "user:dan", "recoverable": false})
     );
     client.subscribe(2, "chat:a").await;
     client.subscribe(3, "news").await;

@@ -99,6 +99,19 @@ fn invalid_configuration_exits_64_naming_the_key() {
     }
 }
 
+/// Kills the child if the test ends early (a failed assertion): an orphaned server would
+/// keep the test runner's output open and hang it.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .unwrap()
@@ -139,6 +152,8 @@ async fn development_mode_token_then_sigterm_drains_with_1001() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut child = KillOnDrop(Some(child));
+    let pid = child.0.as_ref().unwrap().id();
     let admin_addr = format!("127.0.0.1:{admin}").parse().unwrap();
     eventually("the binary serves /readyz", || async move {
         tokio::net::TcpStream::connect(admin_addr).await.is_ok()
@@ -155,7 +170,10 @@ async fn development_mode_token_then_sigterm_drains_with_1001() {
         .await;
     let connected = client.recv().await;
     assert_eq!(connected["user"], "alice");
-    assert_eq!(client.subscribe(2, "chat:lobby").await["result"], json!({}));
+    assert_eq!(
+        client.subscribe(2, "chat:lobby").await["result"],
+        json!({"recoverable": false})
+    );
     // A token from another secret is refused: development mode does not accept everyone.
     let mut stranger = Client::open(&format!("ws://127.0.0.1:{ws}/ws")).await;
     let forged = crate::support::sign_hs256(
@@ -168,11 +186,12 @@ async fn development_mode_token_then_sigterm_drains_with_1001() {
     assert_eq!(stranger.closed().await.0, 4001);
 
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &pid.to_string()])
         .status()
         .unwrap();
     assert!(status.success());
     assert_eq!(client.closed().await, (1001, "server shutting down".into()));
+    let child = child.0.take().unwrap();
     let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
         .await
         .unwrap();

@@ -35,8 +35,14 @@ async fn server_side_subscribe_and_unsubscribe() {
         .unwrap()
         .into_inner();
     assert_eq!((reply.subscribed, reply.already_subscribed), (2, 0));
-    assert_eq!(a1.recv().await, json!({"type": "sub", "channel": "team:1"}));
-    assert_eq!(a2.recv().await, json!({"type": "sub", "channel": "team:1"}));
+    assert_eq!(
+        a1.recv().await,
+        json!({"type": "sub", "channel": "team:1", "recoverable": false})
+    );
+    assert_eq!(
+        a2.recv().await,
+        json!({"type": "sub", "channel": "team:1", "recoverable": false})
+    );
     let again = grpc
         .subscribe(pb::SubscribeRequest {
             channel: "team:1".into(),

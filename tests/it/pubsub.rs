@@ -12,7 +12,7 @@ async fn subscribe_publish_unsubscribe() {
     let mut client = server.user("alice", json!({"channels": ["chat:*"]})).await;
     assert_eq!(
         client.subscribe(2, "chat:lobby").await,
-        json!({"id": 2, "result": {}})
+        json!({"id": 2, "result": {"recoverable": false}})
     );
     // Data is sent verbatim: spacing and key order survive.
     let data = r#"{"text": "hi",  "n":[1, 2]}"#;
@@ -61,7 +61,7 @@ async fn subs_claim_subscribes_at_connect() {
     let mut client = server.user("bob", json!({"subs": ["user:bob"]})).await;
     assert_eq!(
         client.recv().await,
-        json!({"type": "sub", "channel": "user:bob"})
+        json!({"type": "sub", "channel": "user:bob", "recoverable": false})
     );
     server
         .grpc()
@@ -115,7 +115,10 @@ async fn namespaces_public_and_max_subscribers() {
     let server = TestServer::start_with_file(Some(file), &[]).await;
     let mut a = server.user("a", json!({})).await;
     let mut b = server.user("b", json!({})).await;
-    assert_eq!(a.subscribe(2, "open:room").await["result"], json!({}));
+    assert_eq!(
+        a.subscribe(2, "open:room").await["result"],
+        json!({"recoverable": false})
+    );
     assert_eq!(
         b.subscribe(2, "open:room").await["error"]["code"],
         "limit_exceeded"
@@ -288,7 +291,10 @@ async fn the_subscribe_reply_precedes_the_first_publication() {
         client
             .send(json!({"id": 2, "op": "subscribe", "channel": "busy"}))
             .await;
-        assert_eq!(client.recv().await, json!({"id": 2, "result": {}}));
+        assert_eq!(
+            client.recv().await,
+            json!({"id": 2, "result": {"recoverable": false}})
+        );
         let first = client.recv().await["data"].as_u64().unwrap();
         let second = client.recv().await["data"].as_u64().unwrap();
         assert_eq!(second, first + 1, "no gap after the reply");

@@ -1,0 +1,294 @@
+//! One channel's history stream: pure and synchronous, driven with `now`.
+//!
+//! Owned by the memory engine (one `Stream` per channel with history). A publication gets the
+//! next offset (the previous one + 1) in the stream's epoch; the epoch is a random string
+//! that changes only when the stream is lost (its position expired after history_meta_ttl
+//! without publications, or the engine restarted). Publications expire after history_ttl or
+//! when more than history_size are kept; the position (epoch and top offset) outlives them.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+/// A kept publication: its offset and its data (the backend's JSON, verbatim).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub offset: u64,
+    pub data: Bytes,
+    expires: Instant,
+}
+
+/// A stream position: what a client remembers to resume from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub offset: u64,
+    pub epoch: Arc<str>,
+}
+
+/// How long a stream keeps what.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    pub size: usize,
+    pub ttl: Duration,
+    pub meta_ttl: Duration,
+}
+
+pub struct Stream {
+    epoch: Arc<str>,
+    top: u64,
+    entries: VecDeque<Entry>,
+    meta_expires: Instant,
+}
+
+/// The answer to "what did I miss since this position?".
+#[derive(Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// Every publication after the position, in order (possibly none).
+    Complete(Vec<Entry>),
+    /// The epoch changed, a publication after the position has expired, or more were missed
+    /// than `limit` allows: nothing is returned, never a part.
+    Impossible,
+}
+
+impl Stream {
+    pub fn new(now: Instant, retention: Retention) -> Stream {
+        Stream {
+            epoch: Arc::from(format!("{:016x}", rand::random::<u64>())),
+            top: 0,
+            entries: VecDeque::new(),
+            meta_expires: now + retention.meta_ttl,
+        }
+    }
+
+    /// True once the position itself has expired: the stream must start over in a new epoch.
+    pub fn lost(&self, now: Instant) -> bool {
+        now >= self.meta_expires
+    }
+
+    fn trim(&mut self, now: Instant) {
+        while self.entries.front().is_some_and(|e| e.expires <= now) {
+            self.entries.pop_front();
+        }
+    }
+
+    pub fn position(&self) -> Position {
+        Position {
+            offset: self.top,
+            epoch: self.epoch.clone(),
+        }
+    }
+
+    /// Appends a publication; returns its offset.
+    pub fn append(&mut self, data: Bytes, now: Instant, retention: Retention) -> u64 {
+        self.trim(now);
+        self.top += 1;
+        self.entries.push_back(Entry {
+            offset: self.top,
+            data,
+            expires: now + retention.ttl,
+        });
+        while self.entries.len() > retention.size {
+            self.entries.pop_front();
+        }
+        self.meta_expires = now + retention.meta_ttl;
+        self.top
+    }
+
+    /// The publications after `since`, if all of them are still kept and they are at most
+    /// `max_count` and `max_bytes` (data bytes) in total.
+    pub fn recover(
+        &mut self,
+        since: &Position,
+        now: Instant,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Recovery {
+        self.trim(now);
+        if since.epoch != self.epoch || since.offset > self.top {
+            return Recovery::Impossible;
+        }
+        let missed = self.top - since.offset;
+        if missed == 0 {
+            return Recovery::Complete(Vec::new());
+        }
+        if missed > max_count as u64 {
+            return Recovery::Impossible;
+        }
+        match self.entries.front() {
+            Some(first) if first.offset <= since.offset + 1 => {}
+            _ => return Recovery::Impossible,
+        }
+        let wanted: Vec<Entry> = self
+            .entries
+            .iter()
+            .filter(|e| e.offset > since.offset)
+            .cloned()
+            .collect();
+        let bytes: usize = wanted.iter().map(|e| e.data.len()).sum();
+        if bytes > max_bytes {
+            return Recovery::Impossible;
+        }
+        Recovery::Complete(wanted)
+    }
+
+    /// A page of kept publications: after `since` (oldest first) or before it (newest first
+    /// when `reverse`), at most `limit`.
+    pub fn page(
+        &mut self,
+        since: Option<u64>,
+        limit: usize,
+        reverse: bool,
+        now: Instant,
+    ) -> Vec<Entry> {
+        self.trim(now);
+        if reverse {
+            let before = since.unwrap_or(u64::MAX);
+            self.entries
+                .iter()
+                .rev()
+                .filter(|e| e.offset < before)
+                .take(limit)
+                .cloned()
+                .collect()
+        } else {
+            let after = since.unwrap_or(0);
+            self.entries
+                .iter()
+                .filter(|e| e.offset > after)
+                .take(limit)
+                .cloned()
+                .collect()
+        }
+    }
+
+    /// Drops every kept publication; the position stays, so clients keep resuming.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const R: Retention = Retention {
+        size: 3,
+        ttl: Duration::from_secs(60),
+        meta_ttl: Duration::from_secs(3600),
+    };
+
+    fn data(n: u64) -> Bytes {
+        Bytes::from(n.to_string())
+    }
+
+    #[test]
+    fn offsets_and_bounded_size() {
+        let t = Instant::now();
+        let mut s = Stream::new(t, R);
+        for n in 1..=5 {
+            assert_eq!(s.append(data(n), t, R), n);
+        }
+        let kept: Vec<u64> = s
+            .page(None, 10, false, t)
+            .iter()
+            .map(|e| e.offset)
+            .collect();
+        assert_eq!(kept, vec![3, 4, 5]);
+        let newest: Vec<u64> = s.page(None, 2, true, t).iter().map(|e| e.offset).collect();
+        assert_eq!(newest, vec![5, 4]);
+        let after: Vec<u64> = s
+            .page(Some(3), 10, false, t)
+            .iter()
+            .map(|e| e.offset)
+            .collect();
+        assert_eq!(after, vec![4, 5]);
+    }
+
+    #[test]
+    fn recovery_is_complete_or_nothing() {
+        let t = Instant::now();
+        let mut s = Stream::new(t, R);
+        for n in 1..=5 {
+            s.append(data(n), t, R);
+        }
+        let epoch = s.position().epoch;
+        let at = |offset| Position {
+            offset,
+            epoch: epoch.clone(),
+        };
+        let got = |r: Recovery| match r {
+            Recovery::Complete(v) => Some(v.iter().map(|e| e.offset).collect::<Vec<_>>()),
+            Recovery::Impossible => None,
+        };
+        assert_eq!(got(s.recover(&at(2), t, 300, 1 << 20)), Some(vec![3, 4, 5]));
+        assert_eq!(
+            got(s.recover(&at(5), t, 300, 1 << 20)),
+            Some(vec![]),
+            "at the top: nothing missed"
+        );
+        assert_eq!(
+            got(s.recover(&at(1), t, 300, 1 << 20)),
+            None,
+            "publication 2 is gone"
+        );
+        assert_eq!(
+            got(s.recover(&at(6), t, 300, 1 << 20)),
+            None,
+            "ahead of the stream"
+        );
+        assert_eq!(
+            got(s.recover(&at(2), t, 2, 1 << 20)),
+            None,
+            "more than max_count"
+        );
+        assert_eq!(
+            got(s.recover(&at(2), t, 300, 2)),
+            None,
+            "more than max_bytes"
+        );
+        let other = Position {
+            offset: 4,
+            epoch: Arc::from("other"),
+        };
+        assert_eq!(
+            got(s.recover(&other, t, 300, 1 << 20)),
+            None,
+            "another epoch"
+        );
+    }
+
+    #[test]
+    fn publications_expire_but_the_position_stays() {
+        let t = Instant::now();
+        let mut s = Stream::new(t, R);
+        s.append(data(1), t, R);
+        let later = t + Duration::from_secs(61);
+        let top = Position {
+            offset: 1,
+            epoch: s.position().epoch,
+        };
+        assert!(s.page(None, 10, false, later).is_empty());
+        assert_eq!(
+            s.recover(&top, later, 300, 1 << 20),
+            Recovery::Complete(vec![])
+        );
+        assert_eq!(
+            s.recover(
+                &Position {
+                    offset: 0,
+                    ..top.clone()
+                },
+                later,
+                300,
+                1 << 20
+            ),
+            Recovery::Impossible
+        );
+        assert!(!s.lost(later));
+        assert!(s.lost(t + Duration::from_secs(3600)));
+        s.clear();
+        assert_eq!(s.position().offset, 1, "clearing keeps the position");
+    }
+}
