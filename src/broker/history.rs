@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+/// What one publication adds to a reply besides its data: `{"offset":N,"data":}` and a comma.
+pub const ENTRY_OVERHEAD: usize = 40;
+
 /// A kept publication: its offset and its data (the backend's JSON, verbatim).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -67,7 +70,8 @@ impl Stream {
         now >= self.meta_expires
     }
 
-    fn trim(&mut self, now: Instant) {
+    /// Drops publications whose history_ttl has passed.
+    pub fn trim(&mut self, now: Instant) {
         while self.entries.front().is_some_and(|e| e.expires <= now) {
             self.entries.pop_front();
         }
@@ -126,7 +130,8 @@ impl Stream {
             .filter(|e| e.offset > since.offset)
             .cloned()
             .collect();
-        let bytes: usize = wanted.iter().map(|e| e.data.len()).sum();
+        // Data plus the few bytes each publication adds in a reply.
+        let bytes: usize = wanted.iter().map(|e| e.data.len() + ENTRY_OVERHEAD).sum();
         if bytes > max_bytes {
             return Recovery::Impossible;
         }
@@ -247,6 +252,11 @@ mod tests {
             got(s.recover(&at(2), t, 300, 2)),
             None,
             "more than max_bytes"
+        );
+        assert_eq!(
+            got(s.recover(&at(4), t, 300, 1 + ENTRY_OVERHEAD)),
+            Some(vec![5]),
+            "data plus overhead fits"
         );
         let other = Position {
             offset: 4,

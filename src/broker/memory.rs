@@ -125,13 +125,15 @@ impl MemoryBroker {
         &self,
         channel: &str,
         since: Option<&Position>,
+        budget: usize,
         now: Instant,
         attach: impl FnOnce(Attach) -> R,
     ) -> R {
         let Some(stream) = self.stream(channel, now, true) else {
+            // Nothing can be recovered where nothing is kept.
             return attach(Attach {
                 position: None,
-                recovery: None,
+                recovery: since.map(|_| Recovery::Impossible),
             });
         };
         let retention = retention(self.config.channel_options(channel));
@@ -139,10 +141,8 @@ impl MemoryBroker {
         if stream.lost(now) {
             *stream = Stream::new(now, retention);
         }
-        // A recovery must never trip the slow-consumer close: at most half the queue bound.
-        let max_bytes = self.config.max_queue_bytes / 2;
         let recovery =
-            since.map(|since| stream.recover(since, now, self.config.max_recovery, max_bytes));
+            since.map(|since| stream.recover(since, now, self.config.max_recovery, budget));
         attach(Attach {
             position: Some(stream.position()),
             recovery,
@@ -178,14 +178,28 @@ impl MemoryBroker {
         }
     }
 
-    /// Forgets expired positions and idempotency keys; returns how many streams remain.
+    /// Drops expired publications, positions and idempotency keys; returns how many streams
+    /// remain. A stream that someone holds (a publish or subscribe in progress: its `Arc` is
+    /// shared) or whose lock is taken is left for the next sweep, so that no caller ever works
+    /// on a stream that is no longer the channel's, and the sweep never waits on a fan-out.
     pub fn sweep(&self, now: Instant) -> usize {
         self.seen
             .lock()
             .expect("idempotency lock")
             .retain(|_, (_, until)| now < *until);
         let mut streams = self.streams.lock().expect("streams lock");
-        streams.retain(|_, stream| !stream.lock().expect("stream lock").lost(now));
+        streams.retain(|_, stream| {
+            if Arc::strong_count(stream) > 1 {
+                return true;
+            }
+            match stream.try_lock() {
+                Ok(mut s) => {
+                    s.trim(now);
+                    !s.lost(now)
+                }
+                Err(_) => true,
+            }
+        });
         streams.len()
     }
 }

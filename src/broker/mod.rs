@@ -15,7 +15,7 @@ mod memory;
 
 use std::time::Instant;
 
-pub use history::{Entry, Position, Recovery};
+pub use history::{Entry, Position, Recovery, ENTRY_OVERHEAD};
 pub use memory::{recovered, MemoryBroker};
 
 /// What a publish returns.
@@ -66,15 +66,19 @@ impl Broker {
     }
 
     /// Runs `attach` with the channel's position and recovery, atomically with respect to
-    /// the channel's publications.
+    /// the channel's publications. `budget` bounds the recovered bytes: the caller gives what
+    /// its connection's queue can still take without tripping the slow-consumer close.
     pub fn subscribe<R>(
         &self,
         channel: &str,
         since: Option<&Position>,
+        budget: usize,
         attach: impl FnOnce(Attach) -> R,
     ) -> R {
         match self {
-            Broker::Memory(memory) => memory.subscribe(channel, since, Instant::now(), attach),
+            Broker::Memory(memory) => {
+                memory.subscribe(channel, since, budget, Instant::now(), attach)
+            }
         }
     }
 

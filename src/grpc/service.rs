@@ -115,7 +115,7 @@ impl Control for ControlService {
         let mut out = pb::SubscribeResponse::default();
         for (id, _) in self.node.hub.connections(&target) {
             let hub = &self.node.hub;
-            let subscribed = self.node.broker.subscribe(&req.channel, None, |attach| {
+            let subscribed = self.node.broker.subscribe(&req.channel, None, 0, |attach| {
                 let first = frame::text(&protocol::encode_sub(&req.channel, &attach));
                 hub.subscribe(&id, &req.channel, crate::hub::Origin::Server, first)
             });

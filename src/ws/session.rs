@@ -303,10 +303,14 @@ impl Session {
             let since = positions.iter().find(|(c, _)| c == channel).map(|(_, p)| p);
             // The `sub` push carries the channel's position, and what was missed since the
             // position the client gave for it.
-            let subscribed = self.node.broker.subscribe(channel, since, |attach| {
-                let first = frame::text(&protocol::encode_sub(channel, &attach));
-                hub.subscribe(me, channel, Origin::Server, first)
-            });
+            let budget = self.recovery_budget();
+            let subscribed = self
+                .node
+                .broker
+                .subscribe(channel, since, budget, |attach| {
+                    let first = frame::text(&protocol::encode_sub(channel, &attach));
+                    hub.subscribe(me, channel, Origin::Server, first)
+                });
             if let Err(e) = subscribed {
                 tracing::warn!(%channel, error = %e, "subscription from the subs claim not made");
             }
@@ -380,14 +384,22 @@ impl Session {
         // under the channel's lock while the engine holds back the channel's publications: it
         // precedes every publication the subscription receives, and none falls in between.
         let (hub, me) = (&self.node.hub, &self.id);
+        let budget = self.recovery_budget();
         self.node
             .broker
-            .subscribe(name, since, |attach| {
+            .subscribe(name, since, budget, |attach| {
                 let reply = frame::text(&protocol::encode_subscribe_result(id, &attach));
                 hub.subscribe(me, name, Origin::Client, reply)
             })
             .map_err(|e| (hub_error_code(&e), e.to_string()))?;
         Ok(None)
+    }
+
+    /// What a recovery may add to this connection's queue: half the bound, less what is
+    /// queued already, so that a recovery (or several at connect) never trips the
+    /// slow-consumer close.
+    fn recovery_budget(&self) -> usize {
+        (self.node.config.max_queue_bytes / 2).saturating_sub(self.outbox.held())
     }
 
     fn history(
@@ -421,21 +433,25 @@ impl Session {
                 "history is not enabled for this channel".into(),
             ));
         };
-        if since.is_some_and(|since| since.epoch != position.epoch) {
+        if since.is_some_and(|since| !since.epoch.is_empty() && since.epoch != position.epoch) {
             return Err((
                 ErrorCode::UnrecoverablePosition,
                 "the channel's stream has a new epoch: that position is gone".into(),
             ));
         }
-        let reply = protocol::encode_history(&entries, &position);
+        // Measured before anything is encoded: a page too large is refused, not built.
         let max_bytes = self.node.config.max_queue_bytes / 4;
-        if reply.len() > max_bytes {
+        let size: usize = entries
+            .iter()
+            .map(|e| e.data.len() + crate::broker::ENTRY_OVERHEAD)
+            .sum();
+        if size > max_bytes {
             return Err((
                 ErrorCode::LimitExceeded,
                 format!("history page is larger than {max_bytes} bytes: ask for fewer"),
             ));
         }
-        Ok(Some(reply))
+        Ok(Some(protocol::encode_history(&entries, &position)))
     }
 
     fn unsubscribe(&mut self, name: &str) -> CommandResult {
