@@ -35,6 +35,10 @@ pub enum ApiError {
     EpochChanged(String),
     #[error("limit must be at most max_recovery ({0})")]
     Limit(usize),
+    #[error("idempotency_key is longer than {0} bytes")]
+    KeyTooLong(usize),
+    #[error("history page is larger than {0} bytes: ask for fewer")]
+    PageTooLarge(usize),
     #[error(transparent)]
     Broker(#[from] BrokerError),
 }
@@ -49,7 +53,9 @@ impl From<ApiError> for Status {
             | ApiError::EmptyTarget
             | ApiError::NoChannels
             | ApiError::Code(_)
-            | ApiError::Limit(_) => Code::InvalidArgument,
+            | ApiError::Limit(_)
+            | ApiError::KeyTooLong(_) => Code::InvalidArgument,
+            ApiError::PageTooLarge(_) => Code::ResourceExhausted,
             ApiError::PresenceDisabled(_)
             | ApiError::HistoryDisabled(_)
             | ApiError::EpochChanged(_) => Code::FailedPrecondition,

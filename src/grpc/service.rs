@@ -13,6 +13,12 @@ use crate::ws::{frame, protocol};
 
 use super::error::ApiError;
 
+/// Longest Publish idempotency_key: keys are remembered for idempotency_window.
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+/// Largest History page: under tonic's default 4 MiB message limit on the client side.
+const MAX_HISTORY_PAGE: usize = 3 << 20;
+
 pub struct ControlService {
     node: Node,
 }
@@ -60,6 +66,9 @@ impl Control for ControlService {
         let req = request.into_inner();
         Self::channel(&req.channel)?;
         self.data(&req.data)?;
+        if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
+            return Err(ApiError::KeyTooLong(MAX_IDEMPOTENCY_KEY).into());
+        }
         let key = Some(req.idempotency_key.as_str()).filter(|k| !k.is_empty());
         let published = self
             .node
@@ -290,6 +299,13 @@ impl Control for ControlService {
             if *since.epoch != *position.epoch {
                 return Err(ApiError::EpochChanged(req.channel).into());
             }
+        }
+        let size: usize = entries
+            .iter()
+            .map(|e| e.data.len() + crate::broker::ENTRY_OVERHEAD)
+            .sum();
+        if size > MAX_HISTORY_PAGE {
+            return Err(ApiError::PageTooLarge(MAX_HISTORY_PAGE).into());
         }
         Ok(Response::new(pb::HistoryResponse {
             publications: entries

@@ -179,6 +179,14 @@ async fn idempotent_publish_publishes_once() {
         data: data.as_bytes().to_vec(),
         idempotency_key: "order-42".into(),
     };
+    let long = pb::PublishRequest {
+        idempotency_key: "k".repeat(257),
+        ..request("1")
+    };
+    assert_eq!(
+        grpc.publish(long).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
     let a = grpc.publish(request("1")).await.unwrap().into_inner();
     let b = grpc.publish(request("2")).await.unwrap().into_inner();
     assert_eq!((a.offset, a.epoch.clone()), (b.offset, b.epoch));
@@ -532,5 +540,39 @@ async fn recovering_many_channels_at_connect_never_trips_the_slow_consumer_close
         c.request(json!({"id": 2, "op": "ping"})).await["result"],
         json!({}),
         "still connected"
+    );
+}
+
+#[tokio::test]
+async fn a_control_api_history_page_over_3_mib_is_refused() {
+    let file = "[namespaces.h]\nhistory_size = 400\nhistory_ttl = \"1m\"\n";
+    let server = TestServer::start_with_file(
+        Some(file),
+        &[("max_recovery", "400"), ("max_publication_size", "16384")],
+    )
+    .await;
+    let mut grpc = server.grpc().await;
+    let big = format!("\"{}\"", "x".repeat(12_000));
+    for _ in 0..300 {
+        grpc.publish(publish("h:big", &big)).await.unwrap();
+    }
+    let page = |limit| pb::HistoryRequest {
+        channel: "h:big".into(),
+        since: None,
+        limit,
+        reverse: false,
+    };
+    assert_eq!(
+        grpc.history(page(300)).await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+    assert_eq!(
+        grpc.history(page(100))
+            .await
+            .unwrap()
+            .into_inner()
+            .publications
+            .len(),
+        100
     );
 }
