@@ -208,3 +208,68 @@ impl MemoryBroker {
 pub fn recovered(recovery: &Recovery) -> bool {
     matches!(recovery, Recovery::Complete(_))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn broker() -> MemoryBroker {
+        let file =
+            "[namespaces.h]\nhistory_size = 10\nhistory_ttl = \"1m\"\nhistory_meta_ttl = \"1h\"\n";
+        let config = Arc::new(Config::from_layers(Some(("test", file)), &[], &[]).unwrap());
+        MemoryBroker::new(
+            Hub::new(config.clone(), Arc::new(Metrics::default())),
+            config,
+        )
+    }
+
+    #[test]
+    fn sweep_forgets_expired_streams_but_never_one_in_use() {
+        let b = broker();
+        let t = Instant::now();
+        b.publish("h:x", b"1", None, t);
+        b.publish("plain", b"1", None, t);
+        assert_eq!(b.sweep(t), 1, "only channels with history have a stream");
+        // Publications expire after history_ttl; the position stays.
+        assert_eq!(b.sweep(t + Duration::from_secs(61)), 1);
+        let (page, position) = b
+            .history("h:x", None, 10, false, t + Duration::from_secs(61))
+            .unwrap();
+        assert!(page.is_empty());
+        assert_eq!(position.offset, 1);
+        let lost = t + Duration::from_secs(3601);
+        let held = b.stream("h:x", t, false).unwrap();
+        assert_eq!(b.sweep(lost), 1, "a stream someone holds stays");
+        drop(held);
+        assert_eq!(b.sweep(lost), 0, "an expired position is forgotten");
+        let fresh = b.publish("h:x", b"2", None, lost);
+        assert_eq!(fresh.offset, 1, "and the channel starts over");
+        assert_ne!(fresh.epoch, position.epoch.to_string(), "in a new epoch");
+    }
+
+    #[test]
+    fn idempotency_keys_expire_with_the_window_and_are_per_channel() {
+        let b = broker();
+        let t = Instant::now();
+        let first = b.publish("h:k", b"1", Some("key"), t);
+        assert_eq!(
+            b.publish("h:k", b"2", Some("key"), t + Duration::from_secs(299)),
+            first
+        );
+        assert_eq!(
+            b.publish("h:other", b"1", Some("key"), t).offset,
+            1,
+            "another channel, another key space"
+        );
+        let later = b.publish("h:k", b"3", Some("key"), t + Duration::from_secs(300));
+        assert_eq!(
+            later.offset, 2,
+            "after idempotency_window the key is forgotten"
+        );
+        b.sweep(t + Duration::from_secs(600));
+        assert!(b.seen.lock().unwrap().is_empty());
+    }
+}

@@ -138,6 +138,13 @@ pub fn decode(text: &[u8]) -> Result<Request, ProtocolError> {
     let bad = |message: String| ProtocolError::BadCommand { id, message };
     let op = op.ok_or_else(|| bad("missing op".into()))?;
     let field = |name: &'static str| string_field(&fields, name).map_err(bad);
+    let since = || {
+        fields
+            .get("since")
+            .map(|raw| position(raw))
+            .transpose()
+            .map_err(bad)
+    };
     let command = match op.as_str() {
         "connect" => Command::Connect {
             token: field("token")?,
@@ -155,19 +162,11 @@ pub fn decode(text: &[u8]) -> Result<Request, ProtocolError> {
         },
         "subscribe" => Command::Subscribe {
             channel: field("channel")?,
-            since: fields
-                .get("since")
-                .map(|raw| position(raw))
-                .transpose()
-                .map_err(bad)?,
+            since: since()?,
         },
         "history" => Command::History {
             channel: field("channel")?,
-            since: fields
-                .get("since")
-                .map(|raw| position(raw))
-                .transpose()
-                .map_err(bad)?,
+            since: since()?,
             limit: match fields.get("limit") {
                 Some(raw) => serde_json::from_str::<usize>(raw.get())
                     .map_err(|_| bad("limit must be a non-negative integer".into()))?,
