@@ -84,6 +84,13 @@ pub const KEYS: &[(&str, Kind, &str)] = &[
     ("max_subscriptions", Kind::Int, "128"),
     ("max_recovery", Kind::Int, "300"),
     ("idempotency_window", Kind::Duration, "5m"),
+    ("events_buffer", Kind::Int, "10000"),
+    ("events_buffer_bytes", Kind::Int, "16777216"),
+    ("events_window", Kind::Int, "256"),
+    ("events_ack_timeout", Kind::Duration, "30s"),
+    ("events_group_ttl", Kind::Duration, "10m"),
+    ("rpc_timeout", Kind::Duration, "5s"),
+    ("max_rpc_in_flight", Kind::Int, "16"),
     ("log_format", Kind::Str, "text"),
 ];
 
@@ -205,6 +212,19 @@ pub struct Config {
     pub max_recovery: usize,
     /// How long a Publish idempotency_key is remembered.
     pub idempotency_window: Duration,
+    /// Events one group keeps unacknowledged (sent or not), and their bytes.
+    pub events_buffer: usize,
+    pub events_buffer_bytes: usize,
+    /// Most events one member holds unacknowledged.
+    pub events_window: usize,
+    /// A member holding an event longer is dropped from its group.
+    pub events_ack_timeout: Duration,
+    /// How long a group without a member keeps its buffer.
+    pub events_group_ttl: Duration,
+    /// How long a client's rpc waits for the backend's Reply.
+    pub rpc_timeout: Duration,
+    /// Rpcs one connection may have waiting at once.
+    pub max_rpc_in_flight: usize,
     pub log_format: LogFormat,
     pub channel_defaults: NamespaceOptions,
     pub namespaces: HashMap<String, NamespaceOptions>,
@@ -238,6 +258,13 @@ struct RawConfig {
     max_subscriptions: Option<u64>,
     max_recovery: Option<u64>,
     idempotency_window: Option<String>,
+    events_buffer: Option<u64>,
+    events_buffer_bytes: Option<u64>,
+    events_window: Option<u64>,
+    events_ack_timeout: Option<String>,
+    events_group_ttl: Option<String>,
+    rpc_timeout: Option<String>,
+    max_rpc_in_flight: Option<u64>,
     log_format: Option<String>,
     channel_defaults: Option<NamespaceOptions>,
     namespaces: Option<BTreeMap<String, NamespaceOptions>>,
@@ -387,6 +414,13 @@ impl Config {
             max_subscriptions: size("max_subscriptions", raw.max_subscriptions)?,
             max_recovery: size("max_recovery", raw.max_recovery)?,
             idempotency_window: dur("idempotency_window", raw.idempotency_window)?,
+            events_buffer: size("events_buffer", raw.events_buffer)?,
+            events_buffer_bytes: size("events_buffer_bytes", raw.events_buffer_bytes)?,
+            events_window: size("events_window", raw.events_window)?,
+            events_ack_timeout: dur("events_ack_timeout", raw.events_ack_timeout)?,
+            events_group_ttl: dur("events_group_ttl", raw.events_group_ttl)?,
+            rpc_timeout: dur("rpc_timeout", raw.rpc_timeout)?,
+            max_rpc_in_flight: size("max_rpc_in_flight", raw.max_rpc_in_flight)?,
             log_format,
             channel_defaults: raw.channel_defaults.unwrap_or_default(),
             namespaces: HashMap::new(),
@@ -408,6 +442,8 @@ impl Config {
             "pong_timeout",
             "write_timeout",
             "shutdown_timeout",
+            "events_ack_timeout",
+            "rpc_timeout",
         ] {
             if config.duration(key).is_zero() {
                 return Err(invalid(key, "must be greater than 0"));
@@ -420,6 +456,12 @@ impl Config {
                     "must be at most a quarter of max_queue_bytes ({})",
                     config.max_queue_bytes / 4
                 ),
+            ));
+        }
+        if config.events_window > config.events_buffer {
+            return Err(invalid(
+                "events_window",
+                format!("must be at most events_buffer ({})", config.events_buffer),
             ));
         }
         if !config.grpc_addr.ip().is_loopback() && config.api_key.is_none() {
@@ -499,6 +541,8 @@ impl Config {
             "ping_interval" => self.ping_interval,
             "pong_timeout" => self.pong_timeout,
             "write_timeout" => self.write_timeout,
+            "events_ack_timeout" => self.events_ack_timeout,
+            "rpc_timeout" => self.rpc_timeout,
             _ => self.shutdown_timeout,
         }
     }

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod broker;
 pub mod channel;
 pub mod config;
+pub mod events;
 pub mod grpc;
 pub mod hub;
 pub mod metrics;
@@ -73,8 +74,9 @@ pub enum RunError {
 }
 
 /// Runs a node until `shutdown` is cancelled, then drains: readiness turns false, every
-/// WebSocket is closed with 1001, calls in flight finish, and the whole takes at most
-/// `shutdown_timeout` (connections still open then are dropped).
+/// WebSocket is closed with 1001, the backends acknowledge the disconnect events, event
+/// streams end, calls in flight finish, and the whole takes at most `shutdown_timeout`
+/// (connections still open then are dropped).
 pub async fn run(
     listeners: Listeners,
     config: Config,
@@ -108,6 +110,19 @@ pub async fn run(
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => broker.sweep(),
+                }
+            }
+        });
+    }
+    // Event members past events_ack_timeout are dropped, groups past events_group_ttl forgotten.
+    {
+        let (events, stop) = (node.events.clone(), sweep_stop.clone());
+        servers.spawn(async move {
+            let mut tick = tokio::time::interval(EVENTS_SWEEP_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => events.sweep(std::time::Instant::now()),
                 }
             }
         });
@@ -152,6 +167,11 @@ pub async fn run(
         // Killed connections end at once unless a write is stuck; those are dropped with the runtime.
         let _ = tokio::time::timeout(KILL_GRACE, sessions.tracker.wait()).await;
     }
+    // The connections' disconnect events reach the backends before their streams end.
+    if !node.events.drained(deadline).await {
+        tracing::warn!("events still unacknowledged at shutdown_timeout");
+    }
+    node.events.close();
     grpc_stop.cancel();
     sweep_stop.cancel();
     admin_stop.cancel();
@@ -171,6 +191,9 @@ pub async fn run(
 
 /// How often expired history positions and idempotency keys are swept.
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How often event members are checked for events_ack_timeout.
+const EVENTS_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long killed connections get to end after shutdown_timeout.
 const KILL_GRACE: std::time::Duration = std::time::Duration::from_millis(500);

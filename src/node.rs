@@ -8,6 +8,7 @@ use std::time::Instant;
 use crate::auth::{KeyError, Verifier};
 use crate::broker::{Broker, MemoryBroker};
 use crate::config::Config;
+use crate::events::Events;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
@@ -18,6 +19,7 @@ pub struct Node {
     pub broker: Arc<Broker>,
     pub verifier: Arc<Verifier>,
     pub metrics: Arc<Metrics>,
+    pub events: Events,
     /// Random per process start.
     pub id: Arc<str>,
     pub started: Instant,
@@ -30,7 +32,9 @@ impl Node {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
         let verifier = Arc::new(Verifier::from_config(&config.token)?);
-        let hub = Hub::new(config.clone(), metrics.clone());
+        let id: Arc<str> = Arc::from(format!("{:016x}", rand::random::<u64>()));
+        let events = Events::new(&config, id.clone());
+        let hub = Hub::new(config.clone(), metrics.clone(), events.clone());
         let broker = Arc::new(Broker::Memory(MemoryBroker::new(
             hub.clone(),
             config.clone(),
@@ -41,7 +45,8 @@ impl Node {
             broker,
             verifier,
             metrics,
-            id: Arc::from(format!("{:016x}", rand::random::<u64>())),
+            events,
+            id,
             started: Instant::now(),
         })
     }

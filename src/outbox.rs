@@ -89,6 +89,29 @@ impl Outbox {
         true
     }
 
+    /// What ended the connection: the close scheduled first (by the server, or the client's
+    /// echoed), else 1006 (it ended without a close: the socket was lost).
+    pub fn ended(&self) -> Close {
+        self.state
+            .lock()
+            .expect("outbox lock")
+            .close
+            .clone()
+            .unwrap_or_else(|| Close::new(close::ABNORMAL, "connection lost"))
+    }
+
+    /// Records why a connection is dropped without a close frame (a write failed or timed
+    /// out), unless a close was scheduled already. Nothing is sent after this.
+    pub fn lost(&self, reason: &str) {
+        let mut state = self.state.lock().expect("outbox lock");
+        if state.close.is_none() {
+            state.close = Some(Close::new(close::ABNORMAL, reason));
+            state.close_taken = true;
+            state.frames.clear();
+            state.queued = 0;
+        }
+    }
+
     /// True once a close is scheduled (by anyone).
     pub fn is_closing(&self) -> bool {
         self.state.lock().expect("outbox lock").close.is_some()

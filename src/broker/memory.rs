@@ -221,7 +221,11 @@ mod tests {
             "[namespaces.h]\nhistory_size = 10\nhistory_ttl = \"1m\"\nhistory_meta_ttl = \"1h\"\n";
         let config = Arc::new(Config::from_layers(Some(("test", file)), &[], &[]).unwrap());
         MemoryBroker::new(
-            Hub::new(config.clone(), Arc::new(Metrics::default())),
+            Hub::new(
+                config.clone(),
+                Arc::new(Metrics::default()),
+                crate::events::Events::new(&config, Arc::from("test")),
+            ),
             config,
         )
     }

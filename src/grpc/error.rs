@@ -4,6 +4,7 @@ use tonic::{Code, Status};
 
 use crate::broker::BrokerError;
 use crate::channel::ChannelError;
+use crate::events::EventsError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -41,6 +42,14 @@ pub enum ApiError {
     PageTooLarge(usize),
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Events(#[from] EventsError),
+    #[error("{0}")]
+    Stream(String),
+    #[error("no rpc {0:?} is waiting for a reply (unknown, answered, or past rpc_timeout)")]
+    UnknownRpc(String),
+    #[error("set data or error")]
+    NoResult,
 }
 
 impl From<ApiError> for Status {
@@ -54,7 +63,15 @@ impl From<ApiError> for Status {
             | ApiError::NoChannels
             | ApiError::Code(_)
             | ApiError::Limit(_)
-            | ApiError::KeyTooLong(_) => Code::InvalidArgument,
+            | ApiError::KeyTooLong(_)
+            | ApiError::NoResult
+            | ApiError::Events(
+                EventsError::JoinFirst | EventsError::JoinTwice | EventsError::BadJoin(_),
+            ) => Code::InvalidArgument,
+            ApiError::Events(EventsError::AckTimeout(_)) => Code::Aborted,
+            ApiError::Events(EventsError::ShuttingDown) => Code::Unavailable,
+            ApiError::Stream(_) => Code::Cancelled,
+            ApiError::UnknownRpc(_) => Code::NotFound,
             ApiError::PageTooLarge(_) => Code::ResourceExhausted,
             ApiError::PresenceDisabled(_)
             | ApiError::HistoryDisabled(_)

@@ -4,6 +4,7 @@
 //! `service::ControlService`; errors reach the wire only through `error::ApiError`.
 
 mod error;
+mod events;
 mod service;
 
 use tokio::net::TcpListener;

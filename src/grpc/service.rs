@@ -1,9 +1,10 @@
 //! The Control service: each RPC validates its request, then acts through the broker
 //! (publications) or the hub (server-side subscriptions, disconnects, messages, queries).
 
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::channel::{self, Pattern};
+use crate::events::RpcAnswer;
 use crate::hub::{HubError, Target};
 use crate::node::Node;
 use crate::pb;
@@ -61,6 +62,37 @@ type Reply<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl Control for ControlService {
+    type EventsStream = super::events::EventsStream;
+
+    #[tracing::instrument(skip_all)]
+    async fn events(
+        &self,
+        request: Request<Streaming<pb::EventsRequest>>,
+    ) -> Reply<Self::EventsStream> {
+        let stream = super::events::open(self.node.events.clone(), request.into_inner()).await?;
+        Ok(Response::new(stream))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc_id = %request.get_ref().rpc_id))]
+    async fn reply(&self, request: Request<pb::ReplyRequest>) -> Reply<pb::ReplyResponse> {
+        let req = request.into_inner();
+        let answer = match req.result {
+            Some(pb::reply_request::Result::Data(data)) => {
+                self.data(&data)?;
+                RpcAnswer::Data(data)
+            }
+            Some(pb::reply_request::Result::Error(e)) => RpcAnswer::Error {
+                code: e.code,
+                message: e.message,
+            },
+            None => return Err(ApiError::NoResult.into()),
+        };
+        if !self.node.events.reply(&req.rpc_id, answer) {
+            return Err(ApiError::UnknownRpc(req.rpc_id).into());
+        }
+        Ok(Response::new(pb::ReplyResponse {}))
+    }
+
     #[tracing::instrument(skip_all, fields(channel = %request.get_ref().channel))]
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
         let req = request.into_inner();

@@ -20,8 +20,11 @@ pub use channel::{ClientId, Fanout};
 
 use crate::channel::Pattern;
 use crate::config::{Config, NamespaceOptions};
+use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
+use crate::pb;
+use crate::ws::close::Close;
 use crate::ws::{frame, protocol};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,6 +64,9 @@ struct Shared {
     state: RwLock<State>,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    /// Connection and subscription changes are emitted under the hub's lock, so that a
+    /// client's events are numbered in the order its state changed.
+    events: Events,
 }
 
 #[derive(Default)]
@@ -97,12 +103,13 @@ pub struct Counts {
 // === impl Hub ===
 
 impl Hub {
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Hub {
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, events: Events) -> Hub {
         Hub {
             shared: Arc::new(Shared {
                 state: RwLock::new(State::default()),
                 config,
                 metrics,
+                events,
             }),
         }
     }
@@ -115,15 +122,29 @@ impl Hub {
         self.shared.state.write().expect("hub lock")
     }
 
-    /// Adds an authenticated connection.
+    /// Adds an authenticated connection (a `connect` event with the token's `meta`).
     pub fn register(
         &self,
         id: ClientId,
         user: &str,
         info: Option<Arc<RawValue>>,
+        meta: Option<&RawValue>,
         outbox: Arc<Outbox>,
     ) {
         let mut state = self.write();
+        let events = &self.shared.events;
+        if events.wants(pb::EventKind::Connect) {
+            let connect = pb::ConnectEvent {
+                meta: meta
+                    .map(|m| m.get().as_bytes().to_vec())
+                    .unwrap_or_default(),
+                info: info
+                    .as_ref()
+                    .map(|i| i.get().as_bytes().to_vec())
+                    .unwrap_or_default(),
+            };
+            events.emit(&id, user, pb::event::Kind::Connect(connect));
+        }
         let user: Arc<str> = Arc::from(user);
         state
             .users
@@ -141,8 +162,9 @@ impl Hub {
         );
     }
 
-    /// Removes a connection and all its subscriptions (with `leave` where enabled).
-    pub fn unregister(&self, id: &str) {
+    /// Removes a connection and all its subscriptions (with `leave` where enabled), and
+    /// emits its one `disconnect` event with the close that ended it.
+    pub fn unregister(&self, id: &str, close: &Close) {
         // The client leaves the index first: a concurrent subscribe then finds it gone and
         // undoes its own work, so no subscriber outlives its connection.
         let channels: Vec<Arc<Channel>> = {
@@ -150,6 +172,13 @@ impl Hub {
             let Some(client) = state.clients.remove(id) else {
                 return;
             };
+            let disconnect = pb::DisconnectEvent {
+                code: u32::from(close.code),
+                reason: close.reason.clone(),
+            };
+            self.shared
+                .events
+                .emit(id, &client.user, pb::event::Kind::Disconnect(disconnect));
             if let Some(ids) = state.users.get_mut(&client.user) {
                 ids.retain(|c| &**c != id);
                 if ids.is_empty() {
@@ -226,6 +255,7 @@ impl Hub {
             };
             (id, subscriber)
         };
+        let user = subscriber.user.clone();
         let (channel, subscriber_outbox) = loop {
             let channel = {
                 let mut state = self.write();
@@ -265,9 +295,22 @@ impl Hub {
             break (channel.clone(), outbox);
         };
         // The connection may have gone, or unsubscribed, while the channel lock was taken.
-        let (present, still) = match self.read().clients.get(&id) {
-            Some(client) => (true, client.subs.contains_key(&name)),
-            None => (false, false),
+        let (present, still) = {
+            let state = self.read();
+            let (present, still) = match state.clients.get(&id) {
+                Some(client) => (true, client.subs.contains_key(&name)),
+                None => (false, false),
+            };
+            if still && self.shared.events.wants(pb::EventKind::Subscribe) {
+                let subscribe = pb::SubscribeEvent {
+                    channel: name.to_string(),
+                    server_side: origin == Origin::Server,
+                };
+                self.shared
+                    .events
+                    .emit(&id, &user, pb::event::Kind::Subscribe(subscribe));
+            }
+            (present, still)
         };
         if !still {
             self.detach(&id, &channel);
@@ -294,6 +337,17 @@ impl Hub {
             };
             if client.subs.remove(name).is_none() {
                 return false;
+            }
+            if self.shared.events.wants(pb::EventKind::Unsubscribe) {
+                let unsubscribe = pb::UnsubscribeEvent {
+                    channel: name.to_string(),
+                    code: notify.map_or(0, protocol::UnsubReason::code),
+                };
+                self.shared.events.emit(
+                    id,
+                    &client.user,
+                    pb::event::Kind::Unsubscribe(unsubscribe),
+                );
             }
             (channels.get(name).cloned(), client.outbox.clone())
         };

@@ -24,6 +24,8 @@ impl Close {
 pub const NORMAL: u16 = 1000;
 pub const GOING_AWAY: u16 = 1001;
 pub const PROTOCOL_ERROR: u16 = 1002;
+/// Reported locally (in disconnect events) for a connection that ended without a close.
+pub const ABNORMAL: u16 = 1006;
 pub const INVALID_PAYLOAD: u16 = 1007;
 pub const TOO_BIG: u16 = 1009;
 pub const INTERNAL: u16 = 1011;

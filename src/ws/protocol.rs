@@ -51,6 +51,11 @@ pub enum Command {
     PresenceStats {
         channel: String,
     },
+    /// A call answered by a backend (docs/backend.md); `data` defaults to null.
+    Rpc {
+        method: String,
+        data: Box<RawValue>,
+    },
     Ping,
     Pong,
 }
@@ -193,6 +198,13 @@ pub fn decode(text: &[u8]) -> Result<Request, ProtocolError> {
         },
         "presence_stats" => Command::PresenceStats {
             channel: field("channel")?,
+        },
+        "rpc" => Command::Rpc {
+            method: field("method")?,
+            data: match fields.get("data") {
+                Some(raw) => (*raw).to_owned(),
+                None => RawValue::from_string("null".into()).expect("null is JSON"),
+            },
         },
         "ping" => Command::Ping,
         "pong" => Command::Pong,
@@ -395,6 +407,15 @@ pub fn encode_presence_event(
         json_string(client),
         json_string(user),
         info.map_or("null", RawValue::get)
+    )
+    .into_bytes()
+}
+
+/// The error reply to an rpc the backend answered with an error.
+pub fn encode_rpc_error(id: u64, code: u32, message: &str) -> Vec<u8> {
+    format!(
+        r#"{{"id":{id},"error":{{"code":"rpc_error","message":{},"rpc_code":{code}}}}}"#,
+        json_string(message)
     )
     .into_bytes()
 }

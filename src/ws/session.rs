@@ -7,6 +7,7 @@
 //! token's grants) lives here as plain fields; the hub keeps only what fan-out needs.
 //! The writer task (`writer`) owns the socket's write half and every timer.
 
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use fastwebsockets::{OpCode, Role, WebSocketError};
@@ -16,10 +17,12 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Claims;
 use crate::broker::Position;
 use crate::channel::{self, granted};
+use crate::events::RpcAnswer;
 use crate::hub::{HubError, Origin};
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::outbox::{Outbox, Push};
+use crate::pb;
 use crate::ws::close::{self, Close};
 use crate::ws::frame;
 use crate::ws::protocol::{self, Command, ErrorCode, ProtocolError, Request};
@@ -75,6 +78,8 @@ pub async fn run(
         live,
         claims: None,
         closing: false,
+        conn: conn.clone(),
+        rpcs: Arc::new(AtomicUsize::new(0)),
     };
     tracing::debug!(client = %session.id, "websocket open");
     if let Some(token) = query_token {
@@ -82,7 +87,10 @@ pub async fn run(
     }
     session.read_loop(&mut reader, &conn).await;
     if session.claims.is_some() {
-        session.node.hub.unregister(&session.id);
+        session
+            .node
+            .hub
+            .unregister(&session.id, &session.outbox.ended());
         Metrics::inc(&session.node.metrics.disconnects);
     }
     conn.cancel();
@@ -101,6 +109,10 @@ struct Session {
     claims: Option<Claims>,
     /// A close was scheduled: frames are read only to see the client's answer.
     closing: bool,
+    /// Cancelled when the connection ends: rpcs still waiting stop waiting.
+    conn: CancellationToken,
+    /// Rpcs waiting for a backend's answer.
+    rpcs: Arc<AtomicUsize>,
 }
 
 // === impl Session ===
@@ -143,7 +155,9 @@ impl Session {
                         },
                     };
                     // Echo the client's code (§5.5.1); ignored when ours was sent first.
-                    self.outbox.close(Close::new(code, ""));
+                    let reason = frame.payload.get(2..).unwrap_or_default();
+                    let reason = String::from_utf8_lossy(reason);
+                    self.outbox.close(Close::new(code, reason));
                     return;
                 }
                 OpCode::Ping => {
@@ -260,6 +274,7 @@ impl Session {
             Command::Publish { channel, data } => self.publish(&channel, &data).await,
             Command::Presence { channel } => self.presence(&channel),
             Command::PresenceStats { channel } => self.presence_stats(&channel),
+            Command::Rpc { method, data } => self.rpc(id, &method, &data),
             Command::Ping => Ok(Some("{}".to_string())),
             Command::Pong | Command::Refresh { .. } => unreachable!("handled before"),
         };
@@ -292,9 +307,13 @@ impl Session {
             pong_timeout: config.pong_timeout.as_millis().div_ceil(1000) as u64,
         }));
         let info: Option<Arc<RawValue>> = claims.info.clone().map(Arc::from);
-        self.node
-            .hub
-            .register(self.id.clone(), &claims.user, info, self.outbox.clone());
+        self.node.hub.register(
+            self.id.clone(),
+            &claims.user,
+            info,
+            claims.meta.as_deref(),
+            self.outbox.clone(),
+        );
         self.live.authenticate(claims.expires_at);
         self.outbox.poke();
         Metrics::inc(&self.node.metrics.connects);
@@ -479,15 +498,85 @@ impl Session {
                 "no permission to publish to this channel".into(),
             ));
         }
-        match self
+        let published = self
             .node
             .broker
             .publish(name, data.get().as_bytes(), None)
             .await
-        {
-            Ok(_) => Ok(Some("{}".into())),
-            Err(e) => Err((ErrorCode::Unavailable, e.to_string())),
+            .map_err(|e| (ErrorCode::Unavailable, e.to_string()))?;
+        let events = &self.node.events;
+        if events.wants(pb::EventKind::Publish) {
+            let publish = pb::PublishEvent {
+                channel: name.to_string(),
+                data: data.get().as_bytes().to_vec(),
+                offset: published.offset,
+                epoch: published.epoch,
+            };
+            let user = &self.claims.as_ref().expect("connected").user;
+            events.emit(&self.id, user, pb::event::Kind::Publish(publish));
         }
+        Ok(Some("{}".into()))
+    }
+
+    /// Sends an rpc to a backend; the reply is queued when the backend answers (or at
+    /// rpc_timeout) by a task of its own, so the connection goes on reading meanwhile.
+    fn rpc(&mut self, id: u64, method: &str, data: &RawValue) -> CommandResult {
+        if method.is_empty() || method.len() > MAX_METHOD {
+            return Err((
+                ErrorCode::BadRequest,
+                format!("method must be 1 to {MAX_METHOD} bytes"),
+            ));
+        }
+        let max = self.node.config.max_publication_size;
+        if data.get().len() > max {
+            return Err((
+                ErrorCode::LimitExceeded,
+                format!("data is larger than max_publication_size ({max} bytes)"),
+            ));
+        }
+        let max = self.node.config.max_rpc_in_flight;
+        if self.rpcs.load(Relaxed) >= max {
+            return Err((
+                ErrorCode::LimitExceeded,
+                format!("more than max_rpc_in_flight ({max}) rpcs waiting"),
+            ));
+        }
+        let user = &self.claims.as_ref().expect("connected").user;
+        let events = self.node.events.clone();
+        let (rpc_id, answer) = events
+            .rpc(&self.id, user, method, data.get().as_bytes())
+            .map_err(|e| (ErrorCode::Unavailable, e.to_string()))?;
+        self.rpcs.fetch_add(1, Relaxed);
+        let (outbox, rpcs, conn) = (self.outbox.clone(), self.rpcs.clone(), self.conn.clone());
+        let timeout = self.node.config.rpc_timeout;
+        tokio::spawn(async move {
+            let answer = tokio::select! {
+                answer = tokio::time::timeout(timeout, answer) => answer,
+                _ = conn.cancelled() => {
+                    events.forget_rpc(&rpc_id);
+                    return;
+                }
+            };
+            events.forget_rpc(&rpc_id);
+            rpcs.fetch_sub(1, Relaxed);
+            let unavailable =
+                |message: &str| protocol::encode_error(id, ErrorCode::Unavailable, message);
+            let reply = match answer {
+                Ok(Ok(RpcAnswer::Data(data))) => {
+                    let result = format!(r#"{{"data":{}}}"#, String::from_utf8_lossy(&data));
+                    protocol::encode_result(id, &result)
+                }
+                Ok(Ok(RpcAnswer::Error { code, message })) => {
+                    protocol::encode_rpc_error(id, code, &message)
+                }
+                Ok(Ok(RpcAnswer::Gone) | Err(_)) => {
+                    unavailable("the backend went away before answering")
+                }
+                Err(_) => unavailable("no answer within rpc_timeout"),
+            };
+            outbox.push(frame::text(&reply));
+        });
+        Ok(None)
     }
 
     fn presence(&mut self, name: &str) -> CommandResult {
@@ -548,6 +637,9 @@ impl Session {
         Ok(())
     }
 }
+
+/// Longest rpc method name.
+const MAX_METHOD: usize = 256;
 
 /// `Ok(Some(result))` is replied; `Ok(None)` was replied already (queued by the hub).
 type CommandResult = Result<Option<String>, (ErrorCode, String)>;

@@ -214,11 +214,13 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "write failed");
+                self.outbox.lost("write failed");
                 false
             }
             Err(_) => {
                 Metrics::inc(&self.metrics.write_timeouts);
                 tracing::debug!("write timed out; dropping the connection");
+                self.outbox.lost("write timed out");
                 false
             }
         }

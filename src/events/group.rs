@@ -1,0 +1,491 @@
+//! One event group: its buffer of unacknowledged events, its members, and which member gets
+//! which event. Pure and synchronous: every method takes `now` and returns the events to send
+//! as `(member, event)` pairs; `events::Events` owns the locks and the channels.
+//!
+//! The rules (docs/backend.md says the same to users):
+//! - Every event the group wants gets the next sequence number and stays in the buffer until
+//!   a member acknowledges it. The buffer is bounded in events and bytes; an event that does
+//!   not fit is dropped, and once there is room again a `lost` event names the range.
+//! - A member holds at most `window` unacknowledged events.
+//! - A client's events go to the member that holds its unacknowledged events, so they are
+//!   handled in order; a client with none in flight goes to the member its id hashes to
+//!   among those with room (rendezvous hashing, stable while the members stay the same).
+//! - A member that leaves (or is dropped for holding an event longer than ack_timeout) gives
+//!   back its unacknowledged events: they go to the others, in order, marked redelivered.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::pb;
+
+pub type MemberId = u64;
+
+/// An event as it happened, shared by every group that receives it.
+#[derive(Debug)]
+pub struct Body {
+    /// Empty for events about no connection (`lost`).
+    pub client: Arc<str>,
+    pub user: Arc<str>,
+    pub time_ms: u64,
+    pub kind: pb::event::Kind,
+}
+
+impl Body {
+    /// What the event counts against the buffer's byte bound.
+    pub fn size(&self) -> usize {
+        use pb::event::Kind;
+        let payload = match &self.kind {
+            Kind::Connect(c) => c.meta.len() + c.info.len(),
+            Kind::Disconnect(d) => d.reason.len(),
+            Kind::Subscribe(s) => s.channel.len(),
+            Kind::Unsubscribe(u) => u.channel.len(),
+            Kind::Publish(p) => p.channel.len() + p.data.len() + p.epoch.len(),
+            Kind::Rpc(r) => r.rpc_id.len() + r.method.len() + r.data.len(),
+            Kind::Lost(_) => 0,
+        };
+        EVENT_OVERHEAD + self.client.len() + self.user.len() + payload
+    }
+}
+
+/// Bytes an event costs beyond its strings: the entry, its map node and the shared body.
+pub const EVENT_OVERHEAD: usize = 160;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_events: usize,
+    pub max_bytes: usize,
+    pub ack_timeout: Duration,
+    pub ttl: Duration,
+}
+
+struct Entry {
+    body: Arc<Body>,
+    size: usize,
+    /// The member holding it unacknowledged, and since when.
+    sent: Option<(MemberId, Instant)>,
+    redelivered: bool,
+}
+
+struct Member {
+    window: usize,
+    in_flight: usize,
+}
+
+impl Member {
+    fn room(&self) -> usize {
+        self.window.saturating_sub(self.in_flight)
+    }
+}
+
+pub type Out = Vec<(MemberId, pb::Event)>;
+
+pub struct Group {
+    /// Bit `1 << kind` for each `pb::EventKind` the group receives.
+    pub kinds: u32,
+    /// With the rpc kind: method prefixes the group answers; empty for every method.
+    pub rpc_methods: Vec<String>,
+    limits: Limits,
+    next_seq: u64,
+    buffer: BTreeMap<u64, Entry>,
+    /// Buffered events not held by any member, in order.
+    pending: BTreeSet<u64>,
+    bytes: usize,
+    members: BTreeMap<MemberId, Member>,
+    /// Clients with events in flight: the member holding them, and how many.
+    affinity: HashMap<Arc<str>, (MemberId, usize)>,
+    /// Sequence numbers dropped since the last `lost` event.
+    lost: Option<(u64, u64)>,
+    /// Since when the group has had no member.
+    empty_since: Option<Instant>,
+}
+
+// === impl Group ===
+
+impl Group {
+    pub fn new(limits: Limits, now: Instant) -> Group {
+        Group {
+            kinds: 0,
+            rpc_methods: Vec::new(),
+            limits,
+            next_seq: 1,
+            buffer: BTreeMap::new(),
+            pending: BTreeSet::new(),
+            bytes: 0,
+            members: BTreeMap::new(),
+            affinity: HashMap::new(),
+            lost: None,
+            empty_since: Some(now),
+        }
+    }
+
+    pub fn wants(&self, kind: pb::EventKind) -> bool {
+        self.kinds & bit(kind) != 0
+    }
+
+    /// Adds a member; the latest join sets the group's kinds and rpc methods.
+    pub fn join(
+        &mut self,
+        id: MemberId,
+        window: usize,
+        kinds: u32,
+        rpc_methods: Vec<String>,
+        now: Instant,
+    ) -> Out {
+        self.kinds = kinds;
+        self.rpc_methods = rpc_methods;
+        self.members.insert(
+            id,
+            Member {
+                window,
+                in_flight: 0,
+            },
+        );
+        self.empty_since = None;
+        self.pump(now)
+    }
+
+    /// Removes a member; its unacknowledged events go to the others.
+    pub fn leave(&mut self, id: MemberId, now: Instant) -> Out {
+        if self.members.remove(&id).is_none() {
+            return Vec::new();
+        }
+        for (seq, entry) in &mut self.buffer {
+            if entry.sent.is_some_and(|(m, _)| m == id) {
+                entry.sent = None;
+                entry.redelivered = true;
+                self.pending.insert(*seq);
+            }
+        }
+        self.affinity.retain(|_, (m, _)| *m != id);
+        if self.members.is_empty() {
+            self.empty_since = Some(now);
+        }
+        self.pump(now)
+    }
+
+    /// Buffers an event (or counts it lost when the buffer is full) and sends what can be sent.
+    pub fn push(&mut self, body: Arc<Body>, now: Instant) -> Out {
+        self.report_lost();
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let size = body.size();
+        if !self.has_room(size) {
+            self.lost = Some(match self.lost {
+                Some((first, _)) => (first, seq),
+                None => (seq, seq),
+            });
+            return Vec::new();
+        }
+        self.insert(seq, body, size);
+        self.pump(now)
+    }
+
+    /// Forgets acknowledged events, whoever held them.
+    pub fn ack(&mut self, seqs: &[u64], now: Instant) -> Out {
+        for seq in seqs {
+            let Some(entry) = self.buffer.remove(seq) else {
+                continue;
+            };
+            self.bytes -= entry.size;
+            self.pending.remove(seq);
+            if let Some((m, _)) = entry.sent {
+                if let Some(member) = self.members.get_mut(&m) {
+                    member.in_flight -= 1;
+                }
+                if let Some((_, count)) = self.affinity.get_mut(&entry.body.client) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.affinity.remove(&entry.body.client);
+                    }
+                }
+            }
+        }
+        self.report_lost();
+        self.pump(now)
+    }
+
+    /// Members holding an event unacknowledged for longer than ack_timeout.
+    pub fn overdue(&self, now: Instant) -> Vec<MemberId> {
+        let mut out: Vec<MemberId> = self
+            .buffer
+            .values()
+            .filter_map(|e| e.sent)
+            .filter(|(_, since)| now.duration_since(*since) >= self.limits.ack_timeout)
+            .map(|(m, _)| m)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// No member for longer than the group's ttl: the group may be forgotten.
+    pub fn expired(&self, now: Instant) -> bool {
+        self.empty_since
+            .is_some_and(|since| now.duration_since(since) >= self.limits.ttl)
+    }
+
+    pub fn has_members(&self) -> bool {
+        !self.members.is_empty()
+    }
+
+    /// Events buffered: unacknowledged or not yet sent.
+    pub fn buffered(&self) -> usize {
+        self.buffer.len()
+    }
+
+    /// The members in the order an rpc from `client` tries them.
+    pub fn rpc_order(&self, client: &str) -> Vec<MemberId> {
+        let mut members: Vec<MemberId> = self.members.keys().copied().collect();
+        members.sort_by_key(|m| std::cmp::Reverse(score(client, *m)));
+        members
+    }
+
+    fn has_room(&self, size: usize) -> bool {
+        self.buffer.len() < self.limits.max_events && self.bytes + size <= self.limits.max_bytes
+    }
+
+    fn insert(&mut self, seq: u64, body: Arc<Body>, size: usize) {
+        self.bytes += size;
+        self.buffer.insert(
+            seq,
+            Entry {
+                body,
+                size,
+                sent: None,
+                redelivered: false,
+            },
+        );
+        self.pending.insert(seq);
+    }
+
+    /// Turns a range of dropped events into a `lost` event, once there is room for it.
+    fn report_lost(&mut self) {
+        let Some((first, last)) = self.lost else {
+            return;
+        };
+        let body = Arc::new(Body {
+            client: Arc::from(""),
+            user: Arc::from(""),
+            time_ms: crate::events::unix_ms(),
+            kind: pb::event::Kind::Lost(pb::LostEvent {
+                first_seq: first,
+                last_seq: last,
+            }),
+        });
+        let size = body.size();
+        if !self.has_room(size) {
+            return;
+        }
+        self.lost = None;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.insert(seq, body, size);
+    }
+
+    /// Sends pending events, in order, to members with room.
+    fn pump(&mut self, now: Instant) -> Out {
+        let mut out = Vec::new();
+        let mut blocked: HashSet<Arc<str>> = HashSet::new();
+        let mut sent = Vec::new();
+        for &seq in &self.pending {
+            if !self.members.values().any(|m| m.room() > 0) {
+                break;
+            }
+            let entry = self
+                .buffer
+                .get_mut(&seq)
+                .expect("pending events are buffered");
+            let client = &entry.body.client;
+            let target = if client.is_empty() {
+                self.members
+                    .iter()
+                    .max_by_key(|(_, m)| m.room())
+                    .map(|(id, _)| *id)
+            } else if blocked.contains(client) {
+                None
+            } else if let Some((m, _)) = self.affinity.get(client) {
+                // Behind its earlier events, on the member that holds them.
+                if self.members[m].room() > 0 {
+                    Some(*m)
+                } else {
+                    blocked.insert(client.clone());
+                    None
+                }
+            } else {
+                self.members
+                    .iter()
+                    .filter(|(_, m)| m.room() > 0)
+                    .max_by_key(|(id, _)| score(client, **id))
+                    .map(|(id, _)| *id)
+            };
+            let Some(target) = target else { continue };
+            entry.sent = Some((target, now));
+            self.members
+                .get_mut(&target)
+                .expect("chosen among members")
+                .in_flight += 1;
+            if !client.is_empty() {
+                self.affinity.entry(client.clone()).or_insert((target, 0)).1 += 1;
+            }
+            out.push((target, event(seq, entry)));
+            sent.push(seq);
+        }
+        for seq in sent {
+            self.pending.remove(&seq);
+        }
+        out
+    }
+}
+
+fn event(seq: u64, entry: &Entry) -> pb::Event {
+    pb::Event {
+        seq,
+        client: entry.body.client.to_string(),
+        user: entry.body.user.to_string(),
+        time_ms: entry.body.time_ms,
+        redelivered: entry.redelivered,
+        kind: Some(entry.body.kind.clone()),
+    }
+}
+
+/// The bit of a kind in a group's `kinds`.
+pub fn bit(kind: pb::EventKind) -> u32 {
+    1 << (kind as i32)
+}
+
+/// Rendezvous hashing: the member with the highest score for a client gets it.
+fn score(client: &str, member: MemberId) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    client.hash(&mut hasher);
+    member.hash(&mut hasher);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::event::Kind;
+
+    const LIMITS: Limits = Limits {
+        max_events: 100,
+        max_bytes: 1 << 20,
+        ack_timeout: Duration::from_secs(30),
+        ttl: Duration::from_secs(600),
+    };
+
+    fn body(client: &str) -> Arc<Body> {
+        Arc::new(Body {
+            client: Arc::from(client),
+            user: Arc::from("u"),
+            time_ms: 0,
+            kind: Kind::Subscribe(pb::SubscribeEvent {
+                channel: "c".into(),
+                server_side: false,
+            }),
+        })
+    }
+
+    fn seqs(out: &Out, member: MemberId) -> Vec<u64> {
+        out.iter()
+            .filter(|(m, _)| *m == member)
+            .map(|(_, e)| e.seq)
+            .collect()
+    }
+
+    #[test]
+    fn window_bounds_what_a_member_holds_and_acks_release_the_rest() {
+        let t = Instant::now();
+        let mut g = Group::new(LIMITS, t);
+        assert!(g.join(1, 2, 0, Vec::new(), t).is_empty());
+        let mut sent = Vec::new();
+        for _ in 0..5 {
+            sent.extend(seqs(&g.push(body("a"), t), 1));
+        }
+        assert_eq!(sent, [1, 2], "window of 2");
+        assert_eq!(g.buffered(), 5);
+        assert_eq!(seqs(&g.ack(&[1, 2, 99], t), 1), [3, 4]);
+        assert_eq!(seqs(&g.ack(&[3], t), 1), [5]);
+    }
+
+    #[test]
+    fn a_leaving_member_gives_its_events_to_another_in_order() {
+        let t = Instant::now();
+        let mut g = Group::new(LIMITS, t);
+        g.join(1, 10, 0, Vec::new(), t);
+        for _ in 0..3 {
+            g.push(body("a"), t);
+        }
+        // The second member gets nothing of client a while member 1 holds a's events.
+        g.join(2, 10, 0, Vec::new(), t);
+        assert_eq!(seqs(&g.push(body("a"), t), 1), [4]);
+        let out = g.leave(1, t);
+        assert_eq!(seqs(&out, 2), [1, 2, 3, 4]);
+        assert!(out.iter().all(|(_, e)| e.redelivered));
+    }
+
+    #[test]
+    fn a_full_member_holds_back_its_clients_only() {
+        let t = Instant::now();
+        let mut g = Group::new(LIMITS, t);
+        g.join(1, 1, 0, Vec::new(), t);
+        g.join(2, 100, 0, Vec::new(), t);
+        // Clients that prefer member 1 (a, c) and member 2 (b).
+        let prefer = |m| -> Vec<String> {
+            (0..100)
+                .map(|i| format!("c{i}"))
+                .filter(|c| g.rpc_order(c)[0] == m)
+                .collect()
+        };
+        let (ones, twos) = (prefer(1), prefer(2));
+        let (a, b, c) = (ones[0].clone(), twos[0].clone(), ones[1].clone());
+        assert_eq!(seqs(&g.push(body(&a), t), 1), [1]);
+        // Member 1 is full: a's next event waits for it, b's goes to member 2.
+        assert!(g.push(body(&a), t).is_empty());
+        assert_eq!(seqs(&g.push(body(&b), t), 2), [3]);
+        // A client that would go to member 1 goes to the member with room.
+        assert_eq!(seqs(&g.push(body(&c), t), 2), [4]);
+        assert_eq!(g.overdue(t + Duration::from_secs(31)), vec![1, 2]);
+        assert_eq!(seqs(&g.ack(&[1], t), 1), [2]);
+    }
+
+    #[test]
+    fn overflow_is_reported_with_the_range_once_there_is_room() {
+        let t = Instant::now();
+        let limits = Limits {
+            max_events: 3,
+            ..LIMITS
+        };
+        let mut g = Group::new(limits, t);
+        for _ in 0..6 {
+            g.push(body("a"), t);
+        }
+        assert_eq!(g.buffered(), 3);
+        let out = g.join(1, 10, 0, Vec::new(), t);
+        assert_eq!(seqs(&out, 1), [1, 2, 3]);
+        let out = g.ack(&[1, 2, 3], t);
+        assert_eq!(out.len(), 1);
+        let (_, lost) = &out[0];
+        assert_eq!(lost.seq, 7);
+        assert_eq!(
+            lost.kind,
+            Some(Kind::Lost(pb::LostEvent {
+                first_seq: 4,
+                last_seq: 6
+            }))
+        );
+        assert_eq!(seqs(&g.push(body("a"), t), 1), [8]);
+    }
+
+    #[test]
+    fn a_group_without_members_expires_after_its_ttl() {
+        let t = Instant::now();
+        let mut g = Group::new(LIMITS, t);
+        g.join(1, 10, 0, Vec::new(), t);
+        assert!(!g.expired(t + Duration::from_secs(3600)));
+        g.leave(1, t);
+        assert!(!g.expired(t + Duration::from_secs(599)));
+        assert!(g.expired(t + Duration::from_secs(600)));
+    }
+}

@@ -1,0 +1,497 @@
+//! The backend event stream and client rpc: what connections do, delivered to the backends
+//! that joined a group on Control.Events.
+//!
+//! The hub emits connect, disconnect, subscribe and unsubscribe under its own lock, so a
+//! client's events are numbered in the order its state changed; the session emits client
+//! publishes and rpcs. [`Events::emit`] never waits: each group (`group::Group`, pure)
+//! buffers the event and says which member gets it, and the member's bounded channel (room
+//! for its window, so `try_send` cannot fail while the member is reading) carries it to
+//! its gRPC stream. `grpc::events` is the thin shell on the wire.
+
+mod group;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use group::{bit, Group, Limits};
+pub use group::{Body, MemberId};
+
+use crate::config::Config;
+use crate::pb;
+
+/// What a member's stream carries: a response, or why the member was dropped.
+pub type Outgoing = Result<pb::EventsResponse, EventsError>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventsError {
+    #[error("the first request on the stream must be join")]
+    JoinFirst,
+    #[error("join was already sent on this stream")]
+    JoinTwice,
+    #[error("invalid join: {0}")]
+    BadJoin(String),
+    #[error("an event was held unacknowledged for longer than events_ack_timeout ({0:?}): rejoin to receive events again")]
+    AckTimeout(Duration),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// How a backend answered an rpc.
+#[derive(Debug)]
+pub enum RpcAnswer {
+    /// A JSON value.
+    Data(Vec<u8>),
+    Error {
+        code: u32,
+        message: String,
+    },
+    /// The member that received the rpc left before answering.
+    Gone,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("no backend answers rpc method {0:?}")]
+    NoBackend(String),
+}
+
+/// Responses a member's channel holds beyond its window: the joined message and rpcs.
+const RPC_SLOTS: usize = 64;
+
+const MAX_GROUP_NAME: usize = 128;
+
+#[derive(Clone)]
+pub struct Events {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    /// Bits of the kinds some group wants: emitting an unwanted kind costs one load.
+    wanted: AtomicU32,
+    limits: Limits,
+    window: usize,
+    node_id: Arc<str>,
+    /// Woken by every acknowledgement, for the drain at shutdown.
+    acked: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    groups: HashMap<String, Group>,
+    members: HashMap<MemberId, MemberHandle>,
+    next_member: MemberId,
+    rpcs: HashMap<String, PendingRpc>,
+    closed: bool,
+}
+
+struct MemberHandle {
+    group: String,
+    tx: mpsc::Sender<Outgoing>,
+}
+
+struct PendingRpc {
+    member: MemberId,
+    answer: oneshot::Sender<RpcAnswer>,
+}
+
+/// A join, validated.
+pub struct Join {
+    pub group: String,
+    pub kinds: u32,
+    pub rpc_methods: Vec<String>,
+    pub window: usize,
+}
+
+impl Join {
+    pub fn from_request(join: pb::Join) -> Result<Join, EventsError> {
+        let bad = |m: &str| EventsError::BadJoin(m.to_string());
+        if join.group.is_empty() || join.group.len() > MAX_GROUP_NAME {
+            return Err(bad("group must be 1 to 128 bytes"));
+        }
+        let mut kinds = 0;
+        for k in &join.kinds {
+            match pb::EventKind::try_from(*k) {
+                Ok(pb::EventKind::Unspecified) | Err(_) => {
+                    return Err(EventsError::BadJoin(format!("unknown event kind {k}")))
+                }
+                Ok(kind) => kinds |= bit(kind),
+            }
+        }
+        if kinds == 0 {
+            return Err(bad("kinds must name at least one event kind"));
+        }
+        if !join.rpc_methods.is_empty() && kinds & bit(pb::EventKind::Rpc) == 0 {
+            return Err(bad("rpc_methods needs EVENT_KIND_RPC in kinds"));
+        }
+        Ok(Join {
+            group: join.group,
+            kinds,
+            rpc_methods: join.rpc_methods,
+            window: join.window as usize,
+        })
+    }
+}
+
+// === impl Events ===
+
+impl Events {
+    pub fn new(config: &Config, node_id: Arc<str>) -> Events {
+        Events {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                wanted: AtomicU32::new(0),
+                limits: Limits {
+                    max_events: config.events_buffer,
+                    max_bytes: config.events_buffer_bytes,
+                    ack_timeout: config.events_ack_timeout,
+                    ttl: config.events_group_ttl,
+                },
+                window: config.events_window,
+                node_id,
+                acked: Notify::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().expect("events lock")
+    }
+
+    /// True when some group receives this kind: callers skip building events nobody wants.
+    pub fn wants(&self, kind: pb::EventKind) -> bool {
+        self.inner.wanted.load(Relaxed) & bit(kind) != 0
+    }
+
+    /// Hands an event to every group that wants it. Never waits.
+    pub fn emit(&self, client: &str, user: &str, kind: pb::event::Kind) {
+        let event_kind = kind_of(&kind);
+        if !self.wants(event_kind) {
+            return;
+        }
+        let body = Arc::new(Body {
+            client: Arc::from(client),
+            user: Arc::from(user),
+            time_ms: unix_ms(),
+            kind,
+        });
+        let now = Instant::now();
+        let mut state = self.lock();
+        let mut out = Vec::new();
+        for group in state.groups.values_mut() {
+            if group.wants(event_kind) {
+                out.extend(group.push(body.clone(), now));
+            }
+        }
+        deliver(&mut state, out, now);
+    }
+
+    /// Adds a member to its group (created if new). The receiver yields `joined` first, then
+    /// the group's events; it ends when the member is dropped or the server shuts down.
+    pub fn join(&self, join: Join) -> Result<(MemberId, mpsc::Receiver<Outgoing>), EventsError> {
+        let window = match join.window {
+            0 => self.inner.window,
+            w => w.min(self.inner.window),
+        };
+        let (tx, rx) = mpsc::channel(window + RPC_SLOTS);
+        let now = Instant::now();
+        let mut state = self.lock();
+        if state.closed {
+            return Err(EventsError::ShuttingDown);
+        }
+        state.next_member += 1;
+        let id = state.next_member;
+        let resumed = state.groups.contains_key(&join.group);
+        let limits = self.inner.limits;
+        let group = state
+            .groups
+            .entry(join.group.clone())
+            .or_insert_with(|| Group::new(limits, now));
+        let buffered = group.buffered() as u64;
+        let joined = pb::EventsResponse {
+            response: Some(pb::events_response::Response::Joined(pb::Joined {
+                member: id.to_string(),
+                resumed,
+                window: window as u32,
+                buffered,
+                node_id: self.inner.node_id.to_string(),
+            })),
+        };
+        tx.try_send(Ok(joined)).expect("a new channel has room");
+        let out = group.join(id, window, join.kinds, join.rpc_methods, now);
+        state.members.insert(
+            id,
+            MemberHandle {
+                group: join.group,
+                tx,
+            },
+        );
+        self.update_wanted(&state);
+        deliver(&mut state, out, now);
+        tracing::info!(member = id, "event stream member joined");
+        Ok((id, rx))
+    }
+
+    /// Acknowledges events of the member's group.
+    pub fn ack(&self, member: MemberId, seqs: &[u64]) {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let Some(name) = state.members.get(&member).map(|m| m.group.clone()) else {
+            return;
+        };
+        let out = match state.groups.get_mut(&name) {
+            Some(group) => group.ack(seqs, now),
+            None => return,
+        };
+        deliver(&mut state, out, now);
+        drop(state);
+        self.inner.acked.notify_waiters();
+    }
+
+    /// Removes a member (its stream ended); idempotent.
+    pub fn leave(&self, member: MemberId) {
+        let now = Instant::now();
+        let mut state = self.lock();
+        remove_member(&mut state, member, now);
+        drop(state);
+        self.inner.acked.notify_waiters();
+    }
+
+    /// Ends a member's stream with `error`; its events go to the others.
+    pub fn evict(&self, member: MemberId, error: EventsError) {
+        let now = Instant::now();
+        let mut state = self.lock();
+        if let Some(handle) = state.members.get(&member) {
+            let _ = handle.tx.try_send(Err(error));
+        }
+        remove_member(&mut state, member, now);
+    }
+
+    /// Drops members holding an event longer than events_ack_timeout, and forgets groups
+    /// without a member for longer than events_group_ttl. Called every second.
+    pub fn sweep(&self, now: Instant) {
+        let mut state = self.lock();
+        let overdue: Vec<MemberId> = state.groups.values().flat_map(|g| g.overdue(now)).collect();
+        for member in overdue {
+            if let Some(handle) = state.members.get(&member) {
+                tracing::warn!(
+                    member,
+                    group = %handle.group,
+                    "event stream member dropped: no ack within events_ack_timeout"
+                );
+                let error = EventsError::AckTimeout(self.inner.limits.ack_timeout);
+                let _ = handle.tx.try_send(Err(error));
+            }
+            remove_member(&mut state, member, now);
+        }
+        let before = state.groups.len();
+        state.groups.retain(|name, g| {
+            let keep = !g.expired(now);
+            if !keep {
+                tracing::info!(group = %name, buffered = g.buffered(), "event group forgotten after events_group_ttl");
+            }
+            keep
+        });
+        if state.groups.len() != before {
+            self.update_wanted(&state);
+        }
+    }
+
+    /// Sends an rpc to one member of the group that answers `method`. The receiver resolves
+    /// with the answer; the caller bounds the wait and calls [`Events::forget_rpc`] after.
+    pub fn rpc(
+        &self,
+        client: &str,
+        user: &str,
+        method: &str,
+        data: &[u8],
+    ) -> Result<(String, oneshot::Receiver<RpcAnswer>), RpcError> {
+        let no_backend = || RpcError::NoBackend(method.to_string());
+        if !self.wants(pb::EventKind::Rpc) {
+            return Err(no_backend());
+        }
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        // The longest matching prefix wins; ties go to the group name that sorts first.
+        let Some(order) = state
+            .groups
+            .iter()
+            .filter(|(_, g)| g.wants(pb::EventKind::Rpc) && g.has_members())
+            .filter_map(|(name, g)| {
+                let prefix = if g.rpc_methods.is_empty() {
+                    Some(0)
+                } else {
+                    g.rpc_methods
+                        .iter()
+                        .filter(|p| method.starts_with(p.as_str()))
+                        .map(String::len)
+                        .max()
+                }?;
+                Some((std::cmp::Reverse(prefix), name.as_str(), g))
+            })
+            .min_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)))
+            .map(|(_, _, g)| g.rpc_order(client))
+        else {
+            return Err(no_backend());
+        };
+        let rpc_id = format!("{:032x}", rand::random::<u128>());
+        let event = pb::Event {
+            seq: 0,
+            client: client.to_string(),
+            user: user.to_string(),
+            time_ms: unix_ms(),
+            redelivered: false,
+            kind: Some(pb::event::Kind::Rpc(pb::RpcEvent {
+                rpc_id: rpc_id.clone(),
+                method: method.to_string(),
+                data: data.to_vec(),
+            })),
+        };
+        let response = pb::EventsResponse {
+            response: Some(pb::events_response::Response::Event(event)),
+        };
+        for member in order {
+            let Some(handle) = state.members.get(&member) else {
+                continue;
+            };
+            // A member whose channel is full is not reading: try the next one.
+            if handle.tx.try_send(Ok(response.clone())).is_ok() {
+                let (answer, rx) = oneshot::channel();
+                state
+                    .rpcs
+                    .insert(rpc_id.clone(), PendingRpc { member, answer });
+                return Ok((rpc_id, rx));
+            }
+        }
+        Err(no_backend())
+    }
+
+    /// The backend's answer to an rpc; false when nobody waits for that rpc_id.
+    pub fn reply(&self, rpc_id: &str, answer: RpcAnswer) -> bool {
+        let pending = self.lock().rpcs.remove(rpc_id);
+        match pending {
+            Some(p) => p.answer.send(answer).is_ok(),
+            None => false,
+        }
+    }
+
+    /// The client stopped waiting for an rpc (timeout or disconnect).
+    pub fn forget_rpc(&self, rpc_id: &str) {
+        self.lock().rpcs.remove(rpc_id);
+    }
+
+    /// Waits until every group with a member has nothing unacknowledged, or until `deadline`.
+    pub async fn drained(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let acked = self.inner.acked.notified();
+            tokio::pin!(acked);
+            acked.as_mut().enable();
+            let busy = self
+                .lock()
+                .groups
+                .values()
+                .any(|g| g.has_members() && g.buffered() > 0);
+            if !busy {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, acked).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Ends every member's stream (shutdown); no join succeeds after this.
+    pub fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        for (_, handle) in state.members.drain() {
+            let _ = handle.tx.try_send(Err(EventsError::ShuttingDown));
+        }
+        for (_, rpc) in state.rpcs.drain() {
+            let _ = rpc.answer.send(RpcAnswer::Gone);
+        }
+    }
+
+    fn update_wanted(&self, state: &State) {
+        let wanted = state.groups.values().fold(0, |acc, g| acc | g.kinds);
+        self.inner.wanted.store(wanted, Relaxed);
+    }
+}
+
+/// Sends each event to its member; a member whose stream is gone leaves, and its events go
+/// to the others.
+fn deliver(state: &mut State, mut out: group::Out, now: Instant) {
+    while !out.is_empty() {
+        let mut gone = Vec::new();
+        for (member, event) in out.drain(..) {
+            let Some(handle) = state.members.get(&member) else {
+                continue;
+            };
+            let response = pb::EventsResponse {
+                response: Some(pb::events_response::Response::Event(event)),
+            };
+            // The channel has room for the member's window: full means it is not reading.
+            if handle.tx.try_send(Ok(response)).is_err() {
+                gone.push(member);
+            }
+        }
+        gone.sort_unstable();
+        gone.dedup();
+        for member in gone {
+            out.extend(take_member(state, member, now));
+        }
+    }
+}
+
+fn remove_member(state: &mut State, member: MemberId, now: Instant) {
+    let out = take_member(state, member, now);
+    deliver(state, out, now);
+}
+
+/// Removes a member: its rpcs fail at once, its events go back to the group.
+fn take_member(state: &mut State, member: MemberId, now: Instant) -> group::Out {
+    let Some(handle) = state.members.remove(&member) else {
+        return Vec::new();
+    };
+    tracing::info!(member, group = %handle.group, "event stream member left");
+    let rpcs: Vec<String> = state
+        .rpcs
+        .iter()
+        .filter(|(_, p)| p.member == member)
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in rpcs {
+        if let Some(p) = state.rpcs.remove(&id) {
+            let _ = p.answer.send(RpcAnswer::Gone);
+        }
+    }
+    match state.groups.get_mut(&handle.group) {
+        Some(group) => group.leave(member, now),
+        None => Vec::new(),
+    }
+}
+
+fn kind_of(kind: &pb::event::Kind) -> pb::EventKind {
+    use pb::event::Kind;
+    match kind {
+        Kind::Connect(_) => pb::EventKind::Connect,
+        Kind::Disconnect(_) => pb::EventKind::Disconnect,
+        Kind::Subscribe(_) => pb::EventKind::Subscribe,
+        Kind::Unsubscribe(_) => pb::EventKind::Unsubscribe,
+        Kind::Publish(_) => pb::EventKind::Publish,
+        Kind::Rpc(_) => pb::EventKind::Rpc,
+        // Made by a group itself, never emitted.
+        Kind::Lost(_) => pb::EventKind::Unspecified,
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
