@@ -6,6 +6,7 @@ mod bad_input;
 mod bench_smoke;
 mod binary;
 mod control;
+mod events;
 mod history;
 mod jose;
 mod pubsub;
