@@ -20,10 +20,10 @@ const LIFECYCLE: &[EventKind] = &[
 ];
 
 /// A backend member: the request side of its stream and the responses.
-struct Member {
+pub struct Member {
     tx: mpsc::Sender<pb::EventsRequest>,
     rx: tonic::Streaming<pb::EventsResponse>,
-    joined: pb::Joined,
+    pub joined: pb::Joined,
 }
 
 fn join_request(group: &str, kinds: &[EventKind], window: u32, rpc: &[&str]) -> pb::EventsRequest {
@@ -56,7 +56,12 @@ async fn open(
 }
 
 impl Member {
-    async fn join(server: &TestServer, group: &str, kinds: &[EventKind], window: u32) -> Member {
+    pub async fn join(
+        server: &TestServer,
+        group: &str,
+        kinds: &[EventKind],
+        window: u32,
+    ) -> Member {
         Member::join_rpc(server, group, kinds, window, &[]).await
     }
 

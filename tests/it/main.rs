@@ -10,4 +10,5 @@ mod events;
 mod history;
 mod jose;
 mod pubsub;
+mod python;
 mod support;
