@@ -5,10 +5,12 @@ and answers rpc methods starting with "app.". On SIGTERM or Ctrl-C it half-close
 stream: sidecast applies the acknowledgements sent so far, ends the stream, and hands
 anything unacknowledged to the group's other members. Each event is printed as a JSON line.
 
-Generate the stubs from proto/ first (docs/backend.md):
-    python -m grpc_tools.protoc -I proto --python_out=gen --grpc_python_out=gen \
-        proto/sidecast/v1/control.proto
-    PYTHONPATH=gen python examples/python/backend.py
+From the repository root (docs/backend.md):
+    python3 -m venv .venv
+    .venv/bin/pip install -r tests/py/requirements.txt
+    mkdir -p gen
+    .venv/bin/python -m grpc_tools.protoc -I proto --python_out=gen --grpc_python_out=gen proto/sidecast/v1/control.proto
+    PYTHONPATH=gen .venv/bin/python examples/python/backend.py
 """
 
 import json
@@ -53,7 +55,8 @@ def answer(control, event):
     rpc = event.rpc
     if rpc.method == "app.echo":
         data = {"echo": json.loads(rpc.data), "user": event.user}
-        reply = pb.ReplyRequest(rpc_id=rpc.rpc_id, data=json.dumps(data).encode())
+        encoded = json.dumps(data, separators=(",", ":")).encode()
+        reply = pb.ReplyRequest(rpc_id=rpc.rpc_id, data=encoded)
     else:
         error = pb.RpcError(code=404, message=f"no method {rpc.method}")
         reply = pb.ReplyRequest(rpc_id=rpc.rpc_id, error=error)
@@ -62,6 +65,12 @@ def answer(control, event):
     except grpc.RpcError as e:
         # NOT_FOUND: the client stopped waiting (rpc_timeout) or went away.
         print(json.dumps({"reply_failed": e.code().name}), flush=True)
+
+
+def handle(event):
+    """What this backend does with an event: print it as a JSON line. A real one updates its
+    database here, idempotently (an event can arrive twice, marked redelivered)."""
+    print(json.dumps(describe(event)), flush=True)
 
 
 def describe(event):
@@ -94,12 +103,12 @@ def serve(control, acks, done):
                                   "buffered": joined.buffered}), flush=True)
                 continue
             event = response.event
-            print(json.dumps(describe(event)), flush=True)
             if event.WhichOneof("kind") == "rpc":
-                answer(control, event)
+                print(json.dumps(describe(event)), flush=True)
+                answer(control, event)  # Control.Reply; rpcs are not acknowledged
             else:
-                # Handle the event here (update the database...), then acknowledge it.
-                acks.put(event.seq)
+                handle(event)
+                acks.put(event.seq)  # acknowledged once handled
         print(json.dumps({"ended": "ok"}), flush=True)
     except grpc.RpcError as e:
         print(json.dumps({"ended": e.code().name, "details": e.details()}), flush=True)
