@@ -89,6 +89,7 @@ pub const KEYS: &[(&str, Kind, &str)] = &[
     ("events_window", Kind::Int, "256"),
     ("events_ack_timeout", Kind::Duration, "30s"),
     ("events_group_ttl", Kind::Duration, "10m"),
+    ("events_max_groups", Kind::Int, "64"),
     ("rpc_timeout", Kind::Duration, "5s"),
     ("max_rpc_in_flight", Kind::Int, "16"),
     ("log_format", Kind::Str, "text"),
@@ -221,6 +222,8 @@ pub struct Config {
     pub events_ack_timeout: Duration,
     /// How long a group without a member keeps its buffer.
     pub events_group_ttl: Duration,
+    /// Event groups a node keeps at once (with or without members).
+    pub events_max_groups: usize,
     /// How long a client's rpc waits for the backend's Reply.
     pub rpc_timeout: Duration,
     /// Rpcs one connection may have waiting at once.
@@ -263,6 +266,7 @@ struct RawConfig {
     events_window: Option<u64>,
     events_ack_timeout: Option<String>,
     events_group_ttl: Option<String>,
+    events_max_groups: Option<u64>,
     rpc_timeout: Option<String>,
     max_rpc_in_flight: Option<u64>,
     log_format: Option<String>,
@@ -419,6 +423,7 @@ impl Config {
             events_window: size("events_window", raw.events_window)?,
             events_ack_timeout: dur("events_ack_timeout", raw.events_ack_timeout)?,
             events_group_ttl: dur("events_group_ttl", raw.events_group_ttl)?,
+            events_max_groups: size("events_max_groups", raw.events_max_groups)?,
             rpc_timeout: dur("rpc_timeout", raw.rpc_timeout)?,
             max_rpc_in_flight: size("max_rpc_in_flight", raw.max_rpc_in_flight)?,
             log_format,

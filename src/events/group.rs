@@ -165,9 +165,15 @@ impl Group {
         self.pump(now)
     }
 
-    /// Buffers an event (or counts it lost when the buffer is full) and sends what can be sent.
+    /// Buffers an event (or counts it lost when the buffer is full) and sends it if a member
+    /// can take it. A push frees no room, so what was pending before still waits: only the
+    /// new event (and a `lost` event made now) is placed, which keeps emitting cheap.
     pub fn push(&mut self, body: Arc<Body>, now: Instant) -> Out {
-        self.report_lost();
+        let mut out = Vec::new();
+        let mut blocked = HashSet::new();
+        if let Some(lost) = self.report_lost() {
+            out.extend(self.place(lost, now, &mut blocked));
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         let size = body.size();
@@ -176,10 +182,11 @@ impl Group {
                 Some((first, _)) => (first, seq),
                 None => (seq, seq),
             });
-            return Vec::new();
+            return out;
         }
         self.insert(seq, body, size);
-        self.pump(now)
+        out.extend(self.place(seq, now, &mut blocked));
+        out
     }
 
     /// Forgets acknowledged events, whoever held them.
@@ -260,11 +267,10 @@ impl Group {
         self.pending.insert(seq);
     }
 
-    /// Turns a range of dropped events into a `lost` event, once there is room for it.
-    fn report_lost(&mut self) {
-        let Some((first, last)) = self.lost else {
-            return;
-        };
+    /// Turns a range of dropped events into a `lost` event, once there is room for it; returns
+    /// its sequence number.
+    fn report_lost(&mut self) -> Option<u64> {
+        let (first, last) = self.lost?;
         let body = Arc::new(Body {
             client: Arc::from(""),
             user: Arc::from(""),
@@ -276,66 +282,77 @@ impl Group {
         });
         let size = body.size();
         if !self.has_room(size) {
-            return;
+            return None;
         }
         self.lost = None;
         let seq = self.next_seq;
         self.next_seq += 1;
         self.insert(seq, body, size);
+        Some(seq)
     }
 
-    /// Sends pending events, in order, to members with room.
+    /// Sends pending events, in order, to members with room (after acks, joins and leaves:
+    /// what frees room).
     fn pump(&mut self, now: Instant) -> Out {
         let mut out = Vec::new();
         let mut blocked: HashSet<Arc<str>> = HashSet::new();
-        let mut sent = Vec::new();
-        for &seq in &self.pending {
+        let pending: Vec<u64> = self.pending.iter().copied().collect();
+        for seq in pending {
             if !self.members.values().any(|m| m.room() > 0) {
                 break;
             }
-            let entry = self
-                .buffer
-                .get_mut(&seq)
-                .expect("pending events are buffered");
-            let client = &entry.body.client;
-            let target = if client.is_empty() {
-                self.members
-                    .iter()
-                    .max_by_key(|(_, m)| m.room())
-                    .map(|(id, _)| *id)
-            } else if blocked.contains(client) {
-                None
-            } else if let Some((m, _)) = self.affinity.get(client) {
-                // Behind its earlier events, on the member that holds them.
-                if self.members[m].room() > 0 {
-                    Some(*m)
-                } else {
-                    blocked.insert(client.clone());
-                    None
-                }
-            } else {
-                self.members
-                    .iter()
-                    .filter(|(_, m)| m.room() > 0)
-                    .max_by_key(|(id, _)| score(client, **id))
-                    .map(|(id, _)| *id)
-            };
-            let Some(target) = target else { continue };
-            entry.sent = Some((target, now));
-            self.members
-                .get_mut(&target)
-                .expect("chosen among members")
-                .in_flight += 1;
-            if !client.is_empty() {
-                self.affinity.entry(client.clone()).or_insert((target, 0)).1 += 1;
-            }
-            out.push((target, event(seq, entry)));
-            sent.push(seq);
-        }
-        for seq in sent {
-            self.pending.remove(&seq);
+            out.extend(self.place(seq, now, &mut blocked));
         }
         out
+    }
+
+    /// Sends one pending event if a member can take it; a client whose event waits is added
+    /// to `blocked`, so its later events wait too.
+    fn place(
+        &mut self,
+        seq: u64,
+        now: Instant,
+        blocked: &mut HashSet<Arc<str>>,
+    ) -> Option<(MemberId, pb::Event)> {
+        let entry = self
+            .buffer
+            .get_mut(&seq)
+            .expect("pending events are buffered");
+        let client = entry.body.client.clone();
+        let target = if client.is_empty() {
+            self.members
+                .iter()
+                .filter(|(_, m)| m.room() > 0)
+                .max_by_key(|(_, m)| m.room())
+                .map(|(id, _)| *id)
+        } else if blocked.contains(&client) {
+            None
+        } else if let Some((m, _)) = self.affinity.get(&client) {
+            // Behind its earlier events, on the member that holds them.
+            Some(*m).filter(|m| self.members[m].room() > 0)
+        } else {
+            self.members
+                .iter()
+                .filter(|(_, m)| m.room() > 0)
+                .max_by_key(|(id, _)| score(&client, **id))
+                .map(|(id, _)| *id)
+        };
+        let Some(target) = target else {
+            if !client.is_empty() {
+                blocked.insert(client);
+            }
+            return None;
+        };
+        entry.sent = Some((target, now));
+        self.members
+            .get_mut(&target)
+            .expect("chosen among members")
+            .in_flight += 1;
+        if !client.is_empty() {
+            self.affinity.entry(client).or_insert((target, 0)).1 += 1;
+        }
+        self.pending.remove(&seq);
+        Some((target, event(seq, entry)))
     }
 }
 

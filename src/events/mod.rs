@@ -4,14 +4,21 @@
 //! The hub emits connect, disconnect, subscribe and unsubscribe under its own lock, so a
 //! client's events are numbered in the order its state changed; the session emits client
 //! publishes and rpcs. [`Events::emit`] never waits: each group (`group::Group`, pure)
-//! buffers the event and says which member gets it, and the member's bounded channel (room
-//! for its window, so `try_send` cannot fail while the member is reading) carries it to
-//! its gRPC stream. `grpc::events` is the thin shell on the wire.
+//! buffers the event and says which member gets it, and the member's bounded channel carries
+//! it to its gRPC stream. The channel has room for the member's window, and a member never
+//! holds more than its window, so `try_send` fails only when the stream is gone; rpcs travel
+//! on a second channel of their own, so they can never take the events' room. A member
+//! that is removed stops at once: its [`Signal`] makes its stream end (with the reason)
+//! instead of handing out events already given to another member. `grpc::events` is the
+//! thin shell on the wire.
 
 mod group;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,8 +30,34 @@ pub use group::{Body, MemberId};
 use crate::config::Config;
 use crate::pb;
 
-/// What a member's stream carries: a response, or why the member was dropped.
-pub type Outgoing = Result<pb::EventsResponse, EventsError>;
+/// Set when a member is removed: its stream yields the reason (if any) and ends.
+#[derive(Default)]
+pub struct Signal {
+    gone: AtomicBool,
+    reason: Mutex<Option<EventsError>>,
+}
+
+impl Signal {
+    fn set(&self, reason: Option<EventsError>) {
+        *self.reason.lock().expect("signal lock") = reason;
+        self.gone.store(true, Release);
+    }
+
+    /// None while the member is in its group; Some(reason) once removed (the reason once).
+    pub fn gone(&self) -> Option<Option<EventsError>> {
+        if !self.gone.load(Acquire) {
+            return None;
+        }
+        Some(self.reason.lock().expect("signal lock").take())
+    }
+}
+
+/// What the member's stream reads: its events, its rpcs, and whether it was removed.
+pub struct Receivers {
+    pub events: mpsc::Receiver<pb::EventsResponse>,
+    pub rpcs: mpsc::Receiver<pb::EventsResponse>,
+    pub signal: Arc<Signal>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventsError {
@@ -38,6 +71,8 @@ pub enum EventsError {
     AckTimeout(Duration),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("too many event groups (events_max_groups is {0})")]
+    TooManyGroups(usize),
 }
 
 /// How a backend answered an rpc.
@@ -59,7 +94,7 @@ pub enum RpcError {
     NoBackend(String),
 }
 
-/// Responses a member's channel holds beyond its window: the joined message and rpcs.
+/// Rpcs a member's rpc channel holds; a member whose rpc channel is full is skipped.
 const RPC_SLOTS: usize = 64;
 
 const MAX_GROUP_NAME: usize = 128;
@@ -75,6 +110,7 @@ struct Inner {
     wanted: AtomicU32,
     limits: Limits,
     window: usize,
+    max_groups: usize,
     node_id: Arc<str>,
     /// Woken by every acknowledgement, for the drain at shutdown.
     acked: Notify,
@@ -91,7 +127,17 @@ struct State {
 
 struct MemberHandle {
     group: String,
-    tx: mpsc::Sender<Outgoing>,
+    /// Room for the joined message and the member's window.
+    events: mpsc::Sender<pb::EventsResponse>,
+    rpcs: mpsc::Sender<pb::EventsResponse>,
+    signal: Arc<Signal>,
+}
+
+impl MemberHandle {
+    /// Ends the member's stream with `reason` (or a clean end), even with events queued.
+    fn stop(self, reason: Option<EventsError>) {
+        self.signal.set(reason);
+    }
 }
 
 struct PendingRpc {
@@ -152,6 +198,7 @@ impl Events {
                     ttl: config.events_group_ttl,
                 },
                 window: config.events_window,
+                max_groups: config.events_max_groups,
                 node_id,
                 acked: Notify::new(),
             }),
@@ -187,21 +234,29 @@ impl Events {
                 out.extend(group.push(body.clone(), now));
             }
         }
-        deliver(&mut state, out, now);
+        if deliver(&mut state, out, now) {
+            drop(state);
+            self.inner.acked.notify_waiters();
+        }
     }
 
     /// Adds a member to its group (created if new). The receiver yields `joined` first, then
     /// the group's events; it ends when the member is dropped or the server shuts down.
-    pub fn join(&self, join: Join) -> Result<(MemberId, mpsc::Receiver<Outgoing>), EventsError> {
+    pub fn join(&self, join: Join) -> Result<(MemberId, Receivers), EventsError> {
         let window = match join.window {
             0 => self.inner.window,
             w => w.min(self.inner.window),
         };
-        let (tx, rx) = mpsc::channel(window + RPC_SLOTS);
+        let (events_tx, events) = mpsc::channel(window + 1);
+        let (rpcs_tx, rpcs) = mpsc::channel(RPC_SLOTS);
+        let signal = Arc::new(Signal::default());
         let now = Instant::now();
         let mut state = self.lock();
         if state.closed {
             return Err(EventsError::ShuttingDown);
+        }
+        if !state.groups.contains_key(&join.group) && state.groups.len() >= self.inner.max_groups {
+            return Err(EventsError::TooManyGroups(self.inner.max_groups));
         }
         state.next_member += 1;
         let id = state.next_member;
@@ -221,19 +276,28 @@ impl Events {
                 node_id: self.inner.node_id.to_string(),
             })),
         };
-        tx.try_send(Ok(joined)).expect("a new channel has room");
+        events_tx.try_send(joined).expect("a new channel has room");
         let out = group.join(id, window, join.kinds, join.rpc_methods, now);
         state.members.insert(
             id,
             MemberHandle {
                 group: join.group,
-                tx,
+                events: events_tx,
+                rpcs: rpcs_tx,
+                signal: signal.clone(),
             },
         );
         self.update_wanted(&state);
         deliver(&mut state, out, now);
         tracing::info!(member = id, "event stream member joined");
-        Ok((id, rx))
+        Ok((
+            id,
+            Receivers {
+                events,
+                rpcs,
+                signal,
+            },
+        ))
     }
 
     /// Acknowledges events of the member's group.
@@ -256,7 +320,7 @@ impl Events {
     pub fn leave(&self, member: MemberId) {
         let now = Instant::now();
         let mut state = self.lock();
-        remove_member(&mut state, member, now);
+        remove_member(&mut state, member, None, now);
         drop(state);
         self.inner.acked.notify_waiters();
     }
@@ -265,10 +329,9 @@ impl Events {
     pub fn evict(&self, member: MemberId, error: EventsError) {
         let now = Instant::now();
         let mut state = self.lock();
-        if let Some(handle) = state.members.get(&member) {
-            let _ = handle.tx.try_send(Err(error));
-        }
-        remove_member(&mut state, member, now);
+        remove_member(&mut state, member, Some(error), now);
+        drop(state);
+        self.inner.acked.notify_waiters();
     }
 
     /// Drops members holding an event longer than events_ack_timeout, and forgets groups
@@ -276,6 +339,7 @@ impl Events {
     pub fn sweep(&self, now: Instant) {
         let mut state = self.lock();
         let overdue: Vec<MemberId> = state.groups.values().flat_map(|g| g.overdue(now)).collect();
+        let dropped = !overdue.is_empty();
         for member in overdue {
             if let Some(handle) = state.members.get(&member) {
                 tracing::warn!(
@@ -283,10 +347,9 @@ impl Events {
                     group = %handle.group,
                     "event stream member dropped: no ack within events_ack_timeout"
                 );
-                let error = EventsError::AckTimeout(self.inner.limits.ack_timeout);
-                let _ = handle.tx.try_send(Err(error));
             }
-            remove_member(&mut state, member, now);
+            let error = EventsError::AckTimeout(self.inner.limits.ack_timeout);
+            remove_member(&mut state, member, Some(error), now);
         }
         let before = state.groups.len();
         state.groups.retain(|name, g| {
@@ -298,6 +361,10 @@ impl Events {
         });
         if state.groups.len() != before {
             self.update_wanted(&state);
+        }
+        drop(state);
+        if dropped {
+            self.inner.acked.notify_waiters();
         }
     }
 
@@ -358,8 +425,8 @@ impl Events {
             let Some(handle) = state.members.get(&member) else {
                 continue;
             };
-            // A member whose channel is full is not reading: try the next one.
-            if handle.tx.try_send(Ok(response.clone())).is_ok() {
+            // A member whose rpc channel is full is not reading: try the next one.
+            if handle.rpcs.try_send(response.clone()).is_ok() {
                 let (answer, rx) = oneshot::channel();
                 state
                     .rpcs
@@ -409,8 +476,10 @@ impl Events {
         let mut state = self.lock();
         state.closed = true;
         for (_, handle) in state.members.drain() {
-            let _ = handle.tx.try_send(Err(EventsError::ShuttingDown));
+            handle.stop(Some(EventsError::ShuttingDown));
         }
+        state.groups.clear();
+        self.update_wanted(&state);
         for (_, rpc) in state.rpcs.drain() {
             let _ = rpc.answer.send(RpcAnswer::Gone);
         }
@@ -423,41 +492,53 @@ impl Events {
 }
 
 /// Sends each event to its member; a member whose stream is gone leaves, and its events go
-/// to the others.
-fn deliver(state: &mut State, mut out: group::Out, now: Instant) {
+/// to the others. True when a member was removed.
+fn deliver(state: &mut State, mut out: group::Out, now: Instant) -> bool {
+    let mut removed = false;
     while !out.is_empty() {
-        let mut gone = Vec::new();
+        let mut gone: Vec<MemberId> = Vec::new();
         for (member, event) in out.drain(..) {
+            if gone.contains(&member) {
+                continue;
+            }
             let Some(handle) = state.members.get(&member) else {
                 continue;
             };
             let response = pb::EventsResponse {
                 response: Some(pb::events_response::Response::Event(event)),
             };
-            // The channel has room for the member's window: full means it is not reading.
-            if handle.tx.try_send(Ok(response)).is_err() {
+            // The channel has room for the member's window: this fails only when the
+            // member's stream is gone.
+            if handle.events.try_send(response).is_err() {
                 gone.push(member);
             }
         }
-        gone.sort_unstable();
-        gone.dedup();
         for member in gone {
-            out.extend(take_member(state, member, now));
+            removed = true;
+            out.extend(take_member(state, member, None, now));
         }
     }
+    removed
 }
 
-fn remove_member(state: &mut State, member: MemberId, now: Instant) {
-    let out = take_member(state, member, now);
+fn remove_member(state: &mut State, member: MemberId, reason: Option<EventsError>, now: Instant) {
+    let out = take_member(state, member, reason, now);
     deliver(state, out, now);
 }
 
-/// Removes a member: its rpcs fail at once, its events go back to the group.
-fn take_member(state: &mut State, member: MemberId, now: Instant) -> group::Out {
+/// Removes a member: its stream ends, its rpcs fail at once, its events go back to the group.
+fn take_member(
+    state: &mut State,
+    member: MemberId,
+    reason: Option<EventsError>,
+    now: Instant,
+) -> group::Out {
     let Some(handle) = state.members.remove(&member) else {
         return Vec::new();
     };
     tracing::info!(member, group = %handle.group, "event stream member left");
+    let group = handle.group.clone();
+    handle.stop(reason);
     let rpcs: Vec<String> = state
         .rpcs
         .iter()
@@ -469,7 +550,7 @@ fn take_member(state: &mut State, member: MemberId, now: Instant) -> group::Out 
             let _ = p.answer.send(RpcAnswer::Gone);
         }
     }
-    match state.groups.get_mut(&handle.group) {
+    match state.groups.get_mut(&group) {
         Some(group) => group.leave(member, now),
         None => Vec::new(),
     }

@@ -70,6 +70,7 @@ impl From<ApiError> for Status {
             ) => Code::InvalidArgument,
             ApiError::Events(EventsError::AckTimeout(_)) => Code::Aborted,
             ApiError::Events(EventsError::ShuttingDown) => Code::Unavailable,
+            ApiError::Events(EventsError::TooManyGroups(_)) => Code::ResourceExhausted,
             ApiError::Stream(_) => Code::Cancelled,
             ApiError::UnknownRpc(_) => Code::NotFound,
             ApiError::PageTooLarge(_) => Code::ResourceExhausted,

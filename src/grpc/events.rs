@@ -6,12 +6,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
-use crate::events::{Events, EventsError, Join, MemberId, Outgoing};
+use crate::events::{Events, EventsError, Join, MemberId, Receivers};
 use crate::pb;
 use crate::pb::events_request::Request;
 
@@ -36,14 +35,15 @@ pub async fn open(
         Some(Request::Join(join)) => Join::from_request(join)?,
         _ => return Err(EventsError::JoinFirst.into()),
     };
-    let (member, rx) = events.join(join)?;
+    let (member, receivers) = events.join(join)?;
     let stop = CancellationToken::new();
     tokio::spawn(read_acks(events.clone(), member, inbound, stop.clone()));
     Ok(Box::pin(MemberStream {
-        inner: ReceiverStream::new(rx),
+        receivers,
         events,
         member,
         stop,
+        ended: false,
     }))
 }
 
@@ -76,21 +76,41 @@ async fn read_acks(
     events.leave(member);
 }
 
-/// The member's responses; dropping it (the backend went away) leaves the group.
+/// The member's responses: events first, then rpcs. Once the member is removed from its
+/// group it yields the reason (if any) and ends, whatever is still queued; dropping it (the
+/// backend went away) leaves the group.
 struct MemberStream {
-    inner: ReceiverStream<Outgoing>,
+    receivers: Receivers,
     events: Events,
     member: MemberId,
     stop: CancellationToken,
+    ended: bool,
 }
 
 impl Stream for MemberStream {
     type Item = Result<pb::EventsResponse, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Pin::new(&mut self.inner)
-            .poll_next(cx)
-            .map(|item| item.map(|r| r.map_err(|e| ApiError::from(e).into())))
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(reason) = self.receivers.signal.gone() {
+            self.ended = true;
+            return Poll::Ready(reason.map(|e| Err(ApiError::from(e).into())));
+        }
+        // Removal drops the senders, which wakes this stream to see the signal.
+        match self.receivers.events.poll_recv(cx) {
+            Poll::Ready(Some(response)) => return Poll::Ready(Some(Ok(response))),
+            Poll::Ready(None) => {
+                self.ended = true;
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+        self.receivers
+            .rpcs
+            .poll_recv(cx)
+            .map(|response| response.map(Ok))
     }
 }
 

@@ -39,6 +39,10 @@ pub enum HubError {
     UnknownClient,
 }
 
+/// The unsubscribe event's code when a subscription announced by a subscribe event failed
+/// after all (the channel reached max_subscribers meanwhile).
+pub const UNSUB_CHANNEL_FULL: u32 = 2002;
+
 /// Who made a subscription: it decides whether a token refresh can revoke it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
@@ -247,12 +251,34 @@ impl Hub {
             if client.subs.len() >= max_subscriptions {
                 return Err(HubError::TooManySubscriptions(max_subscriptions));
             }
-            client.subs.insert(name.clone(), origin);
             let subscriber = Subscriber {
                 outbox: client.outbox.clone(),
                 user: client.user.clone(),
                 info: client.info.clone(),
             };
+            // Checked here too (the channel lock under the global one is the lock order), so
+            // that a full channel refuses before the subscription is announced.
+            if let Some(channel) = state.channels.get(&name) {
+                let max = channel.options.max_subscribers;
+                if max > 0 && channel.lock().subscribers.len() >= max {
+                    return Err(HubError::ChannelFull(max));
+                }
+            }
+            let client = state.clients.get_mut(&id).expect("present");
+            client.subs.insert(name.clone(), origin);
+            // Announced with the reservation, under the write lock: before the client can see
+            // `first` and act on it, and before its disconnect.
+            if self.shared.events.wants(pb::EventKind::Subscribe) {
+                let subscribe = pb::SubscribeEvent {
+                    channel: name.to_string(),
+                    server_side: origin == Origin::Server,
+                };
+                self.shared.events.emit(
+                    &id,
+                    &subscriber.user,
+                    pb::event::Kind::Subscribe(subscribe),
+                );
+            }
             (id, subscriber)
         };
         let user = subscriber.user.clone();
@@ -274,8 +300,22 @@ impl Hub {
             if max > 0 && ch.subscribers.len() >= max {
                 drop(ch);
                 self.remove_if_empty(&channel);
+                // The channel filled up after the check above: the announced subscription
+                // is withdrawn.
                 if let Some(client) = self.write().clients.get_mut(&id) {
-                    client.subs.remove(&name);
+                    if client.subs.remove(&name).is_some()
+                        && self.shared.events.wants(pb::EventKind::Unsubscribe)
+                    {
+                        let unsubscribe = pb::UnsubscribeEvent {
+                            channel: name.to_string(),
+                            code: UNSUB_CHANNEL_FULL,
+                        };
+                        self.shared.events.emit(
+                            &id,
+                            &user,
+                            pb::event::Kind::Unsubscribe(unsubscribe),
+                        );
+                    }
                 }
                 return Err(HubError::ChannelFull(max));
             }
@@ -295,22 +335,9 @@ impl Hub {
             break (channel.clone(), outbox);
         };
         // The connection may have gone, or unsubscribed, while the channel lock was taken.
-        let (present, still) = {
-            let state = self.read();
-            let (present, still) = match state.clients.get(&id) {
-                Some(client) => (true, client.subs.contains_key(&name)),
-                None => (false, false),
-            };
-            if still && self.shared.events.wants(pb::EventKind::Subscribe) {
-                let subscribe = pb::SubscribeEvent {
-                    channel: name.to_string(),
-                    server_side: origin == Origin::Server,
-                };
-                self.shared
-                    .events
-                    .emit(&id, &user, pb::event::Kind::Subscribe(subscribe));
-            }
-            (present, still)
+        let (present, still) = match self.read().clients.get(&id) {
+            Some(client) => (true, client.subs.contains_key(&name)),
+            None => (false, false),
         };
         if !still {
             self.detach(&id, &channel);

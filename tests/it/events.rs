@@ -797,6 +797,14 @@ async fn event_stream_bad_input_is_refused_with_invalid_argument() {
     }
     let status = open(&server, unknown).await.expect_err("refused");
     assert_eq!(status.code(), Code::InvalidArgument);
+    // One group more than events_max_groups.
+    let small = TestServer::start(&[("events_max_groups", "1")]).await;
+    let _first = Member::join(&small, "one", LIFECYCLE, 0).await;
+    let status = open(&small, join_request("two", LIFECYCLE, 0, &[]))
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let _again = Member::join(&small, "one", LIFECYCLE, 0).await;
     // A second join on an open stream ends it.
     let mut member = Member::join(&server, "g", LIFECYCLE, 0).await;
     member

@@ -10,6 +10,7 @@
 //! It runs on one thread (pin it to its own core with taskset). One process holds at most
 //! ~20,000 sockets here, which covers every scenario of BENCHMARKS.md.
 
+mod events;
 mod fleet;
 mod probe;
 mod publisher;
@@ -135,6 +136,14 @@ enum Scenario {
         #[arg(long, default_value_t = 1000)]
         pad: usize,
     },
+    /// S6 events: connection churn without, then with, a backend event group acknowledging.
+    S6 {
+        /// Connect-and-drop loops running at once.
+        #[arg(long, default_value_t = 32)]
+        parallel: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -160,6 +169,7 @@ fn main() -> anyhow::Result<()> {
             sink,
             server_pid: cli.server_pid.map(|p| p.to_string()),
             peer: cli.peer,
+            grpc: cli.grpc,
         };
         match cli.scenario {
             Scenario::Smoke {
@@ -194,6 +204,7 @@ fn main() -> anyhow::Result<()> {
                 seconds,
                 pad,
             } => scenario::s5(&ctx, subscribers, slow_percent, rate, seconds, pad).await,
+            Scenario::S6 { parallel, seconds } => events::s6(&ctx, parallel, seconds).await,
         }
     })
 }

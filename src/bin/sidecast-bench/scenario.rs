@@ -21,6 +21,8 @@ pub struct Ctx {
     pub sink: Sink,
     pub server_pid: Option<String>,
     pub peer: String,
+    /// sidecast's control API address (for the event stream).
+    pub grpc: String,
 }
 
 /// How many connection setups run at once.
