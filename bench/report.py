@@ -90,6 +90,16 @@ def main(path):
                          f"{r['idle_server_cpu_pct']:.2f}%"])
         print(table(rows, ["server", "connections", "RSS B/conn upgraded", "authenticated", "subscribed",
                            "after 60 s", "kernel slab B/conn (both ends)", "idle CPU"]))
+    s6 = [r for r in runs if r.get("scenario") == "s6"]
+    if s6:
+        print("\n### s6 events (pinned)\n")
+        print(table([[r["peer"], r["window"], f"{r['rate']:g}", f"{r['cycles_per_sec']:,.0f}",
+                      f"{r['events_per_sec']:,.0f}", f"{r['server_cpu_s_per_1k_cycles']:.3f}",
+                      f"{r['generator_cpu'] * 100:.0f}%",
+                      "ok" if r["complete"] and not r["gaps"] else "events lost",
+                      r["verdict"]] for r in s6],
+                    ["server", "window", "cycles/s offered", "cycles/s", "events/s", "CPU-s / 1k cycles",
+                     "generator CPU", "events", "verdict"]))
     s5 = [r for r in runs if r.get("scenario") == "s5"]
     if s5:
         print("\n### s5 memory\n")

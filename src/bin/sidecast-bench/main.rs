@@ -138,9 +138,9 @@ enum Scenario {
     },
     /// S6 events: connection churn without, then with, a backend event group acknowledging.
     S6 {
-        /// Connect-and-drop loops running at once.
-        #[arg(long, default_value_t = 32)]
-        parallel: usize,
+        /// Connect-and-drop cycles started per second.
+        #[arg(long, default_value_t = 2000.0)]
+        rate: f64,
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
     },
@@ -204,7 +204,7 @@ fn main() -> anyhow::Result<()> {
                 seconds,
                 pad,
             } => scenario::s5(&ctx, subscribers, slow_percent, rate, seconds, pad).await,
-            Scenario::S6 { parallel, seconds } => events::s6(&ctx, parallel, seconds).await,
+            Scenario::S6 { rate, seconds } => events::s6(&ctx, rate, seconds).await,
         }
     })
 }
