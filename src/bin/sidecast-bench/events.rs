@@ -41,7 +41,13 @@ pub async fn s6(ctx: &Ctx, rate: f64, secs: f64) -> anyhow::Result<()> {
         // The previous window's sockets are all closed on the server first: a group joined
         // while they close would see disconnects of connections it never saw connect.
         let mut control = pb::control_client::ControlClient::connect(ctx.grpc.clone()).await?;
-        while control.info(pb::InfoRequest {}).await?.into_inner().connections > 0 {
+        while control
+            .info(pb::InfoRequest {})
+            .await?
+            .into_inner()
+            .connections
+            > 0
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let member_stop = CancellationToken::new();
