@@ -100,33 +100,19 @@ pub async fn run(
     ));
     let grpc_stop = CancellationToken::new();
     let grpc = servers.spawn(grpc::serve(listeners.grpc, node.clone(), grpc_stop.clone()));
-    // Expired history positions and idempotency keys are forgotten in the background.
+    // Expired history positions and idempotency keys are forgotten in the background; event
+    // members past events_ack_timeout are dropped, groups past events_group_ttl forgotten.
     let sweep_stop = CancellationToken::new();
-    {
-        let (broker, stop) = (node.broker.clone(), sweep_stop.clone());
-        servers.spawn(async move {
-            let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => broker.sweep(),
-                }
-            }
-        });
-    }
-    // Event members past events_ack_timeout are dropped, groups past events_group_ttl forgotten.
-    {
-        let (events, stop) = (node.events.clone(), sweep_stop.clone());
-        servers.spawn(async move {
-            let mut tick = tokio::time::interval(EVENTS_SWEEP_INTERVAL);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => events.sweep(std::time::Instant::now()),
-                }
-            }
-        });
-    }
+    let broker = node.broker.clone();
+    servers.spawn(every(SWEEP_INTERVAL, sweep_stop.clone(), move || {
+        broker.sweep()
+    }));
+    let events = node.events.clone();
+    servers.spawn(every(
+        EVENTS_SWEEP_INTERVAL,
+        sweep_stop.clone(),
+        move || events.sweep(std::time::Instant::now()),
+    ));
     let admin_stop = CancellationToken::new();
     servers.spawn(admin::serve(
         listeners.admin,
@@ -186,6 +172,17 @@ pub async fn run(
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Runs `task` every `period` until `stop`.
+async fn every(period: std::time::Duration, stop: CancellationToken, task: impl Fn()) {
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => task(),
+        }
     }
 }
 
