@@ -99,7 +99,13 @@ pub async fn run(
         stop_accepting.clone(),
     ));
     let grpc_stop = CancellationToken::new();
-    let grpc = servers.spawn(grpc::serve(listeners.grpc, node.clone(), grpc_stop.clone()));
+    let (mut grpc_health, health_service) = grpc::health().await;
+    let grpc = servers.spawn(grpc::serve(
+        listeners.grpc,
+        node.clone(),
+        health_service,
+        grpc_stop.clone(),
+    ));
     // Expired history positions and idempotency keys are forgotten in the background; event
     // members past events_ack_timeout are dropped, groups past events_group_ttl forgotten.
     let sweep_stop = CancellationToken::new();
@@ -141,6 +147,7 @@ pub async fn run(
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
     tracing::info!("draining");
     health.set_draining();
+    grpc_health.set_draining().await;
     stop_accepting.cancel();
     sessions.shutdown.cancel();
     sessions.tracker.close();
@@ -158,6 +165,7 @@ pub async fn run(
         tracing::warn!("events still unacknowledged at shutdown_timeout");
     }
     node.events.close();
+    grpc_health.close().await;
     grpc_stop.cancel();
     sweep_stop.cancel();
     admin_stop.cancel();

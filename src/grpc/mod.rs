@@ -1,7 +1,9 @@
 //! The control API listener: the tonic server for `sidecast.v1.Control`.
 //!
 //! `lib::run` calls [`serve`]; requests go through the API-key check, then to
-//! `service::ControlService`; errors reach the wire only through `error::ApiError`.
+//! `service::ControlService`; errors reach the wire only through `error::ApiError`. The same
+//! listener serves gRPC health checking (grpc.health.v1, open) and server reflection (v1 and
+//! v1alpha, behind the API key), so grpcurl, grpcui and health probes work without the proto.
 
 mod error;
 mod events;
@@ -10,7 +12,11 @@ mod service;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 
 use crate::node::Node;
 use crate::pb::control_server::ControlServer;
@@ -18,14 +24,87 @@ use crate::pb::control_server::ControlServer;
 pub use error::ApiError;
 use service::ControlService;
 
-/// Serves until `stop` is cancelled, letting calls in flight finish.
+/// The encoded descriptors of proto/, served by reflection.
+const DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("sidecast_descriptor");
+
+/// gRPC health (grpc.health.v1): SERVING for "" and `sidecast.v1.Control` while the node
+/// serves, NOT_SERVING once it drains.
+#[derive(Clone)]
+pub struct GrpcHealth {
+    reporter: HealthReporter,
+}
+
+impl GrpcHealth {
+    fn new(reporter: HealthReporter) -> GrpcHealth {
+        GrpcHealth { reporter }
+    }
+
+    /// The node is draining: health checks answer NOT_SERVING.
+    pub async fn set_draining(&self) {
+        for name in ["", CONTROL] {
+            self.reporter
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+    }
+
+    /// Ends the health Watch streams, which would otherwise keep the server from stopping.
+    pub async fn close(&mut self) {
+        for name in ["", CONTROL] {
+            self.reporter.clear_service_status(name).await;
+        }
+    }
+}
+
+const CONTROL: &str = "sidecast.v1.Control";
+
+/// Binds the health service; `serve` then runs the listener with it.
+pub async fn health() -> (GrpcHealth, HealthServer<impl Health>) {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(CONTROL, ServingStatus::Serving)
+        .await;
+    (GrpcHealth::new(reporter), service)
+}
+
+/// Serves until `stop` is cancelled, letting calls in flight finish. The control service and
+/// reflection need the API key when one is configured; health checks never do, so that
+/// probes work without it.
 pub async fn serve(
     listener: TcpListener,
     node: Node,
+    health: HealthServer<impl Health>,
     stop: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let key: Option<std::sync::Arc<str>> = node.config.api_key.as_ref().map(|k| k.expose().into());
-    let check = move |request: Request<()>| -> Result<Request<()>, Status> {
+    let check = api_key_check(key);
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the build's descriptors are valid");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("the build's descriptors are valid");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(InterceptedService::new(reflection_v1, check.clone()))
+        .add_service(InterceptedService::new(reflection_v1alpha, check.clone()))
+        .add_service(ControlServer::with_interceptor(
+            ControlService::new(node),
+            check,
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
+        .await
+}
+
+/// The API key check: `authorization: Bearer <key>` when a key is configured.
+fn api_key_check(
+    key: Option<std::sync::Arc<str>>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request: Request<()>| -> Result<Request<()>, Status> {
         let Some(key) = &key else { return Ok(request) };
         let given = request
             .metadata()
@@ -40,14 +119,7 @@ pub async fn serve(
                 "missing or wrong API key (authorization: Bearer <key>)",
             ))
         }
-    };
-    tonic::transport::Server::builder()
-        .add_service(ControlServer::with_interceptor(
-            ControlService::new(node),
-            check,
-        ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
-        .await
+    }
 }
 
 /// Compares without an early exit, so the key cannot be guessed byte by byte from timing.

@@ -9,6 +9,7 @@ mod control;
 mod events;
 mod history;
 mod jose;
+mod ops;
 mod pubsub;
 mod python;
 mod support;

@@ -1,0 +1,140 @@
+//! Operations: gRPC health checking and server reflection through real clients (the
+//! tonic-health and tonic-reflection generated clients).
+
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1 as reflection;
+use tonic_reflection::pb::v1alpha as reflection_alpha;
+
+use crate::support::{TestServer, PATIENCE};
+
+async fn channel(server: &TestServer) -> Channel {
+    Channel::from_shared(server.grpc_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn check(service: &str) -> HealthCheckRequest {
+    HealthCheckRequest {
+        service: service.into(),
+    }
+}
+
+#[tokio::test]
+async fn health_is_open_even_with_an_api_key_and_turns_not_serving_on_drain() {
+    let server = TestServer::start(&[("api_key", "k3y")]).await;
+    let mut health = HealthClient::new(channel(&server).await);
+    for service in ["", "sidecast.v1.Control"] {
+        let status = health.check(check(service)).await.unwrap().into_inner();
+        assert_eq!(status.status(), ServingStatus::Serving, "{service:?}");
+    }
+    let unknown = health.check(check("nope.Service")).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    // A watcher sees the drain, then its stream ends so the server can stop.
+    let mut watch = health.watch(check("")).await.unwrap().into_inner();
+    let first = watch.next().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    let stop = tokio::spawn(server.stop());
+    let next = tokio::time::timeout(PATIENCE, watch.next())
+        .await
+        .expect("a status in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    loop {
+        match tokio::time::timeout(PATIENCE, watch.next()).await {
+            Ok(Some(Ok(_))) => continue,
+            Ok(_) => break,
+            Err(_) => panic!("the watch stream did not end"),
+        }
+    }
+    tokio::time::timeout(PATIENCE, stop)
+        .await
+        .expect("the node stops")
+        .unwrap();
+}
+
+async fn list_v1(server: &TestServer, key: Option<&str>) -> Result<Vec<String>, tonic::Status> {
+    let mut client =
+        reflection::server_reflection_client::ServerReflectionClient::new(channel(server).await);
+    let request = reflection::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            reflection::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut call = tonic::Request::new(tokio_stream::iter([request]));
+    if let Some(key) = key {
+        call.metadata_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    }
+    let mut responses = client.server_reflection_info(call).await?.into_inner();
+    let response = responses.next().await.expect("a response")?;
+    match response.message_response {
+        Some(reflection::server_reflection_response::MessageResponse::ListServicesResponse(l)) => {
+            Ok(l.service.into_iter().map(|s| s.name).collect())
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reflection_lists_the_services_and_describes_control() {
+    let server = TestServer::start(&[]).await;
+    let services = list_v1(&server, None).await.unwrap();
+    for want in [
+        "sidecast.v1.Control",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(services.iter().any(|s| s == want), "{want} in {services:?}");
+    }
+    // v1alpha, for older grpcurl: the file that declares Control.
+    let mut client = reflection_alpha::server_reflection_client::ServerReflectionClient::new(
+        channel(&server).await,
+    );
+    let request = reflection_alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            reflection_alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "sidecast.v1.Control".into(),
+            ),
+        ),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    let Some(
+        reflection_alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(
+            files,
+        ),
+    ) = response.message_response
+    else {
+        panic!("expected a file descriptor");
+    };
+    let file: tonic_reflection::pb::v1alpha::FileDescriptorResponse = files;
+    let text = String::from_utf8_lossy(&file.file_descriptor_proto[0]).to_string();
+    assert!(text.contains("sidecast/v1/control.proto"), "{text}");
+    assert!(text.contains("Publish"));
+}
+
+#[tokio::test]
+async fn reflection_needs_the_api_key_when_one_is_set() {
+    let server = TestServer::start(&[("api_key", "k3y")]).await;
+    let refused = list_v1(&server, None).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let wrong = list_v1(&server, Some("nope")).await.unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    let services = list_v1(&server, Some("k3y")).await.unwrap();
+    assert!(services.iter().any(|s| s == "sidecast.v1.Control"));
+}
