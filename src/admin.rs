@@ -1,8 +1,9 @@
-//! The admin listener: liveness and readiness for probes.
+//! The admin listener: liveness and readiness for probes, and Prometheus metrics.
 //!
 //! `GET /healthz` answers 200 while the process serves. `GET /readyz` answers 200 while the
 //! node accepts connections and 503 once it drains, so a load balancer stops sending new
-//! clients before the WebSockets are closed.
+//! clients before the WebSockets are closed. `GET /metrics` is the Prometheus text format
+//! (docs/operations.md names every metric).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +15,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Gauges;
+use crate::node::Node;
 
 /// Whether this node takes new work.
 #[derive(Default)]
@@ -30,7 +34,12 @@ impl Health {
     }
 }
 
-pub async fn serve(listener: TcpListener, health: Arc<Health>, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    health: Arc<Health>,
+    node: Node,
+    stop: CancellationToken,
+) {
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -43,12 +52,12 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, stop: Cancellatio
                 }
             },
         };
-        let health = health.clone();
+        let (health, node) = (health.clone(), node.clone());
         let stop = stop.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let health = health.clone();
-                async move { Ok::<_, Infallible>(route(&req, &health)) }
+                let (health, node) = (health.clone(), node.clone());
+                async move { Ok::<_, Infallible>(route(&req, &health, &node)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -62,14 +71,40 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, stop: Cancellatio
     }
 }
 
-fn route<B>(req: &Request<B>, health: &Health) -> Response<Full<Bytes>> {
+fn route<B>(req: &Request<B>, health: &Health, node: &Node) -> Response<Full<Bytes>> {
     let (status, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => (StatusCode::OK, "ok"),
-        (&Method::GET, "/readyz") if health.is_ready() => (StatusCode::OK, "ready"),
-        (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
-        _ => (StatusCode::NOT_FOUND, "not found"),
+        (&Method::GET, "/healthz") => (StatusCode::OK, "ok\n".to_string()),
+        (&Method::GET, "/readyz") if health.is_ready() => (StatusCode::OK, "ready\n".into()),
+        (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()),
+        (&Method::GET, "/metrics") => {
+            let mut response = Response::new(Full::new(Bytes::from(metrics(health, node))));
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            return response;
+        }
+        _ => (StatusCode::NOT_FOUND, "not found\n".into()),
     };
-    let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response
+}
+
+fn metrics(health: &Health, node: &Node) -> String {
+    let counts = node.hub.counts();
+    let events = node.events.stats();
+    node.metrics.render(&Gauges {
+        connections: counts.connections,
+        users: counts.users,
+        channels: counts.channels,
+        subscriptions: counts.subscriptions,
+        event_groups: events.groups,
+        event_members: events.members,
+        events_buffered: events.buffered,
+        events_delivered: events.delivered,
+        events_lost: events.lost,
+        uptime_seconds: node.started.elapsed().as_secs(),
+        ready: health.is_ready(),
+    })
 }

@@ -123,6 +123,7 @@ pub async fn run(
     servers.spawn(admin::serve(
         listeners.admin,
         health.clone(),
+        node.clone(),
         admin_stop.clone(),
     ));
     tracing::info!(

@@ -94,6 +94,13 @@ impl MemoryBroker {
     }
 
     fn publish_once(&self, channel: &str, data: &[u8], now: Instant) -> Published {
+        let start = Instant::now();
+        let published = self.publish_and_fan_out(channel, data, now);
+        self.hub.metrics().record_publication(start.elapsed());
+        published
+    }
+
+    fn publish_and_fan_out(&self, channel: &str, data: &[u8], now: Instant) -> Published {
         let Some(stream) = self.stream(channel, now, true) else {
             // Encoded once, frame header included; every subscriber shares these bytes.
             let frame = frame::text(&protocol::encode_pub(channel, data, None));

@@ -97,6 +97,8 @@ pub struct Group {
     affinity: HashMap<Arc<str>, (MemberId, usize)>,
     /// Sequence numbers dropped since the last `lost` event.
     lost: Option<(u64, u64)>,
+    /// Events dropped since the group was made.
+    dropped: u64,
     /// Since when the group has had no member.
     empty_since: Option<Instant>,
 }
@@ -116,6 +118,7 @@ impl Group {
             members: BTreeMap::new(),
             affinity: HashMap::new(),
             lost: None,
+            dropped: 0,
             empty_since: Some(now),
         }
     }
@@ -178,6 +181,7 @@ impl Group {
         self.next_seq += 1;
         let size = body.size();
         if !self.has_room(size) {
+            self.dropped += 1;
             self.lost = Some(match self.lost {
                 Some((first, _)) => (first, seq),
                 None => (seq, seq),
@@ -235,6 +239,11 @@ impl Group {
 
     pub fn has_members(&self) -> bool {
         !self.members.is_empty()
+    }
+
+    /// Events dropped because the buffer was full, since the group was made.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
 
     /// Events buffered: unacknowledged or not yet sent.

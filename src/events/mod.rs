@@ -123,6 +123,19 @@ struct State {
     next_member: MemberId,
     rpcs: HashMap<String, PendingRpc>,
     closed: bool,
+    /// Events sent to members, and dropped by full buffers, since the start.
+    delivered: u64,
+    lost: u64,
+}
+
+/// What /metrics shows of the event stream.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub groups: usize,
+    pub members: usize,
+    pub buffered: usize,
+    pub delivered: u64,
+    pub lost: u64,
 }
 
 struct MemberHandle {
@@ -229,11 +242,15 @@ impl Events {
         let now = Instant::now();
         let mut state = self.lock();
         let mut out = Vec::new();
+        let mut lost = 0;
         for group in state.groups.values_mut() {
             if group.wants(event_kind) {
+                let dropped = group.dropped();
                 out.extend(group.push(body.clone(), now));
+                lost += group.dropped() - dropped;
             }
         }
+        state.lost += lost;
         if deliver(&mut state, out, now) {
             drop(state);
             self.inner.acked.notify_waiters();
@@ -471,6 +488,17 @@ impl Events {
         }
     }
 
+    pub fn stats(&self) -> Stats {
+        let state = self.lock();
+        Stats {
+            groups: state.groups.len(),
+            members: state.members.len(),
+            buffered: state.groups.values().map(Group::buffered).sum(),
+            delivered: state.delivered,
+            lost: state.lost,
+        }
+    }
+
     /// Ends every member's stream (shutdown); no join succeeds after this.
     pub fn close(&self) {
         let mut state = self.lock();
@@ -511,6 +539,8 @@ fn deliver(state: &mut State, mut out: group::Out, now: Instant) -> bool {
             // member's stream is gone.
             if handle.events.try_send(response).is_err() {
                 gone.push(member);
+            } else {
+                state.delivered += 1;
             }
         }
         for member in gone {

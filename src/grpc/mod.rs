@@ -5,6 +5,7 @@
 //! listener serves gRPC health checking (grpc.health.v1, open) and server reflection (v1 and
 //! v1alpha, behind the API key), so grpcurl, grpcui and health probes work without the proto.
 
+mod counted;
 mod error;
 mod events;
 mod service;
@@ -89,6 +90,9 @@ pub async fn serve(
         .build_v1alpha()
         .expect("the build's descriptors are valid");
     tonic::transport::Server::builder()
+        .layer(counted::CountLayer {
+            metrics: node.metrics.clone(),
+        })
         .add_service(health)
         .add_service(InterceptedService::new(reflection_v1, check.clone()))
         .add_service(InterceptedService::new(reflection_v1alpha, check.clone()))

@@ -118,6 +118,10 @@ impl Hub {
         }
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
         self.shared.state.read().expect("hub lock")
     }

@@ -90,6 +90,7 @@ pub enum ErrorCode {
     LimitExceeded,
     Unavailable,
     Internal,
+    RpcError,
 }
 
 impl ErrorCode {
@@ -105,8 +106,24 @@ impl ErrorCode {
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::RpcError => "rpc_error",
         }
     }
+
+    /// Every code, in declaration order (`code as usize` indexes this).
+    pub const ALL: [ErrorCode; 11] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::NotAvailable,
+        ErrorCode::AlreadySubscribed,
+        ErrorCode::UnrecoverablePosition,
+        ErrorCode::LimitExceeded,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+        ErrorCode::RpcError,
+    ];
 }
 
 /// Decodes one complete text message.

@@ -86,15 +86,14 @@ pub async fn run(
         session.connect(&token, &[]);
     }
     session.read_loop(&mut reader, &conn).await;
+    let ended = session.outbox.ended();
     if session.claims.is_some() {
-        session
-            .node
-            .hub
-            .unregister(&session.id, &session.outbox.ended());
-        Metrics::inc(&session.node.metrics.disconnects);
+        session.node.hub.unregister(&session.id, &ended);
     }
     conn.cancel();
     let _ = writer.await;
+    // Counted once the writer is done, so the close frame's write is counted before it.
+    session.node.metrics.record_disconnect(ended.code);
 }
 
 fn new_client_id() -> Arc<str> {
@@ -228,6 +227,7 @@ impl Session {
     }
 
     fn error(&self, id: u64, code: ErrorCode, message: &str) {
+        self.node.metrics.record_error(code);
         self.send(&protocol::encode_error(id, code, message));
     }
 
@@ -543,9 +543,13 @@ impl Session {
         }
         let user = &self.claims.as_ref().expect("connected").user;
         let events = self.node.events.clone();
+        let metrics = self.node.metrics.clone();
         let (rpc_id, answer) = events
             .rpc(&self.id, user, method, data.get().as_bytes())
-            .map_err(|e| (ErrorCode::Unavailable, e.to_string()))?;
+            .map_err(|e| {
+                metrics.record_rpc("no_backend");
+                (ErrorCode::Unavailable, e.to_string())
+            })?;
         self.rpcs.fetch_add(1, Relaxed);
         let (outbox, rpcs, conn) = (self.outbox.clone(), self.rpcs.clone(), self.conn.clone());
         let timeout = self.node.config.rpc_timeout;
@@ -559,20 +563,29 @@ impl Session {
             };
             events.forget_rpc(&rpc_id);
             rpcs.fetch_sub(1, Relaxed);
-            let unavailable =
-                |message: &str| protocol::encode_error(id, ErrorCode::Unavailable, message);
+            let unavailable = |message: &str| {
+                metrics.record_error(ErrorCode::Unavailable);
+                protocol::encode_error(id, ErrorCode::Unavailable, message)
+            };
             let reply = match answer {
                 Ok(Ok(RpcAnswer::Data(data))) => {
+                    metrics.record_rpc("ok");
                     let result = format!(r#"{{"data":{}}}"#, String::from_utf8_lossy(&data));
                     protocol::encode_result(id, &result)
                 }
                 Ok(Ok(RpcAnswer::Error { code, message })) => {
+                    metrics.record_rpc("error");
+                    metrics.record_error(ErrorCode::RpcError);
                     protocol::encode_rpc_error(id, code, &message)
                 }
                 Ok(Ok(RpcAnswer::Gone) | Err(_)) => {
+                    metrics.record_rpc("backend_gone");
                     unavailable("the backend went away before answering")
                 }
-                Err(_) => unavailable("no answer within rpc_timeout"),
+                Err(_) => {
+                    metrics.record_rpc("timeout");
+                    unavailable("no answer within rpc_timeout")
+                }
             };
             outbox.push(frame::text(&reply));
         });

@@ -211,7 +211,11 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     /// Writes `frames` within write_timeout; false when the socket is gone or too slow.
     async fn write(&mut self, frames: &[Bytes]) -> bool {
         match timeout(self.config.write_timeout, write_all(&mut self.io, frames)).await {
-            Ok(Ok(())) => true,
+            Ok(Ok(())) => {
+                let bytes = frames.iter().map(Bytes::len).sum();
+                self.metrics.record_write(frames.len(), bytes);
+                true
+            }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "write failed");
                 self.outbox.lost("write failed");

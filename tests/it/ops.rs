@@ -10,7 +10,9 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_reflection::pb::v1 as reflection;
 use tonic_reflection::pb::v1alpha as reflection_alpha;
 
-use crate::support::{TestServer, PATIENCE};
+use serde_json::json;
+
+use crate::support::{eventually, http_get, publish, TestServer, PATIENCE};
 
 async fn channel(server: &TestServer) -> Channel {
     Channel::from_shared(server.grpc_url.clone())
@@ -137,4 +139,85 @@ async fn reflection_needs_the_api_key_when_one_is_set() {
     assert_eq!(wrong.code(), Code::Unauthenticated);
     let services = list_v1(&server, Some("k3y")).await.unwrap();
     assert!(services.iter().any(|s| s == "sidecast.v1.Control"));
+}
+
+/// The value of one sample (`name` with its labels, exactly as exposed).
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap())
+}
+
+async fn scrape(server: &TestServer) -> String {
+    let (status, body) = http_get(server.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    body
+}
+
+#[tokio::test]
+async fn metrics_count_known_traffic() {
+    let server = TestServer::start_with_file(Some("[namespaces.room]\npublic = true\n"), &[]).await;
+    let mut a = server.user("a", json!({})).await;
+    let mut b = server.user("b", json!({})).await;
+    a.subscribe(2, "room:x").await;
+    b.subscribe(2, "room:x").await;
+    let mut grpc = server.grpc().await;
+    for i in 0..3 {
+        grpc.publish(publish("room:x", &i.to_string()))
+            .await
+            .unwrap();
+    }
+    for client in [&mut a, &mut b] {
+        for _ in 0..3 {
+            assert_eq!(client.recv().await["type"], "pub");
+        }
+    }
+    let refused = grpc
+        .publish(publish("bad channel!", "1"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let reply = a.request(json!({"id": 9, "op": "dance"})).await;
+    assert_eq!(reply["error"]["code"], "bad_request");
+    a.send_raw(tokio_tungstenite::tungstenite::Message::Close(None))
+        .await;
+    let closed = r#"sidecast_disconnects_total{code="1000"}"#;
+    eventually("a's disconnect is counted", || async {
+        sample(&scrape(&server).await, closed) == Some(1.0)
+    })
+    .await;
+    let text = scrape(&server).await;
+    let expect = [
+        ("sidecast_up", 1.0),
+        ("sidecast_connections", 1.0),
+        ("sidecast_users", 1.0),
+        ("sidecast_channels", 1.0),
+        ("sidecast_subscriptions", 1.0),
+        ("sidecast_connects_total", 2.0),
+        ("sidecast_publications_total", 3.0),
+        ("sidecast_deliveries_total", 6.0),
+        // a: connect, subscribe, dance; b: connect, subscribe.
+        ("sidecast_messages_received_total", 5.0),
+        // a: connected, reply, 3 pubs, error, close; b: connected, reply, 3 pubs.
+        ("sidecast_messages_sent_total", 12.0),
+        (r#"sidecast_command_errors_total{code="bad_request"}"#, 1.0),
+        (r#"sidecast_command_errors_total{code="forbidden"}"#, 0.0),
+        (
+            r#"sidecast_grpc_requests_total{method="/sidecast.v1.Control/Publish",code="OK"}"#,
+            3.0,
+        ),
+        (
+            r#"sidecast_grpc_requests_total{method="/sidecast.v1.Control/Publish",code="InvalidArgument"}"#,
+            1.0,
+        ),
+        ("sidecast_fanout_seconds_count", 3.0),
+        (r#"sidecast_fanout_seconds_bucket{le="+Inf"}"#, 3.0),
+        ("sidecast_slow_consumer_closes_total", 0.0),
+        ("sidecast_event_groups", 0.0),
+    ];
+    for (name, value) in expect {
+        assert_eq!(sample(&text, name), Some(value), "{name} in\n{text}");
+    }
+    assert!(sample(&text, "sidecast_bytes_sent_total").unwrap() > 100.0);
+    assert!(text.contains("# TYPE sidecast_fanout_seconds histogram"));
 }

@@ -274,6 +274,23 @@ pub async fn http_status(addr: SocketAddr, request: &str) -> u16 {
     text.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// GET `path` over HTTP/1.1: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut raw))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").expect("headers end");
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
 /// Polls a condition of the node's state until it holds (state changes after a socket
 /// closes are not observable as an event from outside).
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
