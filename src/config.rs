@@ -15,7 +15,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Exit code for a configuration error (EX_USAGE from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
@@ -95,20 +95,23 @@ pub const KEYS: &[(&str, Kind, &str)] = &[
     ("log_format", Kind::Str, "text"),
 ];
 
+/// Keys whose values `config print` masks.
+const SECRET_KEYS: &[&str] = &["api_key", "token_hmac_secret"];
+
 /// Env vars with the prefix that are not configuration keys.
 const ENV_NOT_KEYS: &[&str] = &["SIDECAST_LOG", "SIDECAST_CONFIG"];
 
 /// Options of a namespace (`[namespaces.NAME]`) or of channels without one (`[channel_defaults]`).
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NamespaceOptions {
     /// Publications kept per channel for recovery and the history queries; 0 keeps none.
     pub history_size: usize,
     /// How long a kept publication lives; required when history_size is set.
-    #[serde(deserialize_with = "duration_field")]
+    #[serde(deserialize_with = "duration_field", serialize_with = "duration_text")]
     pub history_ttl: Duration,
     /// How long a channel's position (epoch and last offset) outlives its last publication.
-    #[serde(deserialize_with = "duration_field")]
+    #[serde(deserialize_with = "duration_field", serialize_with = "duration_text")]
     pub history_meta_ttl: Duration,
     /// Keep who is subscribed, for the presence queries.
     pub presence: bool,
@@ -140,6 +143,22 @@ impl Default for NamespaceOptions {
 impl NamespaceOptions {
     pub fn has_history(&self) -> bool {
         self.history_size > 0
+    }
+}
+
+fn duration_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
+/// Writes a duration the way the configuration reads it: `24h`, `5m`, `10s`, `250ms`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0 => "0s".into(),
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms => format!("{ms}ms"),
     }
 }
 
@@ -231,6 +250,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub channel_defaults: NamespaceOptions,
     pub namespaces: HashMap<String, NamespaceOptions>,
+    /// The merged layers as given (before defaults), for `sidecast config print`.
+    source: toml::Table,
 }
 
 /// The file's shape; every field optional so that absent keys take defaults.
@@ -349,7 +370,50 @@ impl Config {
                 message: format!("{} {line}", e.message().trim()),
             }
         })?;
-        Config::validate(raw)
+        let mut config = Config::validate(raw)?;
+        config.source = table;
+        Ok(config)
+    }
+
+    /// The effective configuration as a TOML file: every key with its value (defaults
+    /// included), the namespaces' options in full, and secrets masked as "***".
+    pub fn to_toml(&self) -> String {
+        let mut table = toml::Table::new();
+        for (key, kind, default) in KEYS {
+            let value = match self.source.get(*key) {
+                Some(value) => Some(value.clone()),
+                None if *kind == Kind::Str && default.is_empty() => None,
+                None => to_toml(key, *kind, default).ok(),
+            };
+            let Some(value) = value else { continue };
+            let value = if SECRET_KEYS.contains(key) {
+                toml::Value::String("***".into())
+            } else {
+                value
+            };
+            table.insert(key.to_string(), value);
+        }
+        let algorithms = self
+            .token
+            .algorithms
+            .iter()
+            .map(|a| toml::Value::String(format!("{a:?}")))
+            .collect();
+        table.insert("token_algorithms".into(), toml::Value::Array(algorithms));
+        let options = |o: &NamespaceOptions| toml::Value::try_from(o).expect("options serialize");
+        table.insert("channel_defaults".into(), options(&self.channel_defaults));
+        let namespaces: BTreeMap<&String, toml::Value> = self
+            .namespaces
+            .iter()
+            .map(|(n, o)| (n, options(o)))
+            .collect();
+        if !namespaces.is_empty() {
+            table.insert(
+                "namespaces".into(),
+                toml::Value::try_from(namespaces).expect("namespaces serialize"),
+            );
+        }
+        toml::to_string(&table).expect("a table serializes")
     }
 
     fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
@@ -429,6 +493,7 @@ impl Config {
             log_format,
             channel_defaults: raw.channel_defaults.unwrap_or_default(),
             namespaces: HashMap::new(),
+            source: toml::Table::new(),
         };
         for (name, options) in raw.namespaces.unwrap_or_default() {
             if name.is_empty() || name.contains(':') || crate::channel::validate(&name).is_err() {

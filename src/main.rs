@@ -62,10 +62,37 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
+    /// Check or print the configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Ask a running node's admin listener whether it is alive (exit 0) or not (exit 1): for
+    /// container health checks, with no curl in the image.
+    Health {
+        /// Ask /readyz (accepting connections) instead of /healthz (alive).
+        #[arg(long)]
+        ready: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Validate FILE (with the SIDECAST_* environment and flags layered on it, as a run
+    /// would): exit 0 when valid, 64 with a message naming the key otherwise.
+    Check { file: PathBuf },
+    /// Print the effective configuration as TOML, defaults included, secrets masked.
+    Print,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(Command::Config {
+        action: ConfigAction::Check { file },
+    }) = &cli.command
+    {
+        cli.config = Some(file.clone());
+    }
     let mut config = match load_config(&cli) {
         Ok(config) => config,
         Err(message) => {
@@ -73,6 +100,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
+    match &cli.command {
+        Some(Command::Config { action }) => return config_command(action, &config),
+        Some(Command::Health { ready }) => return health(&config, *ready),
+        _ => {}
+    }
     if let Err(message) = init_tracing(config.log_format) {
         eprintln!("sidecast: configuration error: {message}");
         return ExitCode::from(EXIT_CONFIG as u8);
@@ -85,6 +117,7 @@ fn main() -> ExitCode {
     }
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config),
+        Command::Config { .. } | Command::Health { .. } => unreachable!("handled above"),
         Command::Token {
             user,
             channels,
@@ -102,6 +135,72 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG as u8)
             }
         },
+    }
+}
+
+fn config_command(action: &ConfigAction, config: &Config) -> ExitCode {
+    match action {
+        ConfigAction::Print => {
+            print!("{}", config.to_toml());
+            ExitCode::SUCCESS
+        }
+        ConfigAction::Check { file } => {
+            // The key files must be readable too, as at start.
+            if let Err(e) = sidecast::auth::Verifier::from_config(&config.token) {
+                eprintln!("sidecast: configuration error: {e}");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+            if !config.token.has_key() {
+                println!(
+                    "{}: valid (no token key: the node would run in development mode)",
+                    file.display()
+                );
+            } else {
+                println!("{}: valid", file.display());
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// GETs /healthz (or /readyz) from the configured admin listener; 0 when it answers 200.
+fn health(config: &Config, ready: bool) -> ExitCode {
+    use std::io::{Read, Write};
+    let mut addr = config.admin_addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let path = if ready { "/readyz" } else { "/healthz" };
+    let timeout = std::time::Duration::from_secs(3);
+    let answer = (|| -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.take(4096).read_to_string(&mut response)?;
+        Ok(response)
+    })();
+    match answer {
+        Ok(response) if response.starts_with("HTTP/1.1 200") => {
+            println!("{addr}{path}: 200");
+            ExitCode::SUCCESS
+        }
+        Ok(response) => {
+            let status = response.lines().next().unwrap_or("no answer");
+            eprintln!("sidecast health: {addr}{path}: {status}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("sidecast health: {addr}{path}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -185,6 +185,16 @@ async fn development_mode_token_then_sigterm_drains_with_1001() {
         .await;
     assert_eq!(stranger.closed().await.0, 4001);
 
+    // The container health check: alive and ready.
+    let admin_flag = format!("127.0.0.1:{admin}");
+    for args in [
+        vec!["health", "--admin-addr", &admin_flag],
+        vec!["health", "--ready", "--admin-addr", &admin_flag],
+    ] {
+        let (code, stderr) = run_bin(&args, &[]);
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+    }
+
     let status = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
@@ -202,4 +212,66 @@ async fn development_mode_token_then_sigterm_drains_with_1001() {
         !stderr.contains(std::fs::read_to_string(&secret_file).unwrap().trim()),
         "the secret is never logged"
     );
+    // Once it has stopped, the health check fails.
+    let (code, stderr) = run_bin(&["health", "--admin-addr", &admin_flag], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("/healthz"), "{stderr}");
+}
+
+#[test]
+fn config_check_and_print() {
+    let dir = scratch("config-cmd");
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "ping_interval = \"20s\"\ntoken_hmac_secret = \"s3cret-value\"\n[namespaces.chat]\nhistory_size = 10\nhistory_ttl = \"5m\"\n",
+    )
+    .unwrap();
+    let good = good.to_str().unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "check", good])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[namespaces.chat]\nhistory_size = 10\n").unwrap();
+    let (code, stderr) = run_bin(&["config", "check", bad.to_str().unwrap()], &[]);
+    assert_eq!(code, 64);
+    assert!(stderr.contains("history_ttl"), "{stderr}");
+    let missing_key = dir.join("keys.toml");
+    std::fs::write(
+        &missing_key,
+        "token_public_key_file = \"/nonexistent.pem\"\ntoken_algorithms = [\"ES256\"]\n",
+    )
+    .unwrap();
+    let (code, stderr) = run_bin(&["config", "check", missing_key.to_str().unwrap()], &[]);
+    assert_eq!(code, 64);
+    assert!(stderr.contains("nonexistent.pem"), "{stderr}");
+
+    // print: the effective configuration, defaults included, secrets masked; it reads back.
+    let out = Command::new(BIN)
+        .args(["--config", good, "config", "print"])
+        .env("SIDECAST_API_KEY", "k3y-value")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let printed = String::from_utf8(out.stdout).unwrap();
+    for line in [
+        "ping_interval = \"20s\"",
+        "pong_timeout = \"10s\"",
+        "api_key = \"***\"",
+        "token_hmac_secret = \"***\"",
+        "token_algorithms = [\"HS256\"]",
+        "[namespaces.chat]",
+        "history_ttl = \"5m\"",
+    ] {
+        assert!(printed.lines().any(|l| l == line), "{line} in\n{printed}");
+    }
+    assert!(!printed.contains("s3cret-value") && !printed.contains("k3y-value"));
+    let again = dir.join("printed.toml");
+    std::fs::write(&again, &printed).unwrap();
+    let (code, stderr) = run_bin(&["config", "check", again.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{stderr}");
 }
