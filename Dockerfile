@@ -1,0 +1,30 @@
+# sidecast as a sidecar container. Multi-stage: build with the Rust toolchain, run from a
+# small Debian image as a non-root user. Not built on the development machine (no Docker
+# engine there): docs/operations.md says so.
+#
+#   docker build -t sidecast .
+#   docker run -p 8080:8080 -e SIDECAST_TOKEN_HMAC_SECRET=change-me sidecast
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto proto
+COPY src src
+COPY examples examples
+COPY tests tests
+RUN cargo build --release --locked --bin sidecast
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --no-create-home sidecast
+COPY --from=build /src/target/release/sidecast /usr/local/bin/sidecast
+USER 10001
+# Configuration by environment variables (docs/configuration.md). In a pod the app container
+# reaches the control API on localhost; only the WebSocket port is published to clients.
+ENV SIDECAST_WS_ADDR=0.0.0.0:8080 \
+    SIDECAST_GRPC_ADDR=127.0.0.1:50051 \
+    SIDECAST_ADMIN_ADDR=0.0.0.0:9090 \
+    SIDECAST_LOG_FORMAT=json
+EXPOSE 8080 50051 9090
+HEALTHCHECK --interval=10s --timeout=3s --retries=3 CMD ["sidecast", "health"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["sidecast"]
