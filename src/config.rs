@@ -58,6 +58,7 @@ pub enum Kind {
 pub const KEYS: &[(&str, Kind, &str)] = &[
     ("ws_addr", Kind::Addr, "0.0.0.0:8080"),
     ("ws_path", Kind::Str, "/ws"),
+    ("allowed_origins", Kind::List, ""),
     ("grpc_addr", Kind::Addr, "127.0.0.1:50051"),
     ("admin_addr", Kind::Addr, "127.0.0.1:9090"),
     ("api_key", Kind::Str, ""),
@@ -214,6 +215,8 @@ impl TokenConfig {
 pub struct Config {
     pub ws_addr: SocketAddr,
     pub ws_path: String,
+    /// Browser Origins allowed to upgrade; empty allows any.
+    pub allowed_origins: Vec<crate::ws::origin::OriginPattern>,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub api_key: Option<Secret>,
@@ -260,6 +263,7 @@ pub struct Config {
 struct RawConfig {
     ws_addr: Option<String>,
     ws_path: Option<String>,
+    allowed_origins: Option<Vec<String>>,
     grpc_addr: Option<String>,
     admin_addr: Option<String>,
     api_key: Option<String>,
@@ -383,6 +387,7 @@ impl Config {
             let value = match self.source.get(*key) {
                 Some(value) => Some(value.clone()),
                 None if *kind == Kind::Str && default.is_empty() => None,
+                None if *kind == Kind::List => Some(toml::Value::Array(Vec::new())),
                 None => to_toml(key, *kind, default).ok(),
             };
             let Some(value) = value else { continue };
@@ -463,6 +468,15 @@ impl Config {
         let mut config = Config {
             ws_addr: addr("ws_addr", raw.ws_addr)?,
             ws_path,
+            allowed_origins: raw
+                .allowed_origins
+                .unwrap_or_default()
+                .iter()
+                .map(|o| {
+                    crate::ws::origin::OriginPattern::parse(o)
+                        .map_err(|m| invalid("allowed_origins", m))
+                })
+                .collect::<Result<_, _>>()?,
             grpc_addr: addr("grpc_addr", raw.grpc_addr)?,
             admin_addr: addr("admin_addr", raw.admin_addr)?,
             api_key: nonempty(raw.api_key).map(Secret::new),

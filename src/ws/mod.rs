@@ -7,6 +7,7 @@
 pub mod close;
 mod footprint;
 pub mod frame;
+pub mod origin;
 pub mod protocol;
 pub mod server;
 mod session;

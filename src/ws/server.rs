@@ -2,8 +2,9 @@
 //! configured path, and spawns one session per upgraded connection.
 //!
 //! Checks made before the upgrade, each with its HTTP answer: the path (404), that the
-//! request is a WebSocket upgrade (426), the offered subprotocols (400 when they do not
-//! include `sidecast.v1`, which is echoed when offered), and the handshake headers (400).
+//! request is a WebSocket upgrade (426), its Origin against `allowed_origins` (403), the
+//! offered subprotocols (400 when they do not include `sidecast.v1`, which is echoed when
+//! offered), and the handshake headers (400).
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -21,7 +22,7 @@ use tracing::Instrument;
 
 use crate::node::Node;
 use crate::ws::protocol::SUBPROTOCOL;
-use crate::ws::session;
+use crate::ws::{origin, session};
 
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -88,6 +89,13 @@ fn handle(mut req: Request<Incoming>, node: Node, sessions: Sessions) -> Respons
             StatusCode::UPGRADE_REQUIRED,
             "this endpoint speaks WebSocket only",
         );
+    }
+    let origin = req
+        .headers()
+        .get(hyper::header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    if !origin::allowed(&node.config.allowed_origins, origin) {
+        return plain(StatusCode::FORBIDDEN, "origin not allowed");
     }
     let protocol = match offered_protocol(&req) {
         Ok(protocol) => protocol,

@@ -76,6 +76,11 @@ fn invalid_configuration_exits_64_naming_the_key() {
         (vec!["--set", "max_queue_bytes"], vec![], "KEY=VALUE"),
         (vec!["--set", "log_format=xml"], vec![], "log_format"),
         (
+            vec!["--set", "allowed_origins=example.com"],
+            vec![],
+            "allowed_origins",
+        ),
+        (
             LOOPBACK.to_vec(),
             vec![("SIDECAST_LOG", "sidecast=lots")],
             "SIDECAST_LOG",

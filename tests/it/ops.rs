@@ -12,7 +12,7 @@ use tonic_reflection::pb::v1alpha as reflection_alpha;
 
 use serde_json::json;
 
-use crate::support::{eventually, http_get, publish, TestServer, PATIENCE};
+use crate::support::{eventually, http_get, http_status, publish, TestServer, PATIENCE};
 
 async fn channel(server: &TestServer) -> Channel {
     Channel::from_shared(server.grpc_url.clone())
@@ -220,4 +220,42 @@ async fn metrics_count_known_traffic() {
     }
     assert!(sample(&text, "sidecast_bytes_sent_total").unwrap() > 100.0);
     assert!(text.contains("# TYPE sidecast_fanout_seconds histogram"));
+}
+
+fn upgrade_request(origin: Option<&str>) -> String {
+    let origin = origin
+        .map(|o| format!("Origin: {o}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{origin}\r\n"
+    )
+}
+
+#[tokio::test]
+async fn origins_outside_allowed_origins_get_403() {
+    let server = TestServer::start(&[(
+        "allowed_origins",
+        "https://app.example.com,https://*.example.org",
+    )])
+    .await;
+    for (origin, status) in [
+        (Some("https://evil.example.net"), 403),
+        (Some("https://app.example.com.evil.io"), 403),
+        (Some("https://example.org"), 403),
+        (Some("https://app.example.com"), 101),
+        (Some("https://a.b.example.org"), 101),
+        (None, 101),
+    ] {
+        let got = http_status(server.ws_addr, &upgrade_request(origin)).await;
+        assert_eq!(got, status, "{origin:?}");
+    }
+    // Without the setting, any origin upgrades.
+    let open = TestServer::start(&[]).await;
+    let got = http_status(
+        open.ws_addr,
+        &upgrade_request(Some("https://evil.example.net")),
+    )
+    .await;
+    assert_eq!(got, 101);
 }
