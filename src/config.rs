@@ -79,6 +79,7 @@ pub const KEYS: &[(&str, Kind, &str)] = &[
     ("pong_timeout", Kind::Duration, "10s"),
     ("write_timeout", Kind::Duration, "5s"),
     ("shutdown_timeout", Kind::Duration, "10s"),
+    ("drain_window", Kind::Duration, "2s"),
     ("max_message_size", Kind::Int, "65536"),
     ("max_queue_bytes", Kind::Int, "1048576"),
     ("max_publication_size", Kind::Int, "65536"),
@@ -227,6 +228,8 @@ pub struct Config {
     pub pong_timeout: Duration,
     pub write_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// The 1001 closes at shutdown are spread over this window.
+    pub drain_window: Duration,
     pub max_message_size: usize,
     pub max_queue_bytes: usize,
     pub max_publication_size: usize,
@@ -280,6 +283,7 @@ struct RawConfig {
     pong_timeout: Option<String>,
     write_timeout: Option<String>,
     shutdown_timeout: Option<String>,
+    drain_window: Option<String>,
     max_message_size: Option<u64>,
     max_queue_bytes: Option<u64>,
     max_publication_size: Option<u64>,
@@ -490,6 +494,7 @@ impl Config {
             pong_timeout: dur("pong_timeout", raw.pong_timeout)?,
             write_timeout: dur("write_timeout", raw.write_timeout)?,
             shutdown_timeout: dur("shutdown_timeout", raw.shutdown_timeout)?,
+            drain_window: dur("drain_window", raw.drain_window)?,
             max_message_size: size("max_message_size", raw.max_message_size)?,
             max_queue_bytes: size("max_queue_bytes", raw.max_queue_bytes)?,
             max_publication_size: size("max_publication_size", raw.max_publication_size)?,
@@ -539,6 +544,15 @@ impl Config {
                 format!(
                     "must be at most a quarter of max_queue_bytes ({})",
                     config.max_queue_bytes / 4
+                ),
+            ));
+        }
+        if config.drain_window >= config.shutdown_timeout {
+            return Err(invalid(
+                "drain_window",
+                format!(
+                    "must be shorter than shutdown_timeout ({})",
+                    format_duration(config.shutdown_timeout)
                 ),
             ));
         }

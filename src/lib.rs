@@ -40,6 +40,7 @@ use crate::admin::Health;
 use crate::auth::KeyError;
 use crate::config::Config;
 use crate::node::Node;
+use crate::ws::close::Close;
 use crate::ws::server::Sessions;
 
 /// The three listeners of a node.
@@ -74,7 +75,7 @@ pub enum RunError {
 }
 
 /// Runs a node until `shutdown` is cancelled, then drains: readiness turns false, every
-/// WebSocket is closed with 1001, the backends acknowledge the disconnect events, event
+/// WebSocket is closed with 1001 (in batches over drain_window), the backends acknowledge the disconnect events, event
 /// streams end, calls in flight finish, and the whole takes at most `shutdown_timeout`
 /// (connections still open then are dropped).
 pub async fn run(
@@ -150,6 +151,7 @@ pub async fn run(
     health.set_draining();
     grpc_health.set_draining().await;
     stop_accepting.cancel();
+    close_paced(&node, config.drain_window).await;
     sessions.shutdown.cancel();
     sessions.tracker.close();
     if tokio::time::timeout_at(deadline, sessions.tracker.wait())
@@ -183,6 +185,32 @@ pub async fn run(
         None => Ok(()),
     }
 }
+
+/// Closes the authenticated connections with 1001 in batches spread over `window`, so that
+/// their reconnects do not all land on the other nodes in the same second. What is left
+/// (connections that were not authenticated yet) is closed after it by the caller.
+async fn close_paced(node: &Node, window: std::time::Duration) {
+    let connections = node.hub.all_connections();
+    let batches = (window.as_millis() / DRAIN_TICK.as_millis()).max(1) as usize;
+    let per_batch = connections.len().div_ceil(batches).max(1);
+    tracing::info!(
+        connections = connections.len(),
+        ?window,
+        "closing connections with 1001"
+    );
+    let mut tick = tokio::time::interval(DRAIN_TICK);
+    // A stalled tick delays the rest; it never closes two batches at once.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for batch in connections.chunks(per_batch) {
+        tick.tick().await;
+        for outbox in batch {
+            outbox.close(Close::new(ws::close::GOING_AWAY, "server shutting down"));
+        }
+    }
+}
+
+/// How often a batch of connections is closed during the drain window.
+const DRAIN_TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Runs `task` every `period` until `stop`.
 async fn every(period: std::time::Duration, stop: CancellationToken, task: impl Fn()) {

@@ -80,6 +80,7 @@ fn invalid_configuration_exits_64_naming_the_key() {
             vec![],
             "allowed_origins",
         ),
+        (vec!["--set", "drain_window=20s"], vec![], "drain_window"),
         (
             LOOPBACK.to_vec(),
             vec![("SIDECAST_LOG", "sidecast=lots")],

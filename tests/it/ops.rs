@@ -259,3 +259,95 @@ async fn origins_outside_allowed_origins_get_403() {
     .await;
     assert_eq!(got, 101);
 }
+
+#[tokio::test]
+async fn shutdown_closes_with_1001_paced_over_the_drain_window() {
+    let server = TestServer::start(&[("drain_window", "1s")]).await;
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        clients.push(server.user(&format!("u{i}"), json!({})).await);
+    }
+    let stop = tokio::spawn(server.stop());
+    let closes = futures_util::future::join_all(clients.iter_mut().map(|c| async {
+        let closed = c.closed().await;
+        (closed, std::time::Instant::now())
+    }))
+    .await;
+    for ((code, reason), _) in &closes {
+        assert_eq!((*code, reason.as_str()), (1001, "server shutting down"));
+    }
+    // Ten batches 100 ms apart (never closer): the last close comes at least 0.9 s after the
+    // first, minus what delivery jitter can take off.
+    let first = closes.iter().map(|(_, t)| *t).min().unwrap();
+    let last = closes.iter().map(|(_, t)| *t).max().unwrap();
+    assert!(
+        last - first >= std::time::Duration::from_millis(800),
+        "closes spread over {:?}",
+        last - first
+    );
+    stop.await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_ends_within_the_timeout_despite_an_unresponsive_client_and_backend() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start(&[("shutdown_timeout", "2s"), ("drain_window", "500ms")]).await;
+    // A backend that never acknowledges: the disconnect events stay unacknowledged.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(sidecast::pb::EventsRequest {
+        request: Some(sidecast::pb::events_request::Request::Join(
+            sidecast::pb::Join {
+                group: "stuck".into(),
+                kinds: vec![sidecast::pb::EventKind::Disconnect as i32],
+                rpc_methods: vec![],
+                window: 0,
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    let mut events = server
+        .grpc()
+        .await
+        .events(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // A client that connects, then never reads again (nor answers the close).
+    let mut raw = tokio::net::TcpStream::connect(server.ws_addr)
+        .await
+        .unwrap();
+    raw.write_all(upgrade_request(None).as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    raw.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head[9..12], b"101");
+    let token = crate::support::token("mute", json!({}));
+    let connect = json!({"id": 1, "op": "connect", "token": token}).to_string();
+    let mut frame = vec![0x81, 0xFE];
+    frame.extend_from_slice(&(connect.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]); // a zero mask leaves the payload as it is
+    frame.extend_from_slice(connect.as_bytes());
+    raw.write_all(&frame).await.unwrap();
+    let mut responsive = server.user("talks", json!({})).await;
+    eventually("both connections are registered", || async {
+        let text = http_get(server.admin, "/metrics").await.1;
+        sample(&text, "sidecast_connections") == Some(2.0)
+    })
+    .await;
+
+    tokio::time::timeout(PATIENCE, server.stop())
+        .await
+        .expect("the node stops despite them");
+    assert_eq!(responsive.closed().await.0, 1001);
+    // The stuck backend's stream has ended too, after its unacknowledged disconnects.
+    loop {
+        match tokio::time::timeout(PATIENCE, events.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(_) => break,
+            Err(_) => panic!("the event stream did not end"),
+        }
+    }
+    drop(raw);
+}
