@@ -80,6 +80,12 @@ pub const KEYS: &[(&str, Kind, &str)] = &[
     ("write_timeout", Kind::Duration, "5s"),
     ("shutdown_timeout", Kind::Duration, "10s"),
     ("drain_window", Kind::Duration, "2s"),
+    ("max_connections", Kind::Int, "0"),
+    ("max_connections_per_ip", Kind::Int, "0"),
+    ("connect_rate_per_ip", Kind::Int, "0"),
+    ("trusted_proxies", Kind::List, ""),
+    ("max_commands_per_second", Kind::Int, "100"),
+    ("header_read_timeout", Kind::Duration, "10s"),
     ("max_message_size", Kind::Int, "65536"),
     ("max_queue_bytes", Kind::Int, "1048576"),
     ("max_publication_size", Kind::Int, "65536"),
@@ -230,6 +236,18 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// The 1001 closes at shutdown are spread over this window.
     pub drain_window: Duration,
+    /// WebSocket connections one node holds (derived from the open-file limit when 0 is given).
+    pub max_connections: usize,
+    /// 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// Upgrade attempts per second per address; 0: no limit.
+    pub connect_rate_per_ip: usize,
+    /// Peers whose X-Forwarded-For is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Commands a connection may send per second (a burst of twice as many); 0: no limit.
+    pub max_commands_per_second: usize,
+    /// How long a client may take to send its upgrade request's headers.
+    pub header_read_timeout: Duration,
     pub max_message_size: usize,
     pub max_queue_bytes: usize,
     pub max_publication_size: usize,
@@ -284,6 +302,12 @@ struct RawConfig {
     write_timeout: Option<String>,
     shutdown_timeout: Option<String>,
     drain_window: Option<String>,
+    max_connections: Option<u64>,
+    max_connections_per_ip: Option<u64>,
+    connect_rate_per_ip: Option<u64>,
+    trusted_proxies: Option<Vec<String>>,
+    max_commands_per_second: Option<u64>,
+    header_read_timeout: Option<String>,
     max_message_size: Option<u64>,
     max_queue_bytes: Option<u64>,
     max_publication_size: Option<u64>,
@@ -438,6 +462,10 @@ impl Config {
             }
             usize::try_from(n).map_err(|_| invalid(key, "too large"))
         };
+        let count = |key: &str, v: Option<u64>| -> Result<usize, ConfigError> {
+            let n = v.unwrap_or_else(|| default_of(key).parse().expect("numeric default"));
+            usize::try_from(n).map_err(|_| invalid(key, "too large"))
+        };
         let nonempty = |v: Option<String>| v.filter(|s| !s.is_empty());
 
         let ws_path = raw.ws_path.unwrap_or_else(|| default_of("ws_path"));
@@ -495,6 +523,20 @@ impl Config {
             write_timeout: dur("write_timeout", raw.write_timeout)?,
             shutdown_timeout: dur("shutdown_timeout", raw.shutdown_timeout)?,
             drain_window: dur("drain_window", raw.drain_window)?,
+            max_connections: match count("max_connections", raw.max_connections)? {
+                0 => crate::ws::admission::default_max_connections(),
+                n => n,
+            },
+            max_connections_per_ip: count("max_connections_per_ip", raw.max_connections_per_ip)?,
+            connect_rate_per_ip: count("connect_rate_per_ip", raw.connect_rate_per_ip)?,
+            trusted_proxies: raw
+                .trusted_proxies
+                .unwrap_or_default()
+                .iter()
+                .map(|p| parse_net(p))
+                .collect::<Result<_, _>>()?,
+            max_commands_per_second: count("max_commands_per_second", raw.max_commands_per_second)?,
+            header_read_timeout: dur("header_read_timeout", raw.header_read_timeout)?,
             max_message_size: size("max_message_size", raw.max_message_size)?,
             max_queue_bytes: size("max_queue_bytes", raw.max_queue_bytes)?,
             max_publication_size: size("max_publication_size", raw.max_publication_size)?,
@@ -533,6 +575,7 @@ impl Config {
             "shutdown_timeout",
             "events_ack_timeout",
             "rpc_timeout",
+            "header_read_timeout",
         ] {
             if config.duration(key).is_zero() {
                 return Err(invalid(key, "must be greater than 0"));
@@ -641,6 +684,7 @@ impl Config {
             "write_timeout" => self.write_timeout,
             "events_ack_timeout" => self.events_ack_timeout,
             "rpc_timeout" => self.rpc_timeout,
+            "header_read_timeout" => self.header_read_timeout,
             _ => self.shutdown_timeout,
         }
     }
@@ -739,6 +783,19 @@ fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
             format!("expected an address like 127.0.0.1:8080, got {value:?}"),
         )
     })
+}
+
+/// An address or a network: `10.0.0.1`, `10.0.0.0/8`, `fd00::/8`.
+fn parse_net(text: &str) -> Result<ipnet::IpNet, ConfigError> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| {
+            invalid(
+                "trusted_proxies",
+                format!("{text:?} is not an address or a network (10.0.0.0/8)"),
+            )
+        })
 }
 
 fn parse_algorithm(name: &str) -> Result<Algorithm, ConfigError> {

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::events::Events;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::ws::admission::{self, Admission};
 
 #[derive(Clone)]
 pub struct Node {
@@ -20,6 +21,8 @@ pub struct Node {
     pub verifier: Arc<Verifier>,
     pub metrics: Arc<Metrics>,
     pub events: Events,
+    /// Who may open a WebSocket (max_connections and the per-address limits).
+    pub admission: Arc<Admission>,
     /// Random per process start.
     pub id: Arc<str>,
     pub started: Instant,
@@ -39,6 +42,12 @@ impl Node {
             hub.clone(),
             config.clone(),
         )));
+        let admission = Admission::new(admission::Limits {
+            max_connections: config.max_connections,
+            per_ip: config.max_connections_per_ip,
+            rate_per_ip: config.connect_rate_per_ip as f64,
+            trusted_proxies: config.trusted_proxies.clone(),
+        });
         Ok(Node {
             config,
             hub,
@@ -46,6 +55,7 @@ impl Node {
             verifier,
             metrics,
             events,
+            admission,
             id,
             started: Instant::now(),
         })

@@ -24,7 +24,21 @@ pub fn connection_state_sizes(node: &Node) -> Vec<(&'static str, usize)> {
         .body(())
         .expect("a valid request");
     let (_, upgrade) = fastwebsockets::upgrade::upgrade(&mut request).expect("an upgrade request");
-    let session = session::run(upgrade, node.clone(), None, token.clone(), token.clone());
+    let ticket = node
+        .admission
+        .admit(
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            std::time::Instant::now(),
+        )
+        .expect("a place for the measurement");
+    let session = session::run(
+        upgrade,
+        node.clone(),
+        ticket,
+        None,
+        token.clone(),
+        token.clone(),
+    );
     let writer = Writer {
         io: tokio::io::sink(),
         outbox: std::sync::Arc::new(Outbox::new(1)),

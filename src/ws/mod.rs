@@ -4,6 +4,7 @@
 //! commands; `writer` is the only code that writes to its socket; `protocol` and `frame`
 //! are the pure encoding of what travels; `close` is the table of close codes.
 
+pub mod admission;
 pub mod close;
 mod footprint;
 pub mod frame;

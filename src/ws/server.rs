@@ -3,11 +3,13 @@
 //!
 //! Checks made before the upgrade, each with its HTTP answer: the path (404), that the
 //! request is a WebSocket upgrade (426), its Origin against `allowed_origins` (403), the
+//! connection limits (`admission`: 503, or 429 past the attempt rate), the
 //! offered subprotocols (400 when they do not include `sidecast.v1`, which is echoed when
 //! offered), and the handshake headers (400).
 
 use std::convert::Infallible;
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -23,9 +25,6 @@ use tracing::Instrument;
 use crate::node::Node;
 use crate::ws::protocol::SUBPROTOCOL;
 use crate::ws::{origin, session};
-
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where sessions are spawned and how they are stopped.
 #[derive(Clone)]
@@ -58,14 +57,15 @@ pub async fn serve(listener: TcpListener, node: Node, sessions: Sessions, stop: 
         let stop = stop.clone();
         sessions.tracker.spawn(
             async move {
+                let header_read_timeout = node.config.header_read_timeout;
                 let service = hyper::service::service_fn(move |req| {
                     let node = node.clone();
                     let sessions = sessions_for_conn.clone();
-                    async move { Ok::<_, Infallible>(handle(req, node, sessions)) }
+                    async move { Ok::<_, Infallible>(handle(req, peer, node, sessions)) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .header_read_timeout(header_read_timeout)
                     .serve_connection(TokioIo::new(stream), service)
                     .with_upgrades();
                 tokio::select! {
@@ -80,7 +80,12 @@ pub async fn serve(listener: TcpListener, node: Node, sessions: Sessions, stop: 
     }
 }
 
-fn handle(mut req: Request<Incoming>, node: Node, sessions: Sessions) -> Response<Full<Bytes>> {
+fn handle(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    node: Node,
+    sessions: Sessions,
+) -> Response<Full<Bytes>> {
     if req.uri().path() != node.config.ws_path {
         return plain(StatusCode::NOT_FOUND, "not found");
     }
@@ -97,6 +102,23 @@ fn handle(mut req: Request<Incoming>, node: Node, sessions: Sessions) -> Respons
     if !origin::allowed(&node.config.allowed_origins, origin) {
         return plain(StatusCode::FORBIDDEN, "origin not allowed");
     }
+    let forwarded_for = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    let ip = node.admission.client_ip(peer.ip(), forwarded_for);
+    let ticket = match node.admission.admit(ip, Instant::now()) {
+        Ok(ticket) => ticket,
+        Err(refusal) => {
+            tracing::debug!(%ip, %refusal, "upgrade refused");
+            let status = StatusCode::from_u16(refusal.status()).expect("a valid status");
+            let mut response = plain(status, &refusal.to_string());
+            response
+                .headers_mut()
+                .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return response;
+        }
+    };
     let protocol = match offered_protocol(&req) {
         Ok(protocol) => protocol,
         Err(()) => {
@@ -120,6 +142,7 @@ fn handle(mut req: Request<Incoming>, node: Node, sessions: Sessions) -> Respons
         session::run(
             upgrade,
             node,
+            ticket,
             token,
             sessions.shutdown.clone(),
             sessions.kill.clone(),

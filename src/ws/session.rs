@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::outbox::{Outbox, Push};
 use crate::pb;
+use crate::ws::admission::Ticket;
 use crate::ws::close::{self, Close};
 use crate::ws::frame;
 use crate::ws::protocol::{self, Command, ErrorCode, ProtocolError, Request};
@@ -34,6 +35,8 @@ type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
 pub async fn run(
     upgrade: fastwebsockets::upgrade::UpgradeFut,
     node: Node,
+    // Held for the connection's life: its place under max_connections.
+    _ticket: Ticket,
     query_token: Option<String>,
     shutdown: CancellationToken,
     kill: CancellationToken,
@@ -71,6 +74,7 @@ pub async fn run(
         .run(),
     );
 
+    let node_rate = node.config.max_commands_per_second;
     let mut session = Session {
         id: new_client_id(),
         node,
@@ -80,6 +84,7 @@ pub async fn run(
         closing: false,
         conn: conn.clone(),
         rpcs: Arc::new(AtomicUsize::new(0)),
+        commands: CommandRate::new(node_rate),
     };
     tracing::debug!(client = %session.id, "websocket open");
     if let Some(token) = query_token {
@@ -112,6 +117,39 @@ struct Session {
     conn: CancellationToken,
     /// Rpcs waiting for a backend's answer.
     rpcs: Arc<AtomicUsize>,
+    commands: CommandRate,
+}
+
+/// max_commands_per_second as a token bucket holding two seconds' worth.
+struct CommandRate {
+    rate: f64,
+    tokens: f64,
+    refilled: std::time::Instant,
+}
+
+impl CommandRate {
+    fn new(rate: usize) -> CommandRate {
+        CommandRate {
+            rate: rate as f64,
+            tokens: 2.0 * rate as f64,
+            refilled: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes one command's token; false when the connection is over its rate.
+    fn take(&mut self, now: std::time::Instant) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(2.0 * self.rate);
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
 }
 
 // === impl Session ===
@@ -233,6 +271,12 @@ impl Session {
 
     async fn on_message(&mut self, text: &[u8]) {
         Metrics::inc(&self.node.metrics.messages_received);
+        if !self.commands.take(std::time::Instant::now()) {
+            return self.close(
+                close::RATE_LIMITED,
+                "too many commands (max_commands_per_second)",
+            );
+        }
         match protocol::decode(text) {
             Ok(request) => self.handle(request).await,
             Err(ProtocolError::Unanswerable(reason)) => self.close(close::BAD_REQUEST, reason),

@@ -9,6 +9,7 @@ mod control;
 mod events;
 mod history;
 mod jose;
+mod limits;
 mod ops;
 mod pubsub;
 mod python;
