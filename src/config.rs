@@ -59,6 +59,11 @@ pub const KEYS: &[(&str, Kind, &str)] = &[
     ("ws_addr", Kind::Addr, "0.0.0.0:8080"),
     ("ws_path", Kind::Str, "/ws"),
     ("allowed_origins", Kind::List, ""),
+    ("ws_tls_cert_file", Kind::Str, ""),
+    ("ws_tls_key_file", Kind::Str, ""),
+    ("grpc_tls_cert_file", Kind::Str, ""),
+    ("grpc_tls_key_file", Kind::Str, ""),
+    ("grpc_tls_client_ca_file", Kind::Str, ""),
     ("grpc_addr", Kind::Addr, "127.0.0.1:50051"),
     ("admin_addr", Kind::Addr, "127.0.0.1:9090"),
     ("api_key", Kind::Str, ""),
@@ -222,6 +227,13 @@ impl TokenConfig {
 pub struct Config {
     pub ws_addr: SocketAddr,
     pub ws_path: String,
+    /// PEM files: TLS on the WebSocket listener when both are set.
+    pub ws_tls_cert_file: Option<PathBuf>,
+    pub ws_tls_key_file: Option<PathBuf>,
+    /// PEM files: TLS on the control listener, and client certificates (mTLS) with the CA.
+    pub grpc_tls_cert_file: Option<PathBuf>,
+    pub grpc_tls_key_file: Option<PathBuf>,
+    pub grpc_tls_client_ca_file: Option<PathBuf>,
     /// Browser Origins allowed to upgrade; empty allows any.
     pub allowed_origins: Vec<crate::ws::origin::OriginPattern>,
     pub grpc_addr: SocketAddr,
@@ -285,6 +297,11 @@ struct RawConfig {
     ws_addr: Option<String>,
     ws_path: Option<String>,
     allowed_origins: Option<Vec<String>>,
+    ws_tls_cert_file: Option<String>,
+    ws_tls_key_file: Option<String>,
+    grpc_tls_cert_file: Option<String>,
+    grpc_tls_key_file: Option<String>,
+    grpc_tls_client_ca_file: Option<String>,
     grpc_addr: Option<String>,
     admin_addr: Option<String>,
     api_key: Option<String>,
@@ -500,6 +517,11 @@ impl Config {
         let mut config = Config {
             ws_addr: addr("ws_addr", raw.ws_addr)?,
             ws_path,
+            ws_tls_cert_file: nonempty(raw.ws_tls_cert_file).map(PathBuf::from),
+            ws_tls_key_file: nonempty(raw.ws_tls_key_file).map(PathBuf::from),
+            grpc_tls_cert_file: nonempty(raw.grpc_tls_cert_file).map(PathBuf::from),
+            grpc_tls_key_file: nonempty(raw.grpc_tls_key_file).map(PathBuf::from),
+            grpc_tls_client_ca_file: nonempty(raw.grpc_tls_client_ca_file).map(PathBuf::from),
             allowed_origins: raw
                 .allowed_origins
                 .unwrap_or_default()
@@ -588,6 +610,34 @@ impl Config {
                     "must be at most a quarter of max_queue_bytes ({})",
                     config.max_queue_bytes / 4
                 ),
+            ));
+        }
+        for (cert, key, cert_name, key_name) in [
+            (
+                &config.ws_tls_cert_file,
+                &config.ws_tls_key_file,
+                "ws_tls_cert_file",
+                "ws_tls_key_file",
+            ),
+            (
+                &config.grpc_tls_cert_file,
+                &config.grpc_tls_key_file,
+                "grpc_tls_cert_file",
+                "grpc_tls_key_file",
+            ),
+        ] {
+            if cert.is_some() != key.is_some() {
+                let missing = if cert.is_none() { cert_name } else { key_name };
+                return Err(invalid(
+                    missing,
+                    "set both the certificate and the key file",
+                ));
+            }
+        }
+        if config.grpc_tls_client_ca_file.is_some() && config.grpc_tls_cert_file.is_none() {
+            return Err(invalid(
+                "grpc_tls_client_ca_file",
+                "client certificates need TLS on the control listener: set grpc_tls_cert_file and grpc_tls_key_file",
             ));
         }
         if config.drain_window >= config.shutdown_timeout {

@@ -23,6 +23,7 @@ pub mod hub;
 pub mod metrics;
 pub mod node;
 pub mod outbox;
+pub mod tls;
 pub mod ws;
 
 /// The generated control API (package `sidecast.v1`).
@@ -72,6 +73,8 @@ pub enum RunError {
     Keys(#[from] KeyError),
     #[error("the control API stopped: {0}")]
     Control(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Runs a node until `shutdown` is cancelled, then drains: readiness turns false, every
@@ -83,6 +86,8 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let ws_tls = tls::ws_acceptor(&config)?;
+    let grpc_tls = tls::grpc_config(&config)?;
     let node = Node::build(config)?;
     let config = node.config.clone();
     let health = Arc::new(Health::default());
@@ -95,6 +100,7 @@ pub async fn run(
     let stop_accepting = CancellationToken::new();
     servers.spawn(ws::server::serve(
         listeners.ws,
+        ws_tls,
         node.clone(),
         sessions.clone(),
         stop_accepting.clone(),
@@ -103,6 +109,7 @@ pub async fn run(
     let (mut grpc_health, health_service) = grpc::health().await;
     let grpc = servers.spawn(grpc::serve(
         listeners.grpc,
+        grpc_tls,
         node.clone(),
         health_service,
         grpc_stop.clone(),

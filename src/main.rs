@@ -145,8 +145,15 @@ fn config_command(action: &ConfigAction, config: &Config) -> ExitCode {
             ExitCode::SUCCESS
         }
         ConfigAction::Check { file } => {
-            // The key files must be readable too, as at start.
+            // The key and certificate files must be usable too, as at start.
             if let Err(e) = sidecast::auth::Verifier::from_config(&config.token) {
+                eprintln!("sidecast: configuration error: {e}");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+            let tls = sidecast::tls::ws_acceptor(config)
+                .map(drop)
+                .and_then(|()| sidecast::tls::grpc_config(config).map(drop));
+            if let Err(e) = tls {
                 eprintln!("sidecast: configuration error: {e}");
                 return ExitCode::from(EXIT_CONFIG as u8);
             }
@@ -349,7 +356,7 @@ fn serve(config: Config) -> ExitCode {
         tokio::spawn(signal(shutdown.clone()));
         match run(listeners, config, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e @ RunError::Keys(_)) => {
+            Err(e @ (RunError::Keys(_) | RunError::Tls(_))) => {
                 tracing::error!("{e}");
                 ExitCode::from(EXIT_CONFIG as u8)
             }

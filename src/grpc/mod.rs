@@ -73,6 +73,7 @@ pub async fn health() -> (GrpcHealth, HealthServer<impl Health>) {
 /// probes work without it.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     node: Node,
     health: HealthServer<impl Health>,
     stop: CancellationToken,
@@ -89,7 +90,11 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("the build's descriptors are valid");
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .layer(counted::CountLayer {
             metrics: node.metrics.clone(),
         })

@@ -18,6 +18,7 @@ use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -37,7 +38,13 @@ pub struct Sessions {
 }
 
 /// Accepts until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, node: Node, sessions: Sessions, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    node: Node,
+    sessions: Sessions,
+    stop: CancellationToken,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -53,6 +60,7 @@ pub async fn serve(listener: TcpListener, node: Node, sessions: Sessions, stop: 
         };
         let _ = stream.set_nodelay(true);
         let node = node.clone();
+        let tls = tls.clone();
         let sessions_for_conn = sessions.clone();
         let stop = stop.clone();
         sessions.tracker.spawn(
@@ -63,15 +71,43 @@ pub async fn serve(listener: TcpListener, node: Node, sessions: Sessions, stop: 
                     let sessions = sessions_for_conn.clone();
                     async move { Ok::<_, Infallible>(handle(req, peer, node, sessions)) }
                 });
-                let conn = hyper::server::conn::http1::Builder::new()
+                let http = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_read_timeout)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades();
-                tokio::select! {
-                    result = conn => if let Err(e) = result {
+                    .clone();
+                let served = async move {
+                    let result = match tls {
+                        None => {
+                            http.serve_connection(TokioIo::new(stream), service)
+                                .with_upgrades()
+                                .await
+                        }
+                        Some(tls) => {
+                            // The handshake shares the header read deadline.
+                            let accepted =
+                                tokio::time::timeout(header_read_timeout, tls.accept(stream)).await;
+                            let stream = match accepted {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!("TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            http.serve_connection(TokioIo::new(stream), service)
+                                .with_upgrades()
+                                .await
+                        }
+                    };
+                    if let Err(e) = result {
                         tracing::debug!(error = %e, "http connection ended");
-                    },
+                    }
+                };
+                tokio::select! {
+                    _ = served => {}
                     _ = stop.cancelled() => {}
                 }
             }

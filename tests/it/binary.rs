@@ -82,6 +82,24 @@ fn invalid_configuration_exits_64_naming_the_key() {
         ),
         (vec!["--set", "drain_window=20s"], vec![], "drain_window"),
         (
+            vec!["--set", "ws_tls_cert_file=/x.pem"],
+            vec![],
+            "ws_tls_key_file",
+        ),
+        (
+            vec!["--set", "grpc_tls_client_ca_file=/ca.pem"],
+            vec![],
+            "grpc_tls_client_ca_file",
+        ),
+        (
+            LOOPBACK.to_vec(),
+            vec![
+                ("SIDECAST_WS_TLS_CERT_FILE", missing_key),
+                ("SIDECAST_WS_TLS_KEY_FILE", missing_key),
+            ],
+            "ws_tls_cert_file",
+        ),
+        (
             LOOPBACK.to_vec(),
             vec![("SIDECAST_LOG", "sidecast=lots")],
             "SIDECAST_LOG",

@@ -14,3 +14,4 @@ mod ops;
 mod pubsub;
 mod python;
 mod support;
+mod tls;

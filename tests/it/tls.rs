@@ -1,0 +1,148 @@
+//! TLS on both listeners with certificates generated at test time (rcgen): a client over
+//! wss, and the control API over TLS with client certificates (mTLS).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use serde_json::json;
+use sidecast::pb::control_client::ControlClient;
+use sidecast::pb::InfoRequest;
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+use tokio_tungstenite::tungstenite::Message;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::support::{token, TestServer, PATIENCE};
+
+struct Pki {
+    dir: PathBuf,
+    ca_pem: String,
+    ca_der: rustls::pki_types::CertificateDer<'static>,
+    client_cert: String,
+    client_key: String,
+}
+
+impl Pki {
+    /// A CA, a server certificate for localhost signed by it (files in `dir`), and a client
+    /// certificate signed by it.
+    fn new() -> Pki {
+        let dir = std::env::temp_dir().join(format!("sidecast-tls-{:x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let server_key = KeyPair::generate().unwrap();
+        let server = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&server_key, &ca)
+            .unwrap();
+        std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
+        std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        let client_key = KeyPair::generate().unwrap();
+        let client = CertificateParams::new(vec!["backend".to_string()])
+            .unwrap()
+            .signed_by(&client_key, &ca)
+            .unwrap();
+        Pki {
+            ca_pem: ca.pem(),
+            ca_der: ca.der().clone(),
+            client_cert: client.pem(),
+            client_key: client_key.serialize_pem(),
+            dir,
+        }
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.dir.join(name).to_str().unwrap().to_string()
+    }
+}
+
+#[tokio::test]
+async fn a_client_connects_over_wss() {
+    let pki = Pki::new();
+    let server = TestServer::start(&[
+        ("ws_tls_cert_file", &pki.file("server.pem")),
+        ("ws_tls_key_file", &pki.file("server.key")),
+    ])
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(server.ws_addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.expect("TLS handshake");
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://localhost/ws", tls)
+        .await
+        .expect("upgrade over TLS");
+    let connect = json!({"id": 1, "op": "connect", "token": token("ann", json!({}))});
+    ws.send(Message::text(connect.to_string())).await.unwrap();
+    let reply = tokio::time::timeout(PATIENCE, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_str(reply.to_text().unwrap()).unwrap();
+    assert_eq!(reply["type"], "connected");
+    assert_eq!(reply["user"], "ann");
+
+    // A plain-text upgrade on the TLS port gets no WebSocket.
+    let plain = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.ws_addr)).await;
+    assert!(plain.is_err());
+}
+
+#[tokio::test]
+async fn the_control_api_over_tls_requires_a_client_certificate() {
+    let pki = Pki::new();
+    let server = TestServer::start(&[
+        ("grpc_tls_cert_file", &pki.file("server.pem")),
+        ("grpc_tls_key_file", &pki.file("server.key")),
+        ("grpc_tls_client_ca_file", &pki.file("ca.pem")),
+    ])
+    .await;
+    let url = server.grpc_url.replace("http://", "https://");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca_pem))
+        .domain_name("localhost");
+    // With the client certificate: served.
+    let channel = Channel::from_shared(url.clone())
+        .unwrap()
+        .tls_config(
+            tls.clone()
+                .identity(Identity::from_pem(&pki.client_cert, &pki.client_key)),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .expect("mTLS handshake");
+    let info = ControlClient::new(channel)
+        .info(InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!info.node_id.is_empty());
+    // Without one: no call gets through.
+    let refused = match Channel::from_shared(url)
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+    {
+        Err(_) => true,
+        Ok(channel) => ControlClient::new(channel)
+            .info(InfoRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a client without a certificate was served");
+}
