@@ -172,6 +172,8 @@ async fn development_mode_token_then_sigterm_drains_with_1001() {
         ])
         .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
         .env("SIDECAST_DEV_SECRET_FILE", secret_env)
+        // Everything logged, to check that no token or secret is.
+        .env("SIDECAST_LOG", "debug")
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -235,6 +237,14 @@ async fn development_mode_token_then_sigterm_drains_with_1001() {
     assert!(
         !stderr.contains(std::fs::read_to_string(&secret_file).unwrap().trim()),
         "the secret is never logged"
+    );
+    assert!(
+        stderr.contains("token refused"),
+        "the forged token's refusal is logged"
+    );
+    assert!(
+        !stderr.contains(&token) && !stderr.contains(&forged),
+        "tokens are never logged"
     );
     // Once it has stopped, the health check fails.
     let (code, stderr) = run_bin(&["health", "--admin-addr", &admin_flag], &[]);
