@@ -30,6 +30,9 @@ struct Cli {
     /// Overrides admin_addr.
     #[arg(long, global = true)]
     admin_addr: Option<String>,
+    /// Overrides log_format: text (the default) or json.
+    #[arg(long, global = true)]
+    log_format: Option<String>,
     /// Overrides any configuration key: --set ping_interval=10s (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE", global = true)]
     set: Vec<String>,
@@ -217,6 +220,7 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
         ("ws_addr", &cli.ws_addr),
         ("grpc_addr", &cli.grpc_addr),
         ("admin_addr", &cli.admin_addr),
+        ("log_format", &cli.log_format),
     ] {
         if let Some(value) = value {
             overrides.push((key.to_string(), value.clone()));

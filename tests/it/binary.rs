@@ -75,6 +75,7 @@ fn invalid_configuration_exits_64_naming_the_key() {
         (vec!["--grpc-addr", "0.0.0.0:50051"], vec![], "api_key"),
         (vec!["--set", "max_queue_bytes"], vec![], "KEY=VALUE"),
         (vec!["--set", "log_format=xml"], vec![], "log_format"),
+        (vec!["--log-format", "yaml"], vec![], "log_format"),
         (
             vec!["--set", "allowed_origins=example.com"],
             vec![],
