@@ -108,6 +108,15 @@ pub const KEYS: &[(&str, Kind, &str)] = &[
     ("log_format", Kind::Str, "text"),
 ];
 
+/// Kubernetes injects `SIDECAST_PORT`, `SIDECAST_PORT_8080_TCP...` and
+/// `SIDECAST_SERVICE_HOST/PORT...` into pods when a Service is named `sidecast`: not keys.
+fn is_service_link(var: &str) -> bool {
+    var == "SIDECAST_PORT"
+        || var.starts_with("SIDECAST_PORT_")
+        || var.starts_with("SIDECAST_SERVICE_HOST")
+        || var.starts_with("SIDECAST_SERVICE_PORT")
+}
+
 /// Keys whose values `config print` masks.
 const SECRET_KEYS: &[&str] = &["api_key", "token_hmac_secret"];
 
@@ -393,7 +402,7 @@ impl Config {
             let Some(key) = var.strip_prefix("SIDECAST_") else {
                 continue;
             };
-            if ENV_NOT_KEYS.contains(&var.as_str()) {
+            if ENV_NOT_KEYS.contains(&var.as_str()) || is_service_link(var) {
                 continue;
             }
             let key = key.to_ascii_lowercase();
@@ -420,6 +429,12 @@ impl Config {
             }
         })?;
         let mut config = Config::validate(raw)?;
+        // Kept for `config print` only, secrets masked already so that no Debug shows them.
+        for key in SECRET_KEYS {
+            if let Some(value) = table.get_mut(*key) {
+                *value = toml::Value::String("***".into());
+            }
+        }
         config.source = table;
         Ok(config)
     }
@@ -916,6 +931,11 @@ mod tests {
             ("SIDECAST_PING_INTERVAL", "9s"),
             ("PATH", "/bin"),
             ("SIDECAST_LOG", "debug"),
+            // Kubernetes service links for a Service named sidecast: not keys.
+            ("SIDECAST_PORT", "tcp://10.0.0.1:80"),
+            ("SIDECAST_PORT_80_TCP_ADDR", "10.0.0.1"),
+            ("SIDECAST_SERVICE_HOST", "10.0.0.1"),
+            ("SIDECAST_SERVICE_PORT_WS", "80"),
         ]);
         let flags = pairs(&[("max_subscriptions", "5")]);
         let c = Config::from_layers(Some(("f.toml", file)), &env, &flags).unwrap();

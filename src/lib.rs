@@ -86,6 +86,8 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    // tonic's TLS uses the process's default crypto provider: ring, the one this crate builds.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let ws_tls = tls::ws_acceptor(&config)?;
     let grpc_tls = tls::grpc_config(&config)?;
     let node = Node::build(config)?;
@@ -136,6 +138,7 @@ pub async fn run(
     ));
     tracing::info!(
         ws = %config.ws_addr, path = %config.ws_path, grpc = %config.grpc_addr, admin = %config.admin_addr,
+        max_connections = config.max_connections,
         "sidecast is serving"
     );
 

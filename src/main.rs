@@ -90,6 +90,9 @@ enum ConfigAction {
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
+    // The soft open-file limit is often 1024 while the hard one is much higher: every socket
+    // is a file, and max_connections is derived from the limit, so raise it first.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     if let Some(Command::Config {
         action: ConfigAction::Check { file },
     }) = &cli.command

@@ -46,6 +46,28 @@ pub struct Metrics {
 
 const ERROR_CODES: usize = 11;
 
+/// The methods the control listener serves (a test checks this against the proto).
+pub const GRPC_METHODS: &[&str] = &[
+    "/sidecast.v1.Control/Publish",
+    "/sidecast.v1.Control/Broadcast",
+    "/sidecast.v1.Control/Subscribe",
+    "/sidecast.v1.Control/Unsubscribe",
+    "/sidecast.v1.Control/Disconnect",
+    "/sidecast.v1.Control/Send",
+    "/sidecast.v1.Control/Presence",
+    "/sidecast.v1.Control/PresenceStats",
+    "/sidecast.v1.Control/Channels",
+    "/sidecast.v1.Control/Info",
+    "/sidecast.v1.Control/History",
+    "/sidecast.v1.Control/HistoryRemove",
+    "/sidecast.v1.Control/Events",
+    "/sidecast.v1.Control/Reply",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
 #[derive(Default, Debug)]
 struct Histogram {
     buckets: [AtomicU64; FANOUT_BUCKETS.len()],
@@ -110,16 +132,15 @@ impl Metrics {
             .or_default() += 1;
     }
 
-    /// A control API call; `method` is the request path (unknown paths count as "other").
+    /// A control API call; `method` is the request path. Only the listener's own methods get
+    /// a label of their own (anything else counts as "other"), so clients cannot grow the
+    /// label set, and no label needs escaping.
     pub fn record_grpc(&self, method: &str, code: i32) {
-        let known = method.starts_with("/sidecast.v1.Control/")
-            || method.starts_with("/grpc.health.v1.Health/")
-            || method.starts_with("/grpc.reflection.");
-        let method = if known && method.len() <= 80 {
-            method
-        } else {
-            "other"
-        };
+        let method = GRPC_METHODS
+            .iter()
+            .find(|m| **m == method)
+            .copied()
+            .unwrap_or("other");
         *self
             .grpc
             .lock()
@@ -339,7 +360,9 @@ impl Metrics {
                 (format!("_bucket{{le=\"{le}\"}}"), cumulative.to_string())
             })
             .collect();
-        let count = self.fanout.count.load(Relaxed);
+        // Read after the buckets: a publication recorded in between may be in a bucket and
+        // not yet in the count, and +Inf must not be below the last bucket.
+        let count = self.fanout.count.load(Relaxed).max(cumulative);
         buckets.push(("_bucket{le=\"+Inf\"}".into(), count.to_string()));
         buckets.push((
             "_sum".into(),
@@ -361,5 +384,40 @@ fn code_name(code: i32) -> String {
     match tonic::Code::from(code) {
         tonic::Code::Ok => "OK".into(),
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_control_method_has_its_label() {
+        let proto = include_str!("../proto/sidecast/v1/control.proto");
+        let methods: Vec<&str> = proto
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("rpc "))
+            .map(|l| l.split('(').next().unwrap().trim())
+            .collect();
+        assert!(methods.len() >= 14);
+        for m in methods {
+            let path = format!("/sidecast.v1.Control/{m}");
+            assert!(GRPC_METHODS.contains(&path.as_str()), "{path}");
+        }
+    }
+
+    #[test]
+    fn unknown_methods_share_one_label() {
+        let m = Metrics::default();
+        m.record_grpc("/grpc.health.v1.Health/Evil\"}", 12);
+        m.record_grpc("/x/y", 12);
+        m.record_grpc("/sidecast.v1.Control/Info", 0);
+        let text = m.render(&Gauges::default());
+        assert!(
+            text.contains(r#"sidecast_grpc_requests_total{method="other",code="Unimplemented"} 2"#)
+        );
+        assert!(text.contains(
+            r#"sidecast_grpc_requests_total{method="/sidecast.v1.Control/Info",code="OK"} 1"#
+        ));
     }
 }

@@ -65,21 +65,47 @@ pub fn grpc_config(config: &Config) -> Result<Option<tonic::transport::ServerTls
         |key: &'static str, path: &Path| std::fs::read(path).map_err(|e| error(key, path, e));
     let cert = read("grpc_tls_cert_file", cert_file)?;
     let key = read("grpc_tls_key_file", key_file)?;
-    // Parsed here so that a bad file is reported at start, naming its key.
-    CertificateDer::pem_slice_iter(&cert)
-        .next()
-        .ok_or_else(|| error("grpc_tls_cert_file", cert_file, "no certificate in it"))?
+    // tonic builds its rustls configuration inside the server task: the same configuration is
+    // built here first, so that a key that does not match its certificate, or a CA file
+    // without a usable root, is reported at start with its key.
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert)
+        .collect::<Result<_, _>>()
         .map_err(|e| error("grpc_tls_cert_file", cert_file, e))?;
-    PrivateKeyDer::from_pem_slice(&key).map_err(|e| error("grpc_tls_key_file", key_file, e))?;
+    let private =
+        PrivateKeyDer::from_pem_slice(&key).map_err(|e| error("grpc_tls_key_file", key_file, e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| error("grpc_tls_cert_file", cert_file, e))?;
     let mut tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert, key));
-    if let Some(ca_file) = &config.grpc_tls_client_ca_file {
-        let ca = read("grpc_tls_client_ca_file", ca_file)?;
-        CertificateDer::pem_slice_iter(&ca)
-            .next()
-            .ok_or_else(|| error("grpc_tls_client_ca_file", ca_file, "no certificate in it"))?
-            .map_err(|e| error("grpc_tls_client_ca_file", ca_file, e))?;
-        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        .identity(tonic::transport::Identity::from_pem(&cert, &key))
+        .timeout(config.header_read_timeout);
+    match &config.grpc_tls_client_ca_file {
+        None => {
+            builder
+                .with_no_client_auth()
+                .with_single_cert(certs, private)
+                .map_err(|e| error("grpc_tls_key_file", key_file, e))?;
+        }
+        Some(ca_file) => {
+            let ca = read("grpc_tls_client_ca_file", ca_file)?;
+            let mut roots = rustls::RootCertStore::empty();
+            for root in CertificateDer::pem_slice_iter(&ca) {
+                let root = root.map_err(|e| error("grpc_tls_client_ca_file", ca_file, e))?;
+                roots
+                    .add(root)
+                    .map_err(|e| error("grpc_tls_client_ca_file", ca_file, e))?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .map_err(|e| error("grpc_tls_client_ca_file", ca_file, e))?;
+            builder
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(certs, private)
+                .map_err(|e| error("grpc_tls_key_file", key_file, e))?;
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
     }
     Ok(Some(tls))
 }

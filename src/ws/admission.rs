@@ -48,7 +48,15 @@ pub struct Limits {
 pub struct Admission {
     limits: Limits,
     open: AtomicUsize,
-    addresses: Mutex<HashMap<IpAddr, Address>>,
+    addresses: Mutex<Addresses>,
+}
+
+#[derive(Default)]
+struct Addresses {
+    map: HashMap<IpAddr, Address>,
+    /// The map's size after the last sweep: the next sweep waits until it doubles, so that
+    /// sweeping stays amortized O(1) per upgrade.
+    swept_at: usize,
 }
 
 struct Address {
@@ -71,8 +79,12 @@ impl Drop for Ticket {
         self.admission.open.fetch_sub(1, Relaxed);
         if let Some(ip) = self.ip {
             let mut addresses = self.admission.addresses.lock().expect("admission lock");
-            if let Some(a) = addresses.get_mut(&ip) {
+            if let Some(a) = addresses.map.get_mut(&ip) {
                 a.open = a.open.saturating_sub(1);
+                // Without a rate there is nothing else to remember about the address.
+                if a.open == 0 && self.admission.limits.rate_per_ip == 0.0 {
+                    addresses.map.remove(&ip);
+                }
             }
         }
     }
@@ -83,7 +95,7 @@ impl Admission {
         Arc::new(Admission {
             limits,
             open: AtomicUsize::new(0),
-            addresses: Mutex::new(HashMap::new()),
+            addresses: Mutex::new(Addresses::default()),
         })
     }
 
@@ -103,7 +115,12 @@ impl Admission {
         };
         let mut client = peer;
         for hop in header.rsplit(',') {
-            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+            let hop = hop.trim();
+            // `1.2.3.4`, `1.2.3.4:5678`, `[::1]:5678`.
+            let parsed = hop
+                .parse::<IpAddr>()
+                .or_else(|_| hop.parse::<std::net::SocketAddr>().map(|s| s.ip()));
+            let Ok(ip) = parsed else {
                 break;
             };
             client = ip;
@@ -118,15 +135,17 @@ impl Admission {
     pub fn admit(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Ticket, Refusal> {
         let per_address = self.limits.per_ip > 0 || self.limits.rate_per_ip > 0.0;
         if per_address {
-            let mut addresses = self.addresses.lock().expect("admission lock");
-            if addresses.len() > SWEEP_ABOVE {
+            let mut guard = self.addresses.lock().expect("admission lock");
+            let addresses = &mut *guard;
+            if addresses.map.len() > SWEEP_ABOVE.max(2 * addresses.swept_at) {
                 // A bucket refills completely within a second: older idle entries are forgotten.
-                addresses.retain(|_, a| {
+                addresses.map.retain(|_, a| {
                     a.open > 0 || now.duration_since(a.refilled) < std::time::Duration::from_secs(1)
                 });
+                addresses.swept_at = addresses.map.len();
             }
             let burst = self.limits.rate_per_ip.max(1.0);
-            let address = addresses.entry(ip).or_insert(Address {
+            let address = addresses.map.entry(ip).or_insert(Address {
                 open: 0,
                 tokens: burst,
                 refilled: now,
@@ -244,6 +263,7 @@ mod tests {
             ip("1.2.3.4"),
             "the rightmost untrusted hop; what the client wrote itself is not believed"
         );
+        assert_eq!(a.client_ip(proxy, Some("1.2.3.4:5678")), ip("1.2.3.4"));
         assert_eq!(a.client_ip(proxy, None), proxy);
         assert_eq!(a.client_ip(proxy, Some("garbage")), proxy);
     }

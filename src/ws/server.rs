@@ -138,11 +138,18 @@ fn handle(
     if !origin::allowed(&node.config.allowed_origins, origin) {
         return plain(StatusCode::FORBIDDEN, "origin not allowed");
     }
-    let forwarded_for = req
+    // Every X-Forwarded-For line, in order: a proxy may add a line of its own rather than
+    // append to the client's.
+    let forwarded: Vec<&str> = req
         .headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok());
-    let ip = node.admission.client_ip(peer.ip(), forwarded_for);
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.to_str().unwrap_or("invalid"))
+        .collect();
+    let forwarded_for = (!forwarded.is_empty()).then(|| forwarded.join(","));
+    let ip = node
+        .admission
+        .client_ip(peer.ip(), forwarded_for.as_deref());
     let ticket = match node.admission.admit(ip, Instant::now()) {
         Ok(ticket) => ticket,
         Err(refusal) => {

@@ -146,3 +146,48 @@ async fn the_control_api_over_tls_requires_a_client_certificate() {
     };
     assert!(refused, "a client without a certificate was served");
 }
+
+#[test]
+fn a_key_that_does_not_match_its_certificate_is_reported_at_start() {
+    let pki = Pki::new();
+    let other_key = pki.dir.join("other.key");
+    std::fs::write(&other_key, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    let other_key = other_key.to_str().unwrap().to_string();
+    for (cert_key, key_key) in [
+        ("grpc_tls_cert_file", "grpc_tls_key_file"),
+        ("ws_tls_cert_file", "ws_tls_key_file"),
+    ] {
+        let config = sidecast::config::Config::from_layers(
+            None,
+            &[],
+            &[
+                (cert_key.to_string(), pki.file("server.pem")),
+                (key_key.to_string(), other_key.clone()),
+            ],
+        )
+        .unwrap();
+        let error = sidecast::tls::grpc_config(&config)
+            .err()
+            .or_else(|| sidecast::tls::ws_acceptor(&config).err())
+            .expect("refused");
+        assert_eq!(error.key, key_key, "{error}");
+    }
+    // A client CA file without a certificate.
+    let empty = pki.dir.join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let config = sidecast::config::Config::from_layers(
+        None,
+        &[],
+        &[
+            ("grpc_tls_cert_file".into(), pki.file("server.pem")),
+            ("grpc_tls_key_file".into(), pki.file("server.key")),
+            (
+                "grpc_tls_client_ca_file".into(),
+                empty.to_str().unwrap().into(),
+            ),
+        ],
+    )
+    .unwrap();
+    let error = sidecast::tls::grpc_config(&config).err().expect("refused");
+    assert_eq!(error.key, "grpc_tls_client_ca_file", "{error}");
+}
