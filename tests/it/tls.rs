@@ -188,6 +188,6 @@ fn a_key_that_does_not_match_its_certificate_is_reported_at_start() {
         ],
     )
     .unwrap();
-    let error = sidecast::tls::grpc_config(&config).err().expect("refused");
+    let error = sidecast::tls::grpc_config(&config).expect_err("refused");
     assert_eq!(error.key, "grpc_tls_client_ca_file", "{error}");
 }
