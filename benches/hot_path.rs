@@ -1,0 +1,98 @@
+//! Microbenchmarks of the hot path (issue 6): the protocol codec, the per-connection queue and
+//! the hub's fan-out. `cargo bench --bench hot_path`; BENCHMARKS.md records the figures.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use divan::Bencher;
+use sidecast::config::Config;
+use sidecast::events::Events;
+use sidecast::hub::{Hub, Origin};
+use sidecast::metrics::Metrics;
+use sidecast::outbox::Outbox;
+use sidecast::ws::{frame, protocol};
+
+fn main() {
+    divan::main();
+}
+
+#[divan::bench]
+fn decode_subscribe() -> protocol::Request {
+    protocol::decode(divan::black_box(
+        br#"{"id":12,"op":"subscribe","channel":"chat:lobby"}"#,
+    ))
+    .unwrap()
+}
+
+#[divan::bench]
+fn decode_publish() -> protocol::Request {
+    protocol::decode(divan::black_box(
+        br#"{"id":13,"op":"publish","channel":"chat:lobby","data":{"text":"hello there","n":42}}"#,
+    ))
+    .unwrap()
+}
+
+#[divan::bench(args = [64, 1024])]
+fn encode_pub_frame(bencher: Bencher, size: usize) {
+    let data = format!("\"{}\"", "x".repeat(size - 2));
+    bencher.bench(|| {
+        frame::text(&protocol::encode_pub(
+            divan::black_box("chat:lobby"),
+            divan::black_box(data.as_bytes()),
+            Some(17),
+        ))
+    });
+}
+
+#[divan::bench]
+fn outbox_push_take(bencher: Bencher) {
+    let outbox = Outbox::new(1 << 20);
+    let frame = Bytes::from_static(&[0u8; 64]);
+    let mut frames = Vec::with_capacity(8);
+    bencher.bench_local(|| {
+        for _ in 0..8 {
+            outbox.push(frame.clone());
+        }
+        outbox.take(&mut frames);
+        frames.clear();
+        outbox.release();
+    });
+}
+
+/// A hub with `n` connections subscribed to one channel.
+fn hub_with(n: usize) -> (Hub, Vec<Arc<Outbox>>) {
+    let config = Arc::new(Config::from_layers(None, &[], &[]).unwrap());
+    let hub = Hub::new(
+        config.clone(),
+        Arc::new(Metrics::default()),
+        Events::new(&config, Arc::from("bench")),
+    );
+    let mut outboxes = Vec::new();
+    for i in 0..n {
+        let outbox = Arc::new(Outbox::new(1 << 20));
+        let id: Arc<str> = Arc::from(format!("c{i}"));
+        hub.register(id.clone(), &format!("u{i}"), None, None, outbox.clone());
+        hub.subscribe(&id, "room:1", Origin::Client, Bytes::from_static(b"{}"))
+            .unwrap();
+        outboxes.push(outbox);
+    }
+    (hub, outboxes)
+}
+
+/// One publication's frame queued to every subscriber (the queues are drained between
+/// samples, outside the measurement).
+#[divan::bench(args = [100, 1000, 10000], sample_count = 50, sample_size = 1)]
+fn hub_fan_out(bencher: Bencher, subscribers: usize) {
+    let (hub, outboxes) = hub_with(subscribers);
+    let frame = frame::text(&protocol::encode_pub("room:1", b"{\"n\":1}", None));
+    let mut scratch = Vec::new();
+    bencher
+        .with_inputs(|| {
+            for outbox in &outboxes {
+                outbox.take(&mut scratch);
+                scratch.clear();
+                outbox.release();
+            }
+        })
+        .bench_local_refs(|_| hub.fan_out("room:1", &frame));
+}
