@@ -50,6 +50,8 @@ pub struct Sequences(Vec<(u32, u64)>);
 pub struct Stats {
     /// Publish-to-receive latency, microseconds.
     pub latency: Histogram<u64>,
+    /// Per publication: until its first subscriber had it, microseconds.
+    pub to_first: Histogram<u64>,
     /// Per publication: until its last expected subscriber had it, microseconds.
     pub to_last: Histogram<u64>,
     pub received: u64,
@@ -59,7 +61,9 @@ pub struct Stats {
     /// Deliveries the publications sent in this window should produce.
     pub expected: u64,
     pub closes: HashMap<u16, u64>,
-    pending: HashMap<(u32, u64), (u32, u64)>,
+    /// Per tracked publication: (subscribers still to receive it, subscribers in all, worst
+    /// latency so far).
+    pending: HashMap<(u32, u64), (u32, u32, u64)>,
 }
 
 impl Default for Stats {
@@ -67,6 +71,7 @@ impl Default for Stats {
         let histogram = || Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds");
         Stats {
             latency: histogram(),
+            to_first: histogram(),
             to_last: histogram(),
             received: 0,
             gaps: 0,
@@ -84,7 +89,8 @@ impl Stats {
     pub fn published(&mut self, channel: u32, seq: u64, subscribers: u32, track_last: bool) {
         self.expected += u64::from(subscribers);
         if track_last && subscribers > 0 {
-            self.pending.insert((channel, seq), (subscribers, 0));
+            self.pending
+                .insert((channel, seq), (subscribers, subscribers, 0));
         }
     }
 
@@ -112,10 +118,13 @@ impl Stats {
             None => seqs.0.push((channel, seq)),
         }
         if let Some(entry) = self.pending.get_mut(&(channel, seq)) {
+            if entry.0 == entry.1 {
+                let _ = self.to_first.record(micros.max(1));
+            }
             entry.0 -= 1;
-            entry.1 = entry.1.max(micros);
+            entry.2 = entry.2.max(micros);
             if entry.0 == 0 {
-                let worst = entry.1;
+                let worst = entry.2;
                 self.pending.remove(&(channel, seq));
                 let _ = self.to_last.record(worst.max(1));
             }
@@ -130,6 +139,7 @@ impl Stats {
     /// Starts a new measurement window (pending publications are kept).
     pub fn reset(&mut self) {
         self.latency.reset();
+        self.to_first.reset();
         self.to_last.reset();
         self.received = 0;
         self.gaps = 0;
