@@ -176,180 +176,189 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{labels} {value}");
             }
         };
-        let one = |v: u64| vec![(String::new(), v.to_string())];
-        let c = |a: &AtomicU64| one(a.load(Relaxed));
-        metric(
-            "sidecast_up",
-            "gauge",
-            "1 while the node accepts connections, 0 once it drains.",
-            &one(u64::from(g.ready)),
+        let load = |a: &AtomicU64| a.load(Relaxed);
+        // (name, type, help, value) of every metric without labels.
+        let scalars: [(&str, &str, &str, u64); 19] = [
+            (
+                "sidecast_up",
+                "gauge",
+                "1 while the node accepts connections, 0 once it drains.",
+                u64::from(g.ready),
+            ),
+            (
+                "sidecast_uptime_seconds",
+                "gauge",
+                "Seconds since the node started.",
+                g.uptime_seconds,
+            ),
+            (
+                "sidecast_connections",
+                "gauge",
+                "Authenticated WebSocket connections open now.",
+                g.connections as u64,
+            ),
+            (
+                "sidecast_users",
+                "gauge",
+                "Distinct users connected now.",
+                g.users as u64,
+            ),
+            (
+                "sidecast_channels",
+                "gauge",
+                "Channels with at least one subscriber on this node.",
+                g.channels as u64,
+            ),
+            (
+                "sidecast_subscriptions",
+                "gauge",
+                "Subscriptions of the connections open now.",
+                g.subscriptions as u64,
+            ),
+            (
+                "sidecast_connects_total",
+                "counter",
+                "Connections authenticated (rate: connection rate).",
+                load(&self.connects),
+            ),
+            (
+                "sidecast_messages_received_total",
+                "counter",
+                "Messages received from clients.",
+                load(&self.messages_received),
+            ),
+            (
+                "sidecast_messages_sent_total",
+                "counter",
+                "Frames written to clients.",
+                load(&self.messages_sent),
+            ),
+            (
+                "sidecast_bytes_sent_total",
+                "counter",
+                "Bytes written to clients, frame headers included.",
+                load(&self.bytes_sent),
+            ),
+            (
+                "sidecast_publications_total",
+                "counter",
+                "Publications (control API and clients).",
+                load(&self.publications),
+            ),
+            (
+                "sidecast_deliveries_total",
+                "counter",
+                "Publication frames queued to subscribers.",
+                load(&self.deliveries),
+            ),
+            (
+                "sidecast_slow_consumer_closes_total",
+                "counter",
+                "Connections closed with 4004 because their queue overflowed.",
+                load(&self.slow_consumer_closes),
+            ),
+            (
+                "sidecast_write_timeouts_total",
+                "counter",
+                "Connections dropped because a write took longer than write_timeout.",
+                load(&self.write_timeouts),
+            ),
+            (
+                "sidecast_event_groups",
+                "gauge",
+                "Event groups kept (with or without members).",
+                g.event_groups as u64,
+            ),
+            (
+                "sidecast_event_members",
+                "gauge",
+                "Event stream members connected.",
+                g.event_members as u64,
+            ),
+            (
+                "sidecast_events_buffered",
+                "gauge",
+                "Events kept until acknowledged, all groups.",
+                g.events_buffered as u64,
+            ),
+            (
+                "sidecast_events_delivered_total",
+                "counter",
+                "Events sent to members (redeliveries included).",
+                g.events_delivered,
+            ),
+            (
+                "sidecast_events_lost_total",
+                "counter",
+                "Events dropped because a group's buffer was full.",
+                g.events_lost,
+            ),
+        ];
+        for (name, kind, help, value) in scalars {
+            metric(name, kind, help, &[(String::new(), value.to_string())]);
+        }
+        // Families with a label, each from its own map.
+        let labeled = |pairs: Vec<(String, u64)>| -> Vec<(String, String)> {
+            pairs.into_iter().map(|(l, v)| (l, v.to_string())).collect()
+        };
+        let disconnects = self.disconnects.lock().expect("metrics lock");
+        let disconnects = labeled(
+            disconnects
+                .iter()
+                .map(|(code, n)| (format!("{{code=\"{code}\"}}"), *n))
+                .collect(),
         );
-        metric(
-            "sidecast_uptime_seconds",
-            "gauge",
-            "Seconds since the node started.",
-            &one(g.uptime_seconds),
-        );
-        metric(
-            "sidecast_connections",
-            "gauge",
-            "Authenticated WebSocket connections open now.",
-            &one(g.connections as u64),
-        );
-        metric(
-            "sidecast_users",
-            "gauge",
-            "Distinct users connected now.",
-            &one(g.users as u64),
-        );
-        metric(
-            "sidecast_channels",
-            "gauge",
-            "Channels with at least one subscriber on this node.",
-            &one(g.channels as u64),
-        );
-        metric(
-            "sidecast_subscriptions",
-            "gauge",
-            "Subscriptions of the connections open now.",
-            &one(g.subscriptions as u64),
-        );
-        metric(
-            "sidecast_connects_total",
-            "counter",
-            "Connections authenticated (rate: connection rate).",
-            &c(&self.connects),
-        );
-        let disconnects: Vec<(String, String)> = self
-            .disconnects
-            .lock()
-            .expect("metrics lock")
-            .iter()
-            .map(|(code, n)| (format!("{{code=\"{code}\"}}"), n.to_string()))
-            .collect();
         metric(
             "sidecast_disconnects_total",
             "counter",
             "WebSocket connections ended after the upgrade, by close code (1006: no close).",
             &disconnects,
         );
-        metric(
-            "sidecast_messages_received_total",
-            "counter",
-            "Messages received from clients.",
-            &c(&self.messages_received),
+        let errors = labeled(
+            ErrorCode::ALL
+                .iter()
+                .map(|code| {
+                    (
+                        format!("{{code=\"{}\"}}", code.as_str()),
+                        load(&self.errors[*code as usize]),
+                    )
+                })
+                .collect(),
         );
-        metric(
-            "sidecast_messages_sent_total",
-            "counter",
-            "Frames written to clients.",
-            &c(&self.messages_sent),
-        );
-        metric(
-            "sidecast_bytes_sent_total",
-            "counter",
-            "Bytes written to clients, frame headers included.",
-            &c(&self.bytes_sent),
-        );
-        metric(
-            "sidecast_publications_total",
-            "counter",
-            "Publications (control API and clients).",
-            &c(&self.publications),
-        );
-        metric(
-            "sidecast_deliveries_total",
-            "counter",
-            "Publication frames queued to subscribers.",
-            &c(&self.deliveries),
-        );
-        metric(
-            "sidecast_slow_consumer_closes_total",
-            "counter",
-            "Connections closed with 4004 because their queue overflowed.",
-            &c(&self.slow_consumer_closes),
-        );
-        metric(
-            "sidecast_write_timeouts_total",
-            "counter",
-            "Connections dropped because a write took longer than write_timeout.",
-            &c(&self.write_timeouts),
-        );
-        let errors: Vec<(String, String)> = ErrorCode::ALL
-            .iter()
-            .map(|code| {
-                (
-                    format!("{{code=\"{}\"}}", code.as_str()),
-                    self.errors[*code as usize].load(Relaxed).to_string(),
-                )
-            })
-            .collect();
         metric(
             "sidecast_command_errors_total",
             "counter",
             "Error replies to client commands, by code.",
             &errors,
         );
-        let grpc: Vec<(String, String)> = self
-            .grpc
-            .lock()
-            .expect("metrics lock")
-            .iter()
-            .map(|((method, code), n)| {
-                (
-                    format!("{{method=\"{method}\",code=\"{}\"}}", code_name(*code)),
-                    n.to_string(),
-                )
-            })
-            .collect();
+        let grpc = self.grpc.lock().expect("metrics lock");
+        let grpc = labeled(
+            grpc.iter()
+                .map(|((method, code), n)| {
+                    (
+                        format!("{{method=\"{method}\",code=\"{}\"}}", code_name(*code)),
+                        *n,
+                    )
+                })
+                .collect(),
+        );
         metric(
             "sidecast_grpc_requests_total",
             "counter",
             "Control API calls by method and status (streams count when they open).",
             &grpc,
         );
-        let rpcs: Vec<(String, String)> = self
-            .rpcs
-            .lock()
-            .expect("metrics lock")
-            .iter()
-            .map(|(outcome, n)| (format!("{{outcome=\"{outcome}\"}}"), n.to_string()))
-            .collect();
+        let rpcs = self.rpcs.lock().expect("metrics lock");
+        let rpcs = labeled(
+            rpcs.iter()
+                .map(|(outcome, n)| (format!("{{outcome=\"{outcome}\"}}"), *n))
+                .collect(),
+        );
         metric(
             "sidecast_rpcs_total",
             "counter",
             "Client rpcs by outcome.",
             &rpcs,
-        );
-        metric(
-            "sidecast_event_groups",
-            "gauge",
-            "Event groups kept (with or without members).",
-            &one(g.event_groups as u64),
-        );
-        metric(
-            "sidecast_event_members",
-            "gauge",
-            "Event stream members connected.",
-            &one(g.event_members as u64),
-        );
-        metric(
-            "sidecast_events_buffered",
-            "gauge",
-            "Events kept until acknowledged, all groups.",
-            &one(g.events_buffered as u64),
-        );
-        metric(
-            "sidecast_events_delivered_total",
-            "counter",
-            "Events sent to members (redeliveries included).",
-            &one(g.events_delivered),
-        );
-        metric(
-            "sidecast_events_lost_total",
-            "counter",
-            "Events dropped because a group's buffer was full.",
-            &one(g.events_lost),
         );
         let mut cumulative = 0;
         let mut buckets: Vec<(String, String)> = FANOUT_BUCKETS
