@@ -448,7 +448,7 @@ pub async fn s3(
     .await;
     w.print(&ctx.peer);
     println!(
-        "{} s3 subs={subscribers} rate={rate}/s: time to the first subscriber p50 {:.3} ms p99 {:.3} ms; to the last p50 {:.2} ms p99 {:.2} ms",
+        "{} s3 subs={subscribers} rate={rate}/s: from the send to the first subscriber p50 {:.3} ms p99 {:.3} ms; from due to the last p50 {:.2} ms p99 {:.2} ms",
         ctx.peer,
         w.first_p50_us as f64 / 1000.0,
         w.first_p99_us as f64 / 1000.0,

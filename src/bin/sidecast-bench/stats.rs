@@ -50,7 +50,8 @@ pub struct Sequences(Vec<(u32, u64)>);
 pub struct Stats {
     /// Publish-to-receive latency, microseconds.
     pub latency: Histogram<u64>,
-    /// Per publication: until its first subscriber had it, microseconds.
+    /// Per publication: from when it was actually sent (not when it was due: the sender's
+    /// timer is only good to ~1 ms) until its first subscriber had it, microseconds.
     pub to_first: Histogram<u64>,
     /// Per publication: until its last expected subscriber had it, microseconds.
     pub to_last: Histogram<u64>,
@@ -63,7 +64,8 @@ pub struct Stats {
     pub closes: HashMap<u16, u64>,
     /// Per tracked publication: (subscribers still to receive it, subscribers in all, worst
     /// latency so far).
-    pending: HashMap<(u32, u64), (u32, u32, u64)>,
+    /// (subscribers still to receive it, subscribers in all, worst latency, sent at in ns).
+    pending: HashMap<(u32, u64), (u32, u32, u64, u64)>,
 }
 
 impl Default for Stats {
@@ -89,8 +91,9 @@ impl Stats {
     pub fn published(&mut self, channel: u32, seq: u64, subscribers: u32, track_last: bool) {
         self.expected += u64::from(subscribers);
         if track_last && subscribers > 0 {
+            let sent = now_nanos();
             self.pending
-                .insert((channel, seq), (subscribers, subscribers, 0));
+                .insert((channel, seq), (subscribers, subscribers, 0, sent));
         }
     }
 
@@ -119,7 +122,8 @@ impl Stats {
         }
         if let Some(entry) = self.pending.get_mut(&(channel, seq)) {
             if entry.0 == entry.1 {
-                let _ = self.to_first.record(micros.max(1));
+                let since_sent = now_nanos().saturating_sub(entry.3) / 1000;
+                let _ = self.to_first.record(since_sent.max(1));
             }
             entry.0 -= 1;
             entry.2 = entry.2.max(micros);
