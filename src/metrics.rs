@@ -33,6 +33,8 @@ pub struct Metrics {
     /// Frames and bytes written to sockets.
     pub messages_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
+    /// Write system calls to client sockets (frames per write = messages_sent / writes).
+    pub socket_writes: AtomicU64,
     /// Error replies to client commands, by code (indexed by `ErrorCode as usize`).
     errors: [AtomicU64; ERROR_CODES],
     /// Connections ended after the upgrade, by close code.
@@ -114,9 +116,11 @@ impl Metrics {
     }
 
     /// One write batch of a connection's writer.
-    pub fn record_write(&self, frames: usize, bytes: usize) {
+    /// `writes` system calls wrote `frames` whole frames and `bytes` bytes.
+    pub fn record_write(&self, writes: usize, frames: usize, bytes: usize) {
         self.messages_sent.fetch_add(frames as u64, Relaxed);
         self.bytes_sent.fetch_add(bytes as u64, Relaxed);
+        self.socket_writes.fetch_add(writes as u64, Relaxed);
     }
 
     pub fn record_error(&self, code: ErrorCode) {
@@ -178,7 +182,7 @@ impl Metrics {
         };
         let load = |a: &AtomicU64| a.load(Relaxed);
         // (name, type, help, value) of every metric without labels.
-        let scalars: [(&str, &str, &str, u64); 19] = [
+        let scalars: [(&str, &str, &str, u64); 20] = [
             (
                 "sidecast_up",
                 "gauge",
@@ -238,6 +242,12 @@ impl Metrics {
                 "counter",
                 "Bytes written to clients, frame headers included.",
                 load(&self.bytes_sent),
+            ),
+            (
+                "sidecast_socket_writes_total",
+                "counter",
+                "Write system calls to client sockets.",
+                load(&self.socket_writes),
             ),
             (
                 "sidecast_publications_total",

@@ -1,24 +1,35 @@
 //! One connection's outbound queue, bounded in bytes: the meeting point of fan-out and the socket.
 //!
 //! The hub, the session and the control API push encoded frames with [`Outbox::push`],
-//! which never waits; the connection's writer (`ws::writer`) drains everything queued with
+//! which never waits. On a plain TCP connection whose queue is empty and whose writer is not
+//! writing, the push writes the frame to the socket itself (a non-blocking `write`, under
+//! this outbox's lock, so nothing can come between): the common case of a subscriber keeping
+//! up costs one system call and no task wake-up. Whatever the socket does not take at once
+//! is queued, and the connection's writer (`ws::writer`) drains everything queued with
 //! [`Outbox::take`] and writes it in one vectored write. Frames taken but not yet written
 //! still count against the bound until [`Outbox::release`], so a connection never holds
 //! more than `limit` bytes of frames. On overflow the queued frames are dropped and a
 //! close with 4004 is scheduled: the rest of the channel is never held back by one reader.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::io::IoSlice;
+use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use crate::metrics::Metrics;
 use crate::ws::close::{self, Close};
 
 /// What became of a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
+    /// Written to the socket at once.
+    Written,
     Queued,
+    /// Queued by [`Outbox::push_later`] on an idle socket: add the outbox to a [`Flush`].
+    Deferred,
     /// This push overflowed the bound: the connection is now closing with 4004.
     Overflow,
     /// The connection is closing; the frame was dropped.
@@ -29,6 +40,7 @@ pub struct Outbox {
     state: Mutex<State>,
     wake: Notify,
     limit: usize,
+    metrics: Option<Arc<Metrics>>,
 }
 
 #[derive(Default)]
@@ -39,21 +51,58 @@ struct State {
     close: Option<Close>,
     /// The close was handed to the writer; nothing more is queued after it.
     close_taken: bool,
+    /// The socket, for writes made by [`Outbox::push`]; None on TLS connections and once
+    /// the writer has finished.
+    direct: Option<Arc<TcpStream>>,
+}
+
+impl Push {
+    /// The frame is on its way: written, or queued for the writer.
+    pub fn accepted(self) -> bool {
+        matches!(self, Push::Written | Push::Queued | Push::Deferred)
+    }
 }
 
 // === impl Outbox ===
 
 impl Outbox {
+    /// An outbox whose frames only the writer writes.
     pub fn new(limit: usize) -> Outbox {
         Outbox {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             limit,
+            metrics: None,
         }
     }
 
-    /// Queues a frame without waiting. Never blocks on the socket.
+    /// An outbox that writes to `tcp` itself when the writer is idle; its writes are counted
+    /// in `metrics` like the writer's.
+    pub fn direct(limit: usize, tcp: Arc<TcpStream>, metrics: Arc<Metrics>) -> Outbox {
+        Outbox {
+            state: Mutex::new(State {
+                direct: Some(tcp),
+                ..State::default()
+            }),
+            wake: Notify::new(),
+            limit,
+            metrics: Some(metrics),
+        }
+    }
+
+    /// Writes or queues a frame without waiting. Never blocks on the socket.
     pub fn push(&self, frame: Bytes) -> Push {
+        self.push_with(frame, false)
+    }
+
+    /// Queues a frame for a fan-out: when this connection's socket is idle, nothing is
+    /// written or woken and [`Push::Deferred`] asks the caller to add the outbox to a
+    /// [`Flush`], which writes to many sockets from one task.
+    pub fn push_later(&self, frame: Bytes) -> Push {
+        self.push_with(frame, true)
+    }
+
+    fn push_with(&self, frame: Bytes, later: bool) -> Push {
         let mut state = self.state.lock().expect("outbox lock");
         if state.close.is_some() {
             return Push::Closed;
@@ -69,11 +118,91 @@ impl Outbox {
         let was_empty = state.frames.is_empty();
         state.queued += frame.len();
         state.frames.push_back(frame);
+        if was_empty && state.in_flight == 0 && state.direct.is_some() {
+            if later {
+                return Push::Deferred;
+            }
+            if self.write_queued(&mut state) {
+                return Push::Written;
+            }
+        }
         drop(state);
         if was_empty {
             self.wake.notify_one();
         }
         Push::Queued
+    }
+
+    /// Writes what is queued straight to the socket when the writer is not writing; what
+    /// the socket does not take at once is left to the writer.
+    pub fn flush(&self) {
+        let mut state = self.state.lock().expect("outbox lock");
+        if state.in_flight > 0 || state.frames.is_empty() || self.write_queued(&mut state) {
+            return;
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// Writes queued frames with non-blocking vectored writes until the queue is empty
+    /// (true) or the socket takes no more (false). Called with the lock held and no write in
+    /// flight, so nothing can come between these bytes and the writer's.
+    fn write_queued(&self, state: &mut State) -> bool {
+        const MAX_SLICES: usize = 64;
+        let State {
+            frames,
+            queued,
+            direct,
+            ..
+        } = state;
+        let Some(tcp) = direct else {
+            return false;
+        };
+        loop {
+            let (result, offered) = {
+                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+                let mut count = 0;
+                let mut offered = 0;
+                for frame in frames.iter().take(MAX_SLICES) {
+                    slices[count] = IoSlice::new(frame);
+                    count += 1;
+                    offered += frame.len();
+                }
+                let result = match count {
+                    1 => tcp.try_write(&frames[0]),
+                    _ => tcp.try_write_vectored(&slices[..count]),
+                };
+                (result, offered)
+            };
+            // An error (the peer is gone) leaves the frames queued: the writer's own write
+            // meets the same error and ends the connection.
+            let Ok(written) = result else {
+                return false;
+            };
+            *queued -= written;
+            let mut left = written;
+            let mut completed = 0;
+            while left > 0 {
+                let first = frames.front_mut().expect("written bytes were queued");
+                if left >= first.len() {
+                    left -= first.len();
+                    frames.pop_front();
+                    completed += 1;
+                } else {
+                    first.advance(left);
+                    left = 0;
+                }
+            }
+            if let Some(metrics) = &self.metrics {
+                metrics.record_write(1, completed, written);
+            }
+            if frames.is_empty() {
+                return true;
+            }
+            if written < offered {
+                return false;
+            }
+        }
     }
 
     /// Schedules a close after the frames already queued. The first close wins;
@@ -131,6 +260,12 @@ impl Outbox {
         None
     }
 
+    /// The writer is done with the socket: pushes only queue from now on, and the socket's
+    /// descriptor is not kept open by this outbox.
+    pub fn detach(&self) {
+        self.state.lock().expect("outbox lock").direct = None;
+    }
+
     /// The writer wrote what it took.
     pub fn release(&self) {
         self.state.lock().expect("outbox lock").in_flight = 0;
@@ -153,9 +288,45 @@ impl Outbox {
     }
 }
 
+/// The outboxes a fan-out left to write ([`Push::Deferred`]).
+#[derive(Default)]
+pub struct Flush(Vec<Arc<Outbox>>);
+
+impl Flush {
+    /// Up to this many sockets are written by the publisher itself; more go to a task of
+    /// their own, so that a publish returns once its frames are queued.
+    const INLINE: usize = 16;
+    /// A flushing task lets other tasks run after this many sockets.
+    const CHUNK: usize = 256;
+
+    pub fn add(&mut self, outbox: &Arc<Outbox>) {
+        self.0.push(outbox.clone());
+    }
+
+    /// Writes to every socket (see [`Flush::INLINE`]); called once the channel lock is released.
+    pub fn run(self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let runtime = tokio::runtime::Handle::try_current();
+        match runtime {
+            Ok(runtime) if self.0.len() > Self::INLINE => {
+                runtime.spawn(async move {
+                    for chunk in self.0.chunks(Self::CHUNK) {
+                        chunk.iter().for_each(|outbox| outbox.flush());
+                        tokio::task::yield_now().await;
+                    }
+                });
+            }
+            _ => self.0.iter().for_each(|outbox| outbox.flush()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering::Relaxed;
 
     #[test]
     fn bounded_in_bytes_with_in_flight_counted() {
@@ -174,6 +345,69 @@ mod tests {
         assert!(frames.is_empty(), "queued frames are dropped on overflow");
         assert_eq!(close.code, 4004);
         assert_eq!(outbox.take(&mut frames), None, "the close is taken once");
+    }
+
+    /// A connected pair whose server side is known writable to tokio.
+    async fn pair() -> (Arc<TcpStream>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        server.writable().await.unwrap();
+        (Arc::new(server), client)
+    }
+
+    #[tokio::test]
+    async fn idle_sockets_are_written_directly_and_in_order() {
+        use tokio::io::AsyncReadExt;
+        let (server, mut client) = pair().await;
+        let metrics = Arc::new(Metrics::default());
+        let outbox = Outbox::direct(64 << 20, server.clone(), metrics.clone());
+        assert_eq!(outbox.push(Bytes::from_static(b"one ")), Push::Written);
+        assert_eq!(
+            outbox.push_later(Bytes::from_static(b"two ")),
+            Push::Deferred
+        );
+        assert_eq!(
+            outbox.push_later(Bytes::from_static(b"three ")),
+            Push::Queued,
+            "already waiting for a flush"
+        );
+        outbox.flush();
+        assert_eq!(outbox.held(), 0);
+        let mut got = vec![0; 14];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"one two three ");
+        assert_eq!(metrics.messages_sent.load(Relaxed), 3);
+        assert_eq!(metrics.socket_writes.load(Relaxed), 2);
+
+        // A client that does not read fills the socket: what it does not take stays queued,
+        // whole frames and the rest of a partly written one, in order.
+        let mut pushed = Vec::new();
+        let mut i = 0u32;
+        loop {
+            let frame = Bytes::from(vec![(i % 251) as u8; 65_536 + i as usize]);
+            pushed.extend_from_slice(&frame);
+            i += 1;
+            if outbox.push(frame) == Push::Queued {
+                break;
+            }
+        }
+        assert!(outbox.held() > 0);
+        assert_eq!(outbox.push(Bytes::from_static(b"end")), Push::Queued);
+        pushed.extend_from_slice(b"end");
+        let expected = pushed.len();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0; expected];
+            client.read_exact(&mut got).await.unwrap();
+            got
+        });
+        while outbox.held() > 0 {
+            server.writable().await.unwrap();
+            outbox.flush();
+        }
+        assert!(reader.await.unwrap() == pushed, "every byte, in order");
     }
 
     #[test]

@@ -228,7 +228,7 @@ impl Control for ControlService {
         let message = frame::text(&protocol::encode_message(&req.data));
         let mut delivered = 0;
         for (_, outbox) in self.node.hub.connections(&target) {
-            if outbox.push(message.clone()) == crate::outbox::Push::Queued {
+            if outbox.push(message.clone()).accepted() {
                 delivered += 1;
             }
         }

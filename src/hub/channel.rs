@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use crate::config::NamespaceOptions;
-use crate::outbox::{Outbox, Push};
+use crate::outbox::{Flush, Outbox, Push};
 
 pub type ClientId = Arc<str>;
 
@@ -62,19 +62,25 @@ impl Channel {
 }
 
 impl ChannelState {
-    /// Queues one encoded frame to every subscriber except `skip`.
-    pub fn fan_out(&self, frame: &Bytes, skip: Option<&str>) -> Fanout {
+    /// Queues one encoded frame to every subscriber except `skip`; the sockets that were
+    /// idle are written by running the returned [`Flush`] once this lock is released.
+    pub fn fan_out(&self, frame: &Bytes, skip: Option<&str>) -> (Fanout, Flush) {
         let mut counts = Fanout::default();
+        let mut flush = Flush::default();
         for (id, sub) in &self.subscribers {
             if skip == Some(&**id) {
                 continue;
             }
-            match sub.outbox.push(frame.clone()) {
-                Push::Queued => counts.queued += 1,
+            match sub.outbox.push_later(frame.clone()) {
+                Push::Deferred => {
+                    flush.add(&sub.outbox);
+                    counts.queued += 1;
+                }
+                Push::Queued | Push::Written => counts.queued += 1,
                 Push::Overflow => counts.overflowed += 1,
                 Push::Closed => {}
             }
         }
-        counts
+        (counts, flush)
     }
 }

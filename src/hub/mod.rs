@@ -22,7 +22,7 @@ use crate::channel::Pattern;
 use crate::config::{Config, NamespaceOptions};
 use crate::events::Events;
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
+use crate::outbox::{Flush, Outbox};
 use crate::pb;
 use crate::ws::close::Close;
 use crate::ws::{frame, protocol};
@@ -286,6 +286,7 @@ impl Hub {
             (id, subscriber)
         };
         let user = subscriber.user.clone();
+        let mut joined = Flush::default();
         let (channel, subscriber_outbox) = loop {
             let channel = {
                 let mut state = self.write();
@@ -332,12 +333,13 @@ impl Hub {
                     &subscriber.user,
                     subscriber.info.as_deref(),
                 ));
-                ch.fan_out(&join, None);
+                joined = ch.fan_out(&join, None).1;
             }
             let outbox = subscriber.outbox.clone();
             ch.subscribers.insert(id.clone(), subscriber);
             break (channel.clone(), outbox);
         };
+        joined.run();
         // The connection may have gone, or unsubscribed, while the channel lock was taken.
         let (present, still) = match self.read().clients.get(&id) {
             Some(client) => (true, client.subs.contains_key(&name)),
@@ -395,6 +397,7 @@ impl Hub {
 
     fn detach(&self, id: &str, channel: &Arc<Channel>) {
         let mut ch = channel.lock();
+        let mut left = Flush::default();
         if let Some(sub) = ch.subscribers.remove(id) {
             if channel.options.join_leave {
                 let leave = frame::text(&protocol::encode_presence_event(
@@ -404,11 +407,12 @@ impl Hub {
                     &sub.user,
                     sub.info.as_deref(),
                 ));
-                ch.fan_out(&leave, None);
+                left = ch.fan_out(&leave, None).1;
             }
         }
         let empty = ch.subscribers.is_empty();
         drop(ch);
+        left.run();
         if empty {
             self.remove_if_empty(channel);
         }
@@ -441,8 +445,9 @@ impl Hub {
             if ch.removed {
                 continue;
             }
-            let counts = ch.fan_out(frame, None);
+            let (counts, flush) = ch.fan_out(frame, None);
             drop(ch);
+            flush.run();
             self.shared.metrics.record_fanout(counts);
             return counts;
         }

@@ -1,7 +1,8 @@
 //! The client side: WebSocket listener, one session per connection, and protocol v1.
 //!
 //! `server` accepts and upgrades; `session` reads a connection's frames and acts on its
-//! commands; `writer` is the only code that writes to its socket; `protocol` and `frame`
+//! commands; `socket` shares a plain TCP socket with
+//! the outbox, which writes to it when idle, and `writer` drains the rest; `protocol` and `frame`
 //! are the pure encoding of what travels; `close` is the table of close codes.
 
 pub mod admission;
@@ -12,6 +13,7 @@ pub mod origin;
 pub mod protocol;
 pub mod server;
 mod session;
+mod socket;
 mod writer;
 
 pub use footprint::connection_state_sizes;

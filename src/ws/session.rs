@@ -5,13 +5,17 @@
 //! through the hub and the broker; its replies go through the same outbox as fan-out, so
 //! a reply and the publications around it keep their order. The connection's state (its
 //! token's grants) lives here as plain fields; the hub keeps only what fan-out needs.
-//! The writer task (`writer`) owns the socket's write half and every timer.
+//! The writer task (`writer`) drains what the socket did not take at once and owns every
+//! timer.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use fastwebsockets::{OpCode, Role, WebSocketError};
+use hyper_util::rt::TokioIo;
 use serde_json::value::RawValue;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
@@ -25,9 +29,9 @@ use crate::outbox::{Outbox, Push};
 use crate::pb;
 use crate::ws::admission::Ticket;
 use crate::ws::close::{self, Close};
-use crate::ws::frame;
 use crate::ws::protocol::{self, Command, ErrorCode, ProtocolError, Request};
 use crate::ws::writer::{unix_now, Liveness, Writer};
+use crate::ws::{frame, socket};
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
 
@@ -48,8 +52,38 @@ pub async fn run(
             return;
         }
     };
-    let io: Upgraded = ws.into_inner();
-    let (read, write) = tokio::io::split(io);
+    let limit = node.config.max_queue_bytes;
+    // Plain TCP: the socket is shared with the outbox, which writes to it directly.
+    match ws
+        .into_inner()
+        .into_inner()
+        .downcast::<TokioIo<TcpStream>>()
+    {
+        Ok(parts) => {
+            let (read, write, tcp) = socket::split(parts.io.into_inner(), parts.read_buf);
+            let outbox = Outbox::direct(limit, tcp, node.metrics.clone());
+            serve(read, write, outbox, node, query_token, shutdown, kill).await
+        }
+        Err(upgraded) => {
+            let (read, write) = tokio::io::split(Upgraded::new(upgraded));
+            let outbox = Outbox::new(limit);
+            serve(read, write, outbox, node, query_token, shutdown, kill).await
+        }
+    }
+}
+
+async fn serve<R, W>(
+    read: R,
+    write: W,
+    outbox: Outbox,
+    node: Node,
+    query_token: Option<String>,
+    shutdown: CancellationToken,
+    kill: CancellationToken,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     // Only the reader of fastwebsockets is used: this crate writes pre-encoded frames itself.
     let (mut reader, _) =
         fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
@@ -58,7 +92,7 @@ pub async fn run(
     // fastwebsockets refuses a frame whose length is >= the limit.
     reader.set_max_message_size(node.config.max_message_size + 1);
 
-    let outbox = Arc::new(Outbox::new(node.config.max_queue_bytes));
+    let outbox = Arc::new(outbox);
     let live = Arc::new(Liveness::default());
     let conn = kill.child_token();
     let writer = tokio::spawn(

@@ -1,7 +1,9 @@
-//! A connection's writer: the only code that writes to its socket.
+//! A connection's writer: drains what its socket did not take at once.
 //!
-//! Spawned by the session next to the reader. It drains the connection's [`Outbox`] (every
-//! frame queued since the last write, in one vectored write, then a flush), and owns the
+//! Spawned by the session next to the reader. A frame pushed to an idle plain-TCP socket is
+//! written by the push itself ([`Outbox::push`]); the writer drains the rest of the
+//! connection's [`Outbox`] (every frame queued since the last write, in one vectored write,
+//! then a flush) when the socket was full or busy, and on TLS connections. It owns the
 //! connection's clocks: the connect deadline, the heartbeat (a `ping` push every
 //! ping_interval, close 4007 when no `pong` follows within pong_timeout), the token's
 //! expiry (close 4002) and the write timeout (the socket is dropped). It sends at most one
@@ -204,6 +206,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 () = &mut sleep => timers_due = true,
             }
         }
+        self.outbox.detach();
         let _ = timeout(self.config.write_timeout, self.io.shutdown()).await;
         self.conn.cancel();
     }
@@ -211,9 +214,9 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     /// Writes `frames` within write_timeout; false when the socket is gone or too slow.
     async fn write(&mut self, frames: &[Bytes]) -> bool {
         match timeout(self.config.write_timeout, write_all(&mut self.io, frames)).await {
-            Ok(Ok(())) => {
+            Ok(Ok(writes)) => {
                 let bytes = frames.iter().map(Bytes::len).sum();
-                self.metrics.record_write(frames.len(), bytes);
+                self.metrics.record_write(writes, frames.len(), bytes);
                 true
             }
             Ok(Err(e)) => {
@@ -231,11 +234,13 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     }
 }
 
-/// Writes every frame with as few vectored writes as the socket allows, then flushes.
-async fn write_all<W: AsyncWrite + Unpin>(io: &mut W, frames: &[Bytes]) -> std::io::Result<()> {
+/// Writes every frame with as few vectored writes as the socket allows, then flushes;
+/// returns how many writes it took.
+async fn write_all<W: AsyncWrite + Unpin>(io: &mut W, frames: &[Bytes]) -> std::io::Result<usize> {
     const MAX_SLICES: usize = 64;
     let mut index = 0;
     let mut offset = 0;
+    let mut writes = 0;
     while index < frames.len() {
         let mut slices: [IoSlice<'_>; MAX_SLICES] = [IoSlice::new(&[]); MAX_SLICES];
         let mut count = 0;
@@ -244,6 +249,7 @@ async fn write_all<W: AsyncWrite + Unpin>(io: &mut W, frames: &[Bytes]) -> std::
             count += 1;
         }
         let mut written = io.write_vectored(&slices[..count]).await?;
+        writes += 1;
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -259,7 +265,8 @@ async fn write_all<W: AsyncWrite + Unpin>(io: &mut W, frames: &[Bytes]) -> std::
             }
         }
     }
-    io.flush().await
+    io.flush().await?;
+    Ok(writes)
 }
 
 #[cfg(test)]

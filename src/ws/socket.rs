@@ -1,0 +1,138 @@
+//! A plain-TCP connection shared by its reader, its writer and fan-out.
+//!
+//! After the upgrade, hyper's `Upgraded` is taken apart again into the `TcpStream` it
+//! wraps (plus any bytes hyper read past the request), and the stream is shared through an
+//! `Arc`: tokio's `TcpStream` reads and writes through `&self`, so neither half needs a
+//! lock. Sharing it is what lets [`Outbox::push`](crate::outbox::Outbox::push) write a
+//! frame straight to an idle socket from the publisher's task, without waking the
+//! connection's writer. TLS connections keep hyper's stream and the writer task's path.
+
+use std::io::{self, IoSlice};
+use std::net::Shutdown;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The reading side: the bytes hyper had already read, then the socket.
+pub struct TcpRead {
+    tcp: Arc<TcpStream>,
+    early: Bytes,
+}
+
+/// The writing side used by the connection's writer task.
+pub struct TcpWrite {
+    tcp: Arc<TcpStream>,
+}
+
+/// Splits a plain TCP connection; `early` is what hyper read past the upgrade request.
+pub fn split(tcp: TcpStream, early: Bytes) -> (TcpRead, TcpWrite, Arc<TcpStream>) {
+    let tcp = Arc::new(tcp);
+    (
+        TcpRead {
+            tcp: tcp.clone(),
+            early,
+        },
+        TcpWrite { tcp: tcp.clone() },
+        tcp,
+    )
+}
+
+impl AsyncRead for TcpRead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.early.has_remaining() {
+            let n = this.early.len().min(buf.remaining());
+            buf.put_slice(&this.early[..n]);
+            this.early.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            ready!(this.tcp.poll_read_ready(cx))?;
+            match this.tcp.try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result.map(|_| ())),
+            }
+        }
+    }
+}
+
+impl TcpWrite {
+    fn poll_with(
+        &self,
+        cx: &mut Context<'_>,
+        write: impl Fn(&TcpStream) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            match write(&self.tcp) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for TcpWrite {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_with(cx, |tcp| tcp.try_write(buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_with(cx, |tcp| tcp.try_write_vectored(bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends FIN; the descriptor closes when the last holder of the stream lets go.
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.tcp).shutdown(Shutdown::Write))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn early_bytes_come_first_and_shutdown_ends_the_peer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (mut read, mut write, _) = split(server, Bytes::from_static(b"early "));
+        client.write_all(b"late").await.unwrap();
+        let mut got = vec![0; 10];
+        read.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"early late");
+
+        write.write_all(b"bye").await.unwrap();
+        write.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"bye");
+    }
+}
