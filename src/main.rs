@@ -11,6 +11,11 @@ use sidecast::auth::{mint_hs256, MintClaims};
 use sidecast::config::{Config, LogFormat, Secret, EXIT_CONFIG};
 use sidecast::{run, Listeners, RunError};
 
+/// mimalloc returns freed pages to the system: the buffers of a burst of connection
+/// handshakes do not stay resident after the burst (BENCHMARKS.md, per-connection memory).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "sidecast",

@@ -9,6 +9,7 @@ pub mod admission;
 pub mod close;
 mod footprint;
 pub mod frame;
+mod inbound;
 pub mod origin;
 pub mod protocol;
 pub mod server;

@@ -11,10 +11,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use fastwebsockets::{OpCode, Role, WebSocketError};
 use hyper_util::rt::TokioIo;
 use serde_json::value::RawValue;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -29,9 +28,10 @@ use crate::outbox::{Outbox, Push};
 use crate::pb;
 use crate::ws::admission::Ticket;
 use crate::ws::close::{self, Close};
+use crate::ws::inbound::{Fill, OpCode, ReadError, Reader};
 use crate::ws::protocol::{self, Command, ErrorCode, ProtocolError, Request};
 use crate::ws::writer::{unix_now, Liveness, Writer};
-use crate::ws::{frame, socket};
+use crate::ws::{frame, inbound, socket};
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
 
@@ -67,6 +67,7 @@ pub async fn run(
         Err(upgraded) => {
             let (read, write) = tokio::io::split(Upgraded::new(upgraded));
             let outbox = Outbox::new(limit);
+            let read = inbound::Stream(read);
             serve(read, write, outbox, node, query_token, shutdown, kill).await
         }
     }
@@ -81,16 +82,10 @@ async fn serve<R, W>(
     shutdown: CancellationToken,
     kill: CancellationToken,
 ) where
-    R: AsyncRead + Unpin,
+    R: Fill,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    // Only the reader of fastwebsockets is used: this crate writes pre-encoded frames itself.
-    let (mut reader, _) =
-        fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
-    reader.set_auto_close(false);
-    reader.set_auto_pong(false);
-    // fastwebsockets refuses a frame whose length is >= the limit.
-    reader.set_max_message_size(node.config.max_message_size + 1);
+    let mut reader = Reader::new(read, node.config.max_message_size);
 
     let outbox = Arc::new(outbox);
     let live = Arc::new(Liveness::default());
@@ -189,24 +184,16 @@ impl CommandRate {
 // === impl Session ===
 
 impl Session {
-    async fn read_loop<S: tokio::io::AsyncRead + Unpin>(
-        &mut self,
-        reader: &mut fastwebsockets::WebSocketRead<S>,
-        conn: &CancellationToken,
-    ) {
+    async fn read_loop<F: Fill>(&mut self, reader: &mut Reader<F>, conn: &CancellationToken) {
         let max = self.node.config.max_message_size;
         let mut fragments: Option<Vec<u8>> = None;
-        let mut no_obligations =
-            |_: fastwebsockets::Frame<'_>| async { Ok::<(), std::io::Error>(()) };
         let cancelled = conn.cancelled();
         tokio::pin!(cancelled);
         loop {
-            // read_frame is not cancel-safe: it is cancelled here only when the connection is
-            // being torn down, after which nothing is read again.
             let result = tokio::select! {
                 biased;
                 _ = &mut cancelled => return,
-                frame = reader.read_frame(&mut no_obligations) => frame,
+                frame = reader.frame() => frame,
             };
             let frame = match result {
                 Ok(frame) => frame,
@@ -240,8 +227,10 @@ impl Session {
                 OpCode::Text if frame.fin => {
                     if fragments.is_some() {
                         self.close(close::PROTOCOL_ERROR, "expected a continuation frame");
+                    } else if std::str::from_utf8(&frame.payload).is_err() {
+                        self.close(close::INVALID_PAYLOAD, "invalid UTF-8");
                     } else {
-                        self.on_message(&frame.payload).await;
+                        Box::pin(self.on_message(&frame.payload)).await;
                     }
                 }
                 OpCode::Text if fragments.is_some() => {
@@ -264,7 +253,7 @@ impl Session {
                         if std::str::from_utf8(&message).is_err() {
                             self.close(close::INVALID_PAYLOAD, "invalid UTF-8");
                         } else {
-                            self.on_message(&message).await;
+                            Box::pin(self.on_message(&message)).await;
                         }
                     }
                 }
@@ -272,12 +261,10 @@ impl Session {
         }
     }
 
-    fn on_read_error(&mut self, e: WebSocketError) {
+    fn on_read_error(&mut self, e: ReadError) {
         match e {
-            WebSocketError::FrameTooLarge => self.close(close::TOO_BIG, "message too big"),
-            WebSocketError::InvalidUTF8 => self.close(close::INVALID_PAYLOAD, "invalid UTF-8"),
-            WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) => {}
-            other => self.close(close::PROTOCOL_ERROR, &other.to_string()),
+            ReadError::Frame(error) => self.close(error.close_code(), &error.to_string()),
+            ReadError::Eof | ReadError::Io(_) => {}
         }
     }
 
@@ -303,6 +290,8 @@ impl Session {
         self.send(&protocol::encode_error(id, code, message));
     }
 
+    /// Boxed by its callers: handling a command takes more state than waiting for one, and
+    /// an idle connection's future should only be as large as the waiting.
     async fn on_message(&mut self, text: &[u8]) {
         Metrics::inc(&self.node.metrics.messages_received);
         if !self.commands.take(std::time::Instant::now()) {

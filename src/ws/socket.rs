@@ -13,9 +13,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
+
+use crate::ws::inbound::{self, Fill};
 
 /// The reading side: the bytes hyper had already read, then the socket.
 pub struct TcpRead {
@@ -30,6 +32,12 @@ pub struct TcpWrite {
 
 /// Splits a plain TCP connection; `early` is what hyper read past the upgrade request.
 pub fn split(tcp: TcpStream, early: Bytes) -> (TcpRead, TcpWrite, Arc<TcpStream>) {
+    // `early` is a view of hyper's whole read buffer (kilobytes, even when `early` is
+    // empty): keep a copy of its bytes, not the buffer.
+    let early = match early.is_empty() {
+        true => Bytes::new(),
+        false => Bytes::copy_from_slice(&early),
+    };
     let tcp = Arc::new(tcp);
     (
         TcpRead {
@@ -41,24 +49,34 @@ pub fn split(tcp: TcpStream, early: Bytes) -> (TcpRead, TcpWrite, Arc<TcpStream>
     )
 }
 
-impl AsyncRead for TcpRead {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.early.has_remaining() {
-            let n = this.early.len().min(buf.remaining());
-            buf.put_slice(&this.early[..n]);
-            this.early.advance(n);
-            return Poll::Ready(Ok(()));
+impl Fill for TcpRead {
+    /// Waits until the socket is readable before making room in `buf`, so that an idle
+    /// connection holds no read buffer.
+    async fn fill(&mut self, buf: &mut BytesMut, needed: usize) -> io::Result<usize> {
+        if self.early.has_remaining() {
+            buf.extend_from_slice(&self.early);
+            let n = self.early.len();
+            self.early.clear();
+            return Ok(n);
         }
         loop {
-            ready!(this.tcp.poll_read_ready(cx))?;
-            match this.tcp.try_read_buf(buf) {
+            self.tcp.readable().await?;
+            let result = if buf.is_empty() {
+                // The start of a burst: read onto the stack and keep exactly what came (a
+                // command is usually a few hundred bytes), so that no chunk-sized buffer is
+                // allocated and freed per message, fragmenting the heap.
+                let mut stack = [0u8; inbound::READ_CHUNK];
+                self.tcp.try_read(&mut stack).inspect(|&n| {
+                    buf.reserve(n.max(needed));
+                    buf.extend_from_slice(&stack[..n]);
+                })
+            } else {
+                inbound::reserve(buf, needed);
+                self.tcp.try_read_buf(buf)
+            };
+            match result {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                result => return Poll::Ready(result.map(|_| ())),
+                result => return result,
             }
         }
     }
@@ -125,9 +143,11 @@ mod tests {
         let (server, _) = listener.accept().await.unwrap();
         let (mut read, mut write, _) = split(server, Bytes::from_static(b"early "));
         client.write_all(b"late").await.unwrap();
-        let mut got = vec![0; 10];
-        read.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"early late");
+        let mut got = BytesMut::new();
+        while got.len() < 10 {
+            assert!(read.fill(&mut got, 10).await.unwrap() > 0);
+        }
+        assert_eq!(&got[..], b"early late");
 
         write.write_all(b"bye").await.unwrap();
         write.shutdown().await.unwrap();

@@ -242,13 +242,18 @@ async fn write_all<W: AsyncWrite + Unpin>(io: &mut W, frames: &[Bytes]) -> std::
     let mut offset = 0;
     let mut writes = 0;
     while index < frames.len() {
-        let mut slices: [IoSlice<'_>; MAX_SLICES] = [IoSlice::new(&[]); MAX_SLICES];
-        let mut count = 0;
-        for (i, f) in frames[index..].iter().take(MAX_SLICES).enumerate() {
-            slices[i] = IoSlice::new(if i == 0 { &f[offset..] } else { &f[..] });
-            count += 1;
-        }
-        let mut written = io.write_vectored(&slices[..count]).await?;
+        // The slices are built on the stack inside each poll, not kept in this future: an
+        // array held across an await would add a kilobyte to every connection's writer.
+        let mut written = std::future::poll_fn(|cx| {
+            let mut slices: [IoSlice<'_>; MAX_SLICES] = [IoSlice::new(&[]); MAX_SLICES];
+            let mut count = 0;
+            for (i, f) in frames[index..].iter().take(MAX_SLICES).enumerate() {
+                slices[i] = IoSlice::new(if i == 0 { &f[offset..] } else { &f[..] });
+                count += 1;
+            }
+            std::pin::Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count])
+        })
+        .await?;
         writes += 1;
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());

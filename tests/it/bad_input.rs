@@ -269,3 +269,103 @@ async fn a_close_code_that_may_not_be_sent_is_answered_1002() {
     .await;
     assert_eq!(odd.closed().await.0, 1002);
 }
+
+/// A WebSocket client written by hand, for frames no client library will send: upgrades
+/// with a token in the query, writes `frame` as is, and returns the server's close.
+async fn raw_close(server: &TestServer, frame: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(server.ws_addr)
+        .await
+        .unwrap();
+    let token = crate::support::token("raw", json!({}));
+    let request = format!(
+        "GET /ws?token={token} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut input = Vec::new();
+    let head_end = loop {
+        let mut chunk = [0; 1024];
+        let n = tcp.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the upgrade was answered");
+        input.extend_from_slice(&chunk[..n]);
+        if let Some(i) = input.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    assert!(input.starts_with(b"HTTP/1.1 101"));
+    input.drain(..head_end);
+    tcp.write_all(frame).await.unwrap();
+    // Server frames are unmasked: skip them until the close.
+    loop {
+        if input.len() >= 2 {
+            let (len, header) = match input[1] & 0x7f {
+                126 if input.len() >= 4 => (u16::from_be_bytes([input[2], input[3]]) as usize, 4),
+                126 => (usize::MAX, 4),
+                127 => panic!("no frame this long is expected"),
+                n => (n as usize, 2),
+            };
+            if len != usize::MAX && input.len() >= header + len {
+                let payload = input[header..header + len].to_vec();
+                let opcode = input[0] & 0x0f;
+                input.drain(..header + len);
+                if opcode == 8 {
+                    let code = u16::from_be_bytes([payload[0], payload[1]]);
+                    return (code, String::from_utf8(payload[2..].to_vec()).unwrap());
+                }
+                continue;
+            }
+        }
+        let mut chunk = [0; 1024];
+        let n = tcp.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the server closed the socket without a close frame");
+        input.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A masked client frame (the mask is all zeros, which leaves the payload as is).
+fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mut out = vec![first, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    out.extend_from_slice(payload);
+    out
+}
+
+#[tokio::test]
+async fn frames_the_protocol_forbids_close_1002_with_the_reason() {
+    let server = TestServer::start(&[]).await;
+    let mut bystander = server.user("by", json!({})).await;
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (vec![0x81, 0x02, b'{', b'}'], "client frames must be masked"),
+        (masked(0xc1, b"{}"), "reserved bits set"),
+        (masked(0x83, b"{}"), "reserved opcode 3"),
+        (masked(0x09, b""), "fragmented control frame"),
+        (
+            {
+                let mut f = vec![0x89, 0x80 | 126, 0, 126, 0, 0, 0, 0];
+                f.extend_from_slice(&[0; 126]);
+                f
+            },
+            "control frame longer than 125 bytes",
+        ),
+    ];
+    for (frame, reason) in cases {
+        assert_eq!(raw_close(&server, &frame).await, (1002, reason.into()));
+    }
+    // A frame's announced length over max_message_size is refused from its header alone.
+    let mut huge = vec![0x81, 0x80 | 127];
+    huge.extend_from_slice(&(1u64 << 40).to_be_bytes());
+    huge.extend_from_slice(&[0; 4]);
+    assert_eq!(
+        raw_close(&server, &huge).await,
+        (1009, "message too big".into())
+    );
+    // Frames the client library would send work the same way by hand.
+    let mut ok = masked(0x81, br#"{"id":1,"op":"ping"}"#);
+    ok.extend(masked(0x88, &1000u16.to_be_bytes()));
+    assert_eq!(raw_close(&server, &ok).await, (1000, String::new()));
+    assert_eq!(
+        bystander.request(json!({"id": 9, "op": "ping"})).await["result"],
+        json!({})
+    );
+}

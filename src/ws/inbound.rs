@@ -1,0 +1,350 @@
+//! Frames from the client: a pure decoder over the connection's read buffer, and the reader
+//! that fills that buffer.
+//!
+//! The reader holds no buffer while a connection is idle: on plain TCP it waits until the
+//! socket is readable before it allocates one ([`READ_CHUNK`] or the size of the frame
+//! being read), and lets it go as soon as every byte in it has been decoded. An idle
+//! connection therefore costs no read buffer, where a reader that owns one for its whole
+//! life would keep several kilobytes per connection.
+//!
+//! The decoder enforces what RFC 6455 asks of a client's frames (masked, no reserved bits
+//! or opcodes, control frames short and unfragmented) and the configured frame size;
+//! reassembling fragments and checking UTF-8 is the session's job.
+
+use std::future::Future;
+use std::io;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// What a read asks for when the decoder needs more bytes than a small frame.
+pub const READ_CHUNK: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpCode {
+    Continuation,
+    Text,
+    Binary,
+    Close,
+    Ping,
+    Pong,
+}
+
+impl OpCode {
+    fn is_control(self) -> bool {
+        matches!(self, OpCode::Close | OpCode::Ping | OpCode::Pong)
+    }
+}
+
+/// One frame, its payload unmasked.
+#[derive(Debug)]
+pub struct Frame {
+    pub fin: bool,
+    pub opcode: OpCode,
+    pub payload: BytesMut,
+}
+
+/// A frame that breaks the protocol; each is answered with [`FrameError::close_code`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("reserved bits set")]
+    ReservedBits,
+    #[error("reserved opcode {0}")]
+    ReservedOpcode(u8),
+    #[error("client frames must be masked")]
+    Unmasked,
+    #[error("fragmented control frame")]
+    FragmentedControl,
+    #[error("control frame longer than 125 bytes")]
+    ControlTooLong,
+    #[error("message too big")]
+    TooBig,
+}
+
+impl FrameError {
+    /// 1009 for a frame over the size limit, 1002 (protocol error) for the rest.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            FrameError::TooBig => crate::ws::close::TOO_BIG,
+            _ => crate::ws::close::PROTOCOL_ERROR,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Frame(Frame),
+    /// The buffer must hold at least this many bytes before the next frame can be decoded.
+    Incomplete(usize),
+}
+
+impl PartialEq for Frame {
+    fn eq(&self, other: &Frame) -> bool {
+        (self.fin, self.opcode, &self.payload[..]) == (other.fin, other.opcode, &other.payload[..])
+    }
+}
+impl Eq for Frame {}
+
+/// Takes the next whole frame off the front of `buf`, refusing payloads over `max_payload`
+/// as soon as the header announces them.
+pub fn decode(buf: &mut BytesMut, max_payload: usize) -> Result<Decoded, FrameError> {
+    if buf.len() < 2 {
+        return Ok(Decoded::Incomplete(2));
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    if b0 & 0x70 != 0 {
+        return Err(FrameError::ReservedBits);
+    }
+    let opcode = match b0 & 0x0f {
+        0 => OpCode::Continuation,
+        1 => OpCode::Text,
+        2 => OpCode::Binary,
+        8 => OpCode::Close,
+        9 => OpCode::Ping,
+        10 => OpCode::Pong,
+        other => return Err(FrameError::ReservedOpcode(other)),
+    };
+    let fin = b0 & 0x80 != 0;
+    if b1 & 0x80 == 0 {
+        return Err(FrameError::Unmasked);
+    }
+    let (extended, header) = match b1 & 0x7f {
+        126 => (2, 8),
+        127 => (8, 14),
+        _ => (0, 6),
+    };
+    if buf.len() < 2 + extended {
+        return Ok(Decoded::Incomplete(header));
+    }
+    let length = match extended {
+        0 => u64::from(b1 & 0x7f),
+        2 => u64::from(u16::from_be_bytes([buf[2], buf[3]])),
+        _ => u64::from_be_bytes(buf[2..10].try_into().expect("eight bytes")),
+    };
+    if opcode.is_control() {
+        if !fin {
+            return Err(FrameError::FragmentedControl);
+        }
+        if length > 125 {
+            return Err(FrameError::ControlTooLong);
+        }
+    }
+    if length > max_payload as u64 {
+        return Err(FrameError::TooBig);
+    }
+    let length = length as usize;
+    if buf.len() < header + length {
+        return Ok(Decoded::Incomplete(header + length));
+    }
+    let mask: [u8; 4] = buf[header - 4..header].try_into().expect("four bytes");
+    buf.advance(header);
+    let mut payload = buf.split_to(length);
+    fastwebsockets::unmask(&mut payload, mask);
+    Ok(Decoded::Frame(Frame {
+        fin,
+        opcode,
+        payload,
+    }))
+}
+
+/// Where the reader's bytes come from.
+pub trait Fill {
+    /// Appends at least one byte to `buf` (which should grow to `needed` bytes), allocating
+    /// only once the source has bytes when it can tell; Ok(0) at the end of the stream.
+    fn fill(
+        &mut self,
+        buf: &mut BytesMut,
+        needed: usize,
+    ) -> impl Future<Output = io::Result<usize>> + Send;
+}
+
+/// Makes room for the next read: the rest of the frame being read, at least a chunk.
+pub fn reserve(buf: &mut BytesMut, needed: usize) {
+    if buf.capacity() == buf.len() {
+        buf.reserve(needed.saturating_sub(buf.len()).max(READ_CHUNK));
+    }
+}
+
+/// Any other stream (TLS): it reads into a buffer it holds while waiting.
+pub struct Stream<R>(pub R);
+
+impl<R: AsyncRead + Unpin + Send> Fill for Stream<R> {
+    async fn fill(&mut self, buf: &mut BytesMut, needed: usize) -> io::Result<usize> {
+        reserve(buf, needed);
+        self.0.read_buf(buf).await
+    }
+}
+
+/// Why reading frames stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("connection closed without a close frame")]
+    Eof,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Decodes frames from a [`Fill`], holding a buffer only while bytes are in it.
+pub struct Reader<F> {
+    source: F,
+    buf: BytesMut,
+    max_payload: usize,
+}
+
+impl<F: Fill> Reader<F> {
+    pub fn new(source: F, max_payload: usize) -> Reader<F> {
+        Reader {
+            source,
+            buf: BytesMut::new(),
+            max_payload,
+        }
+    }
+
+    /// The next frame. Cancel-safe: bytes read before a cancellation stay in the buffer.
+    pub async fn frame(&mut self) -> Result<Frame, ReadError> {
+        loop {
+            match decode(&mut self.buf, self.max_payload)? {
+                Decoded::Frame(frame) => {
+                    if self.buf.is_empty() {
+                        // Let the allocation go with the frame's payload.
+                        self.buf = BytesMut::new();
+                    }
+                    return Ok(frame);
+                }
+                Decoded::Incomplete(needed) => {
+                    if self.source.fill(&mut self.buf, needed).await? == 0 {
+                        return Err(ReadError::Eof);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bytes of buffer held right now (0 when idle).
+    #[cfg(test)]
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client frame: FIN and opcode byte, payload, masked with a fixed key.
+    fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        let mut out = vec![first];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    fn frame(fin: bool, opcode: OpCode, payload: &[u8]) -> Decoded {
+        Decoded::Frame(Frame {
+            fin,
+            opcode,
+            payload: BytesMut::from(payload),
+        })
+    }
+
+    #[test]
+    fn decodes_frames_of_every_length_byte_by_byte() {
+        let big = vec![b'x'; 70_000];
+        let mut wire = client_frame(0x81, b"hello");
+        wire.extend(client_frame(0x01, &big[..300]));
+        wire.extend(client_frame(0x80, &big));
+        wire.extend(client_frame(0x89, b"p"));
+        wire.extend(client_frame(0x88, &[0x03, 0xe8]));
+        let expected = [
+            frame(true, OpCode::Text, b"hello"),
+            frame(false, OpCode::Text, &big[..300]),
+            frame(true, OpCode::Continuation, &big),
+            frame(true, OpCode::Ping, b"p"),
+            frame(true, OpCode::Close, &[0x03, 0xe8]),
+        ];
+        // Fed one byte at a time, then all at once: the same frames.
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for byte in &wire {
+            buf.extend_from_slice(&[*byte]);
+            while let Decoded::Frame(f) = decode(&mut buf, 100_000).unwrap() {
+                got.push(Decoded::Frame(f));
+            }
+        }
+        assert_eq!(got, expected);
+        let mut buf = BytesMut::from(&wire[..]);
+        for e in &expected {
+            assert_eq!(&decode(&mut buf, 100_000).unwrap(), e);
+        }
+        assert!(buf.is_empty());
+        assert_eq!(decode(&mut buf, 100_000).unwrap(), Decoded::Incomplete(2));
+    }
+
+    #[test]
+    fn says_how_much_it_needs() {
+        let wire = client_frame(0x81, &[b'a'; 200]);
+        let mut buf = BytesMut::from(&wire[..1]);
+        assert_eq!(decode(&mut buf, 1000).unwrap(), Decoded::Incomplete(2));
+        let mut buf = BytesMut::from(&wire[..3]);
+        assert_eq!(decode(&mut buf, 1000).unwrap(), Decoded::Incomplete(8));
+        let mut buf = BytesMut::from(&wire[..20]);
+        assert_eq!(decode(&mut buf, 1000).unwrap(), Decoded::Incomplete(208));
+    }
+
+    #[test]
+    fn refuses_what_the_protocol_forbids() {
+        let cases: [(Vec<u8>, FrameError); 7] = [
+            (client_frame(0xc1, b"x"), FrameError::ReservedBits),
+            (client_frame(0x83, b"x"), FrameError::ReservedOpcode(3)),
+            (client_frame(0x8b, b"x"), FrameError::ReservedOpcode(11)),
+            (vec![0x81, 0x01, b'x'], FrameError::Unmasked),
+            (client_frame(0x09, b"x"), FrameError::FragmentedControl),
+            (client_frame(0x89, &[0; 126]), FrameError::ControlTooLong),
+            (client_frame(0x81, &[0; 101]), FrameError::TooBig),
+        ];
+        for (wire, error) in cases {
+            let mut buf = BytesMut::from(&wire[..]);
+            assert_eq!(decode(&mut buf, 100), Err(error.clone()), "{error}");
+        }
+        // Too big is known from the header alone, before the payload arrives.
+        let wire = client_frame(0x81, &[0; 70_000]);
+        let mut buf = BytesMut::from(&wire[..10]);
+        assert_eq!(decode(&mut buf, 65_536), Err(FrameError::TooBig));
+        assert_eq!(FrameError::TooBig.close_code(), 1009);
+        assert_eq!(FrameError::Unmasked.close_code(), 1002);
+    }
+
+    #[tokio::test]
+    async fn the_reader_lets_its_buffer_go_between_messages() {
+        let mut wire = client_frame(0x81, b"one");
+        wire.extend(client_frame(0x81, b"two"));
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut reader = Reader::new(Stream(server), 1000);
+        tokio::io::AsyncWriteExt::write_all(&mut client, &wire)
+            .await
+            .unwrap();
+        assert_eq!(&reader.frame().await.unwrap().payload[..], b"one");
+        assert!(
+            reader.buffer_capacity() > 0,
+            "the second frame is still buffered"
+        );
+        assert_eq!(&reader.frame().await.unwrap().payload[..], b"two");
+        assert_eq!(reader.buffer_capacity(), 0, "nothing left to hold");
+        drop(client);
+        assert!(matches!(reader.frame().await, Err(ReadError::Eof)));
+    }
+}
