@@ -293,7 +293,7 @@ impl Outbox {
 pub struct Flush(Vec<Arc<Outbox>>);
 
 impl Flush {
-    /// Up to this many sockets are written by the publisher itself; more go to a task of
+    /// This many sockets are written by the publisher itself; the rest go to a task of
     /// their own, so that a publish returns once its frames are queued.
     const INLINE: usize = 16;
     /// A flushing task lets other tasks run after this many sockets.
@@ -311,8 +311,12 @@ impl Flush {
         let runtime = tokio::runtime::Handle::try_current();
         match runtime {
             Ok(runtime) if self.0.len() > Self::INLINE => {
+                // The first few at once: the first subscribers do not wait for a task switch.
+                self.0[..Self::INLINE]
+                    .iter()
+                    .for_each(|outbox| outbox.flush());
                 runtime.spawn(async move {
-                    for chunk in self.0.chunks(Self::CHUNK) {
+                    for chunk in self.0[Self::INLINE..].chunks(Self::CHUNK) {
                         chunk.iter().for_each(|outbox| outbox.flush());
                         tokio::task::yield_now().await;
                     }
