@@ -189,6 +189,7 @@ fn handle(
             token,
             sessions.shutdown.clone(),
             sessions.kill.clone(),
+            sessions.tracker.clone(),
         )
         .in_current_span(),
     );

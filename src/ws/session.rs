@@ -16,6 +16,8 @@ use serde_json::value::RawValue;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::auth::Claims;
 use crate::broker::Position;
@@ -35,15 +37,17 @@ use crate::ws::{frame, inbound, socket};
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
 
-/// Runs a connection to its end. `shutdown` asks it to close with 1001; `kill` ends it at once.
+/// Waits for the upgrade, then spawns the connection's own task on `tracker`: that task holds
+/// only the connection's state, not this function's arguments. `shutdown` asks the
+/// connection to close with 1001; `kill` ends it at once.
 pub async fn run(
     upgrade: fastwebsockets::upgrade::UpgradeFut,
     node: Node,
-    // Held for the connection's life: its place under max_connections.
-    _ticket: Ticket,
+    ticket: Ticket,
     query_token: Option<String>,
     shutdown: CancellationToken,
     kill: CancellationToken,
+    tracker: TaskTracker,
 ) {
     let ws = match upgrade.await {
         Ok(ws) => ws,
@@ -53,6 +57,13 @@ pub async fn run(
         }
     };
     let limit = node.config.max_queue_bytes;
+    let start = Start {
+        node,
+        ticket,
+        query_token,
+        shutdown,
+        kill,
+    };
     // Plain TCP: the socket is shared with the outbox, which writes to it directly.
     match ws
         .into_inner()
@@ -61,37 +72,58 @@ pub async fn run(
     {
         Ok(parts) => {
             let (read, write, tcp) = socket::split(parts.io.into_inner(), parts.read_buf);
-            let outbox = Outbox::direct(limit, tcp, node.metrics.clone());
-            serve(read, write, outbox, node, query_token, shutdown, kill).await
+            let outbox = Outbox::direct(limit, tcp, start.node.metrics.clone());
+            let mut connection = Connection::start(read, write, outbox, start);
+            // An async block uses its captured state in place; an async fn taking `mut self`
+            // would hold the connection twice.
+            tracker.spawn(async move { connection.run().await }.in_current_span());
         }
         Err(upgraded) => {
             let (read, write) = tokio::io::split(Upgraded::new(upgraded));
             let outbox = Outbox::new(limit);
-            let read = inbound::Stream(read);
-            serve(read, write, outbox, node, query_token, shutdown, kill).await
+            let mut connection = Connection::start(inbound::Stream(read), write, outbox, start);
+            tracker.spawn(async move { connection.run().await }.in_current_span());
         }
     }
 }
 
-async fn serve<R, W>(
-    read: R,
-    write: W,
-    outbox: Outbox,
+/// What a connection starts from.
+struct Start {
     node: Node,
+    ticket: Ticket,
     query_token: Option<String>,
     shutdown: CancellationToken,
     kill: CancellationToken,
-) where
-    R: Fill,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let mut reader = Reader::new(read, node.config.max_message_size);
+}
 
-    let outbox = Arc::new(outbox);
-    let live = Arc::new(Liveness::default());
-    let conn = kill.child_token();
-    let writer = tokio::spawn(
-        Writer {
+/// One connection's state for its life: what its task's future holds while it waits.
+pub(crate) struct Connection<F> {
+    session: Session,
+    reader: Reader<F>,
+    conn: CancellationToken,
+    writer: tokio::task::JoinHandle<()>,
+    // Held for the connection's life: its place under max_connections.
+    _ticket: Ticket,
+}
+
+impl<F: Fill> Connection<F> {
+    /// Spawns the writer and, with a token in the URL, authenticates.
+    fn start<W>(read: F, write: W, outbox: Outbox, start: Start) -> Connection<F>
+    where
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let Start {
+            node,
+            ticket,
+            query_token,
+            shutdown,
+            kill,
+        } = start;
+        let reader = Reader::new(read, node.config.max_message_size);
+        let outbox = Arc::new(outbox);
+        let live = Arc::new(Liveness::default());
+        let conn = kill.child_token();
+        let mut writer = Writer {
             io: write,
             outbox: outbox.clone(),
             live: live.clone(),
@@ -99,35 +131,45 @@ async fn serve<R, W>(
             metrics: node.metrics.clone(),
             conn: conn.clone(),
             shutdown,
+        };
+        let writer = tokio::spawn(async move { writer.run().await });
+        let node_rate = node.config.max_commands_per_second;
+        let mut session = Session {
+            id: new_client_id(),
+            node,
+            outbox,
+            live,
+            claims: None,
+            closing: false,
+            conn: conn.clone(),
+            rpcs: Arc::new(AtomicUsize::new(0)),
+            commands: CommandRate::new(node_rate),
+        };
+        tracing::debug!(client = %session.id, "websocket open");
+        if let Some(token) = query_token {
+            session.connect(&token, &[]);
         }
-        .run(),
-    );
+        Connection {
+            session,
+            reader,
+            conn,
+            writer,
+            _ticket: ticket,
+        }
+    }
 
-    let node_rate = node.config.max_commands_per_second;
-    let mut session = Session {
-        id: new_client_id(),
-        node,
-        outbox,
-        live,
-        claims: None,
-        closing: false,
-        conn: conn.clone(),
-        rpcs: Arc::new(AtomicUsize::new(0)),
-        commands: CommandRate::new(node_rate),
-    };
-    tracing::debug!(client = %session.id, "websocket open");
-    if let Some(token) = query_token {
-        session.connect(&token, &[]);
+    /// Reads until the connection ends, then unregisters it and waits for its writer.
+    pub(crate) async fn run(&mut self) {
+        self.session.read_loop(&mut self.reader, &self.conn).await;
+        let ended = self.session.outbox.ended();
+        if self.session.claims.is_some() {
+            self.session.node.hub.unregister(&self.session.id, &ended);
+        }
+        self.conn.cancel();
+        let _ = (&mut self.writer).await;
+        // Counted once the writer is done, so the close frame's write is counted before it.
+        self.session.node.metrics.record_disconnect(ended.code);
     }
-    session.read_loop(&mut reader, &conn).await;
-    let ended = session.outbox.ended();
-    if session.claims.is_some() {
-        session.node.hub.unregister(&session.id, &ended);
-    }
-    conn.cancel();
-    let _ = writer.await;
-    // Counted once the writer is done, so the close frame's write is counted before it.
-    session.node.metrics.record_disconnect(ended.code);
 }
 
 fn new_client_id() -> Arc<str> {

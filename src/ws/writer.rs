@@ -154,7 +154,9 @@ pub struct Writer<W> {
 // === impl Writer ===
 
 impl<W: AsyncWrite + Unpin> Writer<W> {
-    pub async fn run(mut self) {
+    /// Takes `&mut self`: spawned as `async move { writer.run().await }`, which holds the
+    /// writer once (an async fn taking `mut self` would hold it twice).
+    pub async fn run(&mut self) {
         let mut clock = Clock::new(Instant::now(), &self.config);
         let mut frames: Vec<Bytes> = Vec::new();
         // Registered once: re-creating these futures on every wakeup costs a lock each.
