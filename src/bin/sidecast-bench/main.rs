@@ -16,6 +16,7 @@ mod probe;
 mod publisher;
 mod scenario;
 mod stats;
+mod writes;
 mod wsclient;
 
 use std::net::SocketAddr;
@@ -49,6 +50,9 @@ struct Cli {
     /// The server's process id, for its CPU time and memory.
     #[arg(long, global = true)]
     server_pid: Option<u32>,
+    /// sidecast's admin address: frames per socket write are read from its /metrics.
+    #[arg(long, global = true)]
+    metrics: Option<SocketAddr>,
     /// Name of the server in the report.
     #[arg(long, default_value = "sidecast", global = true)]
     peer: String,
@@ -168,6 +172,7 @@ fn main() -> anyhow::Result<()> {
             },
             sink,
             server_pid: cli.server_pid.map(|p| p.to_string()),
+            metrics: cli.metrics,
             peer: cli.peer,
             grpc: cli.grpc,
         };

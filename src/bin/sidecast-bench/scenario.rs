@@ -14,12 +14,15 @@ use crate::fleet::{in_batches, read, Member, Target};
 use crate::probe::{rss_bytes, slab_bytes, Snapshot};
 use crate::publisher::{self, Plan, PlanChannel, Sent, Sink};
 use crate::stats::Stats;
+use crate::writes;
 use crate::wsclient::WsConn;
 
 pub struct Ctx {
     pub target: Target,
     pub sink: Sink,
     pub server_pid: Option<String>,
+    /// sidecast's admin address, for frames per write.
+    pub metrics: Option<std::net::SocketAddr>,
     pub peer: String,
     /// sidecast's control API address (for the event stream).
     pub grpc: String,
@@ -54,6 +57,8 @@ pub struct Window {
     pub server_cpu_s: f64,
     pub generator_cpu: f64,
     pub closes: Vec<(u16, u64)>,
+    /// Frames per socket write in the window (sidecast with --metrics only).
+    pub frames_per_write: Option<f64>,
 }
 
 impl Window {
@@ -80,7 +85,7 @@ impl Window {
     pub fn print(&self, peer: &str) {
         println!(
             "{peer} {} subs={} rate={}/s: {:.0} deliveries/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, \
-             last p99 {:.2} ms, missing {} gaps {} dup {} reorder {}, server {:.3} CPU-s/M deliveries, generator CPU {:.0}%{}",
+             last p99 {:.2} ms, missing {} gaps {} dup {} reorder {}, server {:.3} CPU-s/M deliveries, generator CPU {:.0}%{}{}",
             self.label,
             self.subscribers,
             self.rate,
@@ -97,6 +102,10 @@ impl Window {
             self.cpu_per_million(),
             self.generator_cpu * 100.0,
             if self.generator_bound() { " (GENERATOR-BOUND: figure does not count)" } else { "" },
+            match self.frames_per_write {
+                Some(f) => format!(", {f:.3} frames per write"),
+                None => String::new(),
+            },
         );
         let result = json!({
             "peer": peer, "label": self.label, "subscribers": self.subscribers, "rate": self.rate,
@@ -109,6 +118,7 @@ impl Window {
             "first_p50_ms": self.first_p50_us as f64 / 1000.0, "first_p99_ms": self.first_p99_us as f64 / 1000.0,
             "server_cpu_s_per_million": self.cpu_per_million(), "generator_cpu": self.generator_cpu,
             "generator_bound": self.generator_bound(), "closes": self.closes,
+            "frames_per_write": self.frames_per_write,
         });
         println!("RESULT {result}");
     }
@@ -173,6 +183,7 @@ async fn window(
         .map(|p| p.duration.as_secs_f64())
         .fold(0.0, f64::max);
     stats.borrow_mut().reset();
+    let writes_before = writes::counters(ctx.metrics).await;
     let before = Snapshot::take(ctx.server_pid.as_deref());
     let started = tokio::time::Instant::now();
     let mut tasks = Vec::new();
@@ -204,6 +215,7 @@ async fn window(
         }
     }
     let after = Snapshot::take(ctx.server_pid.as_deref());
+    let writes_after = writes::counters(ctx.metrics).await;
     let (wall, server_cpu, own_cpu) = after.since(&before);
     // An overloaded server makes publishing and delivery take longer than planned: rates are
     // per second of what it really took (until the last delivery), never of the plan.
@@ -234,6 +246,7 @@ async fn window(
         server_cpu_s: server_cpu,
         generator_cpu: own_cpu / wall,
         closes,
+        frames_per_write: writes::per_write(writes_before, writes_after),
     }
 }
 
