@@ -258,7 +258,8 @@ async fn unsub_push_is_sent_on_revocation() {
 #[tokio::test]
 async fn expiry_without_refresh_closes_4002() {
     let server = TestServer::start(&[("token_leeway", "0s")]).await;
-    let token = sign_hs256(&json!({"sub": "gus", "exp": now() + 1}), SECRET);
+    // now() is in whole seconds: +2 leaves at least a second for the connect to be accepted.
+    let token = sign_hs256(&json!({"sub": "gus", "exp": now() + 2}), SECRET);
     let mut client = server.connect(&token).await;
     assert_eq!(client.closed().await, (4002, "token expired".into()));
 }
@@ -267,13 +268,14 @@ async fn expiry_without_refresh_closes_4002() {
 #[tokio::test]
 async fn refresh_extends_the_connection() {
     let server = TestServer::start(&[("token_leeway", "0s")]).await;
-    let first = sign_hs256(&json!({"sub": "hal", "exp": now() + 1}), SECRET);
+    // At least a second for connect and refresh, at most two before it would expire.
+    let first = sign_hs256(&json!({"sub": "hal", "exp": now() + 2}), SECRET);
     let mut client = server.connect(&first).await;
     let reply = client
         .request(json!({"id": 2, "op": "refresh", "token": token("hal", json!({}))}))
         .await;
     assert!(reply.get("result").is_some(), "{reply}");
-    tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(3200)).await;
     assert_eq!(
         client.request(json!({"id": 3, "op": "ping"})).await["result"],
         json!({})
