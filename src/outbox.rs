@@ -51,6 +51,8 @@ struct State {
     close: Option<Close>,
     /// The close was handed to the writer; nothing more is queued after it.
     close_taken: bool,
+    /// The first queued frame was partly written by [`Outbox::push`] or [`Outbox::flush`].
+    front_started: bool,
     /// The socket, for writes made by [`Outbox::push`]; None on TLS connections and once
     /// the writer has finished.
     direct: Option<Arc<TcpStream>>,
@@ -108,8 +110,11 @@ impl Outbox {
             return Push::Closed;
         }
         if state.queued + state.in_flight + frame.len() > self.limit {
-            state.frames.clear();
-            state.queued = 0;
+            // The rest of a frame already partly written must still go, or the close frame
+            // would land inside it.
+            let keep = usize::from(state.front_started);
+            state.frames.truncate(keep);
+            state.queued = state.frames.front().map_or(0, Bytes::len);
             state.close = Some(Close::new(close::SLOW_CONSUMER, "slow consumer"));
             drop(state);
             self.wake.notify_one();
@@ -153,6 +158,7 @@ impl Outbox {
             frames,
             queued,
             direct,
+            front_started,
             ..
         } = state;
         let Some(tcp) = direct else {
@@ -188,9 +194,11 @@ impl Outbox {
                     left -= first.len();
                     frames.pop_front();
                     completed += 1;
+                    *front_started = false;
                 } else {
                     first.advance(left);
                     left = 0;
+                    *front_started = true;
                 }
             }
             if let Some(metrics) = &self.metrics {
@@ -238,6 +246,7 @@ impl Outbox {
             state.close_taken = true;
             state.frames.clear();
             state.queued = 0;
+            state.front_started = false;
         }
     }
 
@@ -253,6 +262,8 @@ impl Outbox {
         state.in_flight += state.queued;
         state.queued = 0;
         frames.extend(state.frames.drain(..));
+        // The writer finishes whatever it took, a partly written frame included.
+        state.front_started = false;
         if state.close.is_some() && !state.close_taken {
             state.close_taken = true;
             return state.close.clone();
@@ -412,6 +423,43 @@ mod tests {
             outbox.flush();
         }
         assert!(reader.await.unwrap() == pushed, "every byte, in order");
+    }
+
+    #[tokio::test]
+    async fn overflow_keeps_the_rest_of_a_partly_written_frame() {
+        let (server, _client) = pair().await;
+        let limit = 256 << 10;
+        let outbox = Outbox::direct(limit, server, Arc::new(Metrics::default()));
+        // The client never reads: the socket fills, and some frame is written only in part,
+        // or not at all.
+        let mut last = 0;
+        for i in 0..10_000u32 {
+            last = 100_000 + i as usize;
+            if outbox.push(Bytes::from(vec![1; last])) == Push::Queued {
+                break;
+            }
+        }
+        let held = outbox.held();
+        assert!(held > 0 && held <= last);
+        let partly_written = held < last;
+        assert_eq!(
+            outbox.push(Bytes::from(vec![2; limit])),
+            Push::Overflow,
+            "over the bound"
+        );
+        let mut frames = Vec::new();
+        let close = outbox.take(&mut frames).expect("the slow consumer's close");
+        assert_eq!(close.code, close::SLOW_CONSUMER);
+        if partly_written {
+            assert_eq!(
+                frames.len(),
+                1,
+                "the started frame is finished before the close"
+            );
+            assert_eq!(frames[0].len(), held);
+        } else {
+            assert!(frames.is_empty(), "whole frames are dropped");
+        }
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub enum FrameError {
     FragmentedControl,
     #[error("control frame longer than 125 bytes")]
     ControlTooLong,
+    #[error("the most significant bit of a 64-bit length is set")]
+    LengthHighBit,
     #[error("message too big")]
     TooBig,
 }
@@ -129,12 +131,18 @@ pub fn decode(buf: &mut BytesMut, max_payload: usize) -> Result<Decoded, FrameEr
             return Err(FrameError::ControlTooLong);
         }
     }
+    if length >> 63 != 0 {
+        return Err(FrameError::LengthHighBit);
+    }
     if length > max_payload as u64 {
         return Err(FrameError::TooBig);
     }
     let length = length as usize;
-    if buf.len() < header + length {
-        return Ok(Decoded::Incomplete(header + length));
+    let Some(total) = header.checked_add(length) else {
+        return Err(FrameError::TooBig);
+    };
+    if buf.len() < total {
+        return Ok(Decoded::Incomplete(total));
     }
     let mask: [u8; 4] = buf[header - 4..header].try_into().expect("four bytes");
     buf.advance(header);
@@ -158,10 +166,16 @@ pub trait Fill {
     ) -> impl Future<Output = io::Result<usize>> + Send;
 }
 
-/// Makes room for the next read: the rest of the frame being read, at least a chunk.
+/// Makes room for the next read: the rest of the frame being read, at least a chunk and at
+/// most four, so that a header announcing a large frame does not reserve its whole size
+/// before the bytes come.
 pub fn reserve(buf: &mut BytesMut, needed: usize) {
     if buf.capacity() == buf.len() {
-        buf.reserve(needed.saturating_sub(buf.len()).max(READ_CHUNK));
+        buf.reserve(
+            needed
+                .saturating_sub(buf.len())
+                .clamp(READ_CHUNK, 4 * READ_CHUNK),
+        );
     }
 }
 
@@ -307,7 +321,7 @@ mod tests {
 
     #[test]
     fn refuses_what_the_protocol_forbids() {
-        let cases: [(Vec<u8>, FrameError); 7] = [
+        let cases: [(Vec<u8>, FrameError); 8] = [
             (client_frame(0xc1, b"x"), FrameError::ReservedBits),
             (client_frame(0x83, b"x"), FrameError::ReservedOpcode(3)),
             (client_frame(0x8b, b"x"), FrameError::ReservedOpcode(11)),
@@ -315,6 +329,10 @@ mod tests {
             (client_frame(0x09, b"x"), FrameError::FragmentedControl),
             (client_frame(0x89, &[0; 126]), FrameError::ControlTooLong),
             (client_frame(0x81, &[0; 101]), FrameError::TooBig),
+            (
+                vec![0x81, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
+                FrameError::LengthHighBit,
+            ),
         ];
         for (wire, error) in cases {
             let mut buf = BytesMut::from(&wire[..]);
@@ -324,6 +342,16 @@ mod tests {
         let wire = client_frame(0x81, &[0; 70_000]);
         let mut buf = BytesMut::from(&wire[..10]);
         assert_eq!(decode(&mut buf, 65_536), Err(FrameError::TooBig));
+        // With a limit near usize::MAX, the largest legal length neither overflows the
+        // frame's total size nor reserves it.
+        let mut huge = vec![0x81, 0xff];
+        huge.extend_from_slice(&(u64::MAX >> 1).to_be_bytes());
+        huge.extend_from_slice(&[0; 4]);
+        let mut buf = BytesMut::from(&huge[..]);
+        let total = 14 + (u64::MAX >> 1) as usize;
+        assert_eq!(decode(&mut buf, usize::MAX), Ok(Decoded::Incomplete(total)));
+        reserve(&mut buf, total);
+        assert!(buf.capacity() <= huge.len() + 4 * READ_CHUNK + 64);
         assert_eq!(FrameError::TooBig.close_code(), 1009);
         assert_eq!(FrameError::Unmasked.close_code(), 1002);
     }

@@ -67,7 +67,7 @@ impl Fill for TcpRead {
                 // allocated and freed per message, fragmenting the heap.
                 let mut stack = [0u8; inbound::READ_CHUNK];
                 self.tcp.try_read(&mut stack).inspect(|&n| {
-                    buf.reserve(n.max(needed));
+                    buf.reserve(n);
                     buf.extend_from_slice(&stack[..n]);
                 })
             } else {
