@@ -14,8 +14,11 @@
 use std::future::Future;
 use std::io;
 
+use std::pin::Pin;
+use std::task::Poll;
+
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 /// What a read asks for when the decoder needs more bytes than a small frame.
 pub const READ_CHUNK: usize = 4096;
@@ -179,13 +182,25 @@ pub fn reserve(buf: &mut BytesMut, needed: usize) {
     }
 }
 
-/// Any other stream (TLS): it reads into a buffer it holds while waiting.
+/// Any other stream (TLS). At the start of a burst it reads into a stack buffer inside
+/// each poll (a poll that returns `Pending` has read nothing), so that it holds no buffer
+/// while waiting either; the rest of a frame is read into `buf`.
 pub struct Stream<R>(pub R);
 
 impl<R: AsyncRead + Unpin + Send> Fill for Stream<R> {
     async fn fill(&mut self, buf: &mut BytesMut, needed: usize) -> io::Result<usize> {
-        reserve(buf, needed);
-        self.0.read_buf(buf).await
+        if !buf.is_empty() {
+            reserve(buf, needed);
+            return self.0.read_buf(buf).await;
+        }
+        std::future::poll_fn(|cx| {
+            let mut stack = [0u8; READ_CHUNK];
+            let mut read = ReadBuf::new(&mut stack);
+            std::task::ready!(Pin::new(&mut self.0).poll_read(cx, &mut read))?;
+            buf.extend_from_slice(read.filled());
+            Poll::Ready(Ok(read.filled().len()))
+        })
+        .await
     }
 }
 
