@@ -73,7 +73,8 @@ fn hub_with(n: usize) -> (Hub, Vec<Arc<Outbox>>) {
         let id: Arc<str> = Arc::from(format!("c{i}"));
         hub.register(id.clone(), &format!("u{i}"), None, None, outbox.clone());
         hub.subscribe(&id, "room:1", Origin::Client, Bytes::from_static(b"{}"))
-            .unwrap();
+            .unwrap()
+            .run();
         outboxes.push(outbox);
     }
     (hub, outboxes)

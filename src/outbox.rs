@@ -299,8 +299,10 @@ impl Outbox {
     }
 }
 
-/// The outboxes a fan-out left to write ([`Push::Deferred`]).
+/// The outboxes a fan-out left to write ([`Push::Deferred`]). Their frames wait until it
+/// runs (or until something else wakes their writers): it must not be dropped unrun.
 #[derive(Default)]
+#[must_use = "the queued frames are written only when the Flush runs"]
 pub struct Flush(Vec<Arc<Outbox>>);
 
 impl Flush {
@@ -312,6 +314,10 @@ impl Flush {
 
     pub fn add(&mut self, outbox: &Arc<Outbox>) {
         self.0.push(outbox.clone());
+    }
+
+    pub fn append(&mut self, mut other: Flush) {
+        self.0.append(&mut other.0);
     }
 
     /// Writes to every socket (see [`Flush::INLINE`]); called once the channel lock is released.

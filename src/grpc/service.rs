@@ -161,7 +161,10 @@ impl Control for ControlService {
                 hub.subscribe(&id, &req.channel, crate::hub::Origin::Server, first)
             });
             match subscribed {
-                Ok(()) => out.subscribed += 1,
+                Ok(flush) => {
+                    flush.run();
+                    out.subscribed += 1
+                }
                 Err(HubError::AlreadySubscribed) => out.already_subscribed += 1,
                 Err(HubError::TooManySubscriptions(_) | HubError::ChannelFull(_)) => {
                     out.limit_exceeded += 1

@@ -22,7 +22,7 @@ use crate::channel::Pattern;
 use crate::config::{Config, NamespaceOptions};
 use crate::events::Events;
 use crate::metrics::Metrics;
-use crate::outbox::{Flush, Outbox};
+use crate::outbox::{Flush, Outbox, Push};
 use crate::pb;
 use crate::ws::close::Close;
 use crate::ws::{frame, protocol};
@@ -229,14 +229,16 @@ impl Hub {
     }
 
     /// Subscribes a connection. `first` is queued to it before any publication of the channel
-    /// (the subscribe reply, or a `sub` push for server-side subscriptions).
+    /// (the subscribe reply, or a `sub` push for server-side subscriptions). The sockets to
+    /// write (the connection's, and those of a `join` fan-out) are returned as a [`Flush`],
+    /// for the caller to run once the engine's lock is released.
     pub fn subscribe(
         &self,
         id: &str,
         name: &str,
         origin: Origin,
         first: Bytes,
-    ) -> Result<(), HubError> {
+    ) -> Result<Flush, HubError> {
         let max_subscriptions = self.shared.config.max_subscriptions;
         let name: Arc<str> = Arc::from(name);
         // Reserve the subscription on the client first, so that two concurrent subscribes of
@@ -286,7 +288,7 @@ impl Hub {
             (id, subscriber)
         };
         let user = subscriber.user.clone();
-        let mut joined = Flush::default();
+        let mut flush = Flush::default();
         let (channel, subscriber_outbox) = loop {
             let channel = {
                 let mut state = self.write();
@@ -324,7 +326,9 @@ impl Hub {
                 }
                 return Err(HubError::ChannelFull(max));
             }
-            subscriber.outbox.push(first);
+            if subscriber.outbox.push_later(first) == Push::Deferred {
+                flush.add(&subscriber.outbox);
+            }
             if channel.options.join_leave {
                 let join = frame::text(&protocol::encode_presence_event(
                     "join",
@@ -333,13 +337,12 @@ impl Hub {
                     &subscriber.user,
                     subscriber.info.as_deref(),
                 ));
-                joined = ch.fan_out(&join, None).1;
+                flush.append(ch.fan_out(&join, None).1);
             }
             let outbox = subscriber.outbox.clone();
             ch.subscribers.insert(id.clone(), subscriber);
             break (channel.clone(), outbox);
         };
-        joined.run();
         // The connection may have gone, or unsubscribed, while the channel lock was taken.
         let (present, still) = match self.read().clients.get(&id) {
             Some(client) => (true, client.subs.contains_key(&name)),
@@ -354,7 +357,7 @@ impl Hub {
                 subscriber_outbox.push(frame::text(&unsub));
             }
         }
-        Ok(())
+        Ok(flush)
     }
 
     /// Unsubscribes a connection; `notify` queues an `unsub` push with that reason.

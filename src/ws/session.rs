@@ -439,8 +439,11 @@ impl Session {
                     let first = frame::text(&protocol::encode_sub(channel, &attach));
                     hub.subscribe(me, channel, Origin::Server, first)
                 });
-            if let Err(e) = subscribed {
-                tracing::warn!(%channel, error = %e, "subscription from the subs claim not made");
+            match subscribed {
+                Ok(flush) => flush.run(),
+                Err(e) => {
+                    tracing::warn!(%channel, error = %e, "subscription from the subs claim not made")
+                }
             }
         }
         self.claims = Some(claims);
@@ -519,7 +522,8 @@ impl Session {
                 let reply = frame::text(&protocol::encode_subscribe_result(id, &attach));
                 hub.subscribe(me, name, Origin::Client, reply)
             })
-            .map_err(|e| (hub_error_code(&e), e.to_string()))?;
+            .map_err(|e| (hub_error_code(&e), e.to_string()))?
+            .run();
         Ok(None)
     }
 
