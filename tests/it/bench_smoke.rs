@@ -33,11 +33,16 @@ async fn generator_smoke_against_sidecast() {
         server.grpc_url.clone(),
         "--secret".into(),
         SECRET.into(),
+        "--metrics".into(),
+        server.admin.to_string(),
     ];
     let out = tokio::task::spawn_blocking(move || smoke(&args))
         .await
         .unwrap();
     assert!(out.contains("smoke: 1 passed, 0 failed"), "{out}");
+    // Frames per socket write, read from /metrics around the window.
+    assert!(out.contains(" frames per write"), "{out}");
+    assert!(!out.contains(r#""frames_per_write":null"#), "{out}");
 }
 
 #[tokio::test]

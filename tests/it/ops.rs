@@ -219,6 +219,12 @@ async fn metrics_count_known_traffic() {
         assert_eq!(sample(&text, name), Some(value), "{name} in\n{text}");
     }
     assert!(sample(&text, "sidecast_bytes_sent_total").unwrap() > 100.0);
+    // Each write carries at least one frame; frames queued together share one.
+    let writes = sample(&text, "sidecast_socket_writes_total").unwrap();
+    assert!(
+        (1.0..=12.0).contains(&writes),
+        "{writes} writes for 12 frames"
+    );
     assert!(text.contains("# TYPE sidecast_fanout_seconds histogram"));
 }
 
