@@ -6,8 +6,11 @@
 //!
 //! The node runs in this process; the clients run in a child process (this same binary with
 //! `--clients`), so only the server's allocations are counted. Stages: upgraded (no token
-//! yet), authenticated, subscribed to a personal and a shared channel, and after one
-//! heartbeat round trip.
+//! yet), authenticated, subscribed to a personal and a shared channel, after one command
+//! round trip, and, given a second argument, after that many seconds of heartbeats (a ping
+//! every second, answered at once):
+//!
+//!     cargo run --release --example memory_breakdown -- 5000 60
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::io::{BufRead, BufReader, Write};
@@ -60,7 +63,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return clients(args[2].parse()?, &args[3]);
     }
     let n: usize = args.get(1).map(|a| a.parse()).transpose()?.unwrap_or(5000);
-    server(n)
+    let heartbeat_seconds: u64 = args.get(2).map(|a| a.parse()).transpose()?.unwrap_or(0);
+    server(n, heartbeat_seconds)
 }
 
 fn kib(path: &str, field: &str) -> i64 {
@@ -90,7 +94,7 @@ fn read() -> Reading {
     }
 }
 
-fn server(n: usize) -> Result<(), Box<dyn std::error::Error>> {
+fn server(n: usize, heartbeat_seconds: u64) -> Result<(), Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -98,7 +102,12 @@ fn server(n: usize) -> Result<(), Box<dyn std::error::Error>> {
         let overrides = vec![
             ("token_hmac_secret".to_string(), SECRET.to_string()),
             ("connect_timeout".to_string(), "10m".to_string()),
-            ("ping_interval".to_string(), "10m".to_string()),
+            // With a heartbeat stage, a ping every second (answered by the clients' tasks).
+            (
+                "ping_interval".to_string(),
+                if heartbeat_seconds > 0 { "1s" } else { "10m" }.to_string(),
+            ),
+            ("pong_timeout".to_string(), "500ms".to_string()),
         ];
         let config = sidecast::config::Config::from_layers(None, &[], &overrides).expect("config");
         let node = sidecast::node::Node::build(config.clone()).expect("node");
@@ -136,11 +145,25 @@ fn server(n: usize) -> Result<(), Box<dyn std::error::Error>> {
         rss: base.rss,
         slab: base.slab,
     };
-    for stage in ["upgraded", "authenticated", "subscribed", "heartbeat"] {
+    let mut stages = vec!["upgraded", "authenticated", "subscribed", "command"];
+    if heartbeat_seconds > 0 {
+        stages.push("pinged");
+    }
+    for stage in stages {
+        if stage == "pinged" {
+            std::thread::sleep(std::time::Duration::from_secs(heartbeat_seconds));
+        }
         writeln!(to_child, "{stage}")?;
         let mut line = String::new();
         from_child.read_line(&mut line)?;
-        assert_eq!(line.trim(), "ok", "client stage {stage} failed: {line}");
+        let pings = line.trim().strip_prefix("ok ");
+        let pings: f64 = pings
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("client stage {stage} failed: {line}"));
+        let stage = match stage {
+            "pinged" => format!("{:.1} pings", pings / n as f64),
+            _ => stage.to_string(),
+        };
         // Let the server finish what the last messages started (a reply is queued before it is written).
         std::thread::sleep(std::time::Duration::from_millis(300));
         let now = read();
@@ -169,53 +192,109 @@ fn server(n: usize) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Client side: opens `n` connections and advances them one stage per line on stdin.
+/// Client side: opens `n` connections, each a task that answers the server's heartbeat
+/// pings at once, and advances them one stage per line on stdin.
 fn clients(n: usize, url: &str) -> Result<(), Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let stdin = std::io::stdin();
-        let mut lines = stdin.lock().lines();
+        // Stdin is read on a thread of its own: the connections' tasks must keep answering
+        // pings while this process waits for the next stage.
+        let (line_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                if line_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
         let mut conns = Vec::with_capacity(n);
-        while let Some(Ok(stage)) = lines.next() {
+        let pings = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        while let Some(Ok(stage)) = lines.recv().await {
             match stage.as_str() {
                 "upgraded" => {
-                    for _ in 0..n {
-                        conns.push(tokio_tungstenite::connect_async(url).await?.0);
+                    for i in 0..n {
+                        let ws = tokio_tungstenite::connect_async(url).await?.0;
+                        let (tx, rx) = tokio::sync::mpsc::channel(1);
+                        conns.push((tx, tokio::spawn(client(i, ws, rx, pings.clone()))));
                     }
                 }
-                "authenticated" => {
-                    let now = sidecast::ws::unix_now();
-                    for (i, ws) in conns.iter_mut().enumerate() {
-                        let claims = serde_json::json!({"sub": format!("u{i}"), "exp": now + 3600, "channels": ["user:*", "shared"]});
+                "authenticated" | "subscribed" | "command" => {
+                    for (tx, _) in &conns {
+                        let (done, ok) = tokio::sync::oneshot::channel();
+                        tx.send((stage.clone(), done)).await?;
+                        ok.await?;
+                    }
+                }
+                // Pings are answered by the connections' tasks while the server waits.
+                "pinged" => {}
+                _ => return Ok(()),
+            }
+            println!("ok {}", pings.load(Relaxed));
+        }
+        Ok(())
+    })
+}
+
+type Stage = (String, tokio::sync::oneshot::Sender<()>);
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// One connection: runs the stages it is sent and answers every `{"type":"ping"}` push with
+/// a pong, so heartbeats go on between stages.
+async fn client(
+    i: usize,
+    mut ws: Ws,
+    mut stages: tokio::sync::mpsc::Receiver<Stage>,
+    pings: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Result<(), String> {
+    let mut pending: Option<(usize, tokio::sync::oneshot::Sender<()>)> = None;
+    loop {
+        tokio::select! {
+            stage = stages.recv(), if pending.is_none() => {
+                let Some((stage, done)) = stage else { return Ok(()) };
+                let requests = match stage.as_str() {
+                    "authenticated" => {
+                        let claims = serde_json::json!({"sub": format!("u{i}"), "exp": sidecast::ws::unix_now() + 3600, "channels": ["user:*", "shared"]});
                         let token = jsonwebtoken::encode(
                             &jsonwebtoken::Header::default(),
                             &claims,
                             &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-                        )?;
-                        ws.send(Message::text(serde_json::json!({"id": 1, "op": "connect", "token": token}).to_string())).await?;
-                        ws.next().await.ok_or("closed")??;
+                        )
+                        .map_err(|e| e.to_string())?;
+                        vec![serde_json::json!({"id": 1, "op": "connect", "token": token})]
                     }
+                    "subscribed" => vec![
+                        serde_json::json!({"id": 2, "op": "subscribe", "channel": format!("user:{i}")}),
+                        serde_json::json!({"id": 3, "op": "subscribe", "channel": "shared"}),
+                    ],
+                    _ => vec![serde_json::json!({"id": 4, "op": "ping"})],
+                };
+                for request in &requests {
+                    ws.send(Message::text(request.to_string())).await.map_err(|e| e.to_string())?;
                 }
-                "subscribed" => {
-                    for (i, ws) in conns.iter_mut().enumerate() {
-                        for (id, channel) in [(2, format!("user:{i}")), (3, "shared".to_string())] {
-                            ws.send(Message::text(serde_json::json!({"id": id, "op": "subscribe", "channel": channel}).to_string())).await?;
-                            ws.next().await.ok_or("closed")??;
-                        }
-                    }
-                }
-                "heartbeat" => {
-                    for ws in conns.iter_mut() {
-                        ws.send(Message::text(r#"{"id":4,"op":"ping"}"#)).await?;
-                        ws.next().await.ok_or("closed")??;
-                    }
-                }
-                _ => return Ok(()),
+                pending = Some((requests.len(), done));
             }
-            println!("ok");
+            message = ws.next() => {
+                let message = message.ok_or("closed")?.map_err(|e| e.to_string())?;
+                let Message::Text(text) = message else { continue };
+                let reply: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+                if reply["type"] == "ping" {
+                    pings.fetch_add(1, Relaxed);
+                    ws.send(Message::text(r#"{"op":"pong"}"#)).await.map_err(|e| e.to_string())?;
+                } else if reply.get("id").is_some() || reply["type"] == "connected" {
+                    if reply.get("error").is_some() {
+                        return Err(format!("stage failed: {text}"));
+                    }
+                    let (left, _) = pending.as_mut().ok_or("unexpected reply")?;
+                    *left -= 1;
+                    if *left == 0 {
+                        let (_, done) = pending.take().unwrap();
+                        let _ = done.send(());
+                    }
+                }
+            }
         }
-        Ok(())
-    })
+    }
 }
