@@ -3,7 +3,8 @@
 //! The data flow, top-down:
 //! - `ws::server` accepts a WebSocket and spawns `ws::session` for it. The session reads
 //!   frames, `ws::protocol::decode`s commands, verifies tokens with `auth`, and subscribes
-//!   through the `hub`. Its `ws::writer` drains the connection's `outbox` to the socket.
+//!   through the `hub`. The same task drains the connection's `outbox` to the socket when
+//!   the socket did not take a frame at once.
 //! - `grpc` serves the control API: a Publish goes to the `broker` (the engine boundary),
 //!   which hands it to the `hub` of every node with subscribers; the hub encodes it once
 //!   and pushes the shared frame into each subscriber's bounded `outbox`.

@@ -1,21 +1,26 @@
 //! One connection's outbound queue, bounded in bytes: the meeting point of fan-out and the socket.
 //!
 //! The hub, the session and the control API push encoded frames with [`Outbox::push`],
-//! which never waits. On a plain TCP connection whose queue is empty and whose writer is not
-//! writing, the push writes the frame to the socket itself (a non-blocking `write`, under
+//! which never waits. On a plain TCP connection whose queue is empty, the push writes the
+//! frame to the socket itself (a non-blocking `write`, under
 //! this outbox's lock, so nothing can come between): the common case of a subscriber keeping
 //! up costs one system call and no task wake-up. Whatever the socket does not take at once
-//! is queued, and the connection's writer (`ws::writer`) drains everything queued with
-//! [`Outbox::take`] and writes it in one vectored write. Frames taken but not yet written
-//! still count against the bound until [`Outbox::release`], so a connection never holds
-//! more than `limit` bytes of frames. On overflow the queued frames are dropped and a
-//! close with 4004 is scheduled: the rest of the channel is never held back by one reader.
+//! is queued, and the connection's task drains it with [`Outbox::poll_drain`] (vectored
+//! writes of everything queued, then the close frame, if one is scheduled) when the socket
+//! is writable again; TLS connections are always drained that way. Every write happens
+//! under this outbox's lock and a frame leaves the queue only once written, so the queue
+//! holds every byte not yet written and a connection never holds more than `limit` bytes of
+//! frames. On overflow the queued frames are dropped and a close with 4004 is scheduled:
+//! the rest of the channel is never held back by one reader.
 
 use std::collections::VecDeque;
-use std::io::IoSlice;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -27,6 +32,7 @@ use crate::ws::close::{self, Close};
 pub enum Push {
     /// Written to the socket at once.
     Written,
+    /// Queued for the connection's task (the socket was full, or this is TLS).
     Queued,
     /// Queued by [`Outbox::push_later`] on an idle socket: add the outbox to a [`Flush`].
     Deferred,
@@ -46,20 +52,31 @@ pub struct Outbox {
 #[derive(Default)]
 struct State {
     frames: VecDeque<Bytes>,
+    /// Bytes in `frames` not yet written.
     queued: usize,
-    in_flight: usize,
     close: Option<Close>,
-    /// The close was handed to the writer; nothing more is queued after it.
+    /// The close frame was queued (or the connection was lost): nothing more goes after it.
     close_taken: bool,
-    /// The first queued frame was partly written by [`Outbox::push`] or [`Outbox::flush`].
+    /// The first queued frame was partly written.
     front_started: bool,
+    /// Bytes went to a writer that buffers (TLS) since its last flush.
+    unflushed: bool,
     /// The socket, for writes made by [`Outbox::push`]; None on TLS connections and once
-    /// the writer has finished.
+    /// the connection has finished.
     direct: Option<Arc<TcpStream>>,
 }
 
+/// What a [`Outbox::poll_drain`] got done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Everything queued is written (and flushed): nothing left to drain for now.
+    pub done: bool,
+    /// The close frame is written: the connection may end.
+    pub close_sent: bool,
+}
+
 impl Push {
-    /// The frame is on its way: written, or queued for the writer.
+    /// The frame is on its way: written, or queued for the connection's task.
     pub fn accepted(self) -> bool {
         matches!(self, Push::Written | Push::Queued | Push::Deferred)
     }
@@ -68,7 +85,7 @@ impl Push {
 // === impl Outbox ===
 
 impl Outbox {
-    /// An outbox whose frames only the writer writes.
+    /// An outbox whose frames only the connection's task writes (TLS).
     pub fn new(limit: usize) -> Outbox {
         Outbox {
             state: Mutex::new(State::default()),
@@ -78,8 +95,8 @@ impl Outbox {
         }
     }
 
-    /// An outbox that writes to `tcp` itself when the writer is idle; its writes are counted
-    /// in `metrics` like the writer's.
+    /// An outbox that writes to `tcp` itself when nothing is queued; its writes are counted
+    /// in `metrics` like the drain's.
     pub fn direct(limit: usize, tcp: Arc<TcpStream>, metrics: Arc<Metrics>) -> Outbox {
         Outbox {
             state: Mutex::new(State {
@@ -109,7 +126,7 @@ impl Outbox {
         if state.close.is_some() {
             return Push::Closed;
         }
-        if state.queued + state.in_flight + frame.len() > self.limit {
+        if state.queued + frame.len() > self.limit {
             // The rest of a frame already partly written must still go, or the close frame
             // would land inside it.
             let keep = usize::from(state.front_started);
@@ -123,7 +140,7 @@ impl Outbox {
         let was_empty = state.frames.is_empty();
         state.queued += frame.len();
         state.frames.push_back(frame);
-        if was_empty && state.in_flight == 0 && state.direct.is_some() {
+        if was_empty && state.direct.is_some() {
             if later {
                 return Push::Deferred;
             }
@@ -138,11 +155,11 @@ impl Outbox {
         Push::Queued
     }
 
-    /// Writes what is queued straight to the socket when the writer is not writing; what
-    /// the socket does not take at once is left to the writer.
+    /// Writes what is queued straight to the socket; what the socket does not take at once
+    /// is left to the connection's task.
     pub fn flush(&self) {
         let mut state = self.state.lock().expect("outbox lock");
-        if state.in_flight > 0 || state.frames.is_empty() || self.write_queued(&mut state) {
+        if state.frames.is_empty() || self.write_queued(&mut state) {
             return;
         }
         drop(state);
@@ -150,67 +167,118 @@ impl Outbox {
     }
 
     /// Writes queued frames with non-blocking vectored writes until the queue is empty
-    /// (true) or the socket takes no more (false). Called with the lock held and no write in
-    /// flight, so nothing can come between these bytes and the writer's.
+    /// (true) or the socket takes no more (false). Called with the lock held, so nothing
+    /// can come between these bytes and the drain's.
     fn write_queued(&self, state: &mut State) -> bool {
-        const MAX_SLICES: usize = 64;
-        let State {
-            frames,
-            queued,
-            direct,
-            front_started,
-            ..
-        } = state;
-        let Some(tcp) = direct else {
+        let Some(tcp) = state.direct.clone() else {
             return false;
         };
         loop {
-            let (result, offered) = {
-                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-                let mut count = 0;
-                let mut offered = 0;
-                for frame in frames.iter().take(MAX_SLICES) {
-                    slices[count] = IoSlice::new(frame);
-                    count += 1;
-                    offered += frame.len();
-                }
-                let result = match count {
-                    1 => tcp.try_write(&frames[0]),
-                    _ => tcp.try_write_vectored(&slices[..count]),
-                };
-                (result, offered)
+            let offered = state.frames.iter().take(MAX_SLICES).map(Bytes::len).sum();
+            let result = match state.frames.len() {
+                1 => tcp.try_write(&state.frames[0]),
+                _ => with_slices(&state.frames, |slices| tcp.try_write_vectored(slices)),
             };
-            // An error (the peer is gone) leaves the frames queued: the writer's own write
-            // meets the same error and ends the connection.
+            // An error (the peer is gone) leaves the frames queued: the drain meets the
+            // same error and ends the connection.
             let Ok(written) = result else {
                 return false;
             };
-            *queued -= written;
-            let mut left = written;
-            let mut completed = 0;
-            while left > 0 {
-                let first = frames.front_mut().expect("written bytes were queued");
-                if left >= first.len() {
-                    left -= first.len();
-                    frames.pop_front();
-                    completed += 1;
-                    *front_started = false;
-                } else {
-                    first.advance(left);
-                    left = 0;
-                    *front_started = true;
-                }
-            }
-            if let Some(metrics) = &self.metrics {
-                metrics.record_write(1, completed, written);
-            }
-            if frames.is_empty() {
+            self.advance(state, written);
+            if state.frames.is_empty() {
                 return true;
             }
             if written < offered {
                 return false;
             }
         }
+    }
+
+    /// Drops `written` bytes from the front of the queue and counts the write.
+    fn advance(&self, state: &mut State, written: usize) {
+        state.queued -= written;
+        let mut left = written;
+        let mut completed = 0;
+        while left > 0 {
+            let first = state.frames.front_mut().expect("written bytes were queued");
+            if left >= first.len() {
+                left -= first.len();
+                state.frames.pop_front();
+                completed += 1;
+                state.front_started = false;
+            } else {
+                first.advance(left);
+                left = 0;
+                state.front_started = true;
+            }
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.record_write(1, completed, written);
+        }
+    }
+
+    /// True when [`Outbox::poll_drain`] has something to do: frames queued, a close frame
+    /// not yet queued, or bytes a buffering writer has not flushed.
+    pub fn has_work(&self) -> bool {
+        let state = self.state.lock().expect("outbox lock");
+        !state.frames.is_empty() || (state.close.is_some() && !state.close_taken) || state.unflushed
+    }
+
+    /// Writes what is queued to `io` (the connection's own writing side), the close frame
+    /// last, until everything is written and flushed or `io` takes no more. Ready once it
+    /// wrote anything (so the caller can see progress) or finished; Pending, with `cx`
+    /// registered, when `io` took nothing. Cancel-safe: progress is kept in the queue.
+    pub fn poll_drain<W: AsyncWrite + Unpin>(
+        &self,
+        cx: &mut Context<'_>,
+        io: &mut W,
+    ) -> Poll<io::Result<Drained>> {
+        let mut state = self.state.lock().expect("outbox lock");
+        let mut progress = false;
+        loop {
+            if state.frames.is_empty() {
+                let close = match state.close_taken {
+                    false => state.close.as_ref(),
+                    true => None,
+                };
+                if let Some(frame) = close.map(|c| crate::ws::frame::close(c.code, &c.reason)) {
+                    state.queued += frame.len();
+                    state.frames.push_back(frame);
+                    state.close_taken = true;
+                    continue;
+                }
+                if state.unflushed {
+                    match Pin::new(&mut *io).poll_flush(cx) {
+                        Poll::Ready(Ok(())) => state.unflushed = false,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending if progress => break,
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                return Poll::Ready(Ok(Drained {
+                    done: true,
+                    close_sent: state.close_taken,
+                }));
+            }
+            let written = with_slices(&state.frames, |slices| {
+                Pin::new(&mut *io).poll_write_vectored(cx, slices)
+            });
+            match written {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(written)) => {
+                    self.advance(&mut state, written);
+                    state.unflushed = true;
+                    progress = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending if progress => break,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(Drained {
+            done: false,
+            close_sent: false,
+        }))
     }
 
     /// Schedules a close after the frames already queued. The first close wins;
@@ -247,6 +315,7 @@ impl Outbox {
             state.frames.clear();
             state.queued = 0;
             state.front_started = false;
+            state.unflushed = false;
         }
     }
 
@@ -255,52 +324,46 @@ impl Outbox {
         self.state.lock().expect("outbox lock").close.is_some()
     }
 
-    /// Moves every queued frame into `frames` (which the writer reuses) and returns the close
-    /// to send after them, once.
-    pub fn take(&self, frames: &mut Vec<Bytes>) -> Option<Close> {
-        let mut state = self.state.lock().expect("outbox lock");
-        state.in_flight += state.queued;
-        state.queued = 0;
-        frames.extend(state.frames.drain(..));
-        // The writer finishes whatever it took, a partly written frame included.
-        state.front_started = false;
-        if state.close.is_some() && !state.close_taken {
-            state.close_taken = true;
-            return state.close.clone();
-        }
-        None
-    }
-
-    /// The writer is done with the socket: pushes only queue from now on, and the socket's
-    /// descriptor is not kept open by this outbox.
+    /// The connection is done with the socket: pushes only queue from now on, and the
+    /// socket's descriptor is not kept open by this outbox.
     pub fn detach(&self) {
         self.state.lock().expect("outbox lock").direct = None;
     }
 
-    /// The writer wrote what it took.
-    pub fn release(&self) {
-        self.state.lock().expect("outbox lock").in_flight = 0;
-    }
-
-    /// Resolves after something was queued or a close scheduled (or [`Outbox::poke`]).
+    /// Resolves after something was queued for the connection's task or a close scheduled.
     pub async fn wait(&self) {
         self.wake.notified().await
     }
 
-    /// Wakes the writer to re-read its timers (for example after a token refresh).
-    pub fn poke(&self) {
-        self.wake.notify_one();
+    /// Bytes held by this connection's queue, not yet written.
+    pub fn held(&self) -> usize {
+        self.state.lock().expect("outbox lock").queued
     }
 
-    /// Bytes held by this connection's queue, in flight included.
-    pub fn held(&self) -> usize {
+    /// The frames queued now (a partly written one as what is left of it).
+    #[cfg(test)]
+    pub fn queued(&self) -> Vec<Bytes> {
         let state = self.state.lock().expect("outbox lock");
-        state.queued + state.in_flight
+        state.frames.iter().cloned().collect()
     }
 }
 
+/// At most this many frames go to one vectored write.
+const MAX_SLICES: usize = 64;
+
+/// Calls `write` with the first frames as `IoSlice`s, built on the stack.
+fn with_slices<R>(frames: &VecDeque<Bytes>, write: impl FnOnce(&[IoSlice<'_>]) -> R) -> R {
+    let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+    let mut count = 0;
+    for frame in frames.iter().take(MAX_SLICES) {
+        slices[count] = IoSlice::new(frame);
+        count += 1;
+    }
+    write(&slices[..count])
+}
+
 /// The outboxes a fan-out left to write ([`Push::Deferred`]). Their frames wait until it
-/// runs (or until something else wakes their writers): it must not be dropped unrun.
+/// runs (or until something else wakes their connections): it must not be dropped unrun.
 #[derive(Default)]
 #[must_use = "the queued frames are written only when the Flush runs"]
 pub struct Flush(Vec<Arc<Outbox>>);
@@ -349,23 +412,40 @@ mod tests {
     use super::*;
     use std::sync::atomic::Ordering::Relaxed;
 
+    /// Drains into memory (a writer that takes everything at once).
+    fn drain(outbox: &Outbox) -> (Vec<u8>, Drained) {
+        let mut out = Vec::new();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match outbox.poll_drain(&mut cx, &mut out) {
+            Poll::Ready(Ok(drained)) => (out, drained),
+            other => panic!("a Vec takes everything: {other:?}"),
+        }
+    }
+
     #[test]
-    fn bounded_in_bytes_with_in_flight_counted() {
+    fn bounded_in_bytes() {
         let outbox = Outbox::new(10);
         assert_eq!(outbox.push(Bytes::from_static(b"12345")), Push::Queued);
-        let mut frames = Vec::new();
-        assert_eq!(outbox.take(&mut frames), None);
-        assert_eq!(frames.len(), 1);
         assert_eq!(outbox.push(Bytes::from_static(b"12345")), Push::Queued);
         assert_eq!(outbox.held(), 10);
-        // The first frame is still being written: one more byte overflows.
+        assert!(outbox.has_work());
         assert_eq!(outbox.push(Bytes::from_static(b"1")), Push::Overflow);
         assert_eq!(outbox.push(Bytes::from_static(b"1")), Push::Closed);
-        frames.clear();
-        let close = outbox.take(&mut frames).unwrap();
-        assert!(frames.is_empty(), "queued frames are dropped on overflow");
-        assert_eq!(close.code, 4004);
-        assert_eq!(outbox.take(&mut frames), None, "the close is taken once");
+        let (out, drained) = drain(&outbox);
+        assert_eq!(
+            out,
+            &crate::ws::frame::close(4004, "slow consumer")[..],
+            "queued frames are dropped on overflow, the close is sent"
+        );
+        assert_eq!(
+            drained,
+            Drained {
+                done: true,
+                close_sent: true
+            }
+        );
+        assert!(!outbox.has_work(), "the close is sent once");
+        assert_eq!(drain(&outbox).0, b"");
     }
 
     /// A connected pair whose server side is known writable to tokio.
@@ -453,9 +533,8 @@ mod tests {
             Push::Overflow,
             "over the bound"
         );
-        let mut frames = Vec::new();
-        let close = outbox.take(&mut frames).expect("the slow consumer's close");
-        assert_eq!(close.code, close::SLOW_CONSUMER);
+        assert_eq!(outbox.ended().code, close::SLOW_CONSUMER);
+        let frames = outbox.queued();
         if partly_written {
             assert_eq!(
                 frames.len(),
@@ -474,8 +553,8 @@ mod tests {
         outbox.push(Bytes::from_static(b"a"));
         assert!(outbox.close(Close::new(4006, "bye")));
         assert!(!outbox.close(Close::new(1001, "later")));
-        let mut frames = Vec::new();
-        assert_eq!(outbox.take(&mut frames).unwrap().code, 4006);
-        assert_eq!(frames.len(), 1);
+        let mut expected = b"a".to_vec();
+        expected.extend_from_slice(&crate::ws::frame::close(4006, "bye"));
+        assert_eq!(drain(&outbox).0, expected);
     }
 }

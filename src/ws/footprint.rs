@@ -6,9 +6,9 @@ use std::mem::size_of;
 
 use crate::node::Node;
 use crate::outbox::Outbox;
+use crate::ws::clock::Liveness;
 use crate::ws::session::Connection;
 use crate::ws::socket::{TcpRead, TcpWrite};
-use crate::ws::writer::{Liveness, Writer};
 
 /// (part, bytes) for one connection's fixed state on plain TCP. The futures' sizes are
 /// those of their types (a future is as large as its largest suspended state), read from the
@@ -17,17 +17,12 @@ use crate::ws::writer::{Liveness, Writer};
 pub fn connection_state_sizes(_node: &Node) -> Vec<(&'static str, usize)> {
     vec![
         (
-            "connection state (session, reader, writer handle, admission ticket)",
-            size_of::<Connection<TcpRead>>(),
+            "connection state (session, reader, writing side, admission ticket)",
+            size_of::<Connection<TcpRead, TcpWrite>>(),
         ),
         (
             "its task's future besides that state (waiting for a frame)",
-            returned_size(Connection::<TcpRead>::run),
-        ),
-        ("writer's state", size_of::<Writer<TcpWrite>>()),
-        (
-            "its task's future besides that state",
-            returned_size(Writer::<TcpWrite>::run),
+            returned_size(Connection::<TcpRead, TcpWrite>::run),
         ),
         ("outbox (queue, lock, wake-up)", size_of::<Outbox>()),
         ("liveness atomics", size_of::<Liveness>()),

@@ -2,10 +2,12 @@
 //!
 //! `server` accepts and upgrades; `session` reads a connection's frames (decoded by
 //! `inbound`) and acts on its commands; `socket` shares a plain TCP socket with the outbox,
-//! which writes to it when idle, and `writer` drains the rest; `protocol` and `frame` are the
+//! which writes to it when idle (the session drains the rest); `clock` keeps a connection's
+//! deadlines; `protocol` and `frame` are the
 //! pure encoding of what travels; `close` is the table of close codes.
 
 pub mod admission;
+mod clock;
 pub mod close;
 mod footprint;
 pub mod frame;
@@ -15,7 +17,6 @@ pub mod protocol;
 pub mod server;
 mod session;
 mod socket;
-mod writer;
 
+pub use clock::unix_now;
 pub use footprint::connection_state_sizes;
-pub use writer::unix_now;

@@ -1,20 +1,22 @@
 //! One client connection, from the upgrade to its last frame.
 //!
-//! Spawned by `server` after the HTTP upgrade. The session task reads frames, bounds and
-//! reassembles fragmented messages, decodes commands (`protocol::decode`) and acts on them
-//! through the hub and the broker; its replies go through the same outbox as fan-out, so
-//! a reply and the publications around it keep their order. The connection's state (its
-//! token's grants) lives here as plain fields; the hub keeps only what fan-out needs.
-//! The writer task (`writer`) drains what the socket did not take at once and owns every
-//! timer.
+//! Spawned by `server` after the HTTP upgrade: one task per connection. It reads frames,
+//! bounds and reassembles fragmented messages, decodes commands (`protocol::decode`) and acts
+//! on them through the hub and the broker; its replies go through the same outbox as
+//! fan-out, so a reply and the publications around it keep their order. The same task
+//! drains what the socket did not take at once (`Outbox::poll_drain`) and keeps the
+//! connection's clocks (`clock`), the write timeout and the close handshake. The
+//! connection's state (its token's grants) lives here as plain fields; the hub keeps only
+//! what fan-out needs.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
 use serde_json::value::RawValue;
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -29,10 +31,10 @@ use crate::node::Node;
 use crate::outbox::{Outbox, Push};
 use crate::pb;
 use crate::ws::admission::Ticket;
+use crate::ws::clock::{unix_now, Clock, Liveness, CLOSE_HANDSHAKE_TIMEOUT};
 use crate::ws::close::{self, Close};
-use crate::ws::inbound::{Fill, OpCode, ReadError, Reader};
+use crate::ws::inbound::{Fill, Frame, OpCode, ReadError, Reader};
 use crate::ws::protocol::{self, Command, ErrorCode, ProtocolError, Request};
-use crate::ws::writer::{unix_now, Liveness, Writer};
 use crate::ws::{frame, inbound, socket};
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
@@ -97,21 +99,23 @@ struct Start {
 }
 
 /// One connection's state for its life: what its task's future holds while it waits.
-pub(crate) struct Connection<F> {
+pub(crate) struct Connection<F, W> {
     session: Session,
     reader: Reader<F>,
+    /// The writing side, for what the socket did not take at once (and everything on TLS).
+    io: W,
+    /// Ends this connection now: cancelled by `kill`, and when the connection ends (rpcs
+    /// still waiting for an answer stop waiting).
     conn: CancellationToken,
-    writer: tokio::task::JoinHandle<()>,
+    /// The server is shutting down: close with 1001.
+    shutdown: CancellationToken,
     // Held for the connection's life: its place under max_connections.
     _ticket: Ticket,
 }
 
-impl<F: Fill> Connection<F> {
-    /// Spawns the writer and, with a token in the URL, authenticates.
-    fn start<W>(read: F, write: W, outbox: Outbox, start: Start) -> Connection<F>
-    where
-        W: AsyncWrite + Unpin + Send + 'static,
-    {
+impl<F: Fill, W: AsyncWrite + Unpin> Connection<F, W> {
+    /// With a token in the URL, authenticates at once.
+    fn start(read: F, io: W, outbox: Outbox, start: Start) -> Connection<F, W> {
         let Start {
             node,
             ticket,
@@ -123,16 +127,6 @@ impl<F: Fill> Connection<F> {
         let outbox = Arc::new(outbox);
         let live = Arc::new(Liveness::default());
         let conn = kill.child_token();
-        let mut writer = Writer {
-            io: write,
-            outbox: outbox.clone(),
-            live: live.clone(),
-            config: node.config.clone(),
-            metrics: node.metrics.clone(),
-            conn: conn.clone(),
-            shutdown,
-        };
-        let writer = tokio::spawn(async move { writer.run().await });
         let node_rate = node.config.max_commands_per_second;
         let mut session = Session {
             id: new_client_id(),
@@ -141,6 +135,7 @@ impl<F: Fill> Connection<F> {
             live,
             claims: None,
             closing: false,
+            fragments: None,
             conn: conn.clone(),
             rpcs: Arc::new(AtomicUsize::new(0)),
             commands: CommandRate::new(node_rate),
@@ -152,23 +147,114 @@ impl<F: Fill> Connection<F> {
         Connection {
             session,
             reader,
+            io,
             conn,
-            writer,
+            shutdown,
             _ticket: ticket,
         }
     }
 
-    /// Reads until the connection ends, then unregisters it and waits for its writer.
+    /// Reads and handles frames, drains what the socket did not take at once and keeps the
+    /// clocks, until the connection ends: the client's Close answered (or ours answered, or
+    /// not within CLOSE_HANDSHAKE_TIMEOUT), the socket lost, a write stuck for
+    /// write_timeout, or `kill`. Takes `&mut self`: spawned as `async move {
+    /// connection.run().await }`, which holds the connection once.
     pub(crate) async fn run(&mut self) {
-        self.session.read_loop(&mut self.reader, &self.conn).await;
-        let ended = self.session.outbox.ended();
-        if self.session.claims.is_some() {
-            self.session.node.hub.unregister(&self.session.id, &ended);
+        let Connection {
+            session,
+            reader,
+            io,
+            conn,
+            shutdown,
+            ..
+        } = self;
+        let outbox = session.outbox.clone();
+        let config = session.node.config.clone();
+        let mut clock = Clock::new(Instant::now(), &config);
+        let mut clock_due = Instant::now();
+        // Registered once: re-creating these futures on every wake-up costs a lock each.
+        let killed = conn.clone().cancelled_owned();
+        let shutdown = shutdown.clone().cancelled_owned();
+        let sleep = sleep_until(clock_due);
+        tokio::pin!(killed, shutdown, sleep);
+        let mut reading = true;
+        let mut shutting_down = false;
+        let mut close_sent = false;
+        // No byte written for write_timeout while some wait: the socket is dropped.
+        let mut write_deadline: Option<Instant> = None;
+        // Our Close is sent: the client has this long to answer it.
+        let mut handshake_deadline: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            if now >= clock_due || session.live.take_changed() {
+                clock_due = clock.tick(&session.live, &config, &outbox, now, unix_now());
+            }
+            let work = outbox.has_work() && !close_sent;
+            if !reading && (close_sent || !work) {
+                break;
+            }
+            match work {
+                true => _ = write_deadline.get_or_insert(now + config.write_timeout),
+                false => write_deadline = None,
+            }
+            let wake = [Some(clock_due), write_deadline, handshake_deadline]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(clock_due);
+            if sleep.deadline() != wake {
+                sleep.as_mut().reset(wake);
+            }
+            tokio::select! {
+                biased;
+                _ = &mut killed => break,
+                _ = &mut shutdown, if !shutting_down => {
+                    shutting_down = true;
+                    outbox.close(Close::new(close::GOING_AWAY, "server shutting down"));
+                }
+                drained = std::future::poll_fn(|cx| outbox.poll_drain(cx, io)), if work => {
+                    match drained {
+                        Ok(drained) => {
+                            // Progress: the write timeout starts again.
+                            write_deadline = None;
+                            if drained.close_sent {
+                                close_sent = true;
+                                handshake_deadline = Some(Instant::now() + CLOSE_HANDSHAKE_TIMEOUT);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "write failed");
+                            outbox.lost("write failed");
+                            break;
+                        }
+                    }
+                }
+                frame = reader.frame(), if reading => {
+                    reading = session.on_frame(frame).await;
+                    if !reading {
+                        session.unregister();
+                    }
+                }
+                _ = outbox.wait() => {}
+                () = &mut sleep => {
+                    let now = Instant::now();
+                    if write_deadline.is_some_and(|deadline| now >= deadline) {
+                        Metrics::inc(&session.node.metrics.write_timeouts);
+                        tracing::debug!("write timed out; dropping the connection");
+                        outbox.lost("write timed out");
+                        break;
+                    }
+                    if handshake_deadline.is_some_and(|deadline| now >= deadline) {
+                        break;
+                    }
+                }
+            }
         }
-        self.conn.cancel();
-        let _ = (&mut self.writer).await;
-        // Counted once the writer is done, so the close frame's write is counted before it.
-        self.session.node.metrics.record_disconnect(ended.code);
+        outbox.detach();
+        let _ = timeout(config.write_timeout, io.shutdown()).await;
+        session.unregister();
+        conn.cancel();
+        session.node.metrics.record_disconnect(outbox.ended().code);
     }
 }
 
@@ -184,6 +270,8 @@ struct Session {
     claims: Option<Claims>,
     /// A close was scheduled: frames are read only to see the client's answer.
     closing: bool,
+    /// A fragmented message being reassembled.
+    fragments: Option<Vec<u8>>,
     /// Cancelled when the connection ends: rpcs still waiting stop waiting.
     conn: CancellationToken,
     /// Rpcs waiting for a backend's answer.
@@ -226,87 +314,89 @@ impl CommandRate {
 // === impl Session ===
 
 impl Session {
-    async fn read_loop<F: Fill>(&mut self, reader: &mut Reader<F>, conn: &CancellationToken) {
+    /// Acts on one frame (or on why reading stopped); false once reading is over: the
+    /// client's Close came, the socket was lost, or a frame broke the protocol.
+    async fn on_frame(&mut self, frame: Result<Frame, ReadError>) -> bool {
         let max = self.node.config.max_message_size;
-        let mut fragments: Option<Vec<u8>> = None;
-        let cancelled = conn.cancelled();
-        tokio::pin!(cancelled);
-        loop {
-            let result = tokio::select! {
-                biased;
-                _ = &mut cancelled => return,
-                frame = reader.frame() => frame,
-            };
-            let frame = match result {
-                Ok(frame) => frame,
-                Err(e) => {
-                    self.on_read_error(e);
-                    return;
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) => {
+                self.on_read_error(e);
+                return false;
+            }
+        };
+        match frame.opcode {
+            OpCode::Close => {
+                let code = match frame.payload.len() {
+                    0 => close::NORMAL,
+                    1 => close::PROTOCOL_ERROR,
+                    _ => match u16::from_be_bytes([frame.payload[0], frame.payload[1]]) {
+                        code if close::may_be_sent(code) => code,
+                        _ => close::PROTOCOL_ERROR,
+                    },
+                };
+                // Echo the client's code (§5.5.1); ignored when ours was sent first.
+                let reason = frame.payload.get(2..).unwrap_or_default();
+                let reason = String::from_utf8_lossy(reason);
+                self.outbox.close(Close::new(code, reason));
+                return false;
+            }
+            OpCode::Ping => {
+                self.outbox.push(frame::pong(&frame.payload));
+            }
+            OpCode::Pong => {}
+            _ if self.closing || self.outbox.is_closing() => self.closing = true,
+            OpCode::Binary => self.close(close::BAD_REQUEST, "binary frames are not supported"),
+            OpCode::Text if frame.fin => {
+                if self.fragments.is_some() {
+                    self.close(close::PROTOCOL_ERROR, "expected a continuation frame");
+                } else if std::str::from_utf8(&frame.payload).is_err() {
+                    self.close(close::INVALID_PAYLOAD, "invalid UTF-8");
+                } else {
+                    Box::pin(self.on_message(&frame.payload)).await;
                 }
-            };
-            match frame.opcode {
-                OpCode::Close => {
-                    let code = match frame.payload.len() {
-                        0 => close::NORMAL,
-                        1 => close::PROTOCOL_ERROR,
-                        _ => match u16::from_be_bytes([frame.payload[0], frame.payload[1]]) {
-                            code if close::may_be_sent(code) => code,
-                            _ => close::PROTOCOL_ERROR,
-                        },
-                    };
-                    // Echo the client's code (§5.5.1); ignored when ours was sent first.
-                    let reason = frame.payload.get(2..).unwrap_or_default();
-                    let reason = String::from_utf8_lossy(reason);
-                    self.outbox.close(Close::new(code, reason));
-                    return;
+            }
+            OpCode::Text if self.fragments.is_some() => {
+                self.close(close::PROTOCOL_ERROR, "expected a continuation frame");
+            }
+            OpCode::Text => self.fragments = Some(frame.payload.to_vec()),
+            OpCode::Continuation => {
+                let Some(buffer) = self.fragments.as_mut() else {
+                    self.close(close::PROTOCOL_ERROR, "unexpected continuation frame");
+                    return true;
+                };
+                if buffer.len() + frame.payload.len() > max {
+                    self.fragments = None;
+                    self.close(close::TOO_BIG, "message too big");
+                    return true;
                 }
-                OpCode::Ping => {
-                    self.outbox.push(frame::pong(&frame.payload));
-                }
-                OpCode::Pong => {}
-                _ if self.closing || self.outbox.is_closing() => self.closing = true,
-                OpCode::Binary => self.close(close::BAD_REQUEST, "binary frames are not supported"),
-                OpCode::Text if frame.fin => {
-                    if fragments.is_some() {
-                        self.close(close::PROTOCOL_ERROR, "expected a continuation frame");
-                    } else if std::str::from_utf8(&frame.payload).is_err() {
+                buffer.extend_from_slice(&frame.payload);
+                if frame.fin {
+                    let message = self.fragments.take().expect("checked above");
+                    if std::str::from_utf8(&message).is_err() {
                         self.close(close::INVALID_PAYLOAD, "invalid UTF-8");
                     } else {
-                        Box::pin(self.on_message(&frame.payload)).await;
-                    }
-                }
-                OpCode::Text if fragments.is_some() => {
-                    self.close(close::PROTOCOL_ERROR, "expected a continuation frame");
-                }
-                OpCode::Text => fragments = Some(frame.payload.to_vec()),
-                OpCode::Continuation => {
-                    let Some(buffer) = fragments.as_mut() else {
-                        self.close(close::PROTOCOL_ERROR, "unexpected continuation frame");
-                        continue;
-                    };
-                    if buffer.len() + frame.payload.len() > max {
-                        fragments = None;
-                        self.close(close::TOO_BIG, "message too big");
-                        continue;
-                    }
-                    buffer.extend_from_slice(&frame.payload);
-                    if frame.fin {
-                        let message = fragments.take().expect("checked above");
-                        if std::str::from_utf8(&message).is_err() {
-                            self.close(close::INVALID_PAYLOAD, "invalid UTF-8");
-                        } else {
-                            Box::pin(self.on_message(&message)).await;
-                        }
+                        Box::pin(self.on_message(&message)).await;
                     }
                 }
             }
+        }
+        true
+    }
+
+    /// Takes the client out of the hub once reading is over (or the connection ended).
+    fn unregister(&mut self) {
+        if self.claims.take().is_some() {
+            self.node.hub.unregister(&self.id, &self.outbox.ended());
         }
     }
 
     fn on_read_error(&mut self, e: ReadError) {
         match e {
             ReadError::Frame(error) => self.close(error.close_code(), &error.to_string()),
-            ReadError::Eof | ReadError::Io(_) => {}
+            // The peer is gone: nothing more is written, what ended it is 1006 (unless a
+            // close was scheduled before).
+            ReadError::Eof | ReadError::Io(_) => self.outbox.lost("connection lost"),
         }
     }
 
@@ -424,7 +514,6 @@ impl Session {
             self.outbox.clone(),
         );
         self.live.authenticate(claims.expires_at);
-        self.outbox.poke();
         Metrics::inc(&self.node.metrics.connects);
         let (hub, me) = (&self.node.hub, &self.id);
         for channel in &claims.subs {
@@ -477,7 +566,6 @@ impl Session {
             );
         }
         self.live.set_expiry(claims.expires_at);
-        self.outbox.poke();
         self.node
             .hub
             .update_info(&self.id, claims.info.clone().map(Arc::from));
