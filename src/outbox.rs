@@ -16,13 +16,14 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::AcqRel, Ordering::Release};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use atomic_waker::AtomicWaker;
 use bytes::{Buf, Bytes};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 use crate::ws::close::{self, Close};
@@ -44,7 +45,9 @@ pub enum Push {
 
 pub struct Outbox {
     state: Mutex<State>,
-    wake: Notify,
+    /// The connection's task, woken when something is queued for it or a close scheduled.
+    waker: AtomicWaker,
+    woken: AtomicBool,
     limit: usize,
     metrics: Option<Arc<Metrics>>,
 }
@@ -57,6 +60,8 @@ struct State {
     close: Option<Close>,
     /// The close frame was queued (or the connection was lost): nothing more goes after it.
     close_taken: bool,
+    /// [`Outbox::poll_drain`] told its caller the close frame is out (whoever wrote it).
+    close_reported: bool,
     /// The first queued frame was partly written.
     front_started: bool,
     /// Bytes went to a writer that buffers (TLS) since its last flush.
@@ -89,10 +94,17 @@ impl Outbox {
     pub fn new(limit: usize) -> Outbox {
         Outbox {
             state: Mutex::new(State::default()),
-            wake: Notify::new(),
+            waker: AtomicWaker::new(),
+            woken: AtomicBool::new(false),
             limit,
             metrics: None,
         }
+    }
+
+    /// Counts what the connection's task writes in `metrics` (TLS connections).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Outbox {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// An outbox that writes to `tcp` itself when nothing is queued; its writes are counted
@@ -103,7 +115,8 @@ impl Outbox {
                 direct: Some(tcp),
                 ..State::default()
             }),
-            wake: Notify::new(),
+            waker: AtomicWaker::new(),
+            woken: AtomicBool::new(false),
             limit,
             metrics: Some(metrics),
         }
@@ -134,7 +147,7 @@ impl Outbox {
             state.queued = state.frames.front().map_or(0, Bytes::len);
             state.close = Some(Close::new(close::SLOW_CONSUMER, "slow consumer"));
             drop(state);
-            self.wake.notify_one();
+            self.wake();
             return Push::Overflow;
         }
         let was_empty = state.frames.is_empty();
@@ -150,7 +163,7 @@ impl Outbox {
         }
         drop(state);
         if was_empty {
-            self.wake.notify_one();
+            self.wake();
         }
         Push::Queued
     }
@@ -163,7 +176,7 @@ impl Outbox {
             return;
         }
         drop(state);
-        self.wake.notify_one();
+        self.wake();
     }
 
     /// Writes queued frames with non-blocking vectored writes until the queue is empty
@@ -221,7 +234,9 @@ impl Outbox {
     /// not yet queued, or bytes a buffering writer has not flushed.
     pub fn has_work(&self) -> bool {
         let state = self.state.lock().expect("outbox lock");
-        !state.frames.is_empty() || (state.close.is_some() && !state.close_taken) || state.unflushed
+        !state.frames.is_empty()
+            || (state.close.is_some() && !state.close_reported)
+            || state.unflushed
     }
 
     /// Writes what is queued to `io` (the connection's own writing side), the close frame
@@ -255,6 +270,7 @@ impl Outbox {
                         Poll::Pending => return Poll::Pending,
                     }
                 }
+                state.close_reported = state.close_taken;
                 return Poll::Ready(Ok(Drained {
                     done: true,
                     close_sent: state.close_taken,
@@ -290,7 +306,7 @@ impl Outbox {
         }
         state.close = Some(close);
         drop(state);
-        self.wake.notify_one();
+        self.wake();
         true
     }
 
@@ -312,6 +328,7 @@ impl Outbox {
         if state.close.is_none() {
             state.close = Some(Close::new(close::ABNORMAL, reason));
             state.close_taken = true;
+            state.close_reported = true;
             state.frames.clear();
             state.queued = 0;
             state.front_started = false;
@@ -330,9 +347,20 @@ impl Outbox {
         self.state.lock().expect("outbox lock").direct = None;
     }
 
-    /// Resolves after something was queued for the connection's task or a close scheduled.
-    pub async fn wait(&self) {
-        self.wake.notified().await
+    /// Wakes the connection's task (or makes its next [`Outbox::poll_wait`] ready).
+    fn wake(&self) {
+        self.woken.store(true, Release);
+        self.waker.wake();
+    }
+
+    /// Ready once something was queued for the connection's task or a close scheduled
+    /// since the last time it was; only the connection's task waits.
+    pub fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.waker.register(cx.waker());
+        match self.woken.swap(false, AcqRel) {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        }
     }
 
     /// Bytes held by this connection's queue, not yet written.

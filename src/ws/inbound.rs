@@ -11,14 +11,12 @@
 //! or opcodes, control frames short and unfragmented) and the configured frame size;
 //! reassembling fragments and checking UTF-8 is the session's job.
 
-use std::future::Future;
 use std::io;
-
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// What a read asks for when the decoder needs more bytes than a small frame.
 pub const READ_CHUNK: usize = 4096;
@@ -158,15 +156,18 @@ pub fn decode(buf: &mut BytesMut, max_payload: usize) -> Result<Decoded, FrameEr
     }))
 }
 
-/// Where the reader's bytes come from.
+/// Where the reader's bytes come from. Poll-based, so that a connection waiting for a frame
+/// holds no future for it (the waker is kept by the socket's registration).
 pub trait Fill {
     /// Appends at least one byte to `buf` (which should grow to `needed` bytes), allocating
     /// only once the source has bytes when it can tell; Ok(0) at the end of the stream.
-    fn fill(
+    /// A poll that returns Pending has read nothing.
+    fn poll_fill(
         &mut self,
+        cx: &mut Context<'_>,
         buf: &mut BytesMut,
         needed: usize,
-    ) -> impl Future<Output = io::Result<usize>> + Send;
+    ) -> Poll<io::Result<usize>>;
 }
 
 /// Makes room for the next read: the rest of the frame being read, at least a chunk and at
@@ -188,19 +189,21 @@ pub fn reserve(buf: &mut BytesMut, needed: usize) {
 pub struct Stream<R>(pub R);
 
 impl<R: AsyncRead + Unpin + Send> Fill for Stream<R> {
-    async fn fill(&mut self, buf: &mut BytesMut, needed: usize) -> io::Result<usize> {
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        needed: usize,
+    ) -> Poll<io::Result<usize>> {
         if !buf.is_empty() {
             reserve(buf, needed);
-            return self.0.read_buf(buf).await;
+            return tokio_util::io::poll_read_buf(Pin::new(&mut self.0), cx, buf);
         }
-        std::future::poll_fn(|cx| {
-            let mut stack = [0u8; READ_CHUNK];
-            let mut read = ReadBuf::new(&mut stack);
-            std::task::ready!(Pin::new(&mut self.0).poll_read(cx, &mut read))?;
-            buf.extend_from_slice(read.filled());
-            Poll::Ready(Ok(read.filled().len()))
-        })
-        .await
+        let mut stack = [0u8; READ_CHUNK];
+        let mut read = ReadBuf::new(&mut stack);
+        ready!(Pin::new(&mut self.0).poll_read(cx, &mut read))?;
+        buf.extend_from_slice(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
     }
 }
 
@@ -233,6 +236,12 @@ impl<F: Fill> Reader<F> {
 
     /// The next frame. Cancel-safe: bytes read before a cancellation stay in the buffer.
     pub async fn frame(&mut self) -> Result<Frame, ReadError> {
+        std::future::poll_fn(|cx| self.poll_frame(cx)).await
+    }
+
+    /// The next frame, once all its bytes came. Cancel-safe: what was read stays in the
+    /// buffer.
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, ReadError>> {
         loop {
             match decode(&mut self.buf, self.max_payload)? {
                 Decoded::Frame(frame) => {
@@ -240,11 +249,11 @@ impl<F: Fill> Reader<F> {
                         // Let the allocation go with the frame's payload.
                         self.buf = BytesMut::new();
                     }
-                    return Ok(frame);
+                    return Poll::Ready(Ok(frame));
                 }
                 Decoded::Incomplete(needed) => {
-                    if self.source.fill(&mut self.buf, needed).await? == 0 {
-                        return Err(ReadError::Eof);
+                    if ready!(self.source.poll_fill(cx, &mut self.buf, needed))? == 0 {
+                        return Poll::Ready(Err(ReadError::Eof));
                     }
                 }
             }

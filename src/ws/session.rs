@@ -82,7 +82,7 @@ pub async fn run(
         }
         Err(upgraded) => {
             let (read, write) = tokio::io::split(Upgraded::new(upgraded));
-            let outbox = Outbox::new(limit);
+            let outbox = Outbox::new(limit).with_metrics(start.node.metrics.clone());
             let mut connection = Connection::start(inbound::Stream(read), write, outbox, start);
             tracker.spawn(async move { connection.run().await }.in_current_span());
         }
@@ -178,6 +178,7 @@ impl<F: Fill, W: AsyncWrite + Unpin> Connection<F, W> {
         let sleep = sleep_until(clock_due);
         tokio::pin!(killed, shutdown, sleep);
         let mut reading = true;
+        let mut was_killed = false;
         let mut shutting_down = false;
         let mut close_sent = false;
         // No byte written for write_timeout while some wait: the socket is dropped.
@@ -185,29 +186,48 @@ impl<F: Fill, W: AsyncWrite + Unpin> Connection<F, W> {
         // Our Close is sent: the client has this long to answer it.
         let mut handshake_deadline: Option<Instant> = None;
         loop {
-            let now = Instant::now();
-            if now >= clock_due || session.live.take_changed() {
-                clock_due = clock.tick(&session.live, &config, &outbox, now, unix_now());
+            // `now` and `wake` live in blocks of their own: what is not needed across the
+            // wait is not kept in this (every connection's) future.
+            {
+                let now = Instant::now();
+                if now >= clock_due || session.live.take_changed() {
+                    clock_due = clock.tick(&session.live, &config, &outbox, now, unix_now());
+                }
             }
             let work = outbox.has_work() && !close_sent;
             if !reading && (close_sent || !work) {
                 break;
             }
-            match work {
-                true => _ = write_deadline.get_or_insert(now + config.write_timeout),
-                false => write_deadline = None,
-            }
-            let wake = [Some(clock_due), write_deadline, handshake_deadline]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(clock_due);
-            if sleep.deadline() != wake {
-                sleep.as_mut().reset(wake);
+            {
+                // Deadlines are checked here, not only when the sleep wins the select: a
+                // client that never stops sending would keep it from being polled.
+                let now = Instant::now();
+                if !work {
+                    write_deadline = None;
+                } else if *write_deadline.get_or_insert(now + config.write_timeout) <= now {
+                    Metrics::inc(&session.node.metrics.write_timeouts);
+                    tracing::debug!("write timed out; dropping the connection");
+                    outbox.lost("write timed out");
+                    break;
+                }
+                if handshake_deadline.is_some_and(|deadline| now >= deadline) {
+                    break;
+                }
+                let wake = [Some(clock_due), write_deadline, handshake_deadline]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .unwrap_or(clock_due);
+                if sleep.deadline() != wake {
+                    sleep.as_mut().reset(wake);
+                }
             }
             tokio::select! {
                 biased;
-                _ = &mut killed => break,
+                _ = &mut killed => {
+                    was_killed = true;
+                    break;
+                }
                 _ = &mut shutdown, if !shutting_down => {
                     shutting_down = true;
                     outbox.close(Close::new(close::GOING_AWAY, "server shutting down"));
@@ -235,26 +255,19 @@ impl<F: Fill, W: AsyncWrite + Unpin> Connection<F, W> {
                         session.unregister();
                     }
                 }
-                _ = outbox.wait() => {}
-                () = &mut sleep => {
-                    let now = Instant::now();
-                    if write_deadline.is_some_and(|deadline| now >= deadline) {
-                        Metrics::inc(&session.node.metrics.write_timeouts);
-                        tracing::debug!("write timed out; dropping the connection");
-                        outbox.lost("write timed out");
-                        break;
-                    }
-                    if handshake_deadline.is_some_and(|deadline| now >= deadline) {
-                        break;
-                    }
-                }
+                () = std::future::poll_fn(|cx| outbox.poll_wait(cx)) => {}
+                // A deadline passed: checked at the top of the loop.
+                () = &mut sleep => {}
             }
         }
         outbox.detach();
-        let _ = timeout(config.write_timeout, io.shutdown()).await;
         session.unregister();
         conn.cancel();
         session.node.metrics.record_disconnect(outbox.ended().code);
+        // Killed: dropped at once. Otherwise the peer gets a FIN (and TLS its close_notify).
+        if !was_killed {
+            let _ = timeout(config.write_timeout, io.shutdown()).await;
+        }
     }
 }
 

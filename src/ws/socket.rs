@@ -52,15 +52,20 @@ pub fn split(tcp: TcpStream, early: Bytes) -> (TcpRead, TcpWrite, Arc<TcpStream>
 impl Fill for TcpRead {
     /// Waits until the socket is readable before making room in `buf`, so that an idle
     /// connection holds no read buffer.
-    async fn fill(&mut self, buf: &mut BytesMut, needed: usize) -> io::Result<usize> {
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        needed: usize,
+    ) -> Poll<io::Result<usize>> {
         if self.early.has_remaining() {
             buf.extend_from_slice(&self.early);
             let n = self.early.len();
             self.early.clear();
-            return Ok(n);
+            return Poll::Ready(Ok(n));
         }
         loop {
-            self.tcp.readable().await?;
+            ready!(self.tcp.poll_read_ready(cx))?;
             let result = if buf.is_empty() {
                 // The start of a burst: read onto the stack and keep exactly what came (a
                 // command is usually a few hundred bytes), so that no chunk-sized buffer is
@@ -76,7 +81,7 @@ impl Fill for TcpRead {
             };
             match result {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                result => return result,
+                result => return Poll::Ready(result),
             }
         }
     }
@@ -145,7 +150,8 @@ mod tests {
         client.write_all(b"late").await.unwrap();
         let mut got = BytesMut::new();
         while got.len() < 10 {
-            assert!(read.fill(&mut got, 10).await.unwrap() > 0);
+            let filled = std::future::poll_fn(|cx| read.poll_fill(cx, &mut got, 10)).await;
+            assert!(filled.unwrap() > 0);
         }
         assert_eq!(&got[..], b"early late");
 

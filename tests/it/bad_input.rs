@@ -369,3 +369,40 @@ async fn frames_the_protocol_forbids_close_1002_with_the_reason() {
         json!({})
     );
 }
+
+#[tokio::test]
+async fn a_client_that_floods_instead_of_answering_our_close_is_dropped() {
+    let server = TestServer::start(&[]).await;
+    let mut grpc = server.grpc().await;
+    let mut client = server.user("flood", json!({})).await;
+    grpc.disconnect(pb::DisconnectRequest {
+        target: Some(pb::Target {
+            target: Some(pb::target::Target::User("flood".into())),
+        }),
+        code: 4100,
+        reason: "bye".into(),
+    })
+    .await
+    .unwrap();
+    // It never reads, so it never answers the Close, and sends without a pause: the close
+    // handshake's 3 s still run out and the server drops the socket.
+    let flood = async {
+        let mut sent = 0u64;
+        while client
+            .try_send_raw(Message::Ping(b"are you there".to_vec().into()))
+            .await
+        {
+            sent += 1;
+        }
+        sent
+    };
+    let sent = tokio::time::timeout(crate::support::PATIENCE, flood)
+        .await
+        .expect("the server drops a client that floods instead of answering its Close");
+    assert!(sent > 0);
+    let metrics = crate::support::http_get(server.admin, "/metrics").await.1;
+    assert_eq!(
+        crate::support::sample(&metrics, "sidecast_disconnects_total{code=\"4100\"}"),
+        Some(1.0)
+    );
+}

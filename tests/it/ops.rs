@@ -12,7 +12,7 @@ use tonic_reflection::pb::v1alpha as reflection_alpha;
 
 use serde_json::json;
 
-use crate::support::{eventually, http_get, http_status, publish, TestServer, PATIENCE};
+use crate::support::{eventually, http_get, http_status, publish, sample, TestServer, PATIENCE};
 
 async fn channel(server: &TestServer) -> Channel {
     Channel::from_shared(server.grpc_url.clone())
@@ -139,13 +139,6 @@ async fn reflection_needs_the_api_key_when_one_is_set() {
     assert_eq!(wrong.code(), Code::Unauthenticated);
     let services = list_v1(&server, Some("k3y")).await.unwrap();
     assert!(services.iter().any(|s| s == "sidecast.v1.Control"));
-}
-
-/// The value of one sample (`name` with its labels, exactly as exposed).
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .map(|v| v.parse().unwrap())
 }
 
 async fn scrape(server: &TestServer) -> String {

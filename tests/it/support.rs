@@ -168,6 +168,11 @@ impl Client {
         self.ws.send(message).await.unwrap();
     }
 
+    /// Sends without reading; false once the server has dropped the socket.
+    pub async fn try_send_raw(&mut self, message: Message) -> bool {
+        self.ws.send(message).await.is_ok()
+    }
+
     /// The next JSON message, pings included.
     pub async fn recv_any(&mut self) -> Value {
         loop {
@@ -293,6 +298,13 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// Polls a condition of the node's state until it holds (state changes after a socket
 /// closes are not observable as an event from outside).
+/// The value of one sample in a /metrics text (`name` with its labels, exactly as exposed).
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap())
+}
+
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,

@@ -14,7 +14,7 @@ use tokio_rustls::rustls;
 use tokio_tungstenite::tungstenite::Message;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use crate::support::{token, TestServer, PATIENCE};
+use crate::support::{eventually, http_get, sample, token, TestServer, PATIENCE};
 
 struct Pki {
     dir: PathBuf,
@@ -94,6 +94,13 @@ async fn a_client_connects_over_wss() {
     let reply: serde_json::Value = serde_json::from_str(reply.to_text().unwrap()).unwrap();
     assert_eq!(reply["type"], "connected");
     assert_eq!(reply["user"], "ann");
+    // What goes out over TLS is counted like plain TCP's frames.
+    eventually("the reply is counted", || async {
+        let text = http_get(server.admin, "/metrics").await.1;
+        sample(&text, "sidecast_messages_sent_total") == Some(1.0)
+            && sample(&text, "sidecast_socket_writes_total") >= Some(1.0)
+    })
+    .await;
 
     // A plain-text upgrade on the TLS port gets no WebSocket.
     let plain = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.ws_addr)).await;
