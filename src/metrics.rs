@@ -115,7 +115,7 @@ impl Metrics {
             .fetch_add(took.as_nanos() as u64, Relaxed);
     }
 
-    /// One write batch of a connection's writer.
+    /// Writes to a connection's socket: `writes` system calls carrying `frames` frames.
     /// `writes` system calls wrote `frames` whole frames and `bytes` bytes.
     pub fn record_write(&self, writes: usize, frames: usize, bytes: usize) {
         self.messages_sent.fetch_add(frames as u64, Relaxed);

@@ -1,7 +1,7 @@
 //! Server-to-client WebSocket frames (RFC 6455 §5.2), encoded once into shared `Bytes`.
 //!
-//! The hub and the session build frames here; the connection's writer writes them to the
-//! socket as they are. Server frames are never masked, so one encoded frame can go to any
+//! The hub and the session build frames here; the outbox writes them to the socket as
+//! they are. Server frames are never masked, so one encoded frame can go to any
 //! number of connections without a copy.
 
 use bytes::{BufMut, Bytes, BytesMut};

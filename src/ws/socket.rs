@@ -1,11 +1,11 @@
-//! A plain-TCP connection shared by its reader, its writer and fan-out.
+//! A plain-TCP connection shared by its task (reading, and writing what waits) and fan-out.
 //!
 //! After the upgrade, hyper's `Upgraded` is taken apart again into the `TcpStream` it
 //! wraps (plus any bytes hyper read past the request), and the stream is shared through an
 //! `Arc`: tokio's `TcpStream` reads and writes through `&self`, so neither half needs a
 //! lock. Sharing it is what lets [`Outbox::push`](crate::outbox::Outbox::push) write a
 //! frame straight to an idle socket from the publisher's task, without waking the
-//! connection's writer. TLS connections keep hyper's stream and the writer task's path.
+//! connection's task. TLS connections keep hyper's stream, written only by their task.
 
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
@@ -25,7 +25,7 @@ pub struct TcpRead {
     early: Bytes,
 }
 
-/// The writing side used by the connection's writer task.
+/// The writing side used by the connection's task for what the socket did not take at once.
 pub struct TcpWrite {
     tcp: Arc<TcpStream>,
 }
