@@ -2,10 +2,12 @@
 //!
 //! The hub, the session and the control API push encoded frames with [`Outbox::push`],
 //! which never waits. On a plain TCP connection whose queue is empty, the push writes the
-//! frame to the socket itself (a non-blocking `write`, under
-//! this outbox's lock, so nothing can come between): the common case of a subscriber keeping
-//! up costs one system call and no task wake-up. Whatever the socket does not take at once
-//! is queued, and the connection's task drains it with [`Outbox::poll_drain`] (vectored
+//! frame to the socket itself (a non-blocking `write`, under this outbox's lock, so nothing
+//! can come between): the common case of a subscriber keeping up costs one system call and
+//! no task wake-up. A fan-out queues its frame everywhere first and then writes to the idle
+//! sockets with a [`Flush`], or, when the node is behind, wakes their connections so that
+//! each writes all that accumulated at once. Whatever the socket does not take at once is
+//! queued, and the connection's task drains it with [`Outbox::poll_drain`] (vectored
 //! writes of everything queued, then the close frame, if one is scheduled) when the socket
 //! is writable again; TLS connections are always drained that way. Every write happens
 //! under this outbox's lock and a frame leaves the queue only once written, so the queue
@@ -132,7 +134,7 @@ impl Outbox {
 
     /// Queues a frame for a fan-out: when this connection's socket is idle, nothing is
     /// written or woken and [`Push::Deferred`] asks the caller to add the outbox to a
-    /// [`Flush`], which writes to many sockets from one task.
+    /// [`Flush`], which writes to many sockets from one task (or wakes their connections).
     pub fn push_later(&self, frame: Bytes) -> Push {
         self.push_with(frame, true)
     }
@@ -400,8 +402,8 @@ fn with_slices<R>(frames: &VecDeque<Bytes>, write: impl FnOnce(&[IoSlice<'_>]) -
 pub struct Flush(Vec<Arc<Outbox>>);
 
 impl Flush {
-    /// This many sockets are written by the publisher itself; the rest go to a task of
-    /// their own, so that a publish returns once its frames are queued.
+    /// While the node keeps up, this many sockets are written by the publisher itself; the
+    /// rest go to a task of their own, so that a publish returns once its frames are queued.
     const INLINE: usize = 16;
     /// A flushing task lets other tasks run after this many sockets.
     const CHUNK: usize = 256;
@@ -414,10 +416,11 @@ impl Flush {
         self.0.append(&mut other.0);
     }
 
-    /// Writes to every socket (see [`Flush::INLINE`]); called once the channel lock is
-    /// released. While an earlier publication's flushing task is still writing, the node is
-    /// behind: the sockets are left to their connections' tasks instead, which by the time
-    /// they run hold several publications each and write them together (see [`FLUSHING`]).
+    /// Writes to every socket (see `Flush::INLINE`); called once the channel lock is
+    /// released. When a flushing task (of any publication, in this process) is still
+    /// writing, and for 100 ms after that was last seen, the node is behind: the sockets
+    /// are left to their connections' tasks instead, which by the time they run hold
+    /// several publications each and write them together (see `FLUSHING`).
     pub fn run(self) {
         if self.0.is_empty() {
             return;
@@ -462,9 +465,10 @@ impl Flush {
 /// sockets that still hold the previous ones: written by one flushing task per publication,
 /// each socket would still take one write per frame (S5 at 200k deliveries/s of 1 KiB
 /// saturated the core at 1.5 frames per write); woken instead, each connection's task
-/// drains its whole queue at once (2.6 frames per write, and the same load at 5 CPU-s per
-/// million). A heuristic shared by every node of the process: either way every frame is
-/// written, in order.
+/// drains its whole queue at once (2.5 to 3 frames per write, and the same load at 5 CPU-s
+/// per million: BENCHMARKS.md, issue 6's fifth session). A heuristic shared by every node
+/// of the process (two publications in a row can look "behind" without a real lag, which
+/// costs a task switch, nothing else): either way every frame is written, in order.
 static FLUSHING: AtomicUsize = AtomicUsize::new(0);
 
 /// Once a flush finds an earlier one still writing, publications are left to the
