@@ -2,7 +2,6 @@
 //! `sidecast token`, and draining on SIGTERM.
 
 use std::net::TcpListener as StdListener;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use serde_json::json;
@@ -11,10 +10,12 @@ use crate::support::{eventually, http_status, Client};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sidecast");
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sidecast-{name}-{:x}", rand::random::<u64>()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A directory of its own, removed when dropped.
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("sidecast-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 /// Runs the binary to completion; returns (exit code, stderr).
@@ -46,13 +47,13 @@ const LOOPBACK: [&str; 6] = [
 #[test]
 fn invalid_configuration_exits_64_naming_the_key() {
     let dir = scratch("config");
-    let file = dir.join("bad.toml");
+    let file = dir.path().join("bad.toml");
     std::fs::write(&file, "bogus_key = 1\n").unwrap();
     let file = file.to_str().unwrap();
-    let typed = dir.join("typed.toml");
+    let typed = dir.path().join("typed.toml");
     std::fs::write(&typed, "[namespaces.chat]\npresence = \"yes\"\n").unwrap();
     let typed = typed.to_str().unwrap();
-    let missing_key = dir.join("missing.pem");
+    let missing_key = dir.path().join("missing.pem");
     let missing_key = missing_key.to_str().unwrap();
     let cases: Vec<Case> = vec![
         (vec!["--config", file], vec![], "bogus_key"),
@@ -148,7 +149,7 @@ fn free_port() -> u16 {
 #[tokio::test]
 async fn development_mode_token_then_sigterm_drains_with_1001() {
     let dir = scratch("dev");
-    let secret_file = dir.join("dev-secret");
+    let secret_file = dir.path().join("dev-secret");
     let secret_env = secret_file.to_str().unwrap();
     let (code, stderr) = run_bin(
         &["token", "--user", "nobody"],
@@ -256,7 +257,7 @@ async fn development_mode_token_then_sigterm_drains_with_1001() {
 #[test]
 fn config_check_and_print() {
     let dir = scratch("config-cmd");
-    let good = dir.join("good.toml");
+    let good = dir.path().join("good.toml");
     std::fs::write(
         &good,
         "ping_interval = \"20s\"\ntoken_hmac_secret = \"s3cret-value\"\n[namespaces.chat]\nhistory_size = 10\nhistory_ttl = \"5m\"\n",
@@ -270,12 +271,12 @@ fn config_check_and_print() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
 
-    let bad = dir.join("bad.toml");
+    let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[namespaces.chat]\nhistory_size = 10\n").unwrap();
     let (code, stderr) = run_bin(&["config", "check", bad.to_str().unwrap()], &[]);
     assert_eq!(code, 64);
     assert!(stderr.contains("history_ttl"), "{stderr}");
-    let missing_key = dir.join("keys.toml");
+    let missing_key = dir.path().join("keys.toml");
     std::fs::write(
         &missing_key,
         "token_public_key_file = \"/nonexistent.pem\"\ntoken_algorithms = [\"ES256\"]\n",
@@ -305,7 +306,7 @@ fn config_check_and_print() {
         assert!(printed.lines().any(|l| l == line), "{line} in\n{printed}");
     }
     assert!(!printed.contains("s3cret-value") && !printed.contains("k3y-value"));
-    let again = dir.join("printed.toml");
+    let again = dir.path().join("printed.toml");
     std::fs::write(&again, &printed).unwrap();
     let (code, stderr) = run_bin(&["config", "check", again.to_str().unwrap()], &[]);
     assert_eq!(code, 0, "{stderr}");

@@ -33,9 +33,11 @@ async fn python_backend_handles_events_acknowledges_and_answers_rpcs() {
         std::path::Path::new(&python).exists(),
         "tests/py/.venv is missing: run the README's test command (scripts/test), which creates it"
     );
-    let stubs = std::env::temp_dir().join(format!("sidecast-py-{:x}", rand::random::<u64>()));
-    std::fs::create_dir_all(&stubs).unwrap();
-    let stubs = stubs.to_str().unwrap().to_string();
+    let stubs_dir = tempfile::Builder::new()
+        .prefix("sidecast-py-")
+        .tempdir()
+        .unwrap();
+    let stubs = stubs_dir.path().to_str().unwrap().to_string();
     let generated = Command::new(&python)
         .args([
             "-m",

@@ -1,7 +1,6 @@
 //! TLS on both listeners with certificates generated at test time (rcgen): a client over
 //! wss, and the control API over TLS with client certificates (mTLS).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
@@ -17,7 +16,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use crate::support::{eventually, http_get, sample, token, TestServer, PATIENCE};
 
 struct Pki {
-    dir: PathBuf,
+    dir: tempfile::TempDir,
     ca_pem: String,
     ca_der: rustls::pki_types::CertificateDer<'static>,
     client_cert: String,
@@ -28,8 +27,10 @@ impl Pki {
     /// A CA, a server certificate for localhost signed by it (files in `dir`), and a client
     /// certificate signed by it.
     fn new() -> Pki {
-        let dir = std::env::temp_dir().join(format!("sidecast-tls-{:x}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("sidecast-tls-")
+            .tempdir()
+            .unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
@@ -38,9 +39,9 @@ impl Pki {
             .unwrap()
             .signed_by(&server_key, &ca)
             .unwrap();
-        std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
-        std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
-        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("server.pem"), server.pem()).unwrap();
+        std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
         let client_key = KeyPair::generate().unwrap();
         let client = CertificateParams::new(vec!["backend".to_string()])
             .unwrap()
@@ -56,7 +57,7 @@ impl Pki {
     }
 
     fn file(&self, name: &str) -> String {
-        self.dir.join(name).to_str().unwrap().to_string()
+        self.dir.path().join(name).to_str().unwrap().to_string()
     }
 }
 
@@ -157,7 +158,7 @@ async fn the_control_api_over_tls_requires_a_client_certificate() {
 #[test]
 fn a_key_that_does_not_match_its_certificate_is_reported_at_start() {
     let pki = Pki::new();
-    let other_key = pki.dir.join("other.key");
+    let other_key = pki.dir.path().join("other.key");
     std::fs::write(&other_key, KeyPair::generate().unwrap().serialize_pem()).unwrap();
     let other_key = other_key.to_str().unwrap().to_string();
     for (cert_key, key_key) in [
@@ -180,7 +181,7 @@ fn a_key_that_does_not_match_its_certificate_is_reported_at_start() {
         assert_eq!(error.key, key_key, "{error}");
     }
     // A client CA file without a certificate.
-    let empty = pki.dir.join("empty.pem");
+    let empty = pki.dir.path().join("empty.pem");
     std::fs::write(&empty, "").unwrap();
     let config = sidecast::config::Config::from_layers(
         None,
