@@ -407,6 +407,8 @@ impl Flush {
     const INLINE: usize = 16;
     /// A flushing task lets other tasks run after this many sockets.
     const CHUNK: usize = 256;
+    /// Behind, a flush of at most this many sockets wakes their connections instead.
+    const WAKE_MAX: usize = 2048;
 
     pub fn add(&mut self, outbox: &Arc<Outbox>) {
         self.0.push(outbox.clone());
@@ -441,7 +443,11 @@ impl Flush {
         }
         let runtime = tokio::runtime::Handle::try_current();
         match runtime {
-            Ok(_) if behind => self.0.iter().for_each(|outbox| outbox.wake()),
+            // A very large fan-out is still written by one task: waking thousands of
+            // connections per publication costs more than the batching saves.
+            Ok(_) if behind && self.0.len() <= Self::WAKE_MAX => {
+                self.0.iter().for_each(|outbox| outbox.wake())
+            }
             Ok(runtime) if self.0.len() > Self::INLINE => {
                 // The first few at once: the first subscribers do not wait for a task switch.
                 self.0[..Self::INLINE]
