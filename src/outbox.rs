@@ -421,8 +421,9 @@ impl Flush {
     /// Writes to every socket (see `Flush::INLINE`); called once the channel lock is
     /// released. When a flushing task (of any publication, in this process) is still
     /// writing, and for 100 ms after that was last seen, the node is behind: the sockets
-    /// are left to their connections' tasks instead, which by the time they run hold
-    /// several publications each and write them together (see `FLUSHING`).
+    /// of a flush of at most `Flush::WAKE_MAX` are left to their connections' tasks
+    /// instead, which by the time they run hold several publications each and write them
+    /// together (see `FLUSHING`).
     pub fn run(self) {
         if self.0.is_empty() {
             return;
