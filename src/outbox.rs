@@ -405,8 +405,12 @@ impl Flush {
     /// While the node keeps up, this many sockets are written by the publisher itself; the
     /// rest go to a task of their own, so that a publish returns once its frames are queued.
     const INLINE: usize = 16;
-    /// A flushing task lets other tasks run after this many sockets.
-    const CHUNK: usize = 256;
+    /// A flushing task lets other tasks run after this many sockets (~0.6 ms of writes
+    /// here): what else the node has to do, another publication's first subscribers among
+    /// it, waits at most that long. With 256, the first subscriber of a publication sent
+    /// while 10,000 others were being written waited 7.5-13 ms (p50); with 64, 2.8-4.9 ms,
+    /// at the same CPU per delivery (BENCHMARKS.md, issue 6's sixth session).
+    const CHUNK: usize = 64;
     /// Behind, a flush of at most this many sockets wakes their connections instead.
     const WAKE_MAX: usize = 2048;
 
