@@ -432,14 +432,20 @@ impl Flush {
         if self.0.is_empty() {
             return;
         }
-        let now = elapsed_ms();
-        let behind = if FLUSHING.load(Acquire) > 0 {
-            BEHIND_UNTIL.store(now + BEHIND_FOR_MS, Relaxed);
-            true
-        } else {
-            now < BEHIND_UNTIL.load(Relaxed)
-        };
+        let behind = BEHIND.is_behind(FLUSHING.load(Acquire) > 0, elapsed_ms());
         self.run_as(behind);
+    }
+
+    /// How a flush of `sockets` is written, `behind` or not, inside a runtime or not.
+    fn route(sockets: usize, behind: bool, in_runtime: bool) -> Route {
+        match () {
+            _ if !in_runtime => Route::Inline,
+            // A very large fan-out is still written by one task: waking thousands of
+            // connections per publication costs more than the batching saves.
+            _ if behind && sockets <= Self::WAKE_MAX => Route::Wake,
+            _ if sockets > Self::INLINE => Route::Task,
+            _ => Route::Inline,
+        }
     }
 
     fn run_as(self, behind: bool) {
@@ -447,13 +453,9 @@ impl Flush {
             return;
         }
         let runtime = tokio::runtime::Handle::try_current();
-        match runtime {
-            // A very large fan-out is still written by one task: waking thousands of
-            // connections per publication costs more than the batching saves.
-            Ok(_) if behind && self.0.len() <= Self::WAKE_MAX => {
-                self.0.iter().for_each(|outbox| outbox.wake())
-            }
-            Ok(runtime) if self.0.len() > Self::INLINE => {
+        match (Self::route(self.0.len(), behind, runtime.is_ok()), runtime) {
+            (Route::Wake, _) => self.0.iter().for_each(|outbox| outbox.wake()),
+            (Route::Task, Ok(runtime)) => {
                 // The first few at once: the first subscribers do not wait for a task switch.
                 self.0[..Self::INLINE]
                     .iter()
@@ -467,9 +469,20 @@ impl Flush {
                     }
                 });
             }
-            _ => self.0.iter().for_each(|outbox| outbox.flush()),
+            (Route::Inline | Route::Task, _) => self.0.iter().for_each(|outbox| outbox.flush()),
         }
     }
+}
+
+/// [`Flush::route`]'s answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Every socket written by the caller.
+    Inline,
+    /// The first `Flush::INLINE` written by the caller, the rest by a task of their own.
+    Task,
+    /// Every connection woken to write for itself.
+    Wake,
 }
 
 /// Flushing tasks still writing, in this process. Under load a publication's frames reach
@@ -482,11 +495,36 @@ impl Flush {
 /// costs a task switch, nothing else): either way every frame is written, in order.
 static FLUSHING: AtomicUsize = AtomicUsize::new(0);
 
+/// Whether the node is behind (see [`FLUSHING`]), for the process.
+static BEHIND: Behind = Behind::new();
+
 /// Once a flush finds an earlier one still writing, publications are left to the
-/// connections' tasks for this long (milliseconds since [`elapsed_ms`]'s start): a flushing
-/// task started between two of them would write one frame per socket again.
-static BEHIND_UNTIL: AtomicU64 = AtomicU64::new(0);
-const BEHIND_FOR_MS: u64 = 100;
+/// connections' tasks for `Behind::FOR_MS`: a flushing task started between two of them
+/// would write one frame per socket again.
+struct Behind {
+    /// Until when (milliseconds since [`elapsed_ms`]'s start).
+    until: AtomicU64,
+}
+
+impl Behind {
+    const FOR_MS: u64 = 100;
+
+    const fn new() -> Behind {
+        Behind {
+            until: AtomicU64::new(0),
+        }
+    }
+
+    /// Behind if a flushing task is running now, or was seen running in the last `FOR_MS`.
+    fn is_behind(&self, flushing: bool, now_ms: u64) -> bool {
+        if flushing {
+            self.until.store(now_ms + Self::FOR_MS, Relaxed);
+            true
+        } else {
+            now_ms < self.until.load(Relaxed)
+        }
+    }
+}
 
 /// Milliseconds since the first call, from the monotonic clock.
 fn elapsed_ms() -> u64 {
@@ -651,6 +689,35 @@ mod tests {
         } else {
             assert!(frames.is_empty(), "whole frames are dropped");
         }
+    }
+
+    #[test]
+    fn behind_lasts_for_a_while_after_a_flushing_task_was_seen() {
+        let behind = Behind::new();
+        assert!(!behind.is_behind(false, 1_000), "nothing seen yet");
+        assert!(behind.is_behind(true, 1_000), "a flushing task is running");
+        assert!(behind.is_behind(false, 1_000 + Behind::FOR_MS - 1));
+        assert!(!behind.is_behind(false, 1_000 + Behind::FOR_MS));
+        assert!(behind.is_behind(true, 5_000), "seen again: a new window");
+        assert!(behind.is_behind(false, 5_000 + Behind::FOR_MS - 1));
+    }
+
+    #[test]
+    fn how_a_flush_is_written() {
+        use Route::*;
+        let route = Flush::route;
+        // Keeping up: a few sockets by the caller, more by a task of their own.
+        assert_eq!(route(1, false, true), Inline);
+        assert_eq!(route(Flush::INLINE, false, true), Inline);
+        assert_eq!(route(Flush::INLINE + 1, false, true), Task);
+        assert_eq!(route(Flush::WAKE_MAX + 1, false, true), Task);
+        // Behind: the connections write for themselves, unless there are too many of them.
+        assert_eq!(route(1, true, true), Wake);
+        assert_eq!(route(Flush::WAKE_MAX, true, true), Wake);
+        assert_eq!(route(Flush::WAKE_MAX + 1, true, true), Task);
+        // Outside a runtime (nothing to spawn on, nobody to wake): the caller writes.
+        assert_eq!(route(Flush::WAKE_MAX + 1, false, false), Inline);
+        assert_eq!(route(1, true, false), Inline);
     }
 
     #[tokio::test]
