@@ -221,6 +221,64 @@ async fn a_write_that_does_not_finish_drops_the_socket() {
     .await;
 }
 
+#[tokio::test]
+async fn a_client_that_ends_its_stream_with_frames_queued_loses_them_and_is_dropped() {
+    let server = TestServer::start(&[
+        ("max_queue_bytes", "67108864"),
+        ("max_publication_size", "65536"),
+        ("write_timeout", "300s"),
+    ])
+    .await;
+    let mut grpc = server.grpc().await;
+    let mut stuck = Client::open_small_buffer(server.ws_addr, &server.ws_url).await;
+    stuck.send(json!({"id": 1, "op": "connect", "token": crate::support::token("stuck", json!({"channels": ["big"]}))}))
+        .await;
+    stuck.recv().await;
+    stuck.subscribe(2, "big").await;
+    let data = format!("\"{}\"", "z".repeat(60_000)).into_bytes();
+    for _ in 0..200 {
+        grpc.publish(pb::PublishRequest {
+            channel: "big".into(),
+            data: data.clone(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    let (_, metrics) = crate::support::http_get(server.admin, "/metrics").await;
+    let sent = crate::support::sample(&metrics, "sidecast_messages_sent_total").unwrap();
+    assert!(
+        sent < 100.0,
+        "publications wait in the queue: {sent} frames sent"
+    );
+    // The client ends its stream without a Close (a FIN): it is gone, as far as the server
+    // knows. What is queued is dropped and the socket closed at once, without a Close frame
+    // (1006), not written for as long as write_timeout (300 s) allows. Reading now, the
+    // client gets what the kernel already held, then the end of the stream.
+    stuck.half_close();
+    let (received, close) = stuck.count_until_end().await;
+    assert_eq!(
+        close, None,
+        "no Close frame after the client's stream ended"
+    );
+    assert!(
+        received < 200,
+        "the queued publications were dropped: {received} of 200 arrived"
+    );
+    eventually("the connection is gone", || {
+        let mut grpc = grpc.clone();
+        async move {
+            grpc.info(pb::InfoRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .connections
+                == 0
+        }
+    })
+    .await;
+}
+
 // About time: the heartbeat is a clock.
 #[tokio::test]
 async fn heartbeat_works_when_pong_timeout_exceeds_ping_interval() {

@@ -168,6 +168,16 @@ impl Client {
         self.ws.send(message).await.unwrap();
     }
 
+    /// Ends the TCP stream's sending half (a FIN, no WebSocket Close), still able to read.
+    pub fn half_close(&self) {
+        let MaybeTlsStream::Plain(stream) = self.ws.get_ref() else {
+            panic!("a plain TCP client");
+        };
+        socket2::SockRef::from(stream)
+            .shutdown(std::net::Shutdown::Write)
+            .unwrap();
+    }
+
     /// Sends without reading; false once the server has dropped the socket.
     pub async fn try_send_raw(&mut self, message: Message) -> bool {
         self.ws.send(message).await.is_ok()
@@ -230,6 +240,24 @@ impl Client {
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => panic!("error instead of a close frame: {e}"),
                 None => panic!("stream ended without a close frame"),
+            }
+        }
+    }
+
+    /// Counts the messages until the stream ends, and the close code if it ended with a
+    /// Close frame.
+    pub async fn count_until_end(&mut self) -> (usize, Option<u16>) {
+        let mut count = 0;
+        loop {
+            let next = tokio::time::timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("the end in time");
+            match next {
+                Some(Ok(Message::Close(frame))) => {
+                    return (count, Some(frame.map_or(1005, |f| u16::from(f.code))))
+                }
+                Some(Ok(_)) => count += 1,
+                Some(Err(_)) | None => return (count, None),
             }
         }
     }
