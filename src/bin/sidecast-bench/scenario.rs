@@ -580,7 +580,9 @@ pub async fn s4(
 }
 
 /// S5: `slow_pct`% of subscribers stop reading; server memory and the others' latency,
-/// compared with the same run without them.
+/// compared with the same run without them, made before and again after (the second of two
+/// identical runs on one server is often the slower: a single "without" first would credit
+/// that to the slow consumers).
 pub async fn s5(
     ctx: &Ctx,
     subscribers: usize,
@@ -593,13 +595,14 @@ pub async fn s5(
         .server_pid
         .clone()
         .ok_or_else(|| anyhow::anyhow!("s5 needs --server-pid"))?;
-    for with_slow in [false, true] {
+    let (mut others_p50, mut others_p99) = ([0.0; 3], [0.0; 3]);
+    for (phase, with_slow) in [false, true, false].into_iter().enumerate() {
         let slow = if with_slow {
             ((subscribers as f64) * slow_pct / 100.0).ceil() as usize
         } else {
             0
         };
-        let channel = if with_slow { "s5slow" } else { "s5" };
+        let channel = ["s5", "s5slow", "s5again"][phase];
         let ms = members(subscribers, |i| Member {
             user: format!("u{i}"),
             subs: vec![],
@@ -625,15 +628,17 @@ pub async fn s5(
                 }
             })
         };
-        let label = if with_slow {
-            "s5 with slow consumers"
-        } else {
-            "s5 without slow consumers"
-        };
+        let label = [
+            "s5 without slow consumers",
+            "s5 with slow consumers",
+            "s5 without slow consumers, again",
+        ][phase];
         let plan = one_channel(channel, rate, secs, pad, subscribers - slow, 1);
         let w = window(ctx, &stats, label, subscribers, rate, vec![plan]).await;
         w.print(&ctx.peer);
         let growth = *peak.borrow() as f64 - base as f64;
+        others_p50[phase] = w.p50_us as f64 / 1000.0;
+        others_p99[phase] = w.p99_us as f64 / 1000.0;
         println!(
             "{} {label}: {slow} stalled of {subscribers}; server RSS peak {:+.1} MiB over the start of the run; others p99 {:.2} ms",
             ctx.peer,
@@ -647,6 +652,18 @@ pub async fn s5(
         stop.cancel();
         let _ = sampler.await;
         drop(stalled);
+    }
+    for (what, ms) in [("p50", others_p50), ("p99", others_p99)] {
+        let without = (ms[0] + ms[2]) / 2.0;
+        println!(
+            "{} s5: others {what} {:.2} ms with slow consumers, {:.2} ms without (the mean of {:.2} before and {:.2} after): {:+.0}%",
+            ctx.peer,
+            ms[1],
+            without,
+            ms[0],
+            ms[2],
+            (ms[1] / without - 1.0) * 100.0
+        );
     }
     Ok(())
 }
