@@ -51,7 +51,10 @@ def window_row(r):
         flags.append("sender late")
     name = r["peer"]
     if r["label"].startswith("s5"):
-        name += " + 1% stalled" if "with slow" in r["label"] else " (none stalled)"
+        if "with slow" in r["label"]:
+            name += " + 1% stalled"
+        else:
+            name += " (none stalled, after)" if "again" in r["label"] else " (none stalled)"
     return [
         name,
         r["subscribers"],
