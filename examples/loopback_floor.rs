@@ -203,6 +203,10 @@ fn fanout(n: usize, rate: u64, seconds: u64, len: usize, uring: bool, cc: Option
     let elapsed = start.elapsed().as_secs_f64();
     let busy = busy_share(jiffies, core_jiffies(SENDER_CORE));
     let counted = writes - writes_before;
+    let counted_rounds = rounds - warmup;
+    // Each round stands for 1/rate of a second: the last one's writes end before its time is
+    // up, so a sender that keeps up is credited with its rounds' time, not less.
+    let rate_window = elapsed.max(counted_rounds as f64 / rate.max(1) as f64);
     drop(senders); // the receiver reads to the end of every socket, then reports
     let how = if uring { "io_uring" } else { "write(2)" };
     let how = format!(
@@ -210,9 +214,9 @@ fn fanout(n: usize, rate: u64, seconds: u64, len: usize, uring: bool, cc: Option
         cc.as_deref().unwrap_or("default")
     );
     println!(
-        "fanout {how}: {n} sockets x {rate} rounds/s, {len} B frames, {seconds} s: {:.0} writes/s, \
-         core 0 busy {:.1}% = {:.2} us per write (both TCP ends), short or refused writes {short}",
-        counted as f64 / elapsed,
+        "fanout {how}: {n} sockets x {rate} rounds/s, {len} B frames, {seconds} s: {counted_rounds} rounds \
+         counted, {:.0} writes/s, core 0 busy {:.1}% = {:.2} us per write (both TCP ends), refused writes {short}",
+        counted as f64 / rate_window,
         busy * 100.0,
         busy * elapsed * 1e6 / counted.max(1) as f64,
     );
@@ -222,16 +226,24 @@ fn fanout(n: usize, rate: u64, seconds: u64, len: usize, uring: bool, cc: Option
     );
 }
 
-/// One frame to every socket with write(2); (frames written, frames not written whole).
+/// One frame to every socket with write(2); (frames written, frames refused).
 fn write_round(senders: &[TcpStream], frame: &[u8]) -> (u64, u64) {
     let mut written = 0;
     for mut socket in senders {
         match socket.write(frame) {
-            Ok(k) if k == frame.len() => written += 1,
-            _ => {}
+            Ok(k) => written += whole(k, frame.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("write: {e}"),
         }
     }
     (written, senders.len() as u64 - written)
+}
+
+/// 1 for a frame written whole. A part of a frame would leave the receiver reading the rest
+/// of the stream at the wrong offsets: the run stops instead (offer fewer rounds).
+fn whole(written: usize, len: usize) -> u64 {
+    assert_eq!(written, len, "a frame written in part: the socket is full");
+    1
 }
 
 /// One frame to every socket through io_uring, up to the ring's size per submission.
@@ -250,10 +262,13 @@ fn submit_round(ring: &mut io_uring::IoUring, senders: &[TcpStream], frame: &[u8
             unsafe { ring.submission().push(&send).expect("ring has room") };
         }
         ring.submit_and_wait(chunk.len()).expect("io_uring_enter");
-        written += ring
-            .completion()
-            .filter(|c| c.result() == frame.len() as i32)
-            .count() as u64;
+        for completion in ring.completion() {
+            match completion.result() {
+                k if k >= 0 => written += whole(k as usize, frame.len()),
+                e if -e == libc::EAGAIN => {}
+                e => panic!("send: {}", std::io::Error::from_raw_os_error(-e)),
+            }
+        }
     }
     (written, senders.len() as u64 - written)
 }
@@ -283,6 +298,7 @@ fn receive(addr: std::net::SocketAddr, n: usize, len: usize, warmup: u64) {
             events: (libc::EPOLLIN | libc::EPOLLET) as u32,
             u64: i as u64,
         };
+        // SAFETY: registers a descriptor that outlives the epoll instance; the event is copied.
         let rc =
             unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, socket.as_raw_fd(), &mut event) };
         assert_eq!(rc, 0, "epoll_ctl");
@@ -296,6 +312,7 @@ fn receive(addr: std::net::SocketAddr, n: usize, len: usize, warmup: u64) {
     let receiver_busy = core_jiffies(RECEIVER_CORE);
     let (mut open, mut ended) = (n, vec![false; n]);
     while open > 0 {
+        // SAFETY: the kernel writes at most 1024 events into a buffer of 1024.
         let ready = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), 1024, 100) };
         for event in &events[..ready.max(0) as usize] {
             let i = event.u64 as usize;
@@ -326,11 +343,11 @@ fn receive(addr: std::net::SocketAddr, n: usize, len: usize, warmup: u64) {
                             lost_rounds += 1; // an older round never completed
                         }
                         *slot = Round { id, arrived: 0 };
-                        first.push(now - started);
+                        first.push(now.saturating_sub(started));
                     }
                     slot.arrived += 1;
                     if slot.arrived == n {
-                        last.push(now - started);
+                        last.push(now.saturating_sub(started));
                     }
                 }
                 pending[i].drain(..whole);
@@ -338,7 +355,13 @@ fn receive(addr: std::net::SocketAddr, n: usize, len: usize, warmup: u64) {
         }
     }
     let busy = busy_share(receiver_busy, core_jiffies(RECEIVER_CORE));
+    // SAFETY: closes the epoll descriptor this function created, once.
     unsafe { libc::close(epoll) };
+    // Rounds that some socket never delivered whole (the sender prints how many it counted).
+    lost_rounds += rounds
+        .iter()
+        .filter(|r| r.arrived != 0 && r.arrived < n)
+        .count() as u64;
     println!(
         "receiver: {frames} frames, core 1 busy {:.1}%; per round ({} complete, {lost_rounds} incomplete): \
          time to the first frame {}, to the last frame {}",
