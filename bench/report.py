@@ -52,9 +52,10 @@ def window_row(r):
     name = r["peer"]
     if r["label"].startswith("s5"):
         if "with slow" in r["label"]:
-            name += " + 1% stalled"
+            name += " + stalled"
         else:
-            name += " (none stalled, after)" if "again" in r["label"] else " (none stalled)"
+            name += {"again": " (none stalled, after)", "middle": " (none stalled, middle)"}.get(
+                r["label"].rsplit(", ", 1)[-1], " (none stalled)")
     return [
         name,
         r["subscribers"],
@@ -106,8 +107,8 @@ def main(path):
     s5 = [r for r in runs if r.get("scenario") == "s5"]
     if s5:
         print("\n### s5 memory\n")
-        print(table([[r["peer"], r["slow"], f"{r['rss_peak_growth_bytes'] / 1048576:.1f}", ms(r["others_p99_ms"])] for r in s5],
-                    ["server", "stalled subscribers (of 1000)", "RSS peak growth MiB", "others' p99 ms"]))
+        print(table([[r["peer"], r.get("phase_label", "s5"), r["slow"], f"{r['rss_peak_growth_bytes'] / 1048576:.1f}", ms(r["others_p99_ms"])] for r in s5],
+                    ["server", "phase", "stalled subscribers", "RSS peak growth MiB", "others' p99 ms"]))
 
 
 if __name__ == "__main__":
