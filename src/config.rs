@@ -93,6 +93,7 @@ pub const KEYS: &[(&str, Kind, &str)] = &[
     ("header_read_timeout", Kind::Duration, "10s"),
     ("max_message_size", Kind::Int, "65536"),
     ("max_queue_bytes", Kind::Int, "1048576"),
+    ("socket_send_buffer", Kind::Int, "262144"),
     ("max_publication_size", Kind::Int, "65536"),
     ("max_subscriptions", Kind::Int, "128"),
     ("max_recovery", Kind::Int, "300"),
@@ -271,6 +272,10 @@ pub struct Config {
     pub header_read_timeout: Duration,
     pub max_message_size: usize,
     pub max_queue_bytes: usize,
+    /// SO_SNDBUF of each WebSocket connection's socket (the kernel doubles it); 0 leaves the
+    /// kernel's autotuning, which lets a stalled reader's socket hold up to `tcp_wmem`'s
+    /// maximum (4 MiB by default) on top of `max_queue_bytes`.
+    pub socket_send_buffer: usize,
     pub max_publication_size: usize,
     pub max_subscriptions: usize,
     /// Most publications one recovery may return.
@@ -336,6 +341,7 @@ struct RawConfig {
     header_read_timeout: Option<String>,
     max_message_size: Option<u64>,
     max_queue_bytes: Option<u64>,
+    socket_send_buffer: Option<u64>,
     max_publication_size: Option<u64>,
     max_subscriptions: Option<u64>,
     max_recovery: Option<u64>,
@@ -576,6 +582,7 @@ impl Config {
             header_read_timeout: dur("header_read_timeout", raw.header_read_timeout)?,
             max_message_size: size("max_message_size", raw.max_message_size)?,
             max_queue_bytes: size("max_queue_bytes", raw.max_queue_bytes)?,
+            socket_send_buffer: count("socket_send_buffer", raw.socket_send_buffer)?,
             max_publication_size: size("max_publication_size", raw.max_publication_size)?,
             max_subscriptions: size("max_subscriptions", raw.max_subscriptions)?,
             max_recovery: size("max_recovery", raw.max_recovery)?,

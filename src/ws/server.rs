@@ -59,6 +59,12 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        if node.config.socket_send_buffer > 0 {
+            // A fixed size also turns the kernel's autotuning off for this socket: what a
+            // stalled reader can hold in the kernel stays small, and its queue fills (4004).
+            let _ = socket2::SockRef::from(&stream)
+                .set_send_buffer_size(node.config.socket_send_buffer);
+        }
         let node = node.clone();
         let tls = tls.clone();
         let sessions_for_conn = sessions.clone();

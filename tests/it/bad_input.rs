@@ -221,6 +221,56 @@ async fn a_write_that_does_not_finish_drops_the_socket() {
     .await;
 }
 
+/// Publishes 16 KB to a client that never reads until the node counts it as a slow
+/// consumer; returns how many publications that took.
+async fn publications_until_a_stalled_client_overflows(socket_send_buffer: &str) -> usize {
+    let server = TestServer::start(&[
+        ("max_queue_bytes", "65536"),
+        ("max_publication_size", "16384"),
+        ("socket_send_buffer", socket_send_buffer),
+    ])
+    .await;
+    let mut grpc = server.grpc().await;
+    let mut stalled = Client::open_small_buffer(server.ws_addr, &server.ws_url).await;
+    stalled.send(json!({"id": 1, "op": "connect", "token": crate::support::token("stalled", json!({"channels": ["feed"]}))}))
+        .await;
+    stalled.recv().await;
+    stalled.subscribe(2, "feed").await;
+    let data = format!("\"{}\"", "s".repeat(16_000)).into_bytes();
+    for n in 1..=400 {
+        grpc.publish(pb::PublishRequest {
+            channel: "feed".into(),
+            data: data.clone(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap();
+        let (_, metrics) = crate::support::http_get(server.admin, "/metrics").await;
+        if crate::support::sample(&metrics, "sidecast_slow_consumer_closes_total") == Some(1.0) {
+            return n;
+        }
+    }
+    panic!("400 publications of 16 KB and the stalled client has not overflowed");
+}
+
+#[tokio::test]
+async fn a_stalled_client_holds_little_in_the_kernel_and_overflows_soon() {
+    // 64 KiB of queue, and 2 x 16 KiB of kernel send buffer: about six publications, and
+    // certainly fewer than twelve. With the kernel's autotuning (`socket_send_buffer = 0`)
+    // the socket alone takes hundreds of kilobytes first (see the next test).
+    let n = publications_until_a_stalled_client_overflows("16384").await;
+    assert!(n <= 12, "{n} publications of 16 KB before the overflow");
+}
+
+#[tokio::test]
+async fn with_the_kernels_autotuning_a_stalled_client_takes_far_more() {
+    // What `socket_send_buffer` prevents, shown on this kernel: the stalled socket's send
+    // buffer grows (up to net.ipv4.tcp_wmem's maximum) and takes many more publications
+    // before the queue behind it fills.
+    let n = publications_until_a_stalled_client_overflows("0").await;
+    assert!(n > 12, "only {n} publications of 16 KB before the overflow");
+}
+
 #[tokio::test]
 async fn a_client_that_ends_its_stream_with_frames_queued_loses_them_and_is_dropped() {
     let server = TestServer::start(&[
