@@ -7,7 +7,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{eventually, Client, TestServer};
+use crate::support::{Client, TestServer};
 
 fn text_fragment(payload: &[u8], first: bool, fin: bool) -> Message {
     let opcode = if first {
@@ -135,10 +135,9 @@ async fn slow_consumer_is_closed_4004_while_a_fast_one_gets_everything() {
     let mut grpc = server.grpc().await;
     let mut fast = server.user("fast", json!({"channels": ["firehose"]})).await;
     fast.subscribe(2, "firehose").await;
-    let mut slow = Client::open_small_buffer(server.ws_addr, &server.ws_url).await;
-    slow.send(json!({"id": 1, "op": "connect", "token": crate::support::token("slow", json!({"channels": ["firehose"]}))}))
+    let mut slow = server
+        .user_small_buffer("slow", json!({"channels": ["firehose"]}))
         .await;
-    slow.recv().await;
     slow.subscribe(2, "firehose").await;
 
     let (progress, mut seen) = tokio::sync::watch::channel(0u64);
@@ -191,34 +190,26 @@ async fn a_write_that_does_not_finish_drops_the_socket() {
         ("write_timeout", "300ms"),
     ])
     .await;
+    let stuck = stuck_behind_200_publications(&server).await;
+    server.until_no_connections().await;
+    drop(stuck); // held open until then: the write timeout, not a close, ended it
+}
+
+/// A subscriber that never reads, and 200 publications of 60 KB to it: most of them wait in
+/// its queue.
+async fn stuck_behind_200_publications(server: &TestServer) -> Client {
     let mut grpc = server.grpc().await;
-    let mut stuck = Client::open_small_buffer(server.ws_addr, &server.ws_url).await;
-    stuck.send(json!({"id": 1, "op": "connect", "token": crate::support::token("stuck", json!({"channels": ["big"]}))}))
+    let mut stuck = server
+        .user_small_buffer("stuck", json!({"channels": ["big"]}))
         .await;
-    stuck.recv().await;
     stuck.subscribe(2, "big").await;
-    let data = format!("\"{}\"", "z".repeat(60_000)).into_bytes();
+    let data = format!("\"{}\"", "z".repeat(60_000));
     for _ in 0..200 {
-        grpc.publish(pb::PublishRequest {
-            channel: "big".into(),
-            data: data.clone(),
-            idempotency_key: String::new(),
-        })
-        .await
-        .unwrap();
+        grpc.publish(crate::support::publish("big", &data))
+            .await
+            .unwrap();
     }
-    eventually("the stuck connection is dropped", || {
-        let mut grpc = grpc.clone();
-        async move {
-            grpc.info(pb::InfoRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .connections
-                == 0
-        }
-    })
-    .await;
+    stuck
 }
 
 /// Publishes 16 KB to a client that never reads until the node counts it as a slow
@@ -231,20 +222,15 @@ async fn publications_until_a_stalled_client_overflows(socket_send_buffer: &str)
     ])
     .await;
     let mut grpc = server.grpc().await;
-    let mut stalled = Client::open_small_buffer(server.ws_addr, &server.ws_url).await;
-    stalled.send(json!({"id": 1, "op": "connect", "token": crate::support::token("stalled", json!({"channels": ["feed"]}))}))
+    let mut stalled = server
+        .user_small_buffer("stalled", json!({"channels": ["feed"]}))
         .await;
-    stalled.recv().await;
     stalled.subscribe(2, "feed").await;
-    let data = format!("\"{}\"", "s".repeat(16_000)).into_bytes();
+    let data = format!("\"{}\"", "s".repeat(16_000));
     for n in 1..=400 {
-        grpc.publish(pb::PublishRequest {
-            channel: "feed".into(),
-            data: data.clone(),
-            idempotency_key: String::new(),
-        })
-        .await
-        .unwrap();
+        grpc.publish(crate::support::publish("feed", &data))
+            .await
+            .unwrap();
         let (_, metrics) = crate::support::http_get(server.admin, "/metrics").await;
         if crate::support::sample(&metrics, "sidecast_slow_consumer_closes_total") == Some(1.0) {
             return n;
@@ -279,22 +265,7 @@ async fn a_client_that_ends_its_stream_with_frames_queued_loses_them_and_is_drop
         ("write_timeout", "300s"),
     ])
     .await;
-    let mut grpc = server.grpc().await;
-    let mut stuck = Client::open_small_buffer(server.ws_addr, &server.ws_url).await;
-    stuck.send(json!({"id": 1, "op": "connect", "token": crate::support::token("stuck", json!({"channels": ["big"]}))}))
-        .await;
-    stuck.recv().await;
-    stuck.subscribe(2, "big").await;
-    let data = format!("\"{}\"", "z".repeat(60_000)).into_bytes();
-    for _ in 0..200 {
-        grpc.publish(pb::PublishRequest {
-            channel: "big".into(),
-            data: data.clone(),
-            idempotency_key: String::new(),
-        })
-        .await
-        .unwrap();
-    }
+    let mut stuck = stuck_behind_200_publications(&server).await;
     let (_, metrics) = crate::support::http_get(server.admin, "/metrics").await;
     let sent = crate::support::sample(&metrics, "sidecast_messages_sent_total").unwrap();
     assert!(
@@ -315,18 +286,7 @@ async fn a_client_that_ends_its_stream_with_frames_queued_loses_them_and_is_drop
         received as f64 <= sent,
         "nothing was written after the end: {received} arrived, {sent} frames had been sent"
     );
-    eventually("the connection is gone", || {
-        let mut grpc = grpc.clone();
-        async move {
-            grpc.info(pb::InfoRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .connections
-                == 0
-        }
-    })
-    .await;
+    server.until_no_connections().await;
 }
 
 // About time: the heartbeat is a clock.

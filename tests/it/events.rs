@@ -341,11 +341,8 @@ async fn exactly_one_disconnect_per_connection_whatever_the_cause() {
         .await;
     expected.insert(expiring.client_id.clone(), 4002);
     // It cannot keep up.
-    let mut slow = Client::open_small_buffer(server.ws_addr, &server.ws_url).await;
-    slow.send(json!({"id": 1, "op": "connect", "token": token("u6", json!({}))}))
-        .await;
-    let connected = slow.recv().await;
-    let slow_id = connected["client"].as_str().unwrap().to_string();
+    let mut slow = server.user_small_buffer("u6", json!({})).await;
+    let slow_id = slow.client_id.clone();
     slow.subscribe(2, "feed:x").await;
     expected.insert(slow_id.clone(), 4004);
     let mut grpc = server.grpc().await;

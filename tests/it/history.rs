@@ -409,12 +409,9 @@ async fn a_slow_consumer_closed_with_4004_resumes_with_everything() {
     )
     .await;
     let mut grpc = server.grpc().await;
-    let mut slow = Client::open_small_buffer(server.ws_addr, &server.ws_url).await;
-    slow.send(
-        json!({"id": 1, "op": "connect", "token": token("slow", json!({"channels": ["h:*"]}))}),
-    )
-    .await;
-    slow.recv().await;
+    let mut slow = server
+        .user_small_buffer("slow", json!({"channels": ["h:*"]}))
+        .await;
     let epoch = slow.subscribe(2, "h:s").await["result"]["epoch"]
         .as_str()
         .unwrap()

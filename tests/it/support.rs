@@ -90,6 +90,36 @@ impl TestServer {
         self.connect(&token(user, claims)).await
     }
 
+    /// Like [`TestServer::user`], over a socket with a 4 KiB receive buffer: a client that
+    /// stops reading soon leaves the server's frames queued.
+    pub async fn user_small_buffer(&self, user: &str, claims: Value) -> Client {
+        let mut client = Client::open_small_buffer(self.ws_addr, &self.ws_url).await;
+        client
+            .send(json!({"id": 1, "op": "connect", "token": token(user, claims)}))
+            .await;
+        let connected = client.recv().await;
+        assert_eq!(connected["type"], "connected", "{connected}");
+        client.client_id = connected["client"].as_str().unwrap().to_string();
+        client
+    }
+
+    /// Waits until the node holds no connection.
+    pub async fn until_no_connections(&self) {
+        let grpc = self.grpc().await;
+        eventually("no connection left", || {
+            let mut grpc = grpc.clone();
+            async move {
+                grpc.info(sidecast::pb::InfoRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .connections
+                    == 0
+            }
+        })
+        .await;
+    }
+
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(handle) = self.handle.take() {
