@@ -1,5 +1,5 @@
-//! Microbenchmarks of the hot path (issue 6): the protocol codec, the per-connection queue and
-//! the hub's fan-out. `cargo bench --bench hot_path`; BENCHMARKS.md records the figures.
+//! Microbenchmarks of the hot path: the protocol codec, the per-connection queue and the
+//! hub's fan-out. `cargo bench --bench hot_path`; BENCHMARKS.md records the figures.
 
 use std::sync::Arc;
 
@@ -7,26 +7,26 @@ use bytes::Bytes;
 use divan::Bencher;
 use sidecast::config::Config;
 use sidecast::events::Events;
-use sidecast::hub::{Hub, Origin};
+use sidecast::hub::{Hub, SubscribedBy};
 use sidecast::metrics::Metrics;
 use sidecast::outbox::Outbox;
-use sidecast::ws::{frame, protocol};
+use sidecast::wire::{command, ServerMessage};
 
 fn main() {
     divan::main();
 }
 
 #[divan::bench]
-fn decode_subscribe() -> protocol::Request {
-    protocol::decode(divan::black_box(
+fn decode_subscribe() -> command::Request {
+    command::decode(divan::black_box(
         br#"{"id":12,"op":"subscribe","channel":"chat:lobby"}"#,
     ))
     .unwrap()
 }
 
 #[divan::bench]
-fn decode_publish() -> protocol::Request {
-    protocol::decode(divan::black_box(
+fn decode_publish() -> command::Request {
+    command::decode(divan::black_box(
         br#"{"id":13,"op":"publish","channel":"chat:lobby","data":{"text":"hello there","n":42}}"#,
     ))
     .unwrap()
@@ -36,11 +36,12 @@ fn decode_publish() -> protocol::Request {
 fn encode_pub_frame(bencher: Bencher, size: usize) {
     let data = format!("\"{}\"", "x".repeat(size - 2));
     bencher.bench(|| {
-        frame::text(&protocol::encode_pub(
-            divan::black_box("chat:lobby"),
-            divan::black_box(data.as_bytes()),
-            Some(17),
-        ))
+        ServerMessage::Pub {
+            channel: divan::black_box("chat:lobby"),
+            data: divan::black_box(data.as_bytes()),
+            offset: Some(17),
+        }
+        .frame()
     });
 }
 
@@ -78,20 +79,24 @@ fn hub_with(n: usize) -> (Hub, Vec<Arc<Outbox>>) {
         let outbox = Arc::new(Outbox::new(1 << 20));
         let id: Arc<str> = Arc::from(format!("c{i}"));
         hub.register(id.clone(), &format!("u{i}"), None, None, outbox.clone());
-        hub.subscribe(&id, "room:1", Origin::Client, Bytes::from_static(b"{}"))
-            .unwrap()
-            .run();
+        hub.subscribe(
+            &id,
+            "room:1",
+            SubscribedBy::Client,
+            Bytes::from_static(b"{}"),
+        )
+        .unwrap()
+        .run();
         outboxes.push(outbox);
     }
     (hub, outboxes)
 }
 
-/// One publication's frame queued to every subscriber (the queues are drained between
-/// samples, outside the measurement).
+/// One publication encoded and queued to every subscriber (the queues are drained between
+/// samples, outside the measurement; no socket is written: these outboxes have none).
 #[divan::bench(args = [100, 1000, 10000], sample_count = 50, sample_size = 1)]
 fn hub_fan_out(bencher: Bencher, subscribers: usize) {
     let (hub, outboxes) = hub_with(subscribers);
-    let frame = frame::text(&protocol::encode_pub("room:1", b"{\"n\":1}", None));
     let mut sink = tokio::io::sink();
     bencher
         .with_inputs(|| {
@@ -99,5 +104,9 @@ fn hub_fan_out(bencher: Bencher, subscribers: usize) {
                 drain(outbox, &mut sink);
             }
         })
-        .bench_local_refs(|_| hub.fan_out("room:1", &frame));
+        .bench_local_refs(|_| {
+            let (counts, flush) = hub.deliver("room:1", b"{\"n\":1}", None);
+            flush.run();
+            counts
+        });
 }

@@ -92,7 +92,7 @@ fn route<B>(req: &Request<B>, health: &Health, node: &Node) -> Response<Full<Byt
 }
 
 fn metrics(health: &Health, node: &Node) -> String {
-    let counts = node.hub.counts();
+    let counts = node.info();
     let events = node.events.stats();
     node.metrics.render(&Gauges {
         connections: counts.connections,
@@ -104,7 +104,7 @@ fn metrics(health: &Health, node: &Node) -> String {
         events_buffered: events.buffered,
         events_delivered: events.delivered,
         events_lost: events.lost,
-        uptime_seconds: node.started.elapsed().as_secs(),
+        uptime_seconds: counts.uptime_seconds,
         ready: health.is_ready(),
     })
 }

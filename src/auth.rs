@@ -13,8 +13,9 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::channel::{self, Pattern};
 use crate::config::{is_hmac, TokenConfig};
+use crate::wire::channel::{self, Pattern};
+use crate::wire::close::{self, Close};
 
 /// Why a token was refused. Each maps to close code 4001, except `Expired` (4002).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,6 +43,26 @@ pub enum AuthError {
 }
 
 /// Why the token configuration could not be loaded.
+impl AuthError {
+    /// The close that refuses a connection for this error: 4002 for an expired token (the
+    /// client fetches a new one and reconnects), 4001 for the rest.
+    pub fn close(&self) -> Close {
+        let code = match self {
+            AuthError::Expired => close::TOKEN_EXPIRED,
+            AuthError::Malformed
+            | AuthError::Algorithm
+            | AuthError::UnknownKey
+            | AuthError::Signature
+            | AuthError::NotYetValid
+            | AuthError::MissingClaim(_)
+            | AuthError::InvalidClaim(_)
+            | AuthError::Audience
+            | AuthError::Issuer => close::UNAUTHORIZED,
+        };
+        Close::new(code, self.to_string())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read {path}: {source}")]

@@ -245,7 +245,7 @@ pub struct Config {
     pub grpc_tls_key_file: Option<PathBuf>,
     pub grpc_tls_client_ca_file: Option<PathBuf>,
     /// Browser Origins allowed to upgrade; empty allows any.
-    pub allowed_origins: Vec<crate::ws::origin::OriginPattern>,
+    pub allowed_origins: Vec<crate::wire::origin::OriginPattern>,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub api_key: Option<Secret>,
@@ -548,7 +548,7 @@ impl Config {
                 .unwrap_or_default()
                 .iter()
                 .map(|o| {
-                    crate::ws::origin::OriginPattern::parse(o)
+                    crate::wire::origin::OriginPattern::parse(o)
                         .map_err(|m| invalid("allowed_origins", m))
                 })
                 .collect::<Result<_, _>>()?,
@@ -567,7 +567,7 @@ impl Config {
             shutdown_timeout: dur("shutdown_timeout", raw.shutdown_timeout)?,
             drain_window: dur("drain_window", raw.drain_window)?,
             max_connections: match count("max_connections", raw.max_connections)? {
-                0 => crate::ws::admission::default_max_connections(),
+                0 => default_max_connections(),
                 n => n,
             },
             max_connections_per_ip: count("max_connections_per_ip", raw.max_connections_per_ip)?,
@@ -601,7 +601,10 @@ impl Config {
             source: toml::Table::new(),
         };
         for (name, options) in raw.namespaces.unwrap_or_default() {
-            if name.is_empty() || name.contains(':') || crate::channel::validate(&name).is_err() {
+            if name.is_empty()
+                || name.contains(':')
+                || crate::wire::channel::validate(&name).is_err()
+            {
                 return Err(invalid(
                     &format!("namespaces.{name}"),
                     "not a valid namespace name",
@@ -763,7 +766,7 @@ impl Config {
 
     /// The options that apply to a channel: its namespace's, or the defaults.
     pub fn channel_options(&self, channel: &str) -> &NamespaceOptions {
-        crate::channel::namespace(channel)
+        crate::wire::channel::namespace(channel)
             .and_then(|ns| self.namespaces.get(ns))
             .unwrap_or(&self.channel_defaults)
     }
@@ -907,6 +910,22 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err(format!("{text:?} is longer than the maximum of 30 days"));
     }
     Ok(duration)
+}
+
+/// The default max_connections: the process's open-file limit less a reserve for the other
+/// listeners, gRPC connections and files.
+pub fn default_max_connections() -> usize {
+    const RESERVE: usize = 100;
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|soft| soft.parse::<usize>().ok())
+        })
+        .unwrap_or(10_000);
+    limit.saturating_sub(RESERVE).max(1)
 }
 
 #[cfg(test)]

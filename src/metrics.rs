@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::hub::Fanout;
-use crate::ws::protocol::ErrorCode;
+use crate::wire::ErrorCode;
 
 /// Upper bounds (seconds) of the fan-out time histogram's buckets.
 const FANOUT_BUCKETS: [f64; 12] = [

@@ -1,6 +1,6 @@
-//! One channel's history stream: pure and synchronous, driven with `now`.
+//! One channel's history: pure and synchronous, driven with `now`.
 //!
-//! Owned by the memory engine (one `Stream` per channel with history). A publication gets the
+//! Owned by the memory engine (one [`History`] per channel with history). A publication gets the
 //! next offset (the previous one + 1) in the stream's epoch; the epoch is a random string
 //! that changes only when the stream is lost (its position expired after history_meta_ttl
 //! without publications, or the engine restarted). Publications expire after history_ttl or
@@ -12,22 +12,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-/// What one publication adds to a reply besides its data: `{"offset":N,"data":}` and a comma.
-pub const ENTRY_OVERHEAD: usize = 40;
+use crate::wire::{Position, Publication, Recovery};
 
-/// A kept publication: its offset and its data (the backend's JSON, verbatim).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
-    pub offset: u64,
-    pub data: Bytes,
+/// A kept publication and when it expires.
+#[derive(Clone, Debug)]
+struct Kept {
+    publication: Publication,
     expires: Instant,
-}
-
-/// A stream position: what a client remembers to resume from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Position {
-    pub offset: u64,
-    pub epoch: Arc<str>,
 }
 
 /// How long a stream keeps what.
@@ -38,26 +29,16 @@ pub struct Retention {
     pub meta_ttl: Duration,
 }
 
-pub struct Stream {
+pub struct History {
     epoch: Arc<str>,
     top: u64,
-    entries: VecDeque<Entry>,
+    entries: VecDeque<Kept>,
     meta_expires: Instant,
 }
 
-/// The answer to "what did I miss since this position?".
-#[derive(Debug, PartialEq, Eq)]
-pub enum Recovery {
-    /// Every publication after the position, in order (possibly none).
-    Complete(Vec<Entry>),
-    /// The epoch changed, a publication after the position has expired, or more were missed
-    /// than `limit` allows: nothing is returned, never a part.
-    Impossible,
-}
-
-impl Stream {
-    pub fn new(now: Instant, retention: Retention) -> Stream {
-        Stream {
+impl History {
+    pub fn new(now: Instant, retention: Retention) -> History {
+        History {
             epoch: Arc::from(format!("{:016x}", rand::random::<u64>())),
             top: 0,
             entries: VecDeque::new(),
@@ -65,7 +46,7 @@ impl Stream {
         }
     }
 
-    /// True once the position itself has expired: the stream must start over in a new epoch.
+    /// True once the position itself has expired: the history must start over in a new epoch.
     pub fn lost(&self, now: Instant) -> bool {
         now >= self.meta_expires
     }
@@ -88,9 +69,11 @@ impl Stream {
     pub fn append(&mut self, data: Bytes, now: Instant, retention: Retention) -> u64 {
         self.trim(now);
         self.top += 1;
-        self.entries.push_back(Entry {
-            offset: self.top,
-            data,
+        self.entries.push_back(Kept {
+            publication: Publication {
+                offset: self.top,
+                data,
+            },
             expires: now + retention.ttl,
         });
         while self.entries.len() > retention.size {
@@ -121,17 +104,16 @@ impl Stream {
             return Recovery::Impossible;
         }
         match self.entries.front() {
-            Some(first) if first.offset <= since.offset + 1 => {}
+            Some(first) if first.publication.offset <= since.offset + 1 => {}
             _ => return Recovery::Impossible,
         }
-        let wanted: Vec<Entry> = self
+        let wanted: Vec<Publication> = self
             .entries
             .iter()
-            .filter(|e| e.offset > since.offset)
-            .cloned()
+            .filter(|e| e.publication.offset > since.offset)
+            .map(|e| e.publication.clone())
             .collect();
-        // Data plus the few bytes each publication adds in a reply.
-        let bytes: usize = wanted.iter().map(|e| e.data.len() + ENTRY_OVERHEAD).sum();
+        let bytes: usize = wanted.iter().map(Publication::reply_size).sum();
         if bytes > max_bytes {
             return Recovery::Impossible;
         }
@@ -146,22 +128,19 @@ impl Stream {
         limit: usize,
         reverse: bool,
         now: Instant,
-    ) -> Vec<Entry> {
+    ) -> Vec<Publication> {
         self.trim(now);
+        let kept = self.entries.iter().map(|e| &e.publication);
         if reverse {
             let before = since.unwrap_or(u64::MAX);
-            self.entries
-                .iter()
-                .rev()
-                .filter(|e| e.offset < before)
+            kept.rev()
+                .filter(|p| p.offset < before)
                 .take(limit)
                 .cloned()
                 .collect()
         } else {
             let after = since.unwrap_or(0);
-            self.entries
-                .iter()
-                .filter(|e| e.offset > after)
+            kept.filter(|p| p.offset > after)
                 .take(limit)
                 .cloned()
                 .collect()
@@ -191,7 +170,7 @@ mod tests {
     #[test]
     fn offsets_and_bounded_size() {
         let t = Instant::now();
-        let mut s = Stream::new(t, R);
+        let mut s = History::new(t, R);
         for n in 1..=5 {
             assert_eq!(s.append(data(n), t, R), n);
         }
@@ -214,7 +193,7 @@ mod tests {
     #[test]
     fn recovery_is_complete_or_nothing() {
         let t = Instant::now();
-        let mut s = Stream::new(t, R);
+        let mut s = History::new(t, R);
         for n in 1..=5 {
             s.append(data(n), t, R);
         }
@@ -254,7 +233,12 @@ mod tests {
             "more than max_bytes"
         );
         assert_eq!(
-            got(s.recover(&at(4), t, 300, 1 + ENTRY_OVERHEAD)),
+            got(s.recover(
+                &at(4),
+                t,
+                300,
+                1 + crate::wire::position::PUBLICATION_OVERHEAD
+            )),
             Some(vec![5]),
             "data plus overhead fits"
         );
@@ -272,7 +256,7 @@ mod tests {
     #[test]
     fn publications_expire_but_the_position_stays() {
         let t = Instant::now();
-        let mut s = Stream::new(t, R);
+        let mut s = History::new(t, R);
         s.append(data(1), t, R);
         let later = t + Duration::from_secs(61);
         let top = Position {

@@ -1,11 +1,15 @@
-//! The embedded engine: history streams kept in this process, publications handed straight
-//! to this node's hub.
+//! The embedded engine: histories and idempotency keys kept in this process, publications
+//! handed straight to this node's hub.
 //!
-//! A channel with history serializes publish and subscribe on its stream's lock: a
-//! publication is appended and fanned out under it, and a new subscription reads its
-//! position (and recovers) and joins the hub under it, so every publication is either in
-//! what a subscriber recovered or delivered to it live, never both and never neither.
-//! Lock order: the stream map, then one stream, then the hub's own locks.
+//! Each channel that keeps history, or that was published to with an idempotency key, has a
+//! [`Record`] behind its own lock: a publication is deduplicated, appended and queued to the
+//! hub's subscribers under it, and a new subscription reads its position (and recovers) and
+//! joins the hub under it, so every publication is either in what a subscriber recovered or
+//! delivered to it live, never both and never neither. Channels without either publish with
+//! no engine lock at all (the hub's channel lock orders their publications). Sockets are
+//! written after the record's lock is released.
+//!
+//! Lock order: the record map, then one record, then the hub's own locks.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,20 +19,26 @@ use bytes::Bytes;
 
 use crate::config::{Config, NamespaceOptions};
 use crate::hub::Hub;
-use crate::ws::{frame, protocol};
+use crate::wire::message::ClientInfo;
+use crate::wire::{Attach, Position, Publication, Recovery};
 
-use super::history::{Entry, Position, Recovery, Retention, Stream};
-use super::{Attach, Published};
+use super::history::{History, Retention};
+use super::Published;
 
 pub struct MemoryBroker {
     hub: Hub,
     config: Arc<Config>,
-    streams: Mutex<HashMap<Arc<str>, Arc<Mutex<Stream>>>>,
-    seen: Mutex<Seen>,
+    records: Mutex<HashMap<Arc<str>, Arc<Mutex<Record>>>>,
 }
 
-/// (channel, idempotency key) → the first result and when it is forgotten.
-type Seen = HashMap<(Arc<str>, String), (Published, Instant)>;
+/// What the engine keeps of one channel.
+#[derive(Default)]
+struct Record {
+    /// Some where the channel's namespace keeps history.
+    history: Option<History>,
+    /// Idempotency key → the first result and when it is forgotten.
+    seen: HashMap<String, (Published, Instant)>,
+}
 
 fn retention(options: &NamespaceOptions) -> Retention {
     Retention {
@@ -38,33 +48,54 @@ fn retention(options: &NamespaceOptions) -> Retention {
     }
 }
 
+impl Record {
+    /// The channel's history, started over in a new epoch once its position expired.
+    fn history(&mut self, now: Instant, retention: Retention) -> Option<&mut History> {
+        let history = self.history.as_mut()?;
+        if history.lost(now) {
+            *history = History::new(now, retention);
+        }
+        Some(history)
+    }
+}
+
 impl MemoryBroker {
     pub fn new(hub: Hub, config: Arc<Config>) -> MemoryBroker {
         MemoryBroker {
             hub,
             config,
-            streams: Mutex::new(HashMap::new()),
-            seen: Mutex::new(HashMap::new()),
+            records: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The channel's stream (made on first use, started over once its position expired), or
-    /// None for a channel without history.
-    fn stream(&self, channel: &str, now: Instant, create: bool) -> Option<Arc<Mutex<Stream>>> {
+    /// The channel's record, made on first use when `create`; None for a channel without
+    /// history unless `keyed` (a publish with an idempotency key).
+    fn record(
+        &self,
+        channel: &str,
+        now: Instant,
+        create: bool,
+        keyed: bool,
+    ) -> Option<Arc<Mutex<Record>>> {
         let options = self.config.channel_options(channel);
-        if !options.has_history() {
+        if !options.has_history() && !keyed {
             return None;
         }
-        let mut streams = self.streams.lock().expect("streams lock");
-        if let Some(stream) = streams.get(channel) {
-            return Some(stream.clone());
+        let mut records = self.records.lock().expect("records lock");
+        if let Some(record) = records.get(channel) {
+            return Some(record.clone());
         }
         if !create {
             return None;
         }
-        let stream = Arc::new(Mutex::new(Stream::new(now, retention(options))));
-        streams.insert(Arc::from(channel), stream.clone());
-        Some(stream)
+        let record = Arc::new(Mutex::new(Record {
+            history: options
+                .has_history()
+                .then(|| History::new(now, retention(options))),
+            seen: HashMap::new(),
+        }));
+        records.insert(Arc::from(channel), record.clone());
+        Some(record)
     }
 
     pub fn publish(
@@ -74,37 +105,11 @@ impl MemoryBroker {
         idempotency_key: Option<&str>,
         now: Instant,
     ) -> Published {
-        let Some(key) = idempotency_key else {
-            return self.publish_once(channel, data, now);
-        };
-        // Held across the publication, so that two calls with one key cannot both publish.
-        let mut seen = self.seen.lock().expect("idempotency lock");
-        let id = (Arc::<str>::from(channel), key.to_string());
-        if let Some((first, until)) = seen.get(&id) {
-            if now < *until {
-                return first.clone();
-            }
-        }
-        let published = self.publish_once(channel, data, now);
-        seen.insert(
-            id,
-            (published.clone(), now + self.config.idempotency_window),
-        );
-        published
-    }
-
-    fn publish_once(&self, channel: &str, data: &[u8], now: Instant) -> Published {
         let start = Instant::now();
-        let published = self.publish_and_fan_out(channel, data, now);
-        self.hub.metrics().record_publication(start.elapsed());
-        published
-    }
-
-    fn publish_and_fan_out(&self, channel: &str, data: &[u8], now: Instant) -> Published {
-        let Some(stream) = self.stream(channel, now, true) else {
-            // Encoded once, frame header included; every subscriber shares these bytes.
-            let frame = frame::text(&protocol::encode_pub(channel, data, None));
-            let counts = self.hub.fan_out(channel, &frame);
+        let Some(record) = self.record(channel, now, true, idempotency_key.is_some()) else {
+            let (counts, flush) = self.hub.deliver(channel, data, None);
+            self.hub.metrics().record_publication(start.elapsed());
+            flush.run();
             return Published {
                 offset: 0,
                 epoch: String::new(),
@@ -112,18 +117,44 @@ impl MemoryBroker {
             };
         };
         let retention = retention(self.config.channel_options(channel));
-        let mut stream = stream.lock().expect("stream lock");
-        if stream.lost(now) {
-            *stream = Stream::new(now, retention);
+        let mut record = record.lock().expect("record lock");
+        if let Some((first, until)) = idempotency_key.and_then(|key| record.seen.get(key)) {
+            if now < *until {
+                return first.clone();
+            }
         }
-        let offset = stream.append(Bytes::copy_from_slice(data), now, retention);
-        let frame = frame::text(&protocol::encode_pub(channel, data, Some(offset)));
-        let counts = self.hub.fan_out(channel, &frame);
-        Published {
-            offset,
-            epoch: stream.position().epoch.to_string(),
-            delivered: counts.queued,
+        let (published, flush) = match record.history(now, retention) {
+            Some(history) => {
+                let offset = history.append(Bytes::copy_from_slice(data), now, retention);
+                let epoch = history.position().epoch.to_string();
+                let (counts, flush) = self.hub.deliver(channel, data, Some(offset));
+                let published = Published {
+                    offset,
+                    epoch,
+                    delivered: counts.queued,
+                };
+                (published, flush)
+            }
+            None => {
+                let (counts, flush) = self.hub.deliver(channel, data, None);
+                let published = Published {
+                    offset: 0,
+                    epoch: String::new(),
+                    delivered: counts.queued,
+                };
+                (published, flush)
+            }
+        };
+        if let Some(key) = idempotency_key {
+            let until = now + self.config.idempotency_window;
+            record
+                .seen
+                .insert(key.to_string(), (published.clone(), until));
         }
+        drop(record);
+        self.hub.metrics().record_publication(start.elapsed());
+        flush.run();
+        published
     }
 
     /// Runs `attach` with the channel's position (and the recovery from `since`) while no
@@ -136,7 +167,7 @@ impl MemoryBroker {
         now: Instant,
         attach: impl FnOnce(Attach) -> R,
     ) -> R {
-        let Some(stream) = self.stream(channel, now, true) else {
+        let Some(record) = self.record(channel, now, true, false) else {
             // Nothing can be recovered where nothing is kept.
             return attach(Attach {
                 position: None,
@@ -144,14 +175,14 @@ impl MemoryBroker {
             });
         };
         let retention = retention(self.config.channel_options(channel));
-        let mut stream = stream.lock().expect("stream lock");
-        if stream.lost(now) {
-            *stream = Stream::new(now, retention);
-        }
+        let mut record = record.lock().expect("record lock");
+        let history = record
+            .history(now, retention)
+            .expect("a channel with history");
         let recovery =
-            since.map(|since| stream.recover(since, now, self.config.max_recovery, budget));
+            since.map(|since| history.recover(since, now, self.config.max_recovery, budget));
         attach(Attach {
-            position: Some(stream.position()),
+            position: Some(history.position()),
             recovery,
         })
     }
@@ -164,56 +195,59 @@ impl MemoryBroker {
         limit: usize,
         reverse: bool,
         now: Instant,
-    ) -> Option<(Vec<Entry>, Position)> {
-        let stream = self.stream(channel, now, true)?;
+    ) -> Option<(Vec<Publication>, Position)> {
+        let record = self.record(channel, now, true, false)?;
         let retention = retention(self.config.channel_options(channel));
-        let mut stream = stream.lock().expect("stream lock");
-        if stream.lost(now) {
-            *stream = Stream::new(now, retention);
-        }
-        Some((stream.page(since, limit, reverse, now), stream.position()))
+        let mut record = record.lock().expect("record lock");
+        let history = record.history(now, retention)?;
+        Some((history.page(since, limit, reverse, now), history.position()))
     }
 
     /// Drops a channel's kept publications (its position stays); false without history.
     pub fn remove_history(&self, channel: &str, now: Instant) -> bool {
-        match self.stream(channel, now, false) {
-            Some(stream) => {
-                stream.lock().expect("stream lock").clear();
+        match self.record(channel, now, false, false) {
+            Some(record) => {
+                if let Some(history) = record.lock().expect("record lock").history.as_mut() {
+                    history.clear();
+                }
                 true
             }
             None => self.config.channel_options(channel).has_history(),
         }
     }
 
-    /// Drops expired publications, positions and idempotency keys; returns how many streams
-    /// remain. A stream that someone holds (a publish or subscribe in progress: its `Arc` is
+    /// One node's subscribers are the whole presence of a channel.
+    pub fn presence(&self, channel: &str) -> Vec<ClientInfo> {
+        self.hub.subscribers(channel)
+    }
+
+    /// Drops expired publications, positions and idempotency keys; returns how many records
+    /// remain. A record that someone holds (a publish or subscribe in progress: its `Arc` is
     /// shared) or whose lock is taken is left for the next sweep, so that no caller ever works
-    /// on a stream that is no longer the channel's, and the sweep never waits on a fan-out.
+    /// on a record that is no longer the channel's, and the sweep never waits on a fan-out.
     pub fn sweep(&self, now: Instant) -> usize {
-        self.seen
-            .lock()
-            .expect("idempotency lock")
-            .retain(|_, (_, until)| now < *until);
-        let mut streams = self.streams.lock().expect("streams lock");
-        streams.retain(|_, stream| {
-            if Arc::strong_count(stream) > 1 {
+        let mut records = self.records.lock().expect("records lock");
+        records.retain(|_, record| {
+            if Arc::strong_count(record) > 1 {
                 return true;
             }
-            match stream.try_lock() {
-                Ok(mut s) => {
-                    s.trim(now);
-                    !s.lost(now)
+            match record.try_lock() {
+                Ok(mut r) => {
+                    r.seen.retain(|_, (_, until)| now < *until);
+                    let history_kept = match r.history.as_mut() {
+                        Some(history) => {
+                            history.trim(now);
+                            !history.lost(now)
+                        }
+                        None => false,
+                    };
+                    history_kept || !r.seen.is_empty()
                 }
                 Err(_) => true,
             }
         });
-        streams.len()
+        records.len()
     }
-}
-
-/// Whether a recovery succeeded, for replies.
-pub fn recovered(recovery: &Recovery) -> bool {
-    matches!(recovery, Recovery::Complete(_))
 }
 
 #[cfg(test)]
@@ -238,12 +272,12 @@ mod tests {
     }
 
     #[test]
-    fn sweep_forgets_expired_streams_but_never_one_in_use() {
+    fn sweep_forgets_expired_histories_but_never_one_in_use() {
         let b = broker();
         let t = Instant::now();
         b.publish("h:x", b"1", None, t);
         b.publish("plain", b"1", None, t);
-        assert_eq!(b.sweep(t), 1, "only channels with history have a stream");
+        assert_eq!(b.sweep(t), 1, "only channels with history have a record");
         // Publications expire after history_ttl; the position stays.
         assert_eq!(b.sweep(t + Duration::from_secs(61)), 1);
         let (page, position) = b
@@ -252,8 +286,8 @@ mod tests {
         assert!(page.is_empty());
         assert_eq!(position.offset, 1);
         let lost = t + Duration::from_secs(3601);
-        let held = b.stream("h:x", t, false).unwrap();
-        assert_eq!(b.sweep(lost), 1, "a stream someone holds stays");
+        let held = b.record("h:x", t, false, false).unwrap();
+        assert_eq!(b.sweep(lost), 1, "a record someone holds stays");
         drop(held);
         assert_eq!(b.sweep(lost), 0, "an expired position is forgotten");
         let fresh = b.publish("h:x", b"2", None, lost);
@@ -280,7 +314,16 @@ mod tests {
             later.offset, 2,
             "after idempotency_window the key is forgotten"
         );
-        b.sweep(t + Duration::from_secs(600));
-        assert!(b.seen.lock().unwrap().is_empty());
+        // A channel without history keeps its keys only as long as the window.
+        b.publish("plain", b"1", Some("key"), t);
+        assert!(b.record("plain", t, false, true).is_some());
+        assert_eq!(
+            b.sweep(t + Duration::from_secs(600)),
+            2,
+            "the histories stay"
+        );
+        assert!(b.record("plain", t, false, true).is_none());
+        let h = b.record("h:k", t, false, false).unwrap();
+        assert!(h.lock().unwrap().seen.is_empty());
     }
 }

@@ -1,41 +1,71 @@
-//! The engine boundary: where a publication goes to reach every node's subscribers, and
-//! where channels keep their history.
+//! The engine boundary: what every engine (the embedded memory engine today, one shared by
+//! several nodes next) must do, and the rules its callers may rely on.
 //!
-//! The control API and client publishes call [`Broker::publish`]; the engine appends the
-//! publication to the channel's history (where the namespace keeps one) and delivers it to
-//! the [`Hub`](crate::hub::Hub) of every node that has subscribers. Subscribing goes through
-//! [`Broker::subscribe`] so that reading a channel's position (and recovering what a client
-//! missed) and joining its subscribers happen with no publication in between. The
-//! in-memory engine serves a single node with nothing to install; a Redis engine (several
-//! nodes sharing publications, history and presence) is another variant of this enum, chosen
-//! at runtime by configuration, not by a cargo feature.
+//! The node's use-cases (`crate::node`) are the only callers. An engine is chosen at run
+//! time by configuration, never by a cargo feature; [`Broker`] is the closed set of them.
+//!
+//! # The contract
+//! 1. **Publish is atomic per channel.** For a channel whose namespace keeps history,
+//!    [`Broker::publish`] takes the next offset (the previous + 1) in the channel's epoch,
+//!    appends the data to the bounded history (history_size, history_ttl) and records the
+//!    idempotency key, as one step: two publishes to one channel never share an offset, and
+//!    a key seen within idempotency_window returns the first result and publishes nothing.
+//!    Channels without history publish with offset 0 and an empty epoch (keys still hold).
+//! 2. **Delivery to the local hub.** Every publication of a channel reaches this node's
+//!    [`Hub`] exactly once and in offset order, through [`Hub::deliver`]; the engine runs the
+//!    returned [`Flush`](crate::outbox::Flush) after it has released every lock of its own,
+//!    so no socket is written under an engine lock. `Published::delivered` counts this
+//!    node's subscribers.
+//! 3. **Positions and epochs.** A channel's [`Position`] is its epoch and the last offset
+//!    given. The epoch changes only when the history is lost (its position expired after
+//!    history_meta_ttl without a publication, or the engine lost it), never otherwise.
+//! 4. **Subscribe sees no gap.** [`Broker::subscribe`] calls `attach` with the channel's
+//!    position (and, given `since`, the [`Recovery`](crate::wire::Recovery)) at a moment when no publication of the
+//!    channel can be delivered to the local hub between the position read and `attach`
+//!    returning: each publication is in the recovery or delivered live to the new
+//!    subscriber, never both and never neither. Recovery is all or nothing: every
+//!    publication after `since`, at most max_recovery of them and `budget` bytes
+//!    (`Publication::reply_size`), or
+//!    [`Recovery::Impossible`](crate::wire::Recovery::Impossible).
+//! 5. **History pages.** [`Broker::history`] returns at most `limit` kept publications after
+//!    `since` (oldest first) or before it (newest first with `reverse`), and the position;
+//!    None where the namespace keeps no history. [`Broker::remove_history`] drops what is
+//!    kept and keeps the position.
+//! 6. **Presence** is the set of connections subscribed to a channel across every node
+//!    sharing the engine. Nodes record it from their hub's subscriptions; a node that dies
+//!    without removing its entries has them expire. The memory engine serves one node, whose
+//!    hub is the whole record: it answers from the hub, and nothing can expire.
+//! 7. **Errors.** [`BrokerError::Unavailable`] means the engine could not be reached and
+//!    nothing was done (a publish did not happen; a subscribe made no subscription). The
+//!    memory engine never fails.
+//!
+//! `conformance` is the suite that drives every rule above through the boundary; each
+//! engine runs it.
 
+#[cfg(test)]
+mod conformance;
 mod history;
 mod memory;
 
+use std::sync::Arc;
 use std::time::Instant;
 
-pub use history::{Entry, Position, Recovery, ENTRY_OVERHEAD};
-pub use memory::{recovered, MemoryBroker};
+pub use memory::MemoryBroker;
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::wire::message::ClientInfo;
+use crate::wire::{Attach, Position, Publication};
 
 /// What a publish returns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Published {
     /// Position in the channel's history: 0 where the channel keeps none.
     pub offset: u64,
-    /// The history stream's epoch: empty where the channel keeps none.
+    /// The history's epoch: empty where the channel keeps none.
     pub epoch: String,
     /// Connections on this node the publication was queued to.
     pub delivered: u32,
-}
-
-/// What a new subscription starts from.
-#[derive(Debug)]
-pub struct Attach {
-    /// The channel's current position; None where it keeps no history.
-    pub position: Option<Position>,
-    /// What was missed since the position the client gave, if it gave one.
-    pub recovery: Option<Recovery>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,13 +75,18 @@ pub enum BrokerError {
     Unavailable(String),
 }
 
+/// The engines.
 pub enum Broker {
     Memory(MemoryBroker),
 }
 
 impl Broker {
-    /// Publishes `data` (validated JSON) to `channel`. With an `idempotency_key` seen for this
-    /// channel within idempotency_window, returns the first result and publishes nothing.
+    /// The embedded engine, delivering to `hub`.
+    pub fn memory(hub: Hub, config: Arc<Config>) -> Broker {
+        Broker::Memory(MemoryBroker::new(hub, config))
+    }
+
+    /// Publishes `data` (validated JSON) to `channel` (rules 1 and 2).
     pub async fn publish(
         &self,
         channel: &str,
@@ -65,42 +100,48 @@ impl Broker {
         }
     }
 
-    /// Runs `attach` with the channel's position and recovery, atomically with respect to
-    /// the channel's publications. `budget` bounds the recovered bytes: the caller gives what
-    /// its connection's queue can still take without tripping the slow-consumer close.
-    pub fn subscribe<R>(
+    /// Runs `attach` with the channel's position and recovery, with no publication of the
+    /// channel delivered in between (rule 4). `budget` bounds the recovered bytes.
+    pub async fn subscribe<R>(
         &self,
         channel: &str,
         since: Option<&Position>,
         budget: usize,
         attach: impl FnOnce(Attach) -> R,
-    ) -> R {
+    ) -> Result<R, BrokerError> {
         match self {
             Broker::Memory(memory) => {
-                memory.subscribe(channel, since, budget, Instant::now(), attach)
+                Ok(memory.subscribe(channel, since, budget, Instant::now(), attach))
             }
         }
     }
 
-    /// A page of history and the channel's position; None where it keeps no history.
-    pub fn history(
+    /// A page of history and the channel's position; None where it keeps no history (rule 5).
+    pub async fn history(
         &self,
         channel: &str,
         since: Option<u64>,
         limit: usize,
         reverse: bool,
-    ) -> Option<(Vec<Entry>, Position)> {
+    ) -> Result<Option<(Vec<Publication>, Position)>, BrokerError> {
         match self {
             Broker::Memory(memory) => {
-                memory.history(channel, since, limit, reverse, Instant::now())
+                Ok(memory.history(channel, since, limit, reverse, Instant::now()))
             }
         }
     }
 
     /// Drops a channel's kept publications, keeping its position; false without history.
-    pub fn remove_history(&self, channel: &str) -> bool {
+    pub async fn remove_history(&self, channel: &str) -> Result<bool, BrokerError> {
         match self {
-            Broker::Memory(memory) => memory.remove_history(channel, Instant::now()),
+            Broker::Memory(memory) => Ok(memory.remove_history(channel, Instant::now())),
+        }
+    }
+
+    /// Who is subscribed to `channel` on every node (rule 6).
+    pub async fn presence(&self, channel: &str) -> Result<Vec<ClientInfo>, BrokerError> {
+        match self {
+            Broker::Memory(memory) => Ok(memory.presence(channel)),
         }
     }
 

@@ -1,6 +1,6 @@
 //! One event group: its buffer of unacknowledged events, its members, and which member gets
 //! which event. Pure and synchronous: every method takes `now` and returns the events to send
-//! as `(member, event)` pairs; `events::Events` owns the locks and the channels.
+//! as `(member, delivery)` pairs; `events::Events` owns the locks and the channels.
 //!
 //! The rules (docs/backend.md says the same to users):
 //! - Every event the group wants gets the next sequence number and stays in the buffer until
@@ -18,39 +18,9 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::pb;
+use super::event::{Body, Delivery, EventKind, What};
 
 pub type MemberId = u64;
-
-/// An event as it happened, shared by every group that receives it.
-#[derive(Debug)]
-pub struct Body {
-    /// Empty for events about no connection (`lost`).
-    pub client: Arc<str>,
-    pub user: Arc<str>,
-    pub time_ms: u64,
-    pub kind: pb::event::Kind,
-}
-
-impl Body {
-    /// What the event counts against the buffer's byte bound.
-    pub fn size(&self) -> usize {
-        use pb::event::Kind;
-        let payload = match &self.kind {
-            Kind::Connect(c) => c.meta.len() + c.info.len(),
-            Kind::Disconnect(d) => d.reason.len(),
-            Kind::Subscribe(s) => s.channel.len(),
-            Kind::Unsubscribe(u) => u.channel.len(),
-            Kind::Publish(p) => p.channel.len() + p.data.len() + p.epoch.len(),
-            Kind::Rpc(r) => r.rpc_id.len() + r.method.len() + r.data.len(),
-            Kind::Lost(_) => 0,
-        };
-        EVENT_OVERHEAD + self.client.len() + self.user.len() + payload
-    }
-}
-
-/// Bytes an event costs beyond its strings: the entry, its map node and the shared body.
-pub const EVENT_OVERHEAD: usize = 160;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -79,10 +49,10 @@ impl Member {
     }
 }
 
-pub type Out = Vec<(MemberId, pb::Event)>;
+pub type Out = Vec<(MemberId, Delivery)>;
 
 pub struct Group {
-    /// Bit `1 << kind` for each `pb::EventKind` the group receives.
+    /// [`EventKind::bit`] of each kind the group receives.
     pub kinds: u32,
     /// With the rpc kind: method prefixes the group answers; empty for every method.
     pub rpc_methods: Vec<String>,
@@ -123,8 +93,8 @@ impl Group {
         }
     }
 
-    pub fn wants(&self, kind: pb::EventKind) -> bool {
-        self.kinds & bit(kind) != 0
+    pub fn wants(&self, kind: EventKind) -> bool {
+        self.kinds & kind.bit() != 0
     }
 
     /// Adds a member; the latest join sets the group's kinds and rpc methods.
@@ -284,10 +254,10 @@ impl Group {
             client: Arc::from(""),
             user: Arc::from(""),
             time_ms: crate::events::unix_ms(),
-            kind: pb::event::Kind::Lost(pb::LostEvent {
+            what: What::Lost {
                 first_seq: first,
                 last_seq: last,
-            }),
+            },
         });
         let size = body.size();
         if !self.has_room(size) {
@@ -322,7 +292,7 @@ impl Group {
         seq: u64,
         now: Instant,
         blocked: &mut HashSet<Arc<str>>,
-    ) -> Option<(MemberId, pb::Event)> {
+    ) -> Option<(MemberId, Delivery)> {
         let entry = self
             .buffer
             .get_mut(&seq)
@@ -365,20 +335,12 @@ impl Group {
     }
 }
 
-fn event(seq: u64, entry: &Entry) -> pb::Event {
-    pb::Event {
+fn event(seq: u64, entry: &Entry) -> Delivery {
+    Delivery {
         seq,
-        client: entry.body.client.to_string(),
-        user: entry.body.user.to_string(),
-        time_ms: entry.body.time_ms,
         redelivered: entry.redelivered,
-        kind: Some(entry.body.kind.clone()),
+        body: entry.body.clone(),
     }
-}
-
-/// The bit of a kind in a group's `kinds`.
-pub fn bit(kind: pb::EventKind) -> u32 {
-    1 << (kind as i32)
 }
 
 /// Rendezvous hashing: the member with the highest score for a client gets it.
@@ -392,7 +354,6 @@ fn score(client: &str, member: MemberId) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pb::event::Kind;
 
     const LIMITS: Limits = Limits {
         max_events: 100,
@@ -406,10 +367,10 @@ mod tests {
             client: Arc::from(client),
             user: Arc::from("u"),
             time_ms: 0,
-            kind: Kind::Subscribe(pb::SubscribeEvent {
+            what: What::Subscribe {
                 channel: "c".into(),
                 server_side: false,
-            }),
+            },
         })
     }
 
@@ -495,11 +456,11 @@ mod tests {
         let (_, lost) = &out[0];
         assert_eq!(lost.seq, 7);
         assert_eq!(
-            lost.kind,
-            Some(Kind::Lost(pb::LostEvent {
+            lost.body.what,
+            What::Lost {
                 first_seq: 4,
                 last_seq: 6
-            }))
+            }
         );
         assert_eq!(seqs(&g.push(body("a"), t), 1), [8]);
     }

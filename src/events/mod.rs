@@ -12,6 +12,7 @@
 //! instead of handing out events already given to another member. `grpc::events` is the
 //! thin shell on the wire.
 
+mod event;
 mod group;
 
 use std::collections::HashMap;
@@ -24,11 +25,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use group::{bit, Group, Limits};
-pub use group::{Body, MemberId};
+pub use event::{Body, Delivery, EventKind, Joined, ToMember, What};
+pub use group::MemberId;
+use group::{Group, Limits};
 
 use crate::config::Config;
-use crate::pb;
 
 /// Set when a member is removed: its stream yields the reason (if any) and ends.
 #[derive(Default)]
@@ -54,8 +55,8 @@ impl Signal {
 
 /// What the member's stream reads: its events, its rpcs, and whether it was removed.
 pub struct Receivers {
-    pub events: mpsc::Receiver<pb::EventsResponse>,
-    pub rpcs: mpsc::Receiver<pb::EventsResponse>,
+    pub events: mpsc::Receiver<ToMember>,
+    pub rpcs: mpsc::Receiver<Delivery>,
     pub signal: Arc<Signal>,
 }
 
@@ -96,8 +97,6 @@ pub enum RpcError {
 
 /// Rpcs a member's rpc channel holds; a member whose rpc channel is full is skipped.
 const RPC_SLOTS: usize = 64;
-
-const MAX_GROUP_NAME: usize = 128;
 
 #[derive(Clone)]
 pub struct Events {
@@ -141,8 +140,8 @@ pub struct Stats {
 struct MemberHandle {
     group: String,
     /// Room for the joined message and the member's window.
-    events: mpsc::Sender<pb::EventsResponse>,
-    rpcs: mpsc::Sender<pb::EventsResponse>,
+    events: mpsc::Sender<ToMember>,
+    rpcs: mpsc::Sender<Delivery>,
     signal: Arc<Signal>,
 }
 
@@ -164,36 +163,6 @@ pub struct Join {
     pub kinds: u32,
     pub rpc_methods: Vec<String>,
     pub window: usize,
-}
-
-impl Join {
-    pub fn from_request(join: pb::Join) -> Result<Join, EventsError> {
-        let bad = |m: &str| EventsError::BadJoin(m.to_string());
-        if join.group.is_empty() || join.group.len() > MAX_GROUP_NAME {
-            return Err(bad("group must be 1 to 128 bytes"));
-        }
-        let mut kinds = 0;
-        for k in &join.kinds {
-            match pb::EventKind::try_from(*k) {
-                Ok(pb::EventKind::Unspecified) | Err(_) => {
-                    return Err(EventsError::BadJoin(format!("unknown event kind {k}")))
-                }
-                Ok(kind) => kinds |= bit(kind),
-            }
-        }
-        if kinds == 0 {
-            return Err(bad("kinds must name at least one event kind"));
-        }
-        if !join.rpc_methods.is_empty() && kinds & bit(pb::EventKind::Rpc) == 0 {
-            return Err(bad("rpc_methods needs EVENT_KIND_RPC in kinds"));
-        }
-        Ok(Join {
-            group: join.group,
-            kinds,
-            rpc_methods: join.rpc_methods,
-            window: join.window as usize,
-        })
-    }
 }
 
 // === impl Events ===
@@ -223,13 +192,15 @@ impl Events {
     }
 
     /// True when some group receives this kind: callers skip building events nobody wants.
-    pub fn wants(&self, kind: pb::EventKind) -> bool {
-        self.inner.wanted.load(Relaxed) & bit(kind) != 0
+    pub fn wants(&self, kind: EventKind) -> bool {
+        self.inner.wanted.load(Relaxed) & kind.bit() != 0
     }
 
     /// Hands an event to every group that wants it. Never waits.
-    pub fn emit(&self, client: &str, user: &str, kind: pb::event::Kind) {
-        let event_kind = kind_of(&kind);
+    pub fn emit(&self, client: &str, user: &str, what: What) {
+        let Some(event_kind) = what.kind() else {
+            return;
+        };
         if !self.wants(event_kind) {
             return;
         }
@@ -237,7 +208,7 @@ impl Events {
             client: Arc::from(client),
             user: Arc::from(user),
             time_ms: unix_ms(),
-            kind,
+            what,
         });
         let now = Instant::now();
         let mut state = self.lock();
@@ -284,15 +255,13 @@ impl Events {
             .entry(join.group.clone())
             .or_insert_with(|| Group::new(limits, now));
         let buffered = group.buffered() as u64;
-        let joined = pb::EventsResponse {
-            response: Some(pb::events_response::Response::Joined(pb::Joined {
-                member: id.to_string(),
-                resumed,
-                window: window as u32,
-                buffered,
-                node_id: self.inner.node_id.to_string(),
-            })),
-        };
+        let joined = ToMember::Joined(Joined {
+            member: id,
+            resumed,
+            window,
+            buffered,
+            node_id: self.inner.node_id.to_string(),
+        });
         events_tx.try_send(joined).expect("a new channel has room");
         let out = group.join(id, window, join.kinds, join.rpc_methods, now);
         state.members.insert(
@@ -395,7 +364,7 @@ impl Events {
         data: &[u8],
     ) -> Result<(String, oneshot::Receiver<RpcAnswer>), RpcError> {
         let no_backend = || RpcError::NoBackend(method.to_string());
-        if !self.wants(pb::EventKind::Rpc) {
+        if !self.wants(EventKind::Rpc) {
             return Err(no_backend());
         }
         let mut guard = self.lock();
@@ -404,7 +373,7 @@ impl Events {
         let Some(order) = state
             .groups
             .iter()
-            .filter(|(_, g)| g.wants(pb::EventKind::Rpc) && g.has_members())
+            .filter(|(_, g)| g.wants(EventKind::Rpc) && g.has_members())
             .filter_map(|(name, g)| {
                 let prefix = if g.rpc_methods.is_empty() {
                     Some(0)
@@ -423,20 +392,19 @@ impl Events {
             return Err(no_backend());
         };
         let rpc_id = format!("{:032x}", rand::random::<u128>());
-        let event = pb::Event {
+        let response = Delivery {
             seq: 0,
-            client: client.to_string(),
-            user: user.to_string(),
-            time_ms: unix_ms(),
             redelivered: false,
-            kind: Some(pb::event::Kind::Rpc(pb::RpcEvent {
-                rpc_id: rpc_id.clone(),
-                method: method.to_string(),
-                data: data.to_vec(),
-            })),
-        };
-        let response = pb::EventsResponse {
-            response: Some(pb::events_response::Response::Event(event)),
+            body: Arc::new(Body {
+                client: Arc::from(client),
+                user: Arc::from(user),
+                time_ms: unix_ms(),
+                what: What::Rpc {
+                    rpc_id: rpc_id.clone(),
+                    method: method.to_string(),
+                    data: data.to_vec(),
+                },
+            }),
         };
         for member in order {
             let Some(handle) = state.members.get(&member) else {
@@ -532,9 +500,7 @@ fn deliver(state: &mut State, mut out: group::Out, now: Instant) -> bool {
             let Some(handle) = state.members.get(&member) else {
                 continue;
             };
-            let response = pb::EventsResponse {
-                response: Some(pb::events_response::Response::Event(event)),
-            };
+            let response = ToMember::Event(event);
             // The channel has room for the member's window: this fails only when the
             // member's stream is gone.
             if handle.events.try_send(response).is_err() {
@@ -583,20 +549,6 @@ fn take_member(
     match state.groups.get_mut(&group) {
         Some(group) => group.leave(member, now),
         None => Vec::new(),
-    }
-}
-
-fn kind_of(kind: &pb::event::Kind) -> pb::EventKind {
-    use pb::event::Kind;
-    match kind {
-        Kind::Connect(_) => pb::EventKind::Connect,
-        Kind::Disconnect(_) => pb::EventKind::Disconnect,
-        Kind::Subscribe(_) => pb::EventKind::Subscribe,
-        Kind::Unsubscribe(_) => pb::EventKind::Unsubscribe,
-        Kind::Publish(_) => pb::EventKind::Publish,
-        Kind::Rpc(_) => pb::EventKind::Rpc,
-        // Made by a group itself, never emitted.
-        Kind::Lost(_) => pb::EventKind::Unspecified,
     }
 }
 

@@ -10,7 +10,9 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
-use crate::events::{Events, EventsError, Join, MemberId, Receivers};
+use crate::events::{
+    Delivery, EventKind, Events, EventsError, Join, MemberId, Receivers, ToMember, What,
+};
 use crate::pb;
 use crate::pb::events_request::Request;
 
@@ -32,7 +34,7 @@ pub async fn open(
         .map_err(|_| EventsError::JoinFirst)?
         .map_err(|status| ApiError::Stream(status.message().to_string()))?;
     let join = match first.and_then(|r| r.request) {
-        Some(Request::Join(join)) => Join::from_request(join)?,
+        Some(Request::Join(join)) => join_from(join)?,
         _ => return Err(EventsError::JoinFirst.into()),
     };
     let (member, receivers) = events.join(join)?;
@@ -100,7 +102,7 @@ impl Stream for MemberStream {
         }
         // Removal drops the senders, which wakes this stream to see the signal.
         match self.receivers.events.poll_recv(cx) {
-            Poll::Ready(Some(response)) => return Poll::Ready(Some(Ok(response))),
+            Poll::Ready(Some(message)) => return Poll::Ready(Some(Ok(response(message)))),
             Poll::Ready(None) => {
                 self.ended = true;
                 return Poll::Ready(None);
@@ -110,7 +112,7 @@ impl Stream for MemberStream {
         self.receivers
             .rpcs
             .poll_recv(cx)
-            .map(|response| response.map(Ok))
+            .map(|rpc| rpc.map(|delivery| Ok(response(ToMember::Event(delivery)))))
     }
 }
 
@@ -118,5 +120,117 @@ impl Drop for MemberStream {
     fn drop(&mut self) {
         self.stop.cancel();
         self.events.leave(self.member);
+    }
+}
+
+const MAX_GROUP_NAME: usize = 128;
+
+/// A join request, checked.
+fn join_from(join: pb::Join) -> Result<Join, EventsError> {
+    let bad = |m: &str| EventsError::BadJoin(m.to_string());
+    if join.group.is_empty() || join.group.len() > MAX_GROUP_NAME {
+        return Err(bad("group must be 1 to 128 bytes"));
+    }
+    let mut kinds = 0;
+    for k in &join.kinds {
+        let kind = match pb::EventKind::try_from(*k) {
+            Ok(pb::EventKind::Connect) => EventKind::Connect,
+            Ok(pb::EventKind::Disconnect) => EventKind::Disconnect,
+            Ok(pb::EventKind::Subscribe) => EventKind::Subscribe,
+            Ok(pb::EventKind::Unsubscribe) => EventKind::Unsubscribe,
+            Ok(pb::EventKind::Publish) => EventKind::Publish,
+            Ok(pb::EventKind::Rpc) => EventKind::Rpc,
+            Ok(pb::EventKind::Unspecified) | Err(_) => {
+                return Err(EventsError::BadJoin(format!("unknown event kind {k}")))
+            }
+        };
+        kinds |= kind.bit();
+    }
+    if kinds == 0 {
+        return Err(bad("kinds must name at least one event kind"));
+    }
+    if !join.rpc_methods.is_empty() && kinds & EventKind::Rpc.bit() == 0 {
+        return Err(bad("rpc_methods needs EVENT_KIND_RPC in kinds"));
+    }
+    Ok(Join {
+        group: join.group,
+        kinds,
+        rpc_methods: join.rpc_methods,
+        window: join.window as usize,
+    })
+}
+
+/// A member's message on the wire.
+fn response(message: ToMember) -> pb::EventsResponse {
+    use pb::events_response::Response;
+    let response = match message {
+        ToMember::Joined(joined) => Response::Joined(pb::Joined {
+            member: joined.member.to_string(),
+            resumed: joined.resumed,
+            window: joined.window as u32,
+            buffered: joined.buffered,
+            node_id: joined.node_id,
+        }),
+        ToMember::Event(delivery) => Response::Event(event(&delivery)),
+    };
+    pb::EventsResponse {
+        response: Some(response),
+    }
+}
+
+fn event(delivery: &Delivery) -> pb::Event {
+    use pb::event::Kind;
+    let body = &delivery.body;
+    let kind = match body.what.clone() {
+        What::Connect { meta, info } => Kind::Connect(pb::ConnectEvent { meta, info }),
+        What::Disconnect { code, reason } => Kind::Disconnect(pb::DisconnectEvent {
+            code: u32::from(code),
+            reason,
+        }),
+        What::Subscribe {
+            channel,
+            server_side,
+        } => Kind::Subscribe(pb::SubscribeEvent {
+            channel,
+            server_side,
+        }),
+        What::Unsubscribe { channel, code } => {
+            Kind::Unsubscribe(pb::UnsubscribeEvent { channel, code })
+        }
+        What::Publish {
+            channel,
+            data,
+            offset,
+            epoch,
+        } => Kind::Publish(pb::PublishEvent {
+            channel,
+            data,
+            offset,
+            epoch,
+        }),
+        What::Rpc {
+            rpc_id,
+            method,
+            data,
+        } => Kind::Rpc(pb::RpcEvent {
+            rpc_id,
+            method,
+            data,
+        }),
+        What::Lost {
+            first_seq,
+            last_seq,
+        } => Kind::Lost(pb::LostEvent {
+            first_seq,
+            last_seq,
+        }),
+    };
+    pb::Event {
+        seq: delivery.seq,
+        client: body.client.to_string(),
+        user: body.user.to_string(),
+        time_ms: body.time_ms,
+        redelivered: delivery.redelivered,
+        kind: Some(kind),
     }
 }

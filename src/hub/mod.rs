@@ -1,13 +1,14 @@
 //! The hub: which connections exist on this node, which channels they are subscribed to,
 //! and fan-out of encoded frames to them.
 //!
-//! Callers: the WebSocket session (client commands), the control API (server-side actions)
-//! and the broker (publications to deliver on this node). The hub is synchronous: every
-//! method computes under a plain `Mutex`/`RwLock`, queues frames with a non-blocking push,
-//! and returns. Lock order is global state, then one channel; a channel lock is never held
-//! while the global one is taken.
+//! Callers: the node's use-cases (`crate::node`) and the engine, which delivers each
+//! publication here ([`Hub::deliver`]). The hub is synchronous: every method computes under
+//! a plain `Mutex`/`RwLock`, queues frames with a non-blocking push, and returns the
+//! sockets to write as a [`Flush`] for the caller to run once every lock is released. Lock
+//! order is the index, then one channel; a channel lock is never held while the index's is
+//! taken.
 
-mod channel;
+mod subscribers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -15,17 +16,16 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use channel::{Channel, Subscriber};
-pub use channel::{ClientId, Fanout};
+pub use subscribers::{ClientId, Fanout};
+use subscribers::{Subscriber, Subscribers};
 
-use crate::channel::Pattern;
 use crate::config::{Config, NamespaceOptions};
-use crate::events::Events;
+use crate::events::{EventKind, Events, What};
 use crate::metrics::Metrics;
-use crate::outbox::{Flush, Outbox, Push};
-use crate::pb;
-use crate::ws::close::Close;
-use crate::ws::{frame, protocol};
+use crate::outbox::{Flush, Outbox, Pacing, Push};
+use crate::wire::channel::Pattern;
+use crate::wire::message::{ClientInfo, Membership, UnsubReason};
+use crate::wire::{Close, ServerMessage};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HubError {
@@ -45,7 +45,7 @@ pub const UNSUB_CHANNEL_FULL: u32 = 2002;
 
 /// Who made a subscription: it decides whether a token refresh can revoke it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
+pub enum SubscribedBy {
     /// The client asked, under its token's grants.
     Client,
     /// The token's `subs` claim or Control.Subscribe.
@@ -65,17 +65,20 @@ pub struct Hub {
 }
 
 struct Shared {
-    state: RwLock<State>,
+    index: RwLock<Index>,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    /// How this node's flushes are written (see `outbox::Pacing`).
+    pacing: Arc<Pacing>,
     /// Connection and subscription changes are emitted under the hub's lock, so that a
     /// client's events are numbered in the order its state changed.
     events: Events,
 }
 
+/// Who is connected and subscribed where.
 #[derive(Default)]
-struct State {
-    channels: HashMap<Arc<str>, Arc<Channel>>,
+struct Index {
+    channels: HashMap<Arc<str>, Arc<Subscribers>>,
     clients: HashMap<ClientId, Client>,
     users: HashMap<Arc<str>, Vec<ClientId>>,
 }
@@ -84,15 +87,7 @@ struct Client {
     user: Arc<str>,
     info: Option<Arc<RawValue>>,
     outbox: Arc<Outbox>,
-    subs: HashMap<Arc<str>, Origin>,
-}
-
-/// A presence entry.
-#[derive(Debug, Clone)]
-pub struct Member {
-    pub client: String,
-    pub user: String,
-    pub info: Option<Arc<RawValue>>,
+    subs: HashMap<Arc<str>, SubscribedBy>,
 }
 
 /// Node-wide counts for Control.Info.
@@ -110,9 +105,10 @@ impl Hub {
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, events: Events) -> Hub {
         Hub {
             shared: Arc::new(Shared {
-                state: RwLock::new(State::default()),
+                index: RwLock::new(Index::default()),
                 config,
                 metrics,
+                pacing: Arc::new(Pacing::default()),
                 events,
             }),
         }
@@ -122,12 +118,17 @@ impl Hub {
         &self.shared.metrics
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        self.shared.state.read().expect("hub lock")
+    /// An empty flush of this node.
+    pub fn flush(&self) -> Flush {
+        Flush::new(self.shared.pacing.clone())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        self.shared.state.write().expect("hub lock")
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.shared.index.read().expect("hub lock")
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.shared.index.write().expect("hub lock")
     }
 
     /// Adds an authenticated connection (a `connect` event with the token's `meta`).
@@ -141,8 +142,8 @@ impl Hub {
     ) {
         let mut state = self.write();
         let events = &self.shared.events;
-        if events.wants(pb::EventKind::Connect) {
-            let connect = pb::ConnectEvent {
+        if events.wants(EventKind::Connect) {
+            let connect = What::Connect {
                 meta: meta
                     .map(|m| m.get().as_bytes().to_vec())
                     .unwrap_or_default(),
@@ -151,7 +152,7 @@ impl Hub {
                     .map(|i| i.get().as_bytes().to_vec())
                     .unwrap_or_default(),
             };
-            events.emit(&id, user, pb::event::Kind::Connect(connect));
+            events.emit(&id, user, connect);
         }
         let user: Arc<str> = Arc::from(user);
         state
@@ -175,18 +176,16 @@ impl Hub {
     pub fn unregister(&self, id: &str, close: &Close) {
         // The client leaves the index first: a concurrent subscribe then finds it gone and
         // undoes its own work, so no subscriber outlives its connection.
-        let channels: Vec<Arc<Channel>> = {
+        let channels: Vec<Arc<Subscribers>> = {
             let mut state = self.write();
             let Some(client) = state.clients.remove(id) else {
                 return;
             };
-            let disconnect = pb::DisconnectEvent {
-                code: u32::from(close.code),
+            let disconnect = What::Disconnect {
+                code: close.code,
                 reason: close.reason.clone(),
             };
-            self.shared
-                .events
-                .emit(id, &client.user, pb::event::Kind::Disconnect(disconnect));
+            self.shared.events.emit(id, &client.user, disconnect);
             if let Some(ids) = state.users.get_mut(&client.user) {
                 ids.retain(|c| &**c != id);
                 if ids.is_empty() {
@@ -206,9 +205,9 @@ impl Hub {
 
     /// Replaces a connection's public info (after a token refresh).
     pub fn update_info(&self, id: &str, info: Option<Arc<RawValue>>) {
-        let channels: Vec<Arc<Channel>> = {
+        let channels: Vec<Arc<Subscribers>> = {
             let mut state = self.write();
-            let State {
+            let Index {
                 clients, channels, ..
             } = &mut *state;
             let Some(client) = clients.get_mut(id) else {
@@ -236,7 +235,7 @@ impl Hub {
         &self,
         id: &str,
         name: &str,
-        origin: Origin,
+        origin: SubscribedBy,
         first: Bytes,
     ) -> Result<Flush, HubError> {
         let max_subscriptions = self.shared.config.max_subscriptions;
@@ -274,21 +273,17 @@ impl Hub {
             client.subs.insert(name.clone(), origin);
             // Announced with the reservation, under the write lock: before the client can see
             // `first` and act on it, and before its disconnect.
-            if self.shared.events.wants(pb::EventKind::Subscribe) {
-                let subscribe = pb::SubscribeEvent {
+            if self.shared.events.wants(EventKind::Subscribe) {
+                let subscribe = What::Subscribe {
                     channel: name.to_string(),
-                    server_side: origin == Origin::Server,
+                    server_side: origin == SubscribedBy::Server,
                 };
-                self.shared.events.emit(
-                    &id,
-                    &subscriber.user,
-                    pb::event::Kind::Subscribe(subscribe),
-                );
+                self.shared.events.emit(&id, &subscriber.user, subscribe);
             }
             (id, subscriber)
         };
         let user = subscriber.user.clone();
-        let mut flush = Flush::default();
+        let mut flush = self.flush();
         let (channel, subscriber_outbox) = loop {
             let channel = {
                 let mut state = self.write();
@@ -296,7 +291,7 @@ impl Hub {
                 state
                     .channels
                     .entry(name.clone())
-                    .or_insert_with(|| Arc::new(Channel::new(name.clone(), options)))
+                    .or_insert_with(|| Arc::new(Subscribers::new(name.clone(), options)))
                     .clone()
             };
             let mut ch = channel.lock();
@@ -311,17 +306,13 @@ impl Hub {
                 // is withdrawn.
                 if let Some(client) = self.write().clients.get_mut(&id) {
                     if client.subs.remove(&name).is_some()
-                        && self.shared.events.wants(pb::EventKind::Unsubscribe)
+                        && self.shared.events.wants(EventKind::Unsubscribe)
                     {
-                        let unsubscribe = pb::UnsubscribeEvent {
+                        let unsubscribe = What::Unsubscribe {
                             channel: name.to_string(),
                             code: UNSUB_CHANNEL_FULL,
                         };
-                        self.shared.events.emit(
-                            &id,
-                            &user,
-                            pb::event::Kind::Unsubscribe(unsubscribe),
-                        );
+                        self.shared.events.emit(&id, &user, unsubscribe);
                     }
                 }
                 return Err(HubError::ChannelFull(max));
@@ -330,14 +321,15 @@ impl Hub {
                 flush.add(&subscriber.outbox);
             }
             if channel.options.join_leave {
-                let join = frame::text(&protocol::encode_presence_event(
-                    "join",
-                    &channel.name,
-                    &id,
-                    &subscriber.user,
-                    subscriber.info.as_deref(),
-                ));
-                flush.append(ch.fan_out(&join, None).1);
+                let join = ServerMessage::JoinLeave {
+                    kind: Membership::Join,
+                    channel: &channel.name,
+                    client: &id,
+                    user: &subscriber.user,
+                    info: subscriber.info.as_deref(),
+                }
+                .frame();
+                ch.fan_out(&join, &mut flush);
             }
             let outbox = subscriber.outbox.clone();
             ch.subscribers.insert(id.clone(), subscriber);
@@ -353,8 +345,11 @@ impl Hub {
             if present {
                 // A backend Unsubscribe overtook this subscribe; the client saw `first`, so it
                 // is told that the subscription ended.
-                let unsub = protocol::encode_unsub(&name, protocol::UnsubReason::Backend);
-                subscriber_outbox.push(frame::text(&unsub));
+                let unsub = ServerMessage::Unsub {
+                    channel: &name,
+                    reason: UnsubReason::Backend,
+                };
+                subscriber_outbox.push(unsub.frame());
             }
         }
         Ok(flush)
@@ -362,10 +357,10 @@ impl Hub {
 
     /// Unsubscribes a connection; `notify` queues an `unsub` push with that reason.
     /// Returns false when it was not subscribed.
-    pub fn unsubscribe(&self, id: &str, name: &str, notify: Option<protocol::UnsubReason>) -> bool {
+    pub fn unsubscribe(&self, id: &str, name: &str, notify: Option<UnsubReason>) -> bool {
         let channel = {
             let mut state = self.write();
-            let State {
+            let Index {
                 clients, channels, ..
             } = &mut *state;
             let Some(client) = clients.get_mut(id) else {
@@ -374,16 +369,12 @@ impl Hub {
             if client.subs.remove(name).is_none() {
                 return false;
             }
-            if self.shared.events.wants(pb::EventKind::Unsubscribe) {
-                let unsubscribe = pb::UnsubscribeEvent {
+            if self.shared.events.wants(EventKind::Unsubscribe) {
+                let unsubscribe = What::Unsubscribe {
                     channel: name.to_string(),
-                    code: notify.map_or(0, protocol::UnsubReason::code),
+                    code: notify.map_or(0, UnsubReason::code),
                 };
-                self.shared.events.emit(
-                    id,
-                    &client.user,
-                    pb::event::Kind::Unsubscribe(unsubscribe),
-                );
+                self.shared.events.emit(id, &client.user, unsubscribe);
             }
             (channels.get(name).cloned(), client.outbox.clone())
         };
@@ -393,24 +384,29 @@ impl Hub {
         }
         // Queued after the connection left the channel: no `pub` of it can follow the `unsub`.
         if let Some(reason) = notify {
-            outbox.push(frame::text(&protocol::encode_unsub(name, reason)));
+            let unsub = ServerMessage::Unsub {
+                channel: name,
+                reason,
+            };
+            outbox.push(unsub.frame());
         }
         true
     }
 
-    fn detach(&self, id: &str, channel: &Arc<Channel>) {
+    fn detach(&self, id: &str, channel: &Arc<Subscribers>) {
         let mut ch = channel.lock();
-        let mut left = Flush::default();
+        let mut left = self.flush();
         if let Some(sub) = ch.subscribers.remove(id) {
             if channel.options.join_leave {
-                let leave = frame::text(&protocol::encode_presence_event(
-                    "leave",
-                    &channel.name,
-                    id,
-                    &sub.user,
-                    sub.info.as_deref(),
-                ));
-                left = ch.fan_out(&leave, None).1;
+                let leave = ServerMessage::JoinLeave {
+                    kind: Membership::Leave,
+                    channel: &channel.name,
+                    client: id,
+                    user: &sub.user,
+                    info: sub.info.as_deref(),
+                }
+                .frame();
+                ch.fan_out(&leave, &mut left);
             }
         }
         let empty = ch.subscribers.is_empty();
@@ -423,7 +419,7 @@ impl Hub {
 
     /// Drops a channel from the index once nobody is subscribed, so that subscribe and
     /// unsubscribe churn leaves nothing behind.
-    fn remove_if_empty(&self, channel: &Arc<Channel>) {
+    fn remove_if_empty(&self, channel: &Arc<Subscribers>) {
         let mut state = self.write();
         let mut ch = channel.lock();
         if ch.subscribers.is_empty() && !ch.removed {
@@ -438,21 +434,30 @@ impl Hub {
         }
     }
 
-    /// Queues an encoded frame to every subscriber of `name` on this node.
-    pub fn fan_out(&self, name: &str, frame: &Bytes) -> Fanout {
+    /// Queues a publication to every subscriber of `channel` on this node, encoded once
+    /// (and not at all where the channel has none here). The engine calls this in the
+    /// channel's publication order and runs the returned [`Flush`] once its own locks are
+    /// released.
+    pub fn deliver(&self, channel: &str, data: &[u8], offset: Option<u64>) -> (Fanout, Flush) {
+        let mut flush = self.flush();
         loop {
-            let Some(channel) = self.read().channels.get(name).cloned() else {
-                return Fanout::default();
+            let Some(subscribers) = self.read().channels.get(channel).cloned() else {
+                return (Fanout::default(), flush);
             };
-            let ch = channel.lock();
-            if ch.removed {
+            let roster = subscribers.lock();
+            if roster.removed {
                 continue;
             }
-            let (counts, flush) = ch.fan_out(frame, None);
-            drop(ch);
-            flush.run();
+            let frame = ServerMessage::Pub {
+                channel,
+                data,
+                offset,
+            }
+            .frame();
+            let counts = roster.fan_out(&frame, &mut flush);
+            drop(roster);
             self.shared.metrics.record_fanout(counts);
-            return counts;
+            return (counts, flush);
         }
     }
 
@@ -478,6 +483,12 @@ impl Hub {
             .collect()
     }
 
+    /// Bytes queued to a connection and not yet written (0 for one that is gone).
+    pub fn held(&self, id: &str) -> usize {
+        let outbox = self.read().clients.get(id).map(|c| c.outbox.clone());
+        outbox.map_or(0, |outbox| outbox.held())
+    }
+
     /// Every connection (for shutdown).
     pub fn all_connections(&self) -> Vec<Arc<Outbox>> {
         self.read()
@@ -488,7 +499,7 @@ impl Hub {
     }
 
     /// The channels a connection is subscribed to, with who made each subscription.
-    pub fn subscriptions(&self, id: &str) -> Vec<(Arc<str>, Origin)> {
+    pub fn subscriptions(&self, id: &str) -> Vec<(Arc<str>, SubscribedBy)> {
         self.read()
             .clients
             .get(id)
@@ -507,39 +518,25 @@ impl Hub {
         self.shared.config.channel_options(channel)
     }
 
-    /// Who is subscribed to a channel; None where its namespace keeps no presence.
-    pub fn presence(&self, name: &str) -> Option<Vec<Member>> {
-        if !self.options(name).presence {
-            return None;
-        }
+    /// Who is subscribed to a channel on this node.
+    pub fn subscribers(&self, name: &str) -> Vec<ClientInfo> {
         let Some(channel) = self.read().channels.get(name).cloned() else {
-            return Some(Vec::new());
+            return Vec::new();
         };
         let ch = channel.lock();
-        Some(
-            ch.subscribers
-                .iter()
-                .map(|(id, s)| Member {
-                    client: id.to_string(),
-                    user: s.user.to_string(),
-                    info: s.info.clone(),
-                })
-                .collect(),
-        )
-    }
-
-    /// (clients, distinct users) subscribed to a channel with presence enabled.
-    pub fn presence_stats(&self, name: &str) -> Option<(usize, usize)> {
-        let members = self.presence(name)?;
-        let mut users: Vec<&str> = members.iter().map(|m| m.user.as_str()).collect();
-        users.sort_unstable();
-        users.dedup();
-        Some((members.len(), users.len()))
+        ch.subscribers
+            .iter()
+            .map(|(id, s)| ClientInfo {
+                client: id.to_string(),
+                user: s.user.to_string(),
+                info: s.info.clone(),
+            })
+            .collect()
     }
 
     /// Channels with subscribers on this node, matching `pattern` when given.
     pub fn channels(&self, pattern: Option<&Pattern>) -> Vec<(String, usize)> {
-        let channels: Vec<Arc<Channel>> = self
+        let channels: Vec<Arc<Subscribers>> = self
             .read()
             .channels
             .values()

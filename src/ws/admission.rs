@@ -189,22 +189,6 @@ impl Admission {
     }
 }
 
-/// The default max_connections: the process's open-file limit less a reserve for the other
-/// listeners, gRPC connections and files.
-pub fn default_max_connections() -> usize {
-    const RESERVE: usize = 100;
-    let limit = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3))
-                .and_then(|soft| soft.parse::<usize>().ok())
-        })
-        .unwrap_or(10_000);
-    limit.saturating_sub(RESERVE).max(1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,51 +1,47 @@
 //! A connection's clocks: the connect deadline (close 4001 without a `connect`), the
 //! heartbeat (a `ping` push every ping_interval, close 4007 when no `pong` follows within
 //! pong_timeout) and the token's expiry (close 4002). [`Clock`] is a pure state machine
-//! driven with `now` by the connection's task (`session`), which also keeps the write
+//! driven with `now` by the connection's task (`connection`), which also keeps the write
 //! timeout and the close handshake's deadline.
 
-use std::sync::atomic::{
-    AtomicBool, AtomicU64,
-    Ordering::{AcqRel, Acquire, Relaxed, Release},
-};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::outbox::Outbox;
-use crate::ws::close::{self, Close};
-use crate::ws::{frame, protocol};
+use crate::wire::close::{self, Close};
+use crate::wire::ServerMessage;
 
 /// How long a connection waits for the client to answer its Close before dropping the socket.
 pub const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// What the session tells the connection's clock.
+/// What the connection's commands tell its clock (both live in the connection's task).
 #[derive(Default)]
 pub struct Liveness {
-    authenticated: AtomicBool,
+    authenticated: bool,
     /// Token expiry, seconds since the Unix epoch.
-    expires_at: AtomicU64,
-    pong_seen: AtomicBool,
+    expires_at: u64,
+    pong_seen: bool,
     /// Set when a deadline changed (authentication, refresh): the clock is read again.
-    changed: AtomicBool,
+    changed: bool,
 }
 
 impl Liveness {
-    pub fn authenticate(&self, expires_at: u64) {
-        self.expires_at.store(expires_at, Relaxed);
-        self.authenticated.store(true, Release);
-        self.changed.store(true, Release);
+    pub fn authenticate(&mut self, expires_at: u64) {
+        self.expires_at = expires_at;
+        self.authenticated = true;
+        self.changed = true;
     }
-    pub fn set_expiry(&self, expires_at: u64) {
-        self.expires_at.store(expires_at, Relaxed);
-        self.changed.store(true, Release);
+    pub fn set_expiry(&mut self, expires_at: u64) {
+        self.expires_at = expires_at;
+        self.changed = true;
     }
-    pub fn take_changed(&self) -> bool {
-        self.changed.load(Relaxed) && self.changed.swap(false, AcqRel)
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
     }
-    pub fn pong(&self) {
-        self.pong_seen.store(true, Relaxed);
+    pub fn pong(&mut self) {
+        self.pong_seen = true;
     }
 }
 
@@ -72,15 +68,15 @@ impl Clock {
     /// a ping or scheduling a close, and returns when to look again.
     pub fn tick(
         &mut self,
-        live: &Liveness,
+        live: &mut Liveness,
         config: &Config,
         outbox: &Outbox,
         now: Instant,
         unix: u64,
     ) -> Instant {
-        if !live.authenticated.load(Acquire) {
+        if !live.authenticated {
             if now >= self.connect_deadline {
-                outbox.close(Close::new(
+                outbox.schedule_close(Close::new(
                     close::UNAUTHORIZED,
                     "no connect within connect_timeout",
                 ));
@@ -91,8 +87,9 @@ impl Clock {
         let ping_at = *self.next_ping.get_or_insert(now + config.ping_interval);
         if let Some(deadline) = self.pong_deadline {
             if now >= deadline {
-                if !live.pong_seen.load(Relaxed) {
-                    outbox.close(Close::new(close::TIMEOUT, "no pong within pong_timeout"));
+                if !live.pong_seen {
+                    outbox
+                        .schedule_close(Close::new(close::TIMEOUT, "no pong within pong_timeout"));
                     return now + NEVER;
                 }
                 self.pong_deadline = None;
@@ -100,17 +97,16 @@ impl Clock {
         }
         // A new ping waits for the previous pong's deadline, whatever the two settings are.
         if self.pong_deadline.is_none() && now >= ping_at {
-            live.pong_seen.store(false, Relaxed);
-            outbox.push(frame::text(protocol::PING));
+            live.pong_seen = false;
+            outbox.push(ServerMessage::Ping.frame());
             self.next_ping = Some(now + config.ping_interval);
             self.pong_deadline = Some(now + config.pong_timeout);
         }
         let expires = live
             .expires_at
-            .load(Relaxed)
             .saturating_add(config.token.leeway.as_secs());
         if unix >= expires {
-            outbox.close(Close::new(close::TOKEN_EXPIRED, "token expired"));
+            outbox.schedule_close(Close::new(close::TOKEN_EXPIRED, "token expired"));
             return now + NEVER;
         }
         let timer = match self.pong_deadline {
@@ -148,39 +144,42 @@ mod tests {
         let t0 = Instant::now();
         let s = |secs: u64| t0 + Duration::from_secs(secs);
         let unix0 = 1_000_000;
-        let live = Liveness::default();
+        let mut live = Liveness::default();
         let outbox = Outbox::new(1 << 20);
         let mut clock = Clock::new(t0, &config);
         // Unauthenticated: the connect deadline.
-        assert_eq!(clock.tick(&live, &config, &outbox, s(1), unix0), s(10));
+        assert_eq!(clock.tick(&mut live, &config, &outbox, s(1), unix0), s(10));
         live.authenticate(unix0 + 100);
         assert!(live.take_changed() && !live.take_changed());
         // First ping 25 s after authentication.
-        assert_eq!(clock.tick(&live, &config, &outbox, s(2), unix0 + 2), s(27));
         assert_eq!(
-            clock.tick(&live, &config, &outbox, s(27), unix0 + 27),
+            clock.tick(&mut live, &config, &outbox, s(2), unix0 + 2),
+            s(27)
+        );
+        assert_eq!(
+            clock.tick(&mut live, &config, &outbox, s(27), unix0 + 27),
             s(37),
             "ping sent, pong due"
         );
-        assert_eq!(&outbox.queued()[0][2..], protocol::PING);
+        assert_eq!(outbox.queued()[0], ServerMessage::Ping.frame());
         live.pong();
         assert_eq!(
-            clock.tick(&live, &config, &outbox, s(37), unix0 + 37),
+            clock.tick(&mut live, &config, &outbox, s(37), unix0 + 37),
             s(52),
             "pong seen: next ping"
         );
         // Expiry (exp 100 + leeway 5) comes before the next ping.
         assert_eq!(
-            clock.tick(&live, &config, &outbox, s(52), unix0 + 52),
+            clock.tick(&mut live, &config, &outbox, s(52), unix0 + 52),
             s(62)
         );
         live.pong();
         assert_eq!(
-            clock.tick(&live, &config, &outbox, s(62), unix0 + 62),
+            clock.tick(&mut live, &config, &outbox, s(62), unix0 + 62),
             s(77)
         );
         assert_eq!(
-            clock.tick(&live, &config, &outbox, s(105), unix0 + 105),
+            clock.tick(&mut live, &config, &outbox, s(105), unix0 + 105),
             s(105) + NEVER
         );
         assert_eq!(outbox.ended().code, close::TOKEN_EXPIRED);
@@ -190,18 +189,30 @@ mod tests {
     fn clock_closes_without_pong_or_connect() {
         let config = Config::from_layers(None, &[], &[]).unwrap();
         let t0 = Instant::now();
-        let live = Liveness::default();
+        let mut live = Liveness::default();
         let outbox = Outbox::new(1 << 20);
         let mut clock = Clock::new(t0, &config);
-        clock.tick(&live, &config, &outbox, t0 + Duration::from_secs(10), 0);
+        clock.tick(&mut live, &config, &outbox, t0 + Duration::from_secs(10), 0);
         assert_eq!(outbox.ended().code, close::UNAUTHORIZED);
 
         let outbox = Outbox::new(1 << 20);
         let mut clock = Clock::new(t0, &config);
         live.authenticate(u64::MAX / 2);
-        clock.tick(&live, &config, &outbox, t0, 0);
-        clock.tick(&live, &config, &outbox, t0 + Duration::from_secs(25), 25);
-        clock.tick(&live, &config, &outbox, t0 + Duration::from_secs(35), 35);
+        clock.tick(&mut live, &config, &outbox, t0, 0);
+        clock.tick(
+            &mut live,
+            &config,
+            &outbox,
+            t0 + Duration::from_secs(25),
+            25,
+        );
+        clock.tick(
+            &mut live,
+            &config,
+            &outbox,
+            t0 + Duration::from_secs(35),
+            35,
+        );
         assert_eq!(outbox.ended().code, close::TIMEOUT);
     }
 }

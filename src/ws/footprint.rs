@@ -7,7 +7,7 @@ use std::mem::size_of;
 use crate::node::Node;
 use crate::outbox::Outbox;
 use crate::ws::clock::Liveness;
-use crate::ws::session::Connection;
+use crate::ws::connection::Connection;
 use crate::ws::socket::{TcpRead, TcpWrite};
 
 /// (part, bytes) for one connection's fixed state on plain TCP. The futures' sizes are
@@ -17,7 +17,7 @@ use crate::ws::socket::{TcpRead, TcpWrite};
 pub fn connection_state_sizes(_node: &Node) -> Vec<(&'static str, usize)> {
     vec![
         (
-            "connection state (session, reader, writing side, admission ticket)",
+            "connection state (handler, reader, writing side, admission ticket)",
             size_of::<Connection<TcpRead, TcpWrite>>(),
         ),
         (
@@ -25,7 +25,7 @@ pub fn connection_state_sizes(_node: &Node) -> Vec<(&'static str, usize)> {
             returned_size(Connection::<TcpRead, TcpWrite>::run),
         ),
         ("outbox (queue, lock, wake-up)", size_of::<Outbox>()),
-        ("liveness atomics", size_of::<Liveness>()),
+        ("liveness (inside the handler)", size_of::<Liveness>()),
     ]
 }
 

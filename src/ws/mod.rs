@@ -1,21 +1,22 @@
-//! The client side: WebSocket listener, one session per connection, and protocol v1.
+//! The client edge: the WebSocket listener and one task per connection.
 //!
-//! `server` accepts and upgrades; `session` reads a connection's frames (decoded by
-//! `inbound`) and acts on its commands; `socket` shares a plain TCP socket with the outbox,
-//! which writes to it when idle (the session drains the rest); `clock` keeps a connection's
-//! deadlines; `protocol` and `frame` are the
-//! pure encoding of what travels; `close` is the table of close codes.
+//! `server` accepts and upgrades (after `admission`'s limits); `connection` is a
+//! connection's task: it reads frames with `reader` (from a plain TCP socket shared with the
+//! outbox through `socket`, or any other stream), keeps the deadlines of `clock`, and hands
+//! each message to its `handler`, which decodes the command, calls the node, and replies;
+//! `error` maps what fails to the reply's code, `rate` bounds the command rate, `rpc` waits
+//! for a backend's answer. The wire format itself is `crate::wire`.
 
 pub mod admission;
 mod clock;
-pub mod close;
+mod connection;
+mod error;
 mod footprint;
-pub mod frame;
-mod inbound;
-pub mod origin;
-pub mod protocol;
+mod handler;
+mod rate;
+mod reader;
+mod rpc;
 pub mod server;
-mod session;
 mod socket;
 
 pub use clock::unix_now;

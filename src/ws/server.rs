@@ -9,6 +9,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,12 +25,13 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::node::Node;
-use crate::ws::protocol::SUBPROTOCOL;
-use crate::ws::{origin, session};
+use crate::wire::{origin, SUBPROTOCOL};
+use crate::ws::admission::Admission;
+use crate::ws::connection;
 
-/// Where sessions are spawned and how they are stopped.
+/// Where connections' tasks are spawned and how they are stopped.
 #[derive(Clone)]
-pub struct Sessions {
+pub struct Tasks {
     pub tracker: TaskTracker,
     /// Close every connection with 1001.
     pub shutdown: CancellationToken,
@@ -42,7 +44,8 @@ pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     node: Node,
-    sessions: Sessions,
+    admission: Arc<Admission>,
+    tasks: Tasks,
     stop: CancellationToken,
 ) {
     loop {
@@ -66,16 +69,18 @@ pub async fn serve(
                 .set_send_buffer_size(node.config.socket_send_buffer);
         }
         let node = node.clone();
+        let admission = admission.clone();
         let tls = tls.clone();
-        let sessions_for_conn = sessions.clone();
+        let tasks_for_conn = tasks.clone();
         let stop = stop.clone();
-        sessions.tracker.spawn(
+        tasks.tracker.spawn(
             async move {
                 let header_read_timeout = node.config.header_read_timeout;
                 let service = hyper::service::service_fn(move |req| {
                     let node = node.clone();
-                    let sessions = sessions_for_conn.clone();
-                    async move { Ok::<_, Infallible>(handle(req, peer, node, sessions)) }
+                    let tasks = tasks_for_conn.clone();
+                    let admission = admission.clone();
+                    async move { Ok::<_, Infallible>(handle(req, peer, node, &admission, tasks)) }
                 });
                 let http = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -126,7 +131,8 @@ fn handle(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     node: Node,
-    sessions: Sessions,
+    admission: &Arc<Admission>,
+    tasks: Tasks,
 ) -> Response<Full<Bytes>> {
     if req.uri().path() != node.config.ws_path {
         return plain(StatusCode::NOT_FOUND, "not found");
@@ -153,10 +159,8 @@ fn handle(
         .map(|v| v.to_str().unwrap_or("invalid"))
         .collect();
     let forwarded_for = (!forwarded.is_empty()).then(|| forwarded.join(","));
-    let ip = node
-        .admission
-        .client_ip(peer.ip(), forwarded_for.as_deref());
-    let ticket = match node.admission.admit(ip, Instant::now()) {
+    let ip = admission.client_ip(peer.ip(), forwarded_for.as_deref());
+    let ticket = match admission.admit(ip, Instant::now()) {
         Ok(ticket) => ticket,
         Err(refusal) => {
             tracing::debug!(%ip, %refusal, "upgrade refused");
@@ -187,15 +191,15 @@ fn handle(
             )
         }
     };
-    sessions.tracker.spawn(
-        session::run(
+    tasks.tracker.spawn(
+        connection::run(
             upgrade,
             node,
             ticket,
             token,
-            sessions.shutdown.clone(),
-            sessions.kill.clone(),
-            sessions.tracker.clone(),
+            tasks.shutdown.clone(),
+            tasks.kill.clone(),
+            tasks.tracker.clone(),
         )
         .in_current_span(),
     );

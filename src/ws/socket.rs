@@ -17,7 +17,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-use crate::ws::inbound::{self, Fill};
+use crate::ws::reader::{self, Fill};
 
 /// The reading side: the bytes hyper had already read, then the socket.
 pub struct TcpRead {
@@ -70,13 +70,13 @@ impl Fill for TcpRead {
                 // The start of a burst: read onto the stack and keep exactly what came (a
                 // command is usually a few hundred bytes), so that no chunk-sized buffer is
                 // allocated and freed per message, fragmenting the heap.
-                let mut stack = [0u8; inbound::READ_CHUNK];
+                let mut stack = [0u8; reader::READ_CHUNK];
                 self.tcp.try_read(&mut stack).inspect(|&n| {
                     buf.reserve(n);
                     buf.extend_from_slice(&stack[..n]);
                 })
             } else {
-                inbound::reserve(buf, needed);
+                reader::reserve(buf, needed);
                 self.tcp.try_read_buf(buf)
             };
             match result {

@@ -1,10 +1,8 @@
-//! The close codes of protocol v1: one table, and the one mapping from errors to it.
+//! The close codes of protocol v1: one table.
 //!
 //! Clients act on the range for a code they do not know: 4000–4499 they may reconnect,
 //! 4500–4999 they must not reconnect unchanged. Backends pick codes in 4100–4499 or
 //! 4600–4999 through Control.Disconnect. docs/protocol.md carries the same table.
-
-use crate::auth::AuthError;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Close {
@@ -47,22 +45,4 @@ pub fn may_be_sent(code: u16) -> bool {
 /// True for the codes a backend may choose in Control.Disconnect.
 pub fn is_backend_code(code: u32) -> bool {
     matches!(code, 4006 | 4503 | 4100..=4499 | 4600..=4999)
-}
-
-impl From<&AuthError> for Close {
-    fn from(e: &AuthError) -> Close {
-        let code = match e {
-            AuthError::Expired => TOKEN_EXPIRED,
-            AuthError::Malformed
-            | AuthError::Algorithm
-            | AuthError::UnknownKey
-            | AuthError::Signature
-            | AuthError::NotYetValid
-            | AuthError::MissingClaim(_)
-            | AuthError::InvalidClaim(_)
-            | AuthError::Audience
-            | AuthError::Issuer => UNAUTHORIZED,
-        };
-        Close::new(code, e.to_string())
-    }
 }

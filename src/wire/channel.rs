@@ -1,7 +1,7 @@
 //! Channel names and grant patterns: pure validation and matching.
 //!
-//! Called by the session (client subscribe and publish), the control API and token
-//! verification; nothing here touches the network or the hub.
+//! Called by the node's use-cases (subscribe, publish, queries), token verification and the
+//! configuration's namespaces; nothing here touches the network or the hub.
 //!
 //! A channel name is 1 to 255 bytes of ASCII letters, digits and `_ - . : @ / = + , ! ~ #`.
 //! The part before the first `:` is its namespace (`chat:lobby` is in `chat`); a name

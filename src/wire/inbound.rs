@@ -1,25 +1,12 @@
-//! Frames from the client: a pure decoder over the connection's read buffer, and the reader
-//! that fills that buffer.
+//! Frames from the client (RFC 6455 §5.2): a pure decoder over a read buffer.
 //!
-//! The reader holds no buffer while a connection is idle: on plain TCP it waits until the
-//! socket is readable before it allocates one ([`READ_CHUNK`] or the size of the frame
-//! being read), and lets it go as soon as every byte in it has been decoded. An idle
-//! connection therefore costs no read buffer, where a reader that owns one for its whole
-//! life would keep several kilobytes per connection.
-//!
-//! The decoder enforces what RFC 6455 asks of a client's frames (masked, no reserved bits
+//! `ws::reader` fills the buffer and calls [`decode`] for each frame. The decoder enforces what RFC 6455 asks of a client's frames (masked, no reserved bits
 //! or opcodes, control frames short and unfragmented) and the configured frame size;
 //! reassembling fragments and checking UTF-8 is the session's job.
 
-use std::io;
-use std::pin::Pin;
-use std::task::{ready, Context, Poll};
-
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, ReadBuf};
 
-/// What a read asks for when the decoder needs more bytes than a small frame.
-pub const READ_CHUNK: usize = 4096;
+use super::close;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpCode {
@@ -68,8 +55,8 @@ impl FrameError {
     /// 1009 for a frame over the size limit, 1002 (protocol error) for the rest.
     pub fn close_code(&self) -> u16 {
         match self {
-            FrameError::TooBig => crate::ws::close::TOO_BIG,
-            _ => crate::ws::close::PROTOCOL_ERROR,
+            FrameError::TooBig => close::TOO_BIG,
+            _ => close::PROTOCOL_ERROR,
         }
     }
 }
@@ -154,117 +141,6 @@ pub fn decode(buf: &mut BytesMut, max_payload: usize) -> Result<Decoded, FrameEr
         opcode,
         payload,
     }))
-}
-
-/// Where the reader's bytes come from. Poll-based, so that a connection waiting for a frame
-/// holds no future for it (the waker is kept by the socket's registration).
-pub trait Fill {
-    /// Appends at least one byte to `buf` (which should grow to `needed` bytes), allocating
-    /// only once the source has bytes when it can tell; Ok(0) at the end of the stream.
-    /// A poll that returns Pending has read nothing.
-    fn poll_fill(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut BytesMut,
-        needed: usize,
-    ) -> Poll<io::Result<usize>>;
-}
-
-/// Makes room for the next read: the rest of the frame being read, at least a chunk and at
-/// most four, so that a header announcing a large frame does not reserve its whole size
-/// before the bytes come.
-pub fn reserve(buf: &mut BytesMut, needed: usize) {
-    if buf.capacity() == buf.len() {
-        buf.reserve(
-            needed
-                .saturating_sub(buf.len())
-                .clamp(READ_CHUNK, 4 * READ_CHUNK),
-        );
-    }
-}
-
-/// Any other stream (TLS). At the start of a burst it reads into a stack buffer inside
-/// each poll (a poll that returns `Pending` has read nothing), so that it holds no buffer
-/// while waiting either; the rest of a frame is read into `buf`.
-pub struct Stream<R>(pub R);
-
-impl<R: AsyncRead + Unpin + Send> Fill for Stream<R> {
-    fn poll_fill(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut BytesMut,
-        needed: usize,
-    ) -> Poll<io::Result<usize>> {
-        if !buf.is_empty() {
-            reserve(buf, needed);
-            return tokio_util::io::poll_read_buf(Pin::new(&mut self.0), cx, buf);
-        }
-        let mut stack = [0u8; READ_CHUNK];
-        let mut read = ReadBuf::new(&mut stack);
-        ready!(Pin::new(&mut self.0).poll_read(cx, &mut read))?;
-        buf.extend_from_slice(read.filled());
-        Poll::Ready(Ok(read.filled().len()))
-    }
-}
-
-/// Why reading frames stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-    #[error("connection closed without a close frame")]
-    Eof,
-    #[error(transparent)]
-    Io(#[from] io::Error),
-}
-
-/// Decodes frames from a [`Fill`], holding a buffer only while bytes are in it.
-pub struct Reader<F> {
-    source: F,
-    buf: BytesMut,
-    max_payload: usize,
-}
-
-impl<F: Fill> Reader<F> {
-    pub fn new(source: F, max_payload: usize) -> Reader<F> {
-        Reader {
-            source,
-            buf: BytesMut::new(),
-            max_payload,
-        }
-    }
-
-    /// The next frame. Cancel-safe: bytes read before a cancellation stay in the buffer.
-    pub async fn frame(&mut self) -> Result<Frame, ReadError> {
-        std::future::poll_fn(|cx| self.poll_frame(cx)).await
-    }
-
-    /// The next frame, once all its bytes came. Cancel-safe: what was read stays in the
-    /// buffer.
-    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, ReadError>> {
-        loop {
-            match decode(&mut self.buf, self.max_payload)? {
-                Decoded::Frame(frame) => {
-                    if self.buf.is_empty() {
-                        // Let the allocation go with the frame's payload.
-                        self.buf = BytesMut::new();
-                    }
-                    return Poll::Ready(Ok(frame));
-                }
-                Decoded::Incomplete(needed) => {
-                    if ready!(self.source.poll_fill(cx, &mut self.buf, needed))? == 0 {
-                        return Poll::Ready(Err(ReadError::Eof));
-                    }
-                }
-            }
-        }
-    }
-
-    /// Bytes of buffer held right now (0 when idle).
-    #[cfg(test)]
-    pub fn buffer_capacity(&self) -> usize {
-        self.buf.capacity()
-    }
 }
 
 #[cfg(test)]
@@ -374,29 +250,7 @@ mod tests {
         let mut buf = BytesMut::from(&huge[..]);
         let total = 14 + (u64::MAX >> 1) as usize;
         assert_eq!(decode(&mut buf, usize::MAX), Ok(Decoded::Incomplete(total)));
-        reserve(&mut buf, total);
-        assert!(buf.capacity() <= huge.len() + 4 * READ_CHUNK + 64);
         assert_eq!(FrameError::TooBig.close_code(), 1009);
         assert_eq!(FrameError::Unmasked.close_code(), 1002);
-    }
-
-    #[tokio::test]
-    async fn the_reader_lets_its_buffer_go_between_messages() {
-        let mut wire = client_frame(0x81, b"one");
-        wire.extend(client_frame(0x81, b"two"));
-        let (mut client, server) = tokio::io::duplex(64);
-        let mut reader = Reader::new(Stream(server), 1000);
-        tokio::io::AsyncWriteExt::write_all(&mut client, &wire)
-            .await
-            .unwrap();
-        assert_eq!(&reader.frame().await.unwrap().payload[..], b"one");
-        assert!(
-            reader.buffer_capacity() > 0,
-            "the second frame is still buffered"
-        );
-        assert_eq!(&reader.frame().await.unwrap().payload[..], b"two");
-        assert_eq!(reader.buffer_capacity(), 0, "nothing left to hold");
-        drop(client);
-        assert!(matches!(reader.frame().await, Err(ReadError::Eof)));
     }
 }

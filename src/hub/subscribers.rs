@@ -1,6 +1,6 @@
 //! One channel's subscribers and presence, behind the channel's own lock.
 //!
-//! The hub finds a [`Channel`] under its global lock, lets go of that lock, then takes this
+//! The hub finds a channel's [`Subscribers`] under its global lock, lets go of that lock, then takes this
 //! one: publishers to different channels never wait for each other, and publishers to one
 //! channel are serialized here, which gives every subscriber the same order. Whatever must
 //! arrive before a subscription's first publication (the subscribe reply) is queued under
@@ -17,13 +17,15 @@ use crate::outbox::{Flush, Outbox, Push};
 
 pub type ClientId = Arc<str>;
 
-pub struct Channel {
+/// One channel's subscribers on this node.
+pub struct Subscribers {
     pub name: Arc<str>,
     pub options: NamespaceOptions,
-    state: Mutex<ChannelState>,
+    roster: Mutex<Roster>,
 }
 
-pub struct ChannelState {
+/// What the channel's lock guards.
+pub struct Roster {
     pub subscribers: HashMap<ClientId, Subscriber>,
     /// Set when the hub removed the channel from its index; a late arrival looks it up again.
     pub removed: bool,
@@ -42,35 +44,31 @@ pub struct Fanout {
     pub overflowed: u32,
 }
 
-// === impl Channel ===
+// === impl Subscribers ===
 
-impl Channel {
-    pub fn new(name: Arc<str>, options: NamespaceOptions) -> Channel {
-        Channel {
+impl Subscribers {
+    pub fn new(name: Arc<str>, options: NamespaceOptions) -> Subscribers {
+        Subscribers {
             name,
             options,
-            state: Mutex::new(ChannelState {
+            roster: Mutex::new(Roster {
                 subscribers: HashMap::new(),
                 removed: false,
             }),
         }
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, ChannelState> {
-        self.state.lock().expect("channel lock")
+    pub fn lock(&self) -> MutexGuard<'_, Roster> {
+        self.roster.lock().expect("channel lock")
     }
 }
 
-impl ChannelState {
-    /// Queues one encoded frame to every subscriber except `skip`; the sockets that were
-    /// idle are written by running the returned [`Flush`] once this lock is released.
-    pub fn fan_out(&self, frame: &Bytes, skip: Option<&str>) -> (Fanout, Flush) {
+impl Roster {
+    /// Queues one encoded frame to every subscriber; the sockets that were idle are added
+    /// to `flush`, to be written once this lock is released.
+    pub fn fan_out(&self, frame: &Bytes, flush: &mut Flush) -> Fanout {
         let mut counts = Fanout::default();
-        let mut flush = Flush::default();
-        for (id, sub) in &self.subscribers {
-            if skip == Some(&**id) {
-                continue;
-            }
+        for sub in self.subscribers.values() {
             match sub.outbox.push_later(frame.clone()) {
                 Push::Deferred => {
                     flush.add(&sub.outbox);
@@ -81,6 +79,6 @@ impl ChannelState {
                 Push::Closed => {}
             }
         }
-        (counts, flush)
+        counts
     }
 }

@@ -19,8 +19,8 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{
-    AtomicBool, AtomicU64, AtomicUsize,
-    Ordering::{AcqRel, Acquire, Relaxed, Release},
+    AtomicBool,
+    Ordering::{AcqRel, Release},
 };
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -31,7 +31,11 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use crate::metrics::Metrics;
-use crate::ws::close::{self, Close};
+use crate::wire::close::{self, Close};
+
+mod flush;
+
+pub use flush::{Flush, Pacing};
 
 /// What became of a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,7 +265,7 @@ impl Outbox {
                     false => state.close.as_ref(),
                     true => None,
                 };
-                if let Some(frame) = close.map(|c| crate::ws::frame::close(c.code, &c.reason)) {
+                if let Some(frame) = close.map(|c| crate::wire::frame::close(c.code, &c.reason)) {
                     state.queued += frame.len();
                     state.frames.push_back(frame);
                     state.close_taken = true;
@@ -304,7 +308,7 @@ impl Outbox {
 
     /// Schedules a close after the frames already queued. The first close wins;
     /// returns false when one was already scheduled.
-    pub fn close(&self, close: Close) -> bool {
+    pub fn schedule_close(&self, close: Close) -> bool {
         let mut state = self.state.lock().expect("outbox lock");
         if state.close.is_some() {
             return false;
@@ -353,7 +357,7 @@ impl Outbox {
     }
 
     /// Wakes the connection's task (or makes its next [`Outbox::poll_wait`] ready).
-    fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.woken.store(true, Release);
         self.waker.wake();
     }
@@ -395,162 +399,6 @@ fn with_slices<R>(frames: &VecDeque<Bytes>, write: impl FnOnce(&[IoSlice<'_>]) -
     write(&slices[..count])
 }
 
-/// The outboxes a fan-out left to write ([`Push::Deferred`]). Their frames wait until it
-/// runs (or until something else wakes their connections): it must not be dropped unrun.
-#[derive(Default)]
-#[must_use = "the queued frames are written only when the Flush runs"]
-pub struct Flush(Vec<Arc<Outbox>>);
-
-impl Flush {
-    /// While the node keeps up, this many sockets are written by the publisher itself; the
-    /// rest go to a task of their own, so that a publish returns once its frames are queued.
-    const INLINE: usize = 16;
-    /// A flushing task lets other tasks run after this many sockets (~0.6 ms of writes
-    /// here): what else the node has to do, another publication's first subscribers among
-    /// it, waits at most that long. With 256, the first subscriber of a publication sent
-    /// while 10,000 others were being written waited 7.5-13 ms (p50); with 64, 2.8-4.9 ms,
-    /// at the same CPU per delivery (BENCHMARKS.md, issue 6's sixth session).
-    const CHUNK: usize = 64;
-    /// Behind, a flush of at most this many sockets wakes their connections instead.
-    const WAKE_MAX: usize = 2048;
-
-    pub fn add(&mut self, outbox: &Arc<Outbox>) {
-        self.0.push(outbox.clone());
-    }
-
-    pub fn append(&mut self, mut other: Flush) {
-        self.0.append(&mut other.0);
-    }
-
-    /// Writes to every socket (see `Flush::INLINE`); called once the channel lock is
-    /// released. When a flushing task (of any publication, in this process) is still
-    /// writing, and for 100 ms after that was last seen, the node is behind: the sockets
-    /// of a flush of at most `Flush::WAKE_MAX` are left to their connections' tasks
-    /// instead, which by the time they run hold several publications each and write them
-    /// together (see `FLUSHING`).
-    pub fn run(self) {
-        if self.0.is_empty() {
-            return;
-        }
-        let behind = BEHIND.is_behind(FLUSHING.load(Acquire) > 0, elapsed_ms());
-        self.run_as(behind);
-    }
-
-    /// How a flush of `sockets` is written, `behind` or not, inside a runtime or not.
-    fn route(sockets: usize, behind: bool, in_runtime: bool) -> Route {
-        match () {
-            _ if !in_runtime => Route::Inline,
-            // A very large fan-out is still written by one task: waking thousands of
-            // connections per publication costs more than the batching saves.
-            _ if behind && sockets <= Self::WAKE_MAX => Route::Wake,
-            _ if sockets > Self::INLINE => Route::Task,
-            _ => Route::Inline,
-        }
-    }
-
-    fn run_as(self, behind: bool) {
-        if self.0.is_empty() {
-            return;
-        }
-        let runtime = tokio::runtime::Handle::try_current();
-        match (Self::route(self.0.len(), behind, runtime.is_ok()), runtime) {
-            (Route::Wake, _) => self.0.iter().for_each(|outbox| outbox.wake()),
-            (Route::Task, Ok(runtime)) => {
-                // The first few at once: the first subscribers do not wait for a task switch.
-                self.0[..Self::INLINE]
-                    .iter()
-                    .for_each(|outbox| outbox.flush());
-                let running = Flushing::start();
-                runtime.spawn(async move {
-                    let _running = running;
-                    for chunk in self.0[Self::INLINE..].chunks(Self::CHUNK) {
-                        chunk.iter().for_each(|outbox| outbox.flush());
-                        tokio::task::yield_now().await;
-                    }
-                });
-            }
-            (Route::Inline | Route::Task, _) => self.0.iter().for_each(|outbox| outbox.flush()),
-        }
-    }
-}
-
-/// [`Flush::route`]'s answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route {
-    /// Every socket written by the caller.
-    Inline,
-    /// The first `Flush::INLINE` written by the caller, the rest by a task of their own.
-    Task,
-    /// Every connection woken to write for itself.
-    Wake,
-}
-
-/// Flushing tasks still writing, in this process. Under load a publication's frames reach
-/// sockets that still hold the previous ones: written by one flushing task per publication,
-/// each socket would still take one write per frame (S5 at 200k deliveries/s of 1 KiB
-/// saturated the core at 1.5 frames per write); woken instead, each connection's task
-/// drains its whole queue at once (2.5 to 3 frames per write, and the same load at 5 CPU-s
-/// per million: BENCHMARKS.md, issue 6's fifth session). A heuristic shared by every node
-/// of the process (two publications in a row can look "behind" without a real lag, which
-/// costs a task switch, nothing else): either way every frame is written, in order.
-static FLUSHING: AtomicUsize = AtomicUsize::new(0);
-
-/// Whether the node is behind (see [`FLUSHING`]), for the process.
-static BEHIND: Behind = Behind::new();
-
-/// Once a flush finds an earlier one still writing, publications are left to the
-/// connections' tasks for `Behind::FOR_MS`: a flushing task started between two of them
-/// would write one frame per socket again.
-struct Behind {
-    /// Until when (milliseconds since [`elapsed_ms`]'s start).
-    until: AtomicU64,
-}
-
-impl Behind {
-    const FOR_MS: u64 = 100;
-
-    const fn new() -> Behind {
-        Behind {
-            until: AtomicU64::new(0),
-        }
-    }
-
-    /// Behind if a flushing task is running now, or was seen running in the last `FOR_MS`.
-    fn is_behind(&self, flushing: bool, now_ms: u64) -> bool {
-        if flushing {
-            self.until.store(now_ms + Self::FOR_MS, Relaxed);
-            true
-        } else {
-            now_ms < self.until.load(Relaxed)
-        }
-    }
-}
-
-/// Milliseconds since the first call, from the monotonic clock.
-fn elapsed_ms() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
-}
-
-/// Counts one flushing task in [`FLUSHING`] for as long as it lives.
-struct Flushing;
-
-impl Flushing {
-    fn start() -> Flushing {
-        FLUSHING.fetch_add(1, AcqRel);
-        Flushing
-    }
-}
-
-impl Drop for Flushing {
-    fn drop(&mut self) {
-        FLUSHING.fetch_sub(1, AcqRel);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,7 +426,7 @@ mod tests {
         let (out, drained) = drain(&outbox);
         assert_eq!(
             out,
-            &crate::ws::frame::close(4004, "slow consumer")[..],
+            &crate::wire::frame::close(4004, "slow consumer")[..],
             "queued frames are dropped on overflow, the close is sent"
         );
         assert_eq!(
@@ -692,86 +540,13 @@ mod tests {
     }
 
     #[test]
-    fn behind_lasts_for_a_while_after_a_flushing_task_was_seen() {
-        let behind = Behind::new();
-        assert!(!behind.is_behind(false, 1_000), "nothing seen yet");
-        assert!(behind.is_behind(true, 1_000), "a flushing task is running");
-        assert!(behind.is_behind(false, 1_000 + Behind::FOR_MS - 1));
-        assert!(!behind.is_behind(false, 1_000 + Behind::FOR_MS));
-        assert!(behind.is_behind(true, 5_000), "seen again: a new window");
-        assert!(behind.is_behind(false, 5_000 + Behind::FOR_MS - 1));
-    }
-
-    #[test]
-    fn how_a_flush_is_written() {
-        use Route::*;
-        let route = Flush::route;
-        // Keeping up: a few sockets by the caller, more by a task of their own.
-        assert_eq!(route(1, false, true), Inline);
-        assert_eq!(route(Flush::INLINE, false, true), Inline);
-        assert_eq!(route(Flush::INLINE + 1, false, true), Task);
-        assert_eq!(route(Flush::WAKE_MAX + 1, false, true), Task);
-        // Behind: the connections write for themselves, unless there are too many of them.
-        assert_eq!(route(1, true, true), Wake);
-        assert_eq!(route(Flush::WAKE_MAX, true, true), Wake);
-        assert_eq!(route(Flush::WAKE_MAX + 1, true, true), Task);
-        // Outside a runtime (nothing to spawn on, nobody to wake): the caller writes.
-        assert_eq!(route(Flush::WAKE_MAX + 1, false, false), Inline);
-        assert_eq!(route(1, true, false), Inline);
-    }
-
-    #[tokio::test]
-    async fn a_flush_behind_wakes_the_connections_instead_of_writing() {
-        let mut pairs = Vec::new();
-        let mut flush = Flush::default();
-        for _ in 0..Flush::INLINE + 4 {
-            let (server, client) = pair().await;
-            let outbox = Arc::new(Outbox::direct(
-                1 << 20,
-                server,
-                Arc::new(Metrics::default()),
-            ));
-            assert_eq!(outbox.push_later(Bytes::from_static(b"x")), Push::Deferred);
-            flush.add(&outbox);
-            pairs.push((outbox, client));
-        }
-        flush.run_as(true);
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        for (outbox, _) in &pairs {
-            assert_eq!(outbox.held(), 1, "left to the connection's task");
-            assert_eq!(outbox.poll_wait(&mut cx), Poll::Ready(()), "which is woken");
-        }
-
-        let mut flush = Flush::default();
-        for (outbox, _) in &pairs {
-            assert_eq!(outbox.push_later(Bytes::from_static(b"y")), Push::Queued);
-            flush.add(outbox);
-        }
-        flush.run_as(false);
-        // The first INLINE at once, the rest by the flushing task.
-        for (outbox, _) in &pairs[..Flush::INLINE] {
-            assert_eq!(outbox.held(), 0);
-        }
-        for (outbox, client) in &mut pairs {
-            while outbox.held() > 0 {
-                tokio::task::yield_now().await;
-            }
-            let mut got = [0u8; 2];
-            tokio::io::AsyncReadExt::read_exact(client, &mut got)
-                .await
-                .unwrap();
-            assert_eq!(&got, b"xy");
-        }
-    }
-
-    #[test]
     fn close_follows_queued_frames_and_first_wins() {
         let outbox = Outbox::new(100);
         outbox.push(Bytes::from_static(b"a"));
-        assert!(outbox.close(Close::new(4006, "bye")));
-        assert!(!outbox.close(Close::new(1001, "later")));
+        assert!(outbox.schedule_close(Close::new(4006, "bye")));
+        assert!(!outbox.schedule_close(Close::new(1001, "later")));
         let mut expected = b"a".to_vec();
-        expected.extend_from_slice(&crate::ws::frame::close(4006, "bye"));
+        expected.extend_from_slice(&crate::wire::frame::close(4006, "bye"));
         assert_eq!(drain(&outbox).0, expected);
     }
 }

@@ -1,0 +1,88 @@
+//! Publishing: a backend's Publish and Broadcast, and a client's `publish`.
+//!
+//! Each checks the channel and the data once, then hands the publication to the engine,
+//! which appends it where the channel keeps history and delivers it to the hub (see
+//! `broker`'s contract); a client's publication is also reported to the backends.
+
+use serde_json::value::RawValue;
+
+use crate::broker::Published;
+use crate::events::{EventKind, What};
+use crate::wire::channel::granted;
+
+use super::{Conn, Node, NodeError};
+
+/// Longest Publish idempotency_key: keys are remembered for idempotency_window.
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+impl Node {
+    /// Publishes `data` (checked here: size and JSON) to `channel`. With an `idempotency_key`
+    /// seen for this channel within idempotency_window, returns the first result and
+    /// publishes nothing.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        data: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Result<Published, NodeError> {
+        Node::check_channel(channel)?;
+        self.check_data(data)?;
+        if idempotency_key.is_some_and(|key| key.len() > MAX_IDEMPOTENCY_KEY) {
+            return Err(NodeError::KeyTooLong(MAX_IDEMPOTENCY_KEY));
+        }
+        Ok(self.broker.publish(channel, data, idempotency_key).await?)
+    }
+
+    /// Publishes the same data to every channel, in order; stops at the first failure.
+    pub async fn broadcast(
+        &self,
+        channels: &[String],
+        data: &[u8],
+    ) -> Result<Vec<Published>, NodeError> {
+        if channels.is_empty() {
+            return Err(NodeError::NoChannels);
+        }
+        for channel in channels {
+            Node::check_channel(channel)?;
+        }
+        self.check_data(data)?;
+        let mut results = Vec::with_capacity(channels.len());
+        for channel in channels {
+            results.push(self.broker.publish(channel, data, None).await?);
+        }
+        Ok(results)
+    }
+
+    /// A client's publication: allowed by a `publish` grant, or to a channel it is
+    /// subscribed to where the namespace has allow_client_publish. `data` was decoded as
+    /// JSON with the command.
+    pub async fn client_publish(
+        &self,
+        conn: Conn<'_>,
+        channel: &str,
+        data: &RawValue,
+    ) -> Result<Published, NodeError> {
+        Node::check_channel(channel)?;
+        let data = data.get().as_bytes();
+        self.data_size(data.len())?;
+        let allowed = granted(&conn.claims.publish, channel)
+            || (self.config.channel_options(channel).allow_client_publish
+                && self.hub.is_subscribed(conn.id, channel));
+        if !allowed {
+            return Err(NodeError::Forbidden(
+                "no permission to publish to this channel",
+            ));
+        }
+        let published = self.broker.publish(channel, data, None).await?;
+        if self.events.wants(EventKind::Publish) {
+            let publish = What::Publish {
+                channel: channel.to_string(),
+                data: data.to_vec(),
+                offset: published.offset,
+                epoch: published.epoch.clone(),
+            };
+            self.events.emit(conn.id, &conn.claims.user, publish);
+        }
+        Ok(published)
+    }
+}

@@ -1,0 +1,149 @@
+//! Subscribing and unsubscribing connections: by the client itself, by a backend
+//! (Control.Subscribe, Control.Unsubscribe), or from the token's `subs` at connect.
+//!
+//! A subscription is made inside the engine's subscribe, so that reading the channel's
+//! position (and recovering what the client missed) and joining its subscribers happen with
+//! no publication in between: the reply (or `sub` push) is queued first, then every
+//! publication the subscription receives.
+
+use crate::auth::Claims;
+use crate::hub::SubscribedBy;
+use crate::wire::channel::granted;
+use crate::wire::message::UnsubReason;
+use crate::wire::{Position, ServerMessage};
+
+use super::{ClientId, Conn, Node, NodeError, Target};
+
+/// What Control.Subscribe did to a target's connections.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Subscribed {
+    pub subscribed: u32,
+    pub already_subscribed: u32,
+    pub limit_exceeded: u32,
+}
+
+impl Node {
+    /// A client's `subscribe` (command `id`): allowed by a `channels` grant, a public
+    /// namespace or the token's `subs`. The reply carries the position and what was
+    /// recovered since `since`.
+    pub async fn client_subscribe(
+        &self,
+        conn: Conn<'_>,
+        id: u64,
+        channel: &str,
+        since: Option<&Position>,
+    ) -> Result<(), NodeError> {
+        Node::check_channel(channel)?;
+        if self.hub.is_subscribed(conn.id, channel) {
+            return Err(NodeError::AlreadySubscribed);
+        }
+        if !self.may_subscribe(conn.claims, channel) {
+            return Err(NodeError::Forbidden(
+                "no permission to subscribe to this channel",
+            ));
+        }
+        self.subscribe(conn.id, channel, since, Some(id)).await
+    }
+
+    /// Subscribes one connection. `reply_to`: the client's command id (a client's own
+    /// subscription, answered with its reply), or None for a server-side subscription
+    /// (announced with a `sub` push, never revoked by a token refresh).
+    pub async fn subscribe(
+        &self,
+        conn: &ClientId,
+        channel: &str,
+        since: Option<&Position>,
+        reply_to: Option<u64>,
+    ) -> Result<(), NodeError> {
+        Node::check_channel(channel)?;
+        let by = match reply_to {
+            Some(_) => SubscribedBy::Client,
+            None => SubscribedBy::Server,
+        };
+        let budget = self.recovery_budget(conn);
+        let hub = &self.hub;
+        let flush = self
+            .broker
+            .subscribe(channel, since, budget, |attach| {
+                let first = match reply_to {
+                    Some(id) => ServerMessage::Subscribed {
+                        id,
+                        attach: &attach,
+                    },
+                    None => ServerMessage::Sub {
+                        channel,
+                        attach: &attach,
+                    },
+                };
+                hub.subscribe(conn, channel, by, first.frame())
+            })
+            .await??;
+        flush.run();
+        Ok(())
+    }
+
+    /// Control.Subscribe: every connection of the target, with a `sub` push each.
+    pub async fn subscribe_target(
+        &self,
+        target: &Target,
+        channel: &str,
+    ) -> Result<Subscribed, NodeError> {
+        Node::check_channel(channel)?;
+        let mut out = Subscribed::default();
+        for (id, _) in self.hub.connections(target) {
+            match self.subscribe(&id, channel, None, None).await {
+                Ok(()) => out.subscribed += 1,
+                Err(NodeError::AlreadySubscribed) => out.already_subscribed += 1,
+                Err(NodeError::TooManySubscriptions(_) | NodeError::ChannelFull(_)) => {
+                    out.limit_exceeded += 1
+                }
+                // The connection ended meanwhile.
+                Err(NodeError::UnknownClient) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ends a connection's subscription; `notify` pushes `unsub` with that reason. False
+    /// when it was not subscribed.
+    pub fn unsubscribe(
+        &self,
+        conn: &ClientId,
+        channel: &str,
+        notify: Option<UnsubReason>,
+    ) -> Result<bool, NodeError> {
+        Node::check_channel(channel)?;
+        Ok(self.hub.unsubscribe(conn, channel, notify))
+    }
+
+    /// Control.Unsubscribe: every connection of the target, told with an `unsub` push.
+    pub fn unsubscribe_target(&self, target: &Target, channel: &str) -> Result<u32, NodeError> {
+        Node::check_channel(channel)?;
+        let mut unsubscribed = 0;
+        for (id, _) in self.hub.connections(target) {
+            if self
+                .hub
+                .unsubscribe(&id, channel, Some(UnsubReason::Backend))
+            {
+                unsubscribed += 1;
+            }
+        }
+        Ok(unsubscribed)
+    }
+
+    /// Whether a token lets its client subscribe to `channel` itself.
+    pub(super) fn may_subscribe(&self, claims: &Claims, channel: &str) -> bool {
+        granted(&claims.channels, channel)
+            || self.config.channel_options(channel).public
+            || claims.subs.iter().any(|s| s == channel)
+    }
+
+    /// What a recovery may add to a connection's queue: half the bound, less what is
+    /// queued already, so that a recovery (or several at connect) never trips the
+    /// slow-consumer close.
+    fn recovery_budget(&self, conn: &ClientId) -> usize {
+        let held = self.hub.held(conn);
+        (self.config.max_queue_bytes / 2).saturating_sub(held)
+    }
+}
