@@ -120,7 +120,7 @@ fn main() -> ExitCode {
         eprintln!("sidecast: configuration error: {message}");
         return ExitCode::from(EXIT_CONFIG as u8);
     }
-    if !config.token.has_key() {
+    if !config.token().has_key() {
         if let Err(e) = use_dev_secret(&mut config) {
             eprintln!("sidecast: development secret: {e:#}");
             return ExitCode::from(EXIT_CONFIG as u8);
@@ -157,7 +157,7 @@ fn config_command(action: &ConfigAction, config: &Config) -> ExitCode {
         }
         ConfigAction::Check { file } => {
             // The key and certificate files must be usable too, as at start.
-            if let Err(e) = sidecast::auth::Verifier::from_config(&config.token) {
+            if let Err(e) = sidecast::auth::Verifier::from_config(&config.token()) {
                 eprintln!("sidecast: configuration error: {e}");
                 return ExitCode::from(EXIT_CONFIG as u8);
             }
@@ -168,7 +168,7 @@ fn config_command(action: &ConfigAction, config: &Config) -> ExitCode {
                 eprintln!("sidecast: configuration error: {e}");
                 return ExitCode::from(EXIT_CONFIG as u8);
             }
-            if !config.token.has_key() {
+            if !config.token().has_key() {
                 println!(
                     "{}: valid (no token key: the node would run in development mode)",
                     file.display()
@@ -273,8 +273,8 @@ fn use_dev_secret(config: &mut Config) -> anyhow::Result<()> {
         "DEVELOPMENT MODE: no token key is configured; tokens are verified with the development secret in this file. \
          Set token_hmac_secret, token_public_key_file or token_jwks_file in production."
     );
-    config.token.hmac_secret = Some(Secret::new(secret));
-    config.token.algorithms = vec![jsonwebtoken::Algorithm::HS256];
+    config.token_hmac_secret = Some(Secret::new(secret));
+    config.token_algorithms = vec![jsonwebtoken::Algorithm::HS256];
     Ok(())
 }
 
@@ -323,7 +323,7 @@ fn token(
     info: Option<String>,
     ttl: u64,
 ) -> anyhow::Result<String> {
-    let secret = config.token.hmac_secret.as_ref().context(
+    let secret = config.token_hmac_secret.as_ref().context(
         "sidecast token signs with HS256 and needs token_hmac_secret (or development mode)",
     )?;
     let info = info

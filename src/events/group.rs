@@ -23,7 +23,7 @@ use super::event::{Body, Delivery, EventKind, What};
 pub type MemberId = u64;
 
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct Bounds {
     pub max_events: usize,
     pub max_bytes: usize,
     pub ack_timeout: Duration,
@@ -56,7 +56,7 @@ pub struct Group {
     pub kinds: u32,
     /// With the rpc kind: method prefixes the group answers; empty for every method.
     pub rpc_methods: Vec<String>,
-    limits: Limits,
+    limits: Bounds,
     next_seq: u64,
     buffer: BTreeMap<u64, Entry>,
     /// Buffered events not held by any member, in order.
@@ -76,7 +76,7 @@ pub struct Group {
 // === impl Group ===
 
 impl Group {
-    pub fn new(limits: Limits, now: Instant) -> Group {
+    pub fn new(limits: Bounds, now: Instant) -> Group {
         Group {
             kinds: 0,
             rpc_methods: Vec::new(),
@@ -355,7 +355,7 @@ fn score(client: &str, member: MemberId) -> u64 {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits {
+    const BOUNDS: Bounds = Bounds {
         max_events: 100,
         max_bytes: 1 << 20,
         ack_timeout: Duration::from_secs(30),
@@ -384,7 +384,7 @@ mod tests {
     #[test]
     fn window_bounds_what_a_member_holds_and_acks_release_the_rest() {
         let t = Instant::now();
-        let mut g = Group::new(LIMITS, t);
+        let mut g = Group::new(BOUNDS, t);
         assert!(g.join(1, 2, 0, Vec::new(), t).is_empty());
         let mut sent = Vec::new();
         for _ in 0..5 {
@@ -399,7 +399,7 @@ mod tests {
     #[test]
     fn a_leaving_member_gives_its_events_to_another_in_order() {
         let t = Instant::now();
-        let mut g = Group::new(LIMITS, t);
+        let mut g = Group::new(BOUNDS, t);
         g.join(1, 10, 0, Vec::new(), t);
         for _ in 0..3 {
             g.push(body("a"), t);
@@ -415,7 +415,7 @@ mod tests {
     #[test]
     fn a_full_member_holds_back_its_clients_only() {
         let t = Instant::now();
-        let mut g = Group::new(LIMITS, t);
+        let mut g = Group::new(BOUNDS, t);
         g.join(1, 1, 0, Vec::new(), t);
         g.join(2, 100, 0, Vec::new(), t);
         // Clients that prefer member 1 (a, c) and member 2 (b).
@@ -440,9 +440,9 @@ mod tests {
     #[test]
     fn overflow_is_reported_with_the_range_once_there_is_room() {
         let t = Instant::now();
-        let limits = Limits {
+        let limits = Bounds {
             max_events: 3,
-            ..LIMITS
+            ..BOUNDS
         };
         let mut g = Group::new(limits, t);
         for _ in 0..6 {
@@ -468,7 +468,7 @@ mod tests {
     #[test]
     fn a_group_without_members_expires_after_its_ttl() {
         let t = Instant::now();
-        let mut g = Group::new(LIMITS, t);
+        let mut g = Group::new(BOUNDS, t);
         g.join(1, 10, 0, Vec::new(), t);
         assert!(!g.expired(t + Duration::from_secs(3600)));
         g.leave(1, t);

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 pub use event::{Body, Delivery, EventKind, Joined, ToMember, What};
 pub use group::MemberId;
-use group::{Group, Limits};
+use group::{Bounds, Group};
 
 use crate::config::Config;
 
@@ -104,10 +104,10 @@ pub struct Events {
 }
 
 struct Inner {
-    state: Mutex<State>,
+    state: Mutex<Registry>,
     /// Bits of the kinds some group wants: emitting an unwanted kind costs one load.
     wanted: AtomicU32,
-    limits: Limits,
+    limits: Bounds,
     window: usize,
     max_groups: usize,
     node_id: Arc<str>,
@@ -116,7 +116,7 @@ struct Inner {
 }
 
 #[derive(Default)]
-struct State {
+struct Registry {
     groups: HashMap<String, Group>,
     members: HashMap<MemberId, MemberHandle>,
     next_member: MemberId,
@@ -171,9 +171,9 @@ impl Events {
     pub fn new(config: &Config, node_id: Arc<str>) -> Events {
         Events {
             inner: Arc::new(Inner {
-                state: Mutex::new(State::default()),
+                state: Mutex::new(Registry::default()),
                 wanted: AtomicU32::new(0),
-                limits: Limits {
+                limits: Bounds {
                     max_events: config.events_buffer,
                     max_bytes: config.events_buffer_bytes,
                     ack_timeout: config.events_ack_timeout,
@@ -187,7 +187,7 @@ impl Events {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.inner.state.lock().expect("events lock")
     }
 
@@ -481,7 +481,7 @@ impl Events {
         }
     }
 
-    fn update_wanted(&self, state: &State) {
+    fn update_wanted(&self, state: &Registry) {
         let wanted = state.groups.values().fold(0, |acc, g| acc | g.kinds);
         self.inner.wanted.store(wanted, Relaxed);
     }
@@ -489,7 +489,7 @@ impl Events {
 
 /// Sends each event to its member; a member whose stream is gone leaves, and its events go
 /// to the others. True when a member was removed.
-fn deliver(state: &mut State, mut out: group::Out, now: Instant) -> bool {
+fn deliver(state: &mut Registry, mut out: group::Out, now: Instant) -> bool {
     let mut removed = false;
     while !out.is_empty() {
         let mut gone: Vec<MemberId> = Vec::new();
@@ -517,14 +517,19 @@ fn deliver(state: &mut State, mut out: group::Out, now: Instant) -> bool {
     removed
 }
 
-fn remove_member(state: &mut State, member: MemberId, reason: Option<EventsError>, now: Instant) {
+fn remove_member(
+    state: &mut Registry,
+    member: MemberId,
+    reason: Option<EventsError>,
+    now: Instant,
+) {
     let out = take_member(state, member, reason, now);
     deliver(state, out, now);
 }
 
 /// Removes a member: its stream ends, its rpcs fail at once, its events go back to the group.
 fn take_member(
-    state: &mut State,
+    state: &mut Registry,
     member: MemberId,
     reason: Option<EventsError>,
     now: Instant,

@@ -68,7 +68,7 @@ impl Node {
     pub fn build(config: Config) -> Result<Node, KeyError> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
-        let verifier = Arc::new(Verifier::from_config(&config.token)?);
+        let verifier = Arc::new(Verifier::from_config(&config.token())?);
         let id: Arc<str> = Arc::from(format!("{:016x}", rand::random::<u64>()));
         let events = Events::new(&config, id.clone());
         let hub = Hub::new(config.clone(), metrics.clone(), events.clone());

@@ -53,7 +53,7 @@ pub enum Push {
 }
 
 pub struct Outbox {
-    state: Mutex<State>,
+    state: Mutex<Queue>,
     /// The connection's task, woken when something is queued for it or a close scheduled.
     waker: AtomicWaker,
     woken: AtomicBool,
@@ -62,7 +62,7 @@ pub struct Outbox {
 }
 
 #[derive(Default)]
-struct State {
+struct Queue {
     frames: VecDeque<Bytes>,
     /// Bytes in `frames` not yet written.
     queued: usize,
@@ -102,7 +102,7 @@ impl Outbox {
     /// An outbox whose frames only the connection's task writes (TLS).
     pub fn new(limit: usize) -> Outbox {
         Outbox {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(Queue::default()),
             waker: AtomicWaker::new(),
             woken: AtomicBool::new(false),
             limit,
@@ -120,9 +120,9 @@ impl Outbox {
     /// in `metrics` like the drain's.
     pub fn direct(limit: usize, tcp: Arc<TcpStream>, metrics: Arc<Metrics>) -> Outbox {
         Outbox {
-            state: Mutex::new(State {
+            state: Mutex::new(Queue {
                 direct: Some(tcp),
-                ..State::default()
+                ..Queue::default()
             }),
             waker: AtomicWaker::new(),
             woken: AtomicBool::new(false),
@@ -191,7 +191,7 @@ impl Outbox {
     /// Writes queued frames with non-blocking vectored writes until the queue is empty
     /// (true) or the socket takes no more (false). Called with the lock held, so nothing
     /// can come between these bytes and the drain's.
-    fn write_queued(&self, state: &mut State) -> bool {
+    fn write_queued(&self, state: &mut Queue) -> bool {
         let Some(tcp) = state.direct.clone() else {
             return false;
         };
@@ -217,7 +217,7 @@ impl Outbox {
     }
 
     /// Drops `written` bytes from the front of the queue and counts the write.
-    fn advance(&self, state: &mut State, written: usize) {
+    fn advance(&self, state: &mut Queue, written: usize) {
         state.queued -= written;
         let mut left = written;
         let mut completed = 0;

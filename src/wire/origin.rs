@@ -7,9 +7,23 @@
 //! compared without regard to case), `*` in place of a host label
 //! (`https://*.example.com`, one or more labels), or `*` alone for any origin.
 
-/// A validated pattern, lowercased.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A validated pattern, lowercased. Read from and written to configuration as its text.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct OriginPattern(String);
+
+impl TryFrom<String> for OriginPattern {
+    type Error = String;
+    fn try_from(text: String) -> Result<OriginPattern, String> {
+        OriginPattern::parse(&text)
+    }
+}
+
+impl From<OriginPattern> for String {
+    fn from(pattern: OriginPattern) -> String {
+        pattern.0
+    }
+}
 
 impl OriginPattern {
     pub fn parse(text: &str) -> Result<OriginPattern, String> {

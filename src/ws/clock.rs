@@ -104,7 +104,7 @@ impl Clock {
         }
         let expires = live
             .expires_at
-            .saturating_add(config.token.leeway.as_secs());
+            .saturating_add(config.token_leeway.as_secs());
         if unix >= expires {
             outbox.schedule_close(Close::new(close::TOKEN_EXPIRED, "token expired"));
             return now + NEVER;

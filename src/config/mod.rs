@@ -1,0 +1,310 @@
+//! Typed configuration, read and validated once at start.
+//!
+//! [`Config`] declares every key once: its name, type, default and meaning (the field, its
+//! serde attributes and `Default`). `layers` reads a TOML file, `SIDECAST_*` variables and
+//! command-line overrides into it, later ones winning, and `rules` checks what no single
+//! value can say. An unknown key or a bad value is a [`ConfigError`] naming the key, and
+//! `main` exits with 64. There is no silent fallback: a key that is absent takes its
+//! documented default (docs/configuration.md, which a test holds to the same keys).
+
+mod layers;
+mod rules;
+mod values;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use serde::{Deserialize, Serialize};
+
+pub use layers::ConfigError;
+pub use values::{format_duration, parse_duration, Secret};
+
+use crate::wire::origin::OriginPattern;
+use values::{duration, nets, nonempty};
+
+/// Exit code for a configuration error (EX_USAGE from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Every key of the configuration file (flat keys are also `SIDECAST_<KEY>` variables and
+/// `--set key=value` flags).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The WebSocket listener.
+    pub ws_addr: SocketAddr,
+    pub ws_path: String,
+    /// Browser Origins allowed to upgrade; empty allows any.
+    pub allowed_origins: Vec<OriginPattern>,
+    /// PEM files: TLS on the WebSocket listener when both are set.
+    #[serde(deserialize_with = "nonempty")]
+    pub ws_tls_cert_file: Option<PathBuf>,
+    #[serde(deserialize_with = "nonempty")]
+    pub ws_tls_key_file: Option<PathBuf>,
+    /// PEM files: TLS on the control listener, and client certificates (mTLS) with the CA.
+    #[serde(deserialize_with = "nonempty")]
+    pub grpc_tls_cert_file: Option<PathBuf>,
+    #[serde(deserialize_with = "nonempty")]
+    pub grpc_tls_key_file: Option<PathBuf>,
+    #[serde(deserialize_with = "nonempty")]
+    pub grpc_tls_client_ca_file: Option<PathBuf>,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    #[serde(deserialize_with = "nonempty")]
+    pub api_key: Option<Secret>,
+    #[serde(deserialize_with = "nonempty")]
+    pub token_hmac_secret: Option<Secret>,
+    #[serde(deserialize_with = "nonempty")]
+    pub token_public_key_file: Option<PathBuf>,
+    #[serde(deserialize_with = "nonempty")]
+    pub token_jwks_file: Option<PathBuf>,
+    /// Never empty after validation when a key is set (HS256 for a lone HMAC secret).
+    pub token_algorithms: Vec<Algorithm>,
+    #[serde(deserialize_with = "nonempty")]
+    pub token_audience: Option<String>,
+    #[serde(deserialize_with = "nonempty")]
+    pub token_issuer: Option<String>,
+    #[serde(with = "duration")]
+    pub token_leeway: Duration,
+    pub dev_secret_file: PathBuf,
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(with = "duration")]
+    pub ping_interval: Duration,
+    #[serde(with = "duration")]
+    pub pong_timeout: Duration,
+    #[serde(with = "duration")]
+    pub write_timeout: Duration,
+    #[serde(with = "duration")]
+    pub shutdown_timeout: Duration,
+    /// The 1001 closes at shutdown are spread over this window.
+    #[serde(with = "duration")]
+    pub drain_window: Duration,
+    /// WebSocket connections one node holds (derived from the open-file limit when 0 is given).
+    pub max_connections: usize,
+    /// 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// Upgrade attempts per second per address; 0: no limit.
+    pub connect_rate_per_ip: usize,
+    /// Peers whose X-Forwarded-For is believed.
+    #[serde(with = "nets")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Commands a connection may send per second (a burst of twice as many); 0: no limit.
+    pub max_commands_per_second: usize,
+    /// How long a client may take to send its upgrade request's headers.
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
+    pub max_message_size: usize,
+    pub max_queue_bytes: usize,
+    /// SO_SNDBUF of each WebSocket connection's socket (the kernel doubles it); 0 leaves the
+    /// kernel's autotuning, which lets a stalled reader's socket hold up to `tcp_wmem`'s
+    /// maximum (4 MiB by default) on top of `max_queue_bytes`.
+    pub socket_send_buffer: usize,
+    pub max_publication_size: usize,
+    pub max_subscriptions: usize,
+    /// Most publications one recovery may return.
+    pub max_recovery: usize,
+    /// How long a Publish idempotency_key is remembered.
+    #[serde(with = "duration")]
+    pub idempotency_window: Duration,
+    /// Events one group keeps unacknowledged (sent or not), and their bytes.
+    pub events_buffer: usize,
+    pub events_buffer_bytes: usize,
+    /// Most events one member holds unacknowledged.
+    pub events_window: usize,
+    /// A member holding an event longer is dropped from its group.
+    #[serde(with = "duration")]
+    pub events_ack_timeout: Duration,
+    /// How long a group without a member keeps its buffer.
+    #[serde(with = "duration")]
+    pub events_group_ttl: Duration,
+    /// Event groups a node keeps at once (with or without members).
+    pub events_max_groups: usize,
+    /// How long a client's rpc waits for the backend's Reply.
+    #[serde(with = "duration")]
+    pub rpc_timeout: Duration,
+    /// Rpcs one connection may have waiting at once.
+    pub max_rpc_in_flight: usize,
+    pub log_format: LogFormat,
+    /// Options of channels without a namespace of their own.
+    pub channel_defaults: NamespaceOptions,
+    pub namespaces: HashMap<String, NamespaceOptions>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        let addr = |text: &str| text.parse().expect("a valid default address");
+        let secs = Duration::from_secs;
+        Config {
+            ws_addr: addr("0.0.0.0:8080"),
+            ws_path: "/ws".into(),
+            allowed_origins: Vec::new(),
+            ws_tls_cert_file: None,
+            ws_tls_key_file: None,
+            grpc_tls_cert_file: None,
+            grpc_tls_key_file: None,
+            grpc_tls_client_ca_file: None,
+            grpc_addr: addr("127.0.0.1:50051"),
+            admin_addr: addr("127.0.0.1:9090"),
+            api_key: None,
+            token_hmac_secret: None,
+            token_public_key_file: None,
+            token_jwks_file: None,
+            token_algorithms: Vec::new(),
+            token_audience: None,
+            token_issuer: None,
+            token_leeway: secs(5),
+            dev_secret_file: ".sidecast/dev-secret".into(),
+            connect_timeout: secs(10),
+            ping_interval: secs(25),
+            pong_timeout: secs(10),
+            write_timeout: secs(5),
+            shutdown_timeout: secs(10),
+            drain_window: secs(2),
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            connect_rate_per_ip: 0,
+            trusted_proxies: Vec::new(),
+            max_commands_per_second: 100,
+            header_read_timeout: secs(10),
+            max_message_size: 65536,
+            max_queue_bytes: 1 << 20,
+            socket_send_buffer: 256 << 10,
+            max_publication_size: 65536,
+            max_subscriptions: 128,
+            max_recovery: 300,
+            idempotency_window: secs(300),
+            events_buffer: 10_000,
+            events_buffer_bytes: 16 << 20,
+            events_window: 256,
+            events_ack_timeout: secs(30),
+            events_group_ttl: secs(600),
+            events_max_groups: 64,
+            rpc_timeout: secs(5),
+            max_rpc_in_flight: 16,
+            log_format: LogFormat::Text,
+            channel_defaults: NamespaceOptions::default(),
+            namespaces: HashMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Options of a namespace (`[namespaces.NAME]`) or of channels without one (`[channel_defaults]`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NamespaceOptions {
+    /// Publications kept per channel for recovery and the history queries; 0 keeps none.
+    pub history_size: usize,
+    /// How long a kept publication lives; required when history_size is set.
+    #[serde(with = "duration")]
+    pub history_ttl: Duration,
+    /// How long a channel's position (epoch and last offset) outlives its last publication.
+    #[serde(with = "duration")]
+    pub history_meta_ttl: Duration,
+    /// Keep who is subscribed, for the presence queries.
+    pub presence: bool,
+    /// Push `join` and `leave` to subscribers when others subscribe and leave.
+    pub join_leave: bool,
+    /// Subscribers may publish from the socket, without a `publish` grant.
+    pub allow_client_publish: bool,
+    /// Any authenticated client may subscribe, without a `channels` grant.
+    pub public: bool,
+    /// 0 for no limit.
+    pub max_subscribers: usize,
+}
+
+impl Default for NamespaceOptions {
+    fn default() -> NamespaceOptions {
+        NamespaceOptions {
+            history_size: 0,
+            history_ttl: Duration::ZERO,
+            history_meta_ttl: Duration::from_secs(24 * 3600),
+            presence: false,
+            join_leave: false,
+            allow_client_publish: false,
+            public: false,
+            max_subscribers: 0,
+        }
+    }
+}
+
+impl NamespaceOptions {
+    pub fn has_history(&self) -> bool {
+        self.history_size > 0
+    }
+}
+
+/// What token verification reads of the configuration.
+#[derive(Clone, Debug)]
+pub struct TokenConfig {
+    pub hmac_secret: Option<Secret>,
+    pub public_key_file: Option<PathBuf>,
+    pub jwks_file: Option<PathBuf>,
+    pub algorithms: Vec<Algorithm>,
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+    pub leeway: Duration,
+}
+
+impl TokenConfig {
+    pub fn has_key(&self) -> bool {
+        self.hmac_secret.is_some() || self.public_key_file.is_some() || self.jwks_file.is_some()
+    }
+}
+
+impl Config {
+    /// The `token_*` keys, for token verification.
+    pub fn token(&self) -> TokenConfig {
+        TokenConfig {
+            hmac_secret: self.token_hmac_secret.clone(),
+            public_key_file: self.token_public_key_file.clone(),
+            jwks_file: self.token_jwks_file.clone(),
+            algorithms: self.token_algorithms.clone(),
+            audience: self.token_audience.clone(),
+            issuer: self.token_issuer.clone(),
+            leeway: self.token_leeway,
+        }
+    }
+
+    /// The options that apply to a channel: its namespace's, or the defaults.
+    pub fn channel_options(&self, channel: &str) -> &NamespaceOptions {
+        crate::wire::channel::namespace(channel)
+            .and_then(|ns| self.namespaces.get(ns))
+            .unwrap_or(&self.channel_defaults)
+    }
+
+    /// The effective configuration as a TOML file: every key with its value (defaults
+    /// included), secrets masked as "***".
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the configuration serializes")
+    }
+}
+
+pub fn is_hmac(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+/// The default max_connections: the process's open-file limit less a reserve for the other
+/// listeners, gRPC connections and files.
+pub fn default_max_connections() -> usize {
+    const RESERVE: usize = 100;
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|soft| soft.parse::<usize>().ok())
+        })
+        .unwrap_or(10_000);
+    limit.saturating_sub(RESERVE).max(1)
+}
