@@ -80,7 +80,7 @@ fn route<B>(req: &Request<B>, health: &Health, node: &Node) -> Response<Full<Byt
             let mut response = Response::new(Full::new(Bytes::from(metrics(health, node))));
             response.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                hyper::header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
             );
             return response;
         }

@@ -10,7 +10,6 @@ use serde_json::value::RawValue;
 
 use crate::auth::Claims;
 use crate::hub::SubscribedBy;
-use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::wire::close::{self, Close};
 use crate::wire::message::UnsubReason;
@@ -37,7 +36,7 @@ impl Node {
             claims.meta.as_deref(),
             outbox,
         );
-        Metrics::inc(&self.metrics.connects);
+        self.metrics.connects.inc();
         for channel in &claims.subs {
             let since = positions.iter().find(|(c, _)| c == channel).map(|(_, p)| p);
             if let Err(e) = self.subscribe(id, channel, since, None).await {

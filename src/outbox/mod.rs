@@ -402,7 +402,6 @@ fn with_slices<R>(frames: &VecDeque<Bytes>, write: impl FnOnce(&[IoSlice<'_>]) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering::Relaxed;
 
     /// Drains into memory (a writer that takes everything at once).
     fn drain(outbox: &Outbox) -> (Vec<u8>, Drained) {
@@ -472,8 +471,8 @@ mod tests {
         let mut got = vec![0; 14];
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"one two three ");
-        assert_eq!(metrics.messages_sent.load(Relaxed), 3);
-        assert_eq!(metrics.socket_writes.load(Relaxed), 2);
+        assert_eq!(metrics.messages_sent.get(), 3);
+        assert_eq!(metrics.socket_writes.get(), 2);
 
         // A client that does not read fills the socket: what it does not take stays queued,
         // whole frames and the rest of a partly written one, in order.

@@ -17,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::outbox::Outbox;
 use crate::wire::close::{self, Close};
@@ -179,7 +178,7 @@ impl<F: Fill, W: AsyncWrite + Unpin> Connection<F, W> {
                 if !work {
                     write_deadline = None;
                 } else if *write_deadline.get_or_insert(now + config.write_timeout) <= now {
-                    Metrics::inc(&self.handler.node().metrics.write_timeouts);
+                    self.handler.node().metrics.write_timeouts.inc();
                     tracing::debug!("write timed out; dropping the connection");
                     outbox.lost("write timed out");
                     break;

@@ -14,7 +14,6 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
-use crate::metrics::Metrics;
 use crate::node::{Asker, ClientId, Conn, Node};
 use crate::outbox::{Outbox, Push};
 use crate::wire::close::{self, Close};
@@ -96,7 +95,7 @@ impl Handler {
 
     fn send(&self, message: ServerMessage<'_>) {
         if self.outbox.push(message.frame()) == Push::Overflow {
-            Metrics::inc(&self.node.metrics.slow_consumer_closes);
+            self.node.metrics.slow_consumer_closes.inc();
         }
     }
 
@@ -113,7 +112,7 @@ impl Handler {
     /// Boxed by its callers: handling a command takes more state than waiting for one, and
     /// an idle connection's future should only be as large as the waiting.
     pub(crate) async fn on_message(&mut self, text: &[u8]) {
-        Metrics::inc(&self.node.metrics.messages_received);
+        self.node.metrics.messages_received.inc();
         if !self.commands.take(std::time::Instant::now()) {
             return self.end(
                 close::RATE_LIMITED,
@@ -319,7 +318,7 @@ impl Handler {
 
     fn send_encoded(&self, json: &[u8]) {
         if self.outbox.push(crate::wire::frame::text(json)) == Push::Overflow {
-            Metrics::inc(&self.node.metrics.slow_consumer_closes);
+            self.node.metrics.slow_consumer_closes.inc();
         }
     }
 
