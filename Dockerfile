@@ -12,6 +12,8 @@ COPY proto proto
 COPY src src
 COPY examples examples
 COPY tests tests
+# A workspace member: cargo reads its manifest even to build sidecast alone.
+COPY bench/generator bench/generator
 RUN cargo build --release --locked --bin sidecast
 
 FROM debian:bookworm-slim

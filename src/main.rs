@@ -12,7 +12,7 @@ use sidecast::config::{Config, LogFormat, Secret, EXIT_CONFIG};
 use sidecast::{run, Listeners, RunError};
 
 /// mimalloc returns freed pages to the system: the buffers of a burst of connection
-/// handshakes do not stay resident after the burst (BENCHMARKS.md, per-connection memory).
+/// handshakes do not stay resident after the burst (bench/results/history.md, per-connection memory).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

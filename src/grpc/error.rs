@@ -4,6 +4,7 @@ use tonic::{Code, Status};
 
 use crate::broker::BrokerError;
 use crate::events::EventsError;
+use crate::hub::HubError;
 use crate::node::NodeError;
 use crate::wire::channel::ChannelError;
 
@@ -69,10 +70,12 @@ fn node_code(e: &NodeError) -> Code {
         | NodeError::EpochChanged(_) => Code::FailedPrecondition,
         NodeError::Engine(BrokerError::Unavailable(_)) => Code::Unavailable,
         // Reached only through a client's connection, never by the control API.
-        NodeError::AlreadySubscribed
-        | NodeError::TooManySubscriptions(_)
-        | NodeError::ChannelFull(_) => Code::ResourceExhausted,
-        NodeError::UnknownClient => Code::NotFound,
+        NodeError::Hub(
+            HubError::AlreadySubscribed
+            | HubError::TooManySubscriptions(_)
+            | HubError::ChannelFull(_),
+        ) => Code::ResourceExhausted,
+        NodeError::Hub(HubError::UnknownClient) => Code::NotFound,
         NodeError::Forbidden(_) => Code::PermissionDenied,
     }
 }

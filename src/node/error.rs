@@ -21,15 +21,10 @@ pub enum NodeError {
     KeyTooLong(usize),
     #[error("channels is empty")]
     NoChannels,
-    #[error("already subscribed")]
-    AlreadySubscribed,
-    #[error("too many subscriptions on this connection (max {0})")]
-    TooManySubscriptions(usize),
-    #[error("channel is full (max {0} subscribers)")]
-    ChannelFull(usize),
-    /// The connection is gone (it ended while the call was on its way).
-    #[error("unknown client")]
-    UnknownClient,
+    /// The subscription was refused by the hub (already subscribed, a limit, or the
+    /// connection is gone).
+    #[error(transparent)]
+    Hub(#[from] HubError),
     /// The client's token does not allow it.
     #[error("{0}")]
     Forbidden(&'static str),
@@ -47,15 +42,4 @@ pub enum NodeError {
     Code(u32),
     #[error(transparent)]
     Engine(#[from] BrokerError),
-}
-
-impl From<HubError> for NodeError {
-    fn from(e: HubError) -> NodeError {
-        match e {
-            HubError::AlreadySubscribed => NodeError::AlreadySubscribed,
-            HubError::TooManySubscriptions(max) => NodeError::TooManySubscriptions(max),
-            HubError::ChannelFull(max) => NodeError::ChannelFull(max),
-            HubError::UnknownClient => NodeError::UnknownClient,
-        }
-    }
 }

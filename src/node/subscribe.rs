@@ -7,7 +7,7 @@
 //! publication the subscription receives.
 
 use crate::auth::Claims;
-use crate::hub::SubscribedBy;
+use crate::hub::{HubError, SubscribedBy};
 use crate::wire::channel::granted;
 use crate::wire::message::UnsubReason;
 use crate::wire::{Position, ServerMessage};
@@ -35,7 +35,7 @@ impl Node {
     ) -> Result<(), NodeError> {
         Node::check_channel(channel)?;
         if self.hub.is_subscribed(conn.id, channel) {
-            return Err(NodeError::AlreadySubscribed);
+            return Err(HubError::AlreadySubscribed.into());
         }
         if !self.may_subscribe(conn.claims, channel) {
             return Err(NodeError::Forbidden(
@@ -93,12 +93,12 @@ impl Node {
         for (id, _) in self.hub.connections(target) {
             match self.subscribe(&id, channel, None, None).await {
                 Ok(()) => out.subscribed += 1,
-                Err(NodeError::AlreadySubscribed) => out.already_subscribed += 1,
-                Err(NodeError::TooManySubscriptions(_) | NodeError::ChannelFull(_)) => {
-                    out.limit_exceeded += 1
-                }
+                Err(NodeError::Hub(HubError::AlreadySubscribed)) => out.already_subscribed += 1,
+                Err(NodeError::Hub(
+                    HubError::TooManySubscriptions(_) | HubError::ChannelFull(_),
+                )) => out.limit_exceeded += 1,
                 // The connection ended meanwhile.
-                Err(NodeError::UnknownClient) => {}
+                Err(NodeError::Hub(HubError::UnknownClient)) => {}
                 Err(e) => return Err(e),
             }
         }

@@ -30,7 +30,7 @@ impl Flush {
     /// here): what else the node has to do, another publication's first subscribers among
     /// it, waits at most that long. With 256, the first subscriber of a publication sent
     /// while 10,000 others were being written waited 7.5-13 ms (p50); with 64, 2.8-4.9 ms,
-    /// at the same CPU per delivery (BENCHMARKS.md, "Flush::CHUNK").
+    /// at the same CPU per delivery (bench/results/history.md, "Flush::CHUNK 256 → 64").
     const CHUNK: usize = 64;
     /// Behind, a flush of at most this many sockets wakes their connections instead.
     const WAKE_MAX: usize = 2048;
@@ -118,7 +118,7 @@ enum Route {
 /// flushing task per publication, each socket would still take one write per frame (S5 at
 /// 200k deliveries/s of 1 KiB saturated the core at 1.5 frames per write); woken instead,
 /// each connection's task drains its whole queue at once (2.5 to 3 frames per write, and
-/// the same load at 5 CPU-s per million: BENCHMARKS.md). A heuristic (two publications in a
+/// the same load at 5 CPU-s per million: bench/results/history.md). A heuristic (two publications in a
 /// row can look "behind" without a real lag, which costs a task switch, nothing else):
 /// either way every frame is written, in order.
 #[derive(Debug)]
@@ -198,22 +198,11 @@ mod tests {
     use std::task::{Context, Poll};
 
     use bytes::Bytes;
-    use tokio::net::TcpStream;
 
     use super::*;
     use crate::metrics::Metrics;
+    use crate::outbox::tests::pair;
     use crate::outbox::Push;
-
-    /// A connected pair whose server side is known writable to tokio.
-    async fn pair() -> (Arc<TcpStream>, TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        server.writable().await.unwrap();
-        (Arc::new(server), client)
-    }
 
     #[test]
     fn behind_lasts_for_a_while_after_a_flushing_task_was_seen() {

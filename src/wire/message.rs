@@ -13,57 +13,9 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+pub use super::error_code::ErrorCode;
 use super::frame;
 use super::position::{Attach, Position, Publication, Recovery};
-
-/// The closed set of error codes in replies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorCode {
-    BadRequest,
-    Unauthorized,
-    Forbidden,
-    NotFound,
-    NotAvailable,
-    AlreadySubscribed,
-    UnrecoverablePosition,
-    LimitExceeded,
-    Unavailable,
-    Internal,
-    RpcError,
-}
-
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadRequest => "bad_request",
-            ErrorCode::Unauthorized => "unauthorized",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::NotAvailable => "not_available",
-            ErrorCode::AlreadySubscribed => "already_subscribed",
-            ErrorCode::UnrecoverablePosition => "unrecoverable_position",
-            ErrorCode::LimitExceeded => "limit_exceeded",
-            ErrorCode::Unavailable => "unavailable",
-            ErrorCode::Internal => "internal",
-            ErrorCode::RpcError => "rpc_error",
-        }
-    }
-
-    /// Every code, in declaration order (`code as usize` indexes this).
-    pub const ALL: [ErrorCode; 11] = [
-        ErrorCode::BadRequest,
-        ErrorCode::Unauthorized,
-        ErrorCode::Forbidden,
-        ErrorCode::NotFound,
-        ErrorCode::NotAvailable,
-        ErrorCode::AlreadySubscribed,
-        ErrorCode::UnrecoverablePosition,
-        ErrorCode::LimitExceeded,
-        ErrorCode::Unavailable,
-        ErrorCode::Internal,
-        ErrorCode::RpcError,
-    ];
-}
 
 /// Why a subscription ended without the client asking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,10 +175,7 @@ impl ServerMessage<'_> {
             }
             ServerMessage::Presence { id, clients } => {
                 let mut out = format!(r#"{{"id":{id},"result":{{"clients":{{"#);
-                for (i, c) in clients.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
+                write_list(&mut out, clients, |out, c| {
                     // `info` was validated as a JSON object at connect: passed through verbatim.
                     let _ = write!(
                         out,
@@ -235,7 +184,7 @@ impl ServerMessage<'_> {
                         json_string(&c.user),
                         c.info.as_deref().map_or("null", RawValue::get)
                     );
-                }
+                });
                 out.push_str("}}}");
                 out.into_bytes()
             }
@@ -355,10 +304,7 @@ fn subscription_fields(out: &mut String, attach: &Attach) {
 
 fn write_publications(out: &mut String, publications: &[Publication]) {
     out.push('[');
-    for (i, p) in publications.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
+    write_list(out, publications, |out, p| {
         // Kept data was validated JSON (UTF-8) at publish.
         let _ = write!(
             out,
@@ -366,8 +312,18 @@ fn write_publications(out: &mut String, publications: &[Publication]) {
             p.offset,
             String::from_utf8_lossy(&p.data)
         );
-    }
+    });
     out.push(']');
+}
+
+/// Writes `items` separated by commas.
+fn write_list<T>(out: &mut String, items: &[T], mut one: impl FnMut(&mut String, &T)) {
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        one(out, item);
+    }
 }
 
 #[cfg(test)]

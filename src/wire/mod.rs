@@ -13,6 +13,7 @@
 pub mod channel;
 pub mod close;
 pub mod command;
+mod error_code;
 pub mod frame;
 pub mod inbound;
 pub mod json;

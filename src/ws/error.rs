@@ -1,6 +1,7 @@
 //! Why a client's command failed, and the one mapping from that to the reply's error code
 //! and message (docs/protocol.md, error codes).
 
+use crate::hub::HubError;
 use crate::node::NodeError;
 use crate::wire::ErrorCode;
 
@@ -62,12 +63,11 @@ fn node_reply(e: &NodeError) -> (ErrorCode, String) {
         | NodeError::Limit(_)
         | NodeError::Code(_) => ErrorCode::BadRequest,
         NodeError::TooLarge { .. }
-        | NodeError::TooManySubscriptions(_)
-        | NodeError::ChannelFull(_)
+        | NodeError::Hub(HubError::TooManySubscriptions(_) | HubError::ChannelFull(_))
         | NodeError::PageTooLarge(_) => ErrorCode::LimitExceeded,
-        NodeError::AlreadySubscribed => ErrorCode::AlreadySubscribed,
+        NodeError::Hub(HubError::AlreadySubscribed) => ErrorCode::AlreadySubscribed,
         NodeError::Forbidden(_) => ErrorCode::Forbidden,
-        NodeError::UnknownClient => ErrorCode::Internal,
+        NodeError::Hub(HubError::UnknownClient) => ErrorCode::Internal,
         NodeError::Engine(_) => ErrorCode::Unavailable,
     };
     (code, e.to_string())

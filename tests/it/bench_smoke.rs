@@ -1,14 +1,27 @@
 //! The load generator keeps working: a short smoke run against sidecast and against the
 //! Node `ws` peer. It asserts correctness (no loss, duplicates or reordering), never timings.
 
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use crate::support::{TestServer, SECRET};
 
-const BENCH: &str = env!("CARGO_BIN_EXE_sidecast-bench");
+/// The generator is a package of its own (bench/generator), built beside this test's own
+/// binaries by scripts/test (`cargo build --locked -p sidecast-bench`).
+fn generator() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let path = dir.join("sidecast-bench");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with cargo build --locked -p sidecast-bench (scripts/test does)",
+        path.display()
+    );
+    path
+}
 
 fn smoke(args: &[String]) -> String {
-    let output = Command::new(BENCH)
+    let output = Command::new(generator())
         .args(args)
         .arg("smoke")
         .stdin(Stdio::null())

@@ -1,0 +1,149 @@
+//! The outbox through its public face: bounds, order, direct writes, the close.
+
+use super::*;
+
+/// Drains into memory (a writer that takes everything at once).
+fn drain(outbox: &Outbox) -> (Vec<u8>, Drained) {
+    let mut out = Vec::new();
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match outbox.poll_drain(&mut cx, &mut out) {
+        Poll::Ready(Ok(drained)) => (out, drained),
+        other => panic!("a Vec takes everything: {other:?}"),
+    }
+}
+
+#[test]
+fn bounded_in_bytes() {
+    let outbox = Outbox::new(10);
+    assert_eq!(outbox.push(Bytes::from_static(b"12345")), Push::Queued);
+    assert_eq!(outbox.push(Bytes::from_static(b"12345")), Push::Queued);
+    assert_eq!(outbox.held(), 10);
+    assert!(outbox.has_work());
+    assert_eq!(outbox.push(Bytes::from_static(b"1")), Push::Overflow);
+    assert_eq!(outbox.push(Bytes::from_static(b"1")), Push::Closed);
+    let (out, drained) = drain(&outbox);
+    assert_eq!(
+        out,
+        &crate::wire::frame::close(4004, "slow consumer")[..],
+        "queued frames are dropped on overflow, the close is sent"
+    );
+    assert_eq!(
+        drained,
+        Drained {
+            done: true,
+            close_sent: true
+        }
+    );
+    assert!(!outbox.has_work(), "the close is sent once");
+    assert_eq!(drain(&outbox).0, b"");
+}
+
+/// A connected pair whose server side is known writable to tokio.
+pub(super) async fn pair() -> (Arc<TcpStream>, TcpStream) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, _) = listener.accept().await.unwrap();
+    server.writable().await.unwrap();
+    (Arc::new(server), client)
+}
+
+#[tokio::test]
+async fn idle_sockets_are_written_directly_and_in_order() {
+    use tokio::io::AsyncReadExt;
+    let (server, mut client) = pair().await;
+    let metrics = Arc::new(Metrics::default());
+    let outbox = Outbox::direct(64 << 20, server.clone(), metrics.clone());
+    assert_eq!(outbox.push(Bytes::from_static(b"one ")), Push::Written);
+    assert_eq!(
+        outbox.push_later(Bytes::from_static(b"two ")),
+        Push::Deferred
+    );
+    assert_eq!(
+        outbox.push_later(Bytes::from_static(b"three ")),
+        Push::Queued,
+        "already waiting for a flush"
+    );
+    outbox.flush();
+    assert_eq!(outbox.held(), 0);
+    let mut got = vec![0; 14];
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"one two three ");
+    assert_eq!(metrics.messages_sent.get(), 3);
+    assert_eq!(metrics.socket_writes.get(), 2);
+
+    // A client that does not read fills the socket: what it does not take stays queued,
+    // whole frames and the rest of a partly written one, in order.
+    let mut pushed = Vec::new();
+    let mut i = 0u32;
+    loop {
+        let frame = Bytes::from(vec![(i % 251) as u8; 65_536 + i as usize]);
+        pushed.extend_from_slice(&frame);
+        i += 1;
+        if outbox.push(frame) == Push::Queued {
+            break;
+        }
+    }
+    assert!(outbox.held() > 0);
+    assert_eq!(outbox.push(Bytes::from_static(b"end")), Push::Queued);
+    pushed.extend_from_slice(b"end");
+    let expected = pushed.len();
+    let reader = tokio::spawn(async move {
+        let mut got = vec![0; expected];
+        client.read_exact(&mut got).await.unwrap();
+        got
+    });
+    while outbox.held() > 0 {
+        server.writable().await.unwrap();
+        outbox.flush();
+    }
+    assert!(reader.await.unwrap() == pushed, "every byte, in order");
+}
+
+#[tokio::test]
+async fn overflow_keeps_the_rest_of_a_partly_written_frame() {
+    let (server, _client) = pair().await;
+    let limit = 256 << 10;
+    let outbox = Outbox::direct(limit, server, Arc::new(Metrics::default()));
+    // The client never reads: the socket fills, and some frame is written only in part,
+    // or not at all.
+    let mut last = 0;
+    for i in 0..10_000u32 {
+        last = 100_000 + i as usize;
+        if outbox.push(Bytes::from(vec![1; last])) == Push::Queued {
+            break;
+        }
+    }
+    let held = outbox.held();
+    assert!(held > 0 && held <= last);
+    let partly_written = held < last;
+    assert_eq!(
+        outbox.push(Bytes::from(vec![2; limit])),
+        Push::Overflow,
+        "over the bound"
+    );
+    assert_eq!(outbox.ended().code, close::SLOW_CONSUMER);
+    let frames = outbox.queued();
+    if partly_written {
+        assert_eq!(
+            frames.len(),
+            1,
+            "the started frame is finished before the close"
+        );
+        assert_eq!(frames[0].len(), held);
+    } else {
+        assert!(frames.is_empty(), "whole frames are dropped");
+    }
+}
+
+#[test]
+fn close_follows_queued_frames_and_first_wins() {
+    let outbox = Outbox::new(100);
+    outbox.push(Bytes::from_static(b"a"));
+    assert!(outbox.schedule_close(Close::new(4006, "bye")));
+    assert!(!outbox.schedule_close(Close::new(1001, "later")));
+    let mut expected = b"a".to_vec();
+    expected.extend_from_slice(&crate::wire::frame::close(4006, "bye"));
+    assert_eq!(drain(&outbox).0, expected);
+}
