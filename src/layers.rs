@@ -86,3 +86,20 @@ fn the_checker_sees_imports() {
     assert_eq!(imports("use crate::pb::x; // crate::ws"), vec!["pb"]);
     assert_eq!(imports("let a = crate::ws::unix_now();"), vec!["ws"]);
 }
+
+/// The configuration and the metrics are used by every core module: they import only the
+/// wire, so that no cycle runs through them.
+#[test]
+fn configuration_and_metrics_import_only_the_wire() {
+    let mut wrong = Vec::new();
+    for module in ["config", "metrics"] {
+        for (path, text) in sources(module) {
+            for name in imports(&text) {
+                if name != "wire" && name != module {
+                    wrong.push(format!("{} imports crate::{name}", path.display()));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}

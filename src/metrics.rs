@@ -23,7 +23,6 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::hub::Fanout;
 use crate::wire::ErrorCode;
 
 /// The content type of [`Metrics::render`]'s text (Prometheus text format 0.0.4).
@@ -221,11 +220,12 @@ impl Metrics {
         }
     }
 
-    pub fn record_fanout(&self, counts: Fanout) {
-        self.deliveries.inc_by(u64::from(counts.queued));
-        if counts.overflowed > 0 {
-            self.slow_consumer_closes
-                .inc_by(u64::from(counts.overflowed));
+    /// One fan-out: frames `queued` to subscribers, and queues it `overflowed` (each such
+    /// connection is now closing with 4004).
+    pub fn record_fanout(&self, queued: u32, overflowed: u32) {
+        self.deliveries.inc_by(u64::from(queued));
+        if overflowed > 0 {
+            self.slow_consumer_closes.inc_by(u64::from(overflowed));
         }
     }
 

@@ -249,7 +249,8 @@ impl Hub {
             .frame();
             let counts = roster.fan_out(&frame, &mut flush);
             drop(roster);
-            self.shared.metrics.record_fanout(counts);
+            let metrics = &self.shared.metrics;
+            metrics.record_fanout(counts.queued, counts.overflowed);
             return (counts, flush);
         }
     }
