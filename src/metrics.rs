@@ -339,6 +339,7 @@ impl EncodeMetric for FanoutHistogram {
 }
 
 /// The gauges read at scrape time (and the event stream's totals, counted by its owner).
+/// Their help texts end with a period: the library adds one only to registered metrics.
 #[derive(Debug)]
 struct ScrapeGauges(Arc<Mutex<Gauges>>);
 
@@ -353,42 +354,42 @@ impl Collector for ScrapeGauges {
             ),
             (
                 "sidecast_uptime_seconds",
-                "Seconds since the node started",
+                "Seconds since the node started.",
                 g.uptime_seconds,
             ),
             (
                 "sidecast_connections",
-                "Authenticated WebSocket connections open now",
+                "Authenticated WebSocket connections open now.",
                 g.connections as u64,
             ),
             (
                 "sidecast_users",
-                "Distinct users connected now",
+                "Distinct users connected now.",
                 g.users as u64,
             ),
             (
                 "sidecast_channels",
-                "Channels with at least one subscriber on this node",
+                "Channels with at least one subscriber on this node.",
                 g.channels as u64,
             ),
             (
                 "sidecast_subscriptions",
-                "Subscriptions of the connections open now",
+                "Subscriptions of the connections open now.",
                 g.subscriptions as u64,
             ),
             (
                 "sidecast_event_groups",
-                "Event groups kept (with or without members)",
+                "Event groups kept (with or without members).",
                 g.event_groups as u64,
             ),
             (
                 "sidecast_event_members",
-                "Event stream members connected",
+                "Event stream members connected.",
                 g.event_members as u64,
             ),
             (
                 "sidecast_events_buffered",
-                "Events kept until acknowledged, all groups",
+                "Events kept until acknowledged, all groups.",
                 g.events_buffered as u64,
             ),
         ];
@@ -400,12 +401,12 @@ impl Collector for ScrapeGauges {
         let counters: [(&str, &str, u64); 2] = [
             (
                 "sidecast_events_delivered",
-                "Events sent to members (redeliveries included)",
+                "Events sent to members (redeliveries included).",
                 g.events_delivered,
             ),
             (
                 "sidecast_events_lost",
-                "Events dropped because a group's buffer was full",
+                "Events dropped because a group's buffer was full.",
                 g.events_lost,
             ),
         ];
@@ -484,6 +485,9 @@ mod tests {
             "sidecast_fanout_seconds_count 2",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        for help in text.lines().filter(|l| l.starts_with("# HELP ")) {
+            assert!(help.ends_with('.') && !help.ends_with(".."), "{help}");
         }
         // The documented names, each with its TYPE line.
         let doc = include_str!("../docs/operations.md");

@@ -151,7 +151,8 @@ impl Config {
 }
 
 /// An env var's or flag's text as the TOML type of its key's default: an integer, a
-/// boolean, a list (comma-separated), or text (also for keys without a default).
+/// boolean, a list (comma-separated), or text (also for keys without a default). Text is
+/// kept as given (a secret may end in whitespace), except around a duration or an address.
 fn typed(
     name: &str,
     default: Option<&toml::Value>,
@@ -187,7 +188,13 @@ fn typed(
                 .map(|s| toml::Value::String(s.to_string()))
                 .collect(),
         ),
-        _ => toml::Value::String(text.trim().to_string()),
+        Some(toml::Value::String(default))
+            if default.parse::<std::net::SocketAddr>().is_ok()
+                || super::parse_duration(default).is_ok() =>
+        {
+            toml::Value::String(text.trim().to_string())
+        }
+        _ => toml::Value::String(text.to_string()),
     })
 }
 
@@ -259,12 +266,20 @@ mod tests {
             ("SIDECAST_SERVICE_PORT_WS", "80"),
             ("SIDECAST_TRUSTED_PROXIES", "10.0.0.1, 192.168.0.0/16"),
         ]);
-        let flags = pairs(&[("max_subscriptions", "5"), ("api_key", "")]);
+        let flags = pairs(&[
+            ("max_subscriptions", "5"),
+            ("api_key", ""),
+            ("token_hmac_secret", "s3cret\n"),
+            ("grpc_addr", " 127.0.0.1:6000 "),
+        ]);
         let c = Config::from_layers(Some(("f.toml", file)), &env, &flags).unwrap();
         assert_eq!(c.ping_interval, Duration::from_secs(9));
         assert_eq!(c.max_subscriptions, 5);
         assert_eq!(c.trusted_proxies.len(), 2);
         assert!(c.api_key.is_none(), "empty means not set");
+        let secret = c.token_hmac_secret.as_ref().unwrap();
+        assert_eq!(secret.expose(), "s3cret\n", "text is kept as given");
+        assert_eq!(c.grpc_addr.port(), 6000, "an address is trimmed");
         assert!(c.channel_options("chat:x").presence);
         assert!(!c.channel_options("news:x").presence);
     }

@@ -129,7 +129,8 @@ impl Hub {
             None => (false, false),
         };
         if !still {
-            self.detach(&id, &channel);
+            // Written with the rest by the caller, after the engine's lock is released.
+            self.detach_into(&id, &channel, &mut flush);
             if present {
                 // A backend Unsubscribe overtook this subscribe; the client saw `first`, so it
                 // is told that the subscription ended.
@@ -137,7 +138,9 @@ impl Hub {
                     channel: &name,
                     reason: UnsubReason::Backend,
                 };
-                subscriber_outbox.push(unsub.frame());
+                if subscriber_outbox.push_later(unsub.frame()) == Push::Deferred {
+                    flush.add(&subscriber_outbox);
+                }
             }
         }
         Ok(flush)
@@ -181,9 +184,17 @@ impl Hub {
         true
     }
 
+    /// Takes a connection out of one channel (with `leave` pushes where enabled) and writes
+    /// what that queued.
     pub(super) fn detach(&self, id: &str, channel: &Arc<Subscribers>) {
+        let mut flush = self.flush();
+        self.detach_into(id, channel, &mut flush);
+        flush.run();
+    }
+
+    /// [`Hub::detach`], with the sockets to write added to `flush`.
+    fn detach_into(&self, id: &str, channel: &Arc<Subscribers>, flush: &mut Flush) {
         let mut ch = channel.lock();
-        let mut left = self.flush();
         if let Some(sub) = ch.subscribers.remove(id) {
             if channel.options.join_leave {
                 let leave = ServerMessage::JoinLeave {
@@ -194,12 +205,11 @@ impl Hub {
                     info: sub.info.as_deref(),
                 }
                 .frame();
-                ch.fan_out(&leave, &mut left);
+                ch.fan_out(&leave, flush);
             }
         }
         let empty = ch.subscribers.is_empty();
         drop(ch);
-        left.run();
         if empty {
             self.remove_if_empty(channel);
         }

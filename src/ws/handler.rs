@@ -307,9 +307,11 @@ impl Handler {
             clients: &clients,
         }
         .encode();
-        // A reply the queue could not hold would close the asker as a slow consumer.
+        // A result the queue could not hold would close the asker as a slow consumer. The
+        // result is the reply less its envelope, `{"id":N,"result":}`.
+        let envelope = ServerMessage::Done { id }.encode().len() - "{}".len();
         let max = self.node.config.max_queue_bytes / 4;
-        if reply.len() > max {
+        if reply.len() - envelope > max {
             return Err(CommandError::PresenceTooLarge(max));
         }
         self.send_encoded(&reply);
