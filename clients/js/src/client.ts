@@ -1,0 +1,492 @@
+// The connection: connect with a token in the first frame, answer the heartbeat, refresh the
+// token before it expires, reconnect by the close code's policy with backoff, restore every
+// subscription with its position, and match replies to calls. docs/protocol.md is the
+// protocol; docs/sdk.md the model.
+
+import { backoffDelay, type BackoffOptions } from "./backoff.js";
+import { afterClose } from "./codes.js";
+import { Emitter } from "./emitter.js";
+import { SidecastError, type ErrorCode } from "./errors.js";
+import {
+  Subscription,
+  type AttachResult,
+  type ClientInfo,
+  type Position,
+  type Publication,
+} from "./subscription.js";
+
+/** What the client needs of a WebSocket: the browser's, Node 22's, or the `ws` package's. */
+export interface WebSocketLike {
+  readyState: number;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  onopen: ((event: unknown) => void) | null;
+  onmessage: ((event: { data: unknown }) => void) | null;
+  onclose: ((event: { code: number; reason: string }) => void) | null;
+  onerror: ((event: unknown) => void) | null;
+}
+
+export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => WebSocketLike;
+
+export interface ClientOptions {
+  /** `ws://host:8080/ws` or `wss://…`. */
+  url: string;
+  /** A token string; or use `getToken`, which can give a fresh one after 4001/4002 and for
+   * refreshes. One of the two is required. */
+  token?: string;
+  getToken?: () => Promise<string>;
+  /** A WebSocket implementation; the global one by default (browsers, Node ≥ 22). */
+  WebSocket?: WebSocketConstructor;
+  backoff?: BackoffOptions;
+  /** How long a call waits for its reply, in ms (default 10000). */
+  timeout?: number;
+  /** Refresh the token this many seconds before it expires (default: a fifth of its
+   * lifetime, at least 5 s). */
+  refreshBefore?: number;
+}
+
+export type ConnectionState = "disconnected" | "connecting" | "connected";
+
+export interface ClientEvents extends Record<string, unknown> {
+  state: { state: ConnectionState };
+  connected: { client: string; user: string; expiresIn: number };
+  /** The connection ended. `reconnecting`: the client will try again by itself. */
+  disconnected: { code: number; reason: string; reconnecting: boolean };
+  /** A direct message from the backend (Control.Send). */
+  message: { data: unknown };
+  /** Every publication of every subscription, after its subscription's own listeners. */
+  publication: Publication;
+  /** Something the app should know that no call returns: a refused refresh, a token
+   * callback that failed. */
+  error: Error;
+  /** A subscription made by the server (the token's `subs` claim or the backend). */
+  subscription: Subscription;
+}
+
+interface Pending {
+  resolve: (result: unknown) => void;
+  reject: (error: SidecastError) => void;
+  timer: ReturnType<typeof setTimeout>;
+}
+
+const OPEN = 1;
+
+export class Client extends Emitter<ClientEvents> {
+  private readonly options: ClientOptions;
+  private readonly WS: WebSocketConstructor;
+  private ws: WebSocketLike | null = null;
+  private _state: ConnectionState = "disconnected";
+  /** The app asked to be connected (connect() without a later disconnect()). */
+  private wanted = false;
+  private attempt = 0;
+  private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
+  private refreshTimer: ReturnType<typeof setTimeout> | null = null;
+  private watchdog: ReturnType<typeof setTimeout> | null = null;
+  private silenceLimit = 0;
+  private nextId = 2;
+  private readonly pending = new Map<number, Pending>();
+  private readonly subscriptions = new Map<string, Subscription>();
+  /** The token to connect with; cleared when the server refused it (4001, 4002). */
+  private token: string | null;
+  private tokenRequest: Promise<string> | null = null;
+  private refreshing: Promise<void> | null = null;
+  private readonly waiting: (() => void)[] = [];
+
+  constructor(options: ClientOptions) {
+    super();
+    if (!options.token && !options.getToken) {
+      throw new Error("sidecast: give a token or getToken");
+    }
+    const WS =
+      options.WebSocket ??
+      (globalThis as unknown as { WebSocket?: WebSocketConstructor }).WebSocket;
+    if (!WS) {
+      throw new Error("sidecast: no global WebSocket here: pass one in options.WebSocket");
+    }
+    this.options = options;
+    this.WS = WS;
+    this.token = options.token ?? null;
+  }
+
+  get state(): ConnectionState {
+    return this._state;
+  }
+
+  /** Connects, and keeps reconnecting until disconnect() or a close that forbids it. */
+  connect(): void {
+    if (this.wanted) return;
+    this.wanted = true;
+    this.attempt = 0;
+    void this.open();
+  }
+
+  /** Closes the connection and stops reconnecting; subscriptions are kept for the next
+   * connect(). */
+  disconnect(): void {
+    this.wanted = false;
+    this.clearTimers();
+    const ws = this.ws;
+    this.ws = null;
+    if (ws) {
+      ws.onclose = null;
+      ws.close(1000, "client disconnect");
+    }
+    this.lost(1000, "client disconnect", false);
+  }
+
+  /** Subscribes to a channel (or returns the existing subscription). The subscription is
+   * made now if connected, and again after every reconnect, recovering what was missed. */
+  subscribe(channel: string): Subscription {
+    const existing = this.subscriptions.get(channel);
+    if (existing && existing.state !== "unsubscribed") return existing;
+    const subscription = new Subscription(channel, false, (s) => this.leave(s));
+    this.subscriptions.set(channel, subscription);
+    if (this._state === "connected") this.sendSubscribe(subscription);
+    return subscription;
+  }
+
+  /** The subscription to a channel, the client's or the server's. */
+  getSubscription(channel: string): Subscription | undefined {
+    return this.subscriptions.get(channel);
+  }
+
+  publish(channel: string, data: unknown): Promise<void> {
+    return this.call({ op: "publish", channel, data }).then(() => undefined);
+  }
+
+  async presence(channel: string): Promise<ClientInfo[]> {
+    const result = (await this.call({ op: "presence", channel })) as {
+      clients: Record<string, { user: string; info: unknown }>;
+    };
+    return Object.entries(result.clients).map(([client, c]) => ({ client, user: c.user, info: c.info }));
+  }
+
+  async presenceStats(channel: string): Promise<{ clients: number; users: number }> {
+    const result = (await this.call({ op: "presence_stats", channel })) as {
+      num_clients: number;
+      num_users: number;
+    };
+    return { clients: result.num_clients, users: result.num_users };
+  }
+
+  async history(
+    channel: string,
+    query: { since?: Position; limit?: number; reverse?: boolean } = {},
+  ): Promise<{ publications: Publication[]; position: Position }> {
+    const result = (await this.call({ op: "history", channel, ...query })) as {
+      publications: { offset: number; data: unknown }[];
+      offset: number;
+      epoch: string;
+    };
+    return {
+      publications: result.publications.map((p) => ({ channel, data: p.data, offset: p.offset })),
+      position: { offset: result.offset, epoch: result.epoch },
+    };
+  }
+
+  /** Asks the backend (docs/backend.md); resolves with its answer. */
+  async rpc<T = unknown>(method: string, data: unknown = null): Promise<T> {
+    const result = (await this.call({ op: "rpc", method, data })) as { data: T };
+    return result.data;
+  }
+
+  // === the connection ===
+
+  private setState(state: ConnectionState): void {
+    if (this._state === state) return;
+    this._state = state;
+    this.emit("state", { state });
+  }
+
+  private async open(): Promise<void> {
+    if (!this.wanted) return;
+    this.setState("connecting");
+    let token: string;
+    try {
+      token = await this.currentToken();
+    } catch (e) {
+      this.emit("error", e instanceof Error ? e : new Error(String(e)));
+      this.scheduleReconnect(1006);
+      return;
+    }
+    if (!this.wanted) return;
+    const ws = new this.WS(this.options.url, "sidecast.v1");
+    this.ws = ws;
+    ws.onopen = () => {
+      // Positions of the server-side subscriptions, to recover them (docs/protocol.md §2).
+      const subs: Record<string, Position> = {};
+      for (const s of this.subscriptions.values()) {
+        const position = s.position;
+        if (s.serverSide && s.state !== "unsubscribed" && position) subs[s.channel] = position;
+      }
+      this.send({ id: 1, op: "connect", token, subs });
+    };
+    ws.onmessage = (event) => {
+      const text =
+        typeof event.data === "string" ? event.data : new TextDecoder().decode(event.data as ArrayBuffer);
+      this.onMessage(text);
+    };
+    ws.onerror = () => {
+      // Followed by onclose, which decides what to do.
+    };
+    ws.onclose = (event) => {
+      if (this.ws !== ws) return;
+      this.ws = null;
+      this.onClose(event.code, event.reason);
+    };
+  }
+
+  private onMessage(text: string): void {
+    this.feedWatchdog();
+    let m: Record<string, unknown>;
+    try {
+      m = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (typeof m.id === "number") {
+      const pending = this.pending.get(m.id);
+      if (!pending) return;
+      this.pending.delete(m.id);
+      clearTimeout(pending.timer);
+      const error = m.error as { code: ErrorCode; message: string; rpc_code?: number } | undefined;
+      if (error) pending.reject(new SidecastError(error.code, error.message, error.rpc_code));
+      else pending.resolve(m.result);
+      return;
+    }
+    const channel = m.channel as string;
+    switch (m.type) {
+      case "connected":
+        return this.onConnected(m);
+      case "ping":
+        return this.send({ op: "pong" });
+      case "pub": {
+        const publication: Publication = { channel, data: m.data, offset: m.offset as number | undefined };
+        const subscription = this.subscriptions.get(channel);
+        if (subscription) {
+          const before = subscription.position?.offset;
+          subscription.publication(publication);
+          if (publication.offset === undefined || subscription.position?.offset !== before) {
+            this.emit("publication", publication);
+          }
+        }
+        return;
+      }
+      case "join":
+      case "leave":
+        return this.subscriptions.get(channel)?.membership(m.type, m as unknown as ClientInfo);
+      case "sub": {
+        let subscription = this.subscriptions.get(channel);
+        const isNew = !subscription || subscription.state === "unsubscribed";
+        if (!subscription || isNew) {
+          subscription = new Subscription(channel, true, (s) => this.leave(s));
+          this.subscriptions.set(channel, subscription);
+        }
+        if (isNew) this.emit("subscription", subscription);
+        return subscription.attach(m as unknown as AttachResult);
+      }
+      case "unsub": {
+        const subscription = this.subscriptions.get(channel);
+        if (!subscription) return;
+        this.subscriptions.delete(channel);
+        return subscription.end(m.code as number, m.reason as string);
+      }
+      case "message":
+        return this.emit("message", { data: m.data });
+    }
+  }
+
+  private onConnected(m: Record<string, unknown>): void {
+    this.attempt = 0;
+    const pingInterval = (m.ping_interval as number) ?? 25;
+    const pongTimeout = (m.pong_timeout as number) ?? 10;
+    // Nothing at all for a ping interval and its pong timeout: the connection is dead.
+    this.silenceLimit = (pingInterval + pongTimeout) * 1000 + 2000;
+    this.feedWatchdog();
+    this.setState("connected");
+    const expiresIn = m.expires_in as number;
+    this.scheduleRefresh(expiresIn);
+    this.emit("connected", { client: m.client as string, user: m.user as string, expiresIn });
+    for (const subscription of this.subscriptions.values()) {
+      if (!subscription.serverSide && subscription.state !== "unsubscribed") {
+        this.sendSubscribe(subscription);
+      }
+    }
+    for (const wake of this.waiting.splice(0)) wake();
+  }
+
+  private onClose(code: number, reason: string): void {
+    this.clearTimers();
+    const policy = afterClose(code);
+    if (policy === "new-token") {
+      // The server refused the token (or it expired): the next attempt asks for a new one.
+      this.token = null;
+    }
+    const canRetry =
+      this.wanted && (policy === "reconnect" || (policy === "new-token" && this.options.getToken !== undefined));
+    this.lost(code, reason, canRetry);
+    if (canRetry) this.scheduleReconnect(code);
+    else this.wanted = false;
+  }
+
+  /** The connection is gone: calls fail, subscriptions wait. */
+  private lost(code: number, reason: string, reconnecting: boolean): void {
+    for (const [id, pending] of this.pending) {
+      clearTimeout(pending.timer);
+      pending.reject(new SidecastError("disconnected", `the connection closed (${code})`));
+      this.pending.delete(id);
+    }
+    for (const subscription of this.subscriptions.values()) subscription.detach();
+    const was = this._state;
+    this.setState(reconnecting ? "connecting" : "disconnected");
+    if (was !== "disconnected") this.emit("disconnected", { code, reason, reconnecting });
+  }
+
+  private scheduleReconnect(code: number): void {
+    const backoff = this.options.backoff ?? {};
+    let delay = backoffDelay(this.attempt, backoff);
+    if (code === 1001 && this.attempt === 0) {
+      // A draining node: its clients come back spread over a while, not all at once.
+      delay = Math.floor(Math.random() * (backoff.drainSpread ?? 5000));
+    }
+    this.attempt += 1;
+    this.reconnectTimer = setTimeout(() => {
+      this.reconnectTimer = null;
+      void this.open();
+    }, delay);
+  }
+
+  private feedWatchdog(): void {
+    if (this.watchdog) clearTimeout(this.watchdog);
+    if (!this.silenceLimit) return;
+    this.watchdog = setTimeout(() => {
+      const ws = this.ws;
+      if (!ws) return;
+      this.ws = null;
+      ws.onclose = null;
+      ws.close(4007, "no ping from the server");
+      this.onClose(1006, "no ping from the server");
+    }, this.silenceLimit);
+  }
+
+  private clearTimers(): void {
+    for (const timer of [this.reconnectTimer, this.refreshTimer, this.watchdog]) {
+      if (timer) clearTimeout(timer);
+    }
+    this.reconnectTimer = this.refreshTimer = this.watchdog = null;
+    this.silenceLimit = 0;
+  }
+
+  // === tokens ===
+
+  /** The token to connect with: the given one, or one from getToken (one request at a time). */
+  private currentToken(): Promise<string> {
+    if (this.token) return Promise.resolve(this.token);
+    return this.freshToken();
+  }
+
+  private freshToken(): Promise<string> {
+    const getToken = this.options.getToken;
+    if (!getToken) return Promise.reject(new Error("sidecast: the token was refused and there is no getToken"));
+    this.tokenRequest ??= getToken()
+      .then((token) => {
+        this.token = token;
+        return token;
+      })
+      .finally(() => {
+        this.tokenRequest = null;
+      });
+    return this.tokenRequest;
+  }
+
+  private scheduleRefresh(expiresIn: number): void {
+    if (this.refreshTimer) clearTimeout(this.refreshTimer);
+    if (!this.options.getToken) return;
+    const before = this.options.refreshBefore ?? Math.max(5, expiresIn / 5);
+    const inSeconds = Math.max(0, expiresIn - before);
+    this.refreshTimer = setTimeout(() => {
+      this.refreshTimer = null;
+      void this.refresh();
+    }, inSeconds * 1000);
+  }
+
+  /** Sends a fresh token over the live socket; at most one refresh is ever in flight. */
+  refresh(): Promise<void> {
+    this.refreshing ??= (async () => {
+      try {
+        const token = await this.freshToken();
+        const result = (await this.call({ op: "refresh", token })) as { expires_in: number };
+        this.scheduleRefresh(result.expires_in);
+      } catch (e) {
+        const error = e instanceof Error ? e : new Error(String(e));
+        this.emit("error", error);
+        if (error instanceof SidecastError && error.code === "unauthorized") {
+          // A token the server refused: try once more a little later, before the old one
+          // expires (the server closes with 4002 then, and reconnecting fetches a new one).
+          this.token = null;
+          this.refreshTimer = setTimeout(() => void this.refresh(), 5000);
+        }
+      } finally {
+        this.refreshing = null;
+      }
+    })();
+    return this.refreshing;
+  }
+
+  // === calls ===
+
+  private send(message: Record<string, unknown>): void {
+    if (this.ws && this.ws.readyState === OPEN) this.ws.send(JSON.stringify(message));
+  }
+
+  private sendSubscribe(subscription: Subscription): void {
+    const since = subscription.position;
+    this.call({ op: "subscribe", channel: subscription.channel, ...(since ? { since } : {}) }).then(
+      (result) => subscription.attach(result as AttachResult),
+      (error: SidecastError) => {
+        if (error.code === "disconnected" || error.code === "timeout") return;
+        this.subscriptions.delete(subscription.channel);
+        subscription.fail(error);
+      },
+    );
+  }
+
+  private async leave(subscription: Subscription): Promise<void> {
+    if (this.subscriptions.get(subscription.channel) === subscription) {
+      this.subscriptions.delete(subscription.channel);
+    }
+    const wasLive = subscription.state === "subscribed";
+    subscription.end(0, "unsubscribed by the client");
+    if (wasLive && this._state === "connected") {
+      await this.call({ op: "unsubscribe", channel: subscription.channel });
+    }
+  }
+
+  /** Sends a command and resolves with its result; waits for the connection first. */
+  private async call(command: Record<string, unknown>): Promise<unknown> {
+    const timeout = this.options.timeout ?? 10000;
+    if (this._state !== "connected") {
+      await new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(() => {
+          const i = this.waiting.indexOf(wake);
+          if (i >= 0) this.waiting.splice(i, 1);
+          reject(new SidecastError("timeout", "not connected within the call's timeout"));
+        }, timeout);
+        const wake = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+        this.waiting.push(wake);
+      });
+    }
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new SidecastError("timeout", `no reply within ${timeout} ms`));
+      }, timeout);
+      this.pending.set(id, { resolve, reject, timer });
+      this.send({ id, ...command });
+    });
+  }
+}

@@ -1,0 +1,104 @@
+// @sidecast/client in a real browser: Debian's Chromium, headless, driven by playwright-core
+// (no downloaded browser). The page loads the built SDK, subscribes, receives, survives a
+// node restart, and recovers what was published while its connection was down.
+
+import assert from "node:assert/strict";
+import { existsSync, mkdirSync, readFileSync } from "node:fs";
+import { createServer } from "node:http";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { after, before, test } from "node:test";
+
+import { chromium } from "playwright-core";
+
+import { PATIENCE, control, startSidecast, token } from "./helpers.mjs";
+
+const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const here = fileURLToPath(new URL(".", import.meta.url));
+const dist = fileURLToPath(new URL("../dist/", import.meta.url));
+
+let node;
+let backend;
+let http;
+let browser;
+
+before(async () => {
+  node = await startSidecast({
+    file: '[namespaces.h]\nhistory_size = 100\nhistory_ttl = "5m"\npublic = true\n',
+  });
+  backend = control(node.grpc);
+  // The page and the built SDK, from loopback.
+  http = createServer((req, res) => {
+    const path = new URL(req.url, "http://x").pathname;
+    const file = path.startsWith("/sdk/") ? join(dist, path.slice(5)) : join(here, "page/index.html");
+    if (!existsSync(file)) {
+      res.writeHead(404).end();
+      return;
+    }
+    const type = file.endsWith(".js") ? "text/javascript" : "text/html";
+    res.writeHead(200, { "content-type": type }).end(readFileSync(file));
+  });
+  await new Promise((resolve) => http.listen(0, "127.0.0.1", resolve));
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--no-first-run",
+      "--disable-sync",
+      "--disable-quic",
+    ],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  http?.close();
+  backend?.close();
+  await node?.kill();
+});
+
+test("a page subscribes, receives, survives a restart and recovers", async () => {
+  const page = await browser.newPage();
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(e.message));
+  const params = new URLSearchParams({ url: node.url, token: token("browser"), channel: "h:page" });
+  await page.goto(`http://127.0.0.1:${http.address().port}/?${params}`);
+  const received = () => page.evaluate(() => window.sidecastTest.received);
+  const events = () => page.evaluate(() => window.sidecastTest.events);
+  const until = async (what, check) => {
+    const deadline = Date.now() + PATIENCE;
+    while (!(await check())) {
+      assert.ok(Date.now() < deadline, `timed out waiting for: ${what}`);
+      await new Promise((r) => setTimeout(r, 25));
+    }
+  };
+  await until("subscribed", async () => (await events()).length === 1);
+  await backend.publish("h:page", { n: 1 });
+  await until("the first publication", async () => (await received()).length === 1);
+
+  // The node restarts: the page reconnects; its memory engine starts a new stream, which the
+  // page is told it could not recover.
+  await node.restart();
+  await until("resubscribed after the restart", async () => (await events()).some((e) => e.resumed));
+  assert.ok((await events()).some((e) => e.name === "unrecovered"));
+  await backend.publish("h:page", { n: 2 });
+  await until("a publication after the restart", async () => (await received()).length === 2);
+
+  // The backend drops the connection while publishing on: nothing lost, nothing twice.
+  const publishing = (async () => {
+    for (let n = 3; n <= 12; n++) await backend.publish("h:page", { n });
+  })();
+  await backend.disconnect("browser", 4006);
+  await publishing;
+  await until("all twelve", async () => (await received()).length >= 12);
+  assert.deepEqual(await received(), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+  assert.equal(await page.textContent("#state"), "connected");
+  assert.deepEqual(errors, []);
+  const shots = fileURLToPath(new URL("../test-results/", import.meta.url));
+  mkdirSync(shots, { recursive: true });
+  await page.screenshot({ path: join(shots, "browser.png") });
+});
