@@ -9,6 +9,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { after, before, test } from "node:test";
 
+import { build } from "esbuild";
 import { chromium } from "playwright-core";
 
 import { PATIENCE, control, startSidecast, token } from "./helpers.mjs";
@@ -27,9 +28,28 @@ before(async () => {
     file: '[namespaces.h]\nhistory_size = 100\nhistory_ttl = "5m"\npublic = true\n',
   });
   backend = control(node.grpc);
-  // The page and the built SDK, from loopback.
+  // The React binding's page, bundled with React.
+  const bundled = await build({
+    entryPoints: [join(here, "page/react-app.mjs")],
+    bundle: true,
+    format: "esm",
+    write: false,
+    logLevel: "warning",
+    define: { "process.env.NODE_ENV": '"production"' },
+  });
+  const reactApp = bundled.outputFiles[0].text;
+  // The pages and the built SDK, from loopback.
   http = createServer((req, res) => {
     const path = new URL(req.url, "http://x").pathname;
+    if (path === "/react") {
+      res.writeHead(200, { "content-type": "text/html" });
+      res.end('<!doctype html><div id="root"></div><script type="module" src="/react-app.js"></script>');
+      return;
+    }
+    if (path === "/react-app.js") {
+      res.writeHead(200, { "content-type": "text/javascript" }).end(reactApp);
+      return;
+    }
     const file = path.startsWith("/sdk/") ? join(dist, path.slice(5)) : join(here, "page/index.html");
     if (!existsSync(file)) {
       res.writeHead(404).end();
@@ -101,4 +121,33 @@ test("a page subscribes, receives, survives a restart and recovers", async () =>
   const shots = fileURLToPath(new URL("../test-results/", import.meta.url));
   mkdirSync(shots, { recursive: true });
   await page.screenshot({ path: join(shots, "browser.png") });
+});
+
+test("the React binding subscribes while mounted and lets go on unmount", async () => {
+  const page = await browser.newPage();
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(e.message));
+  const params = new URLSearchParams({ url: node.url, token: token("react"), channel: "h:react" });
+  await page.goto(`http://127.0.0.1:${http.address().port}/react?${params}`);
+  const feed = () => page.textContent("#feed");
+  const until = async (what, check) => {
+    const deadline = Date.now() + PATIENCE;
+    while (!(await check())) {
+      assert.ok(Date.now() < deadline, `timed out waiting for: ${what}`);
+      await new Promise((r) => setTimeout(r, 25));
+    }
+  };
+  await until("subscribed", async () => (await feed())?.startsWith("subscribed"));
+  await backend.publish("h:react", { n: 1 });
+  await until("rendered", async () => (await feed()) === 'subscribed: {"n":1}');
+  await page.evaluate(() => window.sidecastReact.hide());
+  await until("unmounted", async () => (await feed()) === "unmounted");
+  await until("unsubscribed", () =>
+    page.evaluate(() => window.sidecastReact.client.getSubscription("h:react") === undefined),
+  );
+  await backend.publish("h:react", { n: 2 });
+  // A round trip through the node: a publication sent before it would have arrived by now.
+  await page.evaluate(() => window.sidecastReact.client.presenceStats("h:react").catch((e) => e.code));
+  assert.deepEqual(await page.evaluate(() => window.sidecastReact.received), [1]);
+  assert.deepEqual(errors, []);
 });
