@@ -124,6 +124,26 @@ test("a channel without history reports every reconnect as a possible gap", asyn
   c.disconnect();
 });
 
+test("server-side subscriptions are recovered through connect", async () => {
+  const c = client("ivan", { token: token("ivan", { subs: ["h:ivan"] }) });
+  const made = next(c, "subscription");
+  c.connect();
+  const sub = await made;
+  assert.equal(sub.channel, "h:ivan");
+  assert.equal(sub.serverSide, true);
+  const seen = [];
+  sub.on("publication", (p) => seen.push(p.data.n));
+  for (let n = 1; n <= 2; n++) await backend.publish("h:ivan", { n });
+  await until("the first two", () => seen.length === 2);
+  c.disconnect();
+  for (let n = 3; n <= 5; n++) await backend.publish("h:ivan", { n });
+  const resumed = next(sub, "subscribed", (e) => e.resumed);
+  c.connect();
+  assert.equal((await resumed).recovered, true);
+  assert.deepEqual(seen, [1, 2, 3, 4, 5]);
+  c.disconnect();
+});
+
 test("close codes decide whether it reconnects", async () => {
   for (const [code, reconnects] of [
     [4006, true],

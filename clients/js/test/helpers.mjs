@@ -28,8 +28,19 @@ async function freePort() {
 }
 
 /** A sidecast node on loopback; `file` is a TOML configuration (namespaces), `settings`
- * more `--set` pairs. restart() starts it again on the same ports. */
-export async function startSidecast({ file = "", settings = {} } = {}) {
+ * more `--set` pairs. restart() starts it again on the same ports. A port found free can be
+ * taken by someone else before the node binds it: then the node is started on other ports. */
+export async function startSidecast(options = {}) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await tryStart(options);
+    } catch (e) {
+      if (attempt >= 5) throw e;
+    }
+  }
+}
+
+async function tryStart({ file = "", settings = {} }) {
   const bin = process.env.SIDECAST_BIN ?? join(root, "target/debug/sidecast");
   const dir = mkdtempSync(join(tmpdir(), "sidecast-sdk-"));
   const config = join(dir, "sidecast.toml");
@@ -50,9 +61,14 @@ export async function startSidecast({ file = "", settings = {} } = {}) {
     url: `ws://127.0.0.1:${ports.ws}/ws`,
     grpc: `127.0.0.1:${ports.grpc}`,
     async start() {
-      child = spawn(bin, args, { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, SIDECAST_LOG: "warn" } });
-      child.stderr.on("data", () => {});
+      const c = spawn(bin, args, { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, SIDECAST_LOG: "warn" } });
+      child = c;
+      let stderr = "";
+      c.stderr.on("data", (d) => (stderr += d));
+      let exited = false;
+      c.on("exit", () => (exited = true));
       await until(`sidecast ready on ${ports.admin}`, async () => {
+        if (exited) throw new Error(`sidecast exited at start: ${stderr}`);
         try {
           const res = await fetch(`http://127.0.0.1:${ports.admin}/readyz`);
           return res.status === 200;
@@ -65,18 +81,35 @@ export async function startSidecast({ file = "", settings = {} } = {}) {
     kill() {
       const c = child;
       child = null;
-      if (!c) return Promise.resolve();
+      if (!c || c.exitCode !== null) return Promise.resolve();
       return new Promise((resolve) => {
         c.on("exit", resolve);
         c.kill("SIGKILL");
       });
+    },
+    /** Sends `signal` to the node: SIGTERM drains it (1001), SIGSTOP freezes it (its
+     * sockets stay open but silent), SIGCONT wakes it. */
+    signal(signal) {
+      child?.kill(signal);
+    },
+    /** Waits for the node to exit (after SIGTERM). */
+    exited() {
+      const c = child;
+      child = null;
+      if (!c || c.exitCode !== null) return Promise.resolve();
+      return new Promise((resolve) => c.on("exit", resolve));
     },
     async restart() {
       await node.kill();
       await node.start();
     },
   };
-  await node.start();
+  try {
+    await node.start();
+  } catch (e) {
+    await node.kill();
+    throw e;
+  }
   return node;
 }
 
