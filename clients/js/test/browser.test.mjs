@@ -12,6 +12,9 @@ import { after, before, test } from "node:test";
 import { build } from "esbuild";
 import { chromium } from "playwright-core";
 
+import WebSocket from "ws";
+
+import { Client } from "../dist/index.js";
 import { PATIENCE, control, startSidecast, token } from "./helpers.mjs";
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
@@ -25,7 +28,7 @@ let browser;
 
 before(async () => {
   node = await startSidecast({
-    file: '[namespaces.h]\nhistory_size = 100\nhistory_ttl = "5m"\npublic = true\n',
+    file: '[namespaces.h]\nhistory_size = 100\nhistory_ttl = "5m"\npublic = true\n[namespaces.room]\npresence = true\njoin_leave = true\npublic = true\n',
   });
   backend = control(node.grpc);
   // The React binding's page, bundled with React.
@@ -127,7 +130,12 @@ test("the React binding subscribes while mounted and lets go on unmount", async 
   const page = await browser.newPage();
   const errors = [];
   page.on("pageerror", (e) => errors.push(e.message));
-  const params = new URLSearchParams({ url: node.url, token: token("react"), channel: "h:react" });
+  const params = new URLSearchParams({
+    url: node.url,
+    token: token("react"),
+    channel: "h:react",
+    room: "room:1",
+  });
   await page.goto(`http://127.0.0.1:${http.address().port}/react?${params}`);
   const feed = () => page.textContent("#feed");
   const until = async (what, check) => {
@@ -140,6 +148,16 @@ test("the React binding subscribes while mounted and lets go on unmount", async 
   await until("subscribed", async () => (await feed())?.startsWith("subscribed"));
   await backend.publish("h:react", { n: 1 });
   await until("rendered", async () => (await feed()) === 'subscribed: {"n":1}');
+  // usePresence: the page itself, then another client joining and leaving.
+  const people = () => page.textContent("#people");
+  await until("present", async () => (await people()) === "react");
+  const other = new Client({ url: node.url, token: token("zoe"), WebSocket });
+  other.connect();
+  const room = other.subscribe("room:1");
+  await until("zoe joined", async () => (await people()) === "react,zoe");
+  await room.unsubscribe();
+  await until("zoe left", async () => (await people()) === "react");
+  other.disconnect();
   await page.evaluate(() => window.sidecastReact.hide());
   await until("unmounted", async () => (await feed()) === "unmounted");
   await until("unsubscribed", () =>

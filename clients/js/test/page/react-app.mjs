@@ -3,7 +3,7 @@ import { createElement as h, useState } from "react";
 import { createRoot } from "react-dom/client";
 
 import { Client } from "../../dist/index.js";
-import { SidecastProvider, useSubscription } from "../../dist/react.js";
+import { SidecastProvider, usePresence, useSubscription } from "../../dist/react.js";
 
 const params = new URLSearchParams(location.search);
 const channel = params.get("channel");
@@ -16,10 +16,16 @@ function Feed() {
   return h("p", { id: "feed" }, `${view.state}: ${JSON.stringify(view.last?.data ?? null)}`);
 }
 
+function People() {
+  const people = usePresence(params.get("room"));
+  const users = people.map((p) => p.user).sort();
+  return h("p", { id: "people" }, users.join(","));
+}
+
 function App() {
   const [shown, setShown] = useState(true);
   state.hide = () => setShown(false);
-  return shown ? h(Feed) : h("p", { id: "feed" }, "unmounted");
+  return h("div", null, shown ? h(Feed) : h("p", { id: "feed" }, "unmounted"), h(People));
 }
 
 createRoot(document.getElementById("root")).render(h(SidecastProvider, { client }, h(App)));
