@@ -13,6 +13,7 @@ import {
   type ClientInfo,
   type Position,
   type Publication,
+  type SubscriptionHost,
 } from "./subscription.js";
 
 /** What the client needs of a WebSocket: the browser's, Node 22's, or the `ws` package's. */
@@ -66,8 +67,17 @@ export interface ClientEvents extends Record<string, unknown> {
 interface Pending {
   resolve: (result: unknown) => void;
   reject: (error: SidecastError) => void;
-  timer: ReturnType<typeof setTimeout>;
+  timer: ReturnType<typeof setTimeout> | null;
 }
+
+/** A call waiting for the connection. */
+interface Waiting {
+  wake: () => void;
+  fail: (error: SidecastError) => void;
+}
+
+/** setTimeout's largest delay: longer ones fire at once. */
+const MAX_DELAY = 2 ** 31 - 1;
 
 const OPEN = 1;
 
@@ -90,7 +100,14 @@ export class Client extends Emitter<ClientEvents> {
   private token: string | null;
   private tokenRequest: Promise<string> | null = null;
   private refreshing: Promise<void> | null = null;
-  private readonly waiting: (() => void)[] = [];
+  private readonly waiting: Waiting[] = [];
+  /** One more for every socket opened or given up: a late callback of an older one is ignored. */
+  private generation = 0;
+  private readonly host: SubscriptionHost = {
+    leave: (s) => this.leave(s),
+    forward: (p) => this.emit("publication", p),
+    resync: (s) => this.resync(s),
+  };
 
   constructor(options: ClientOptions) {
     super();
@@ -124,11 +141,13 @@ export class Client extends Emitter<ClientEvents> {
    * connect(). */
   disconnect(): void {
     this.wanted = false;
+    this.generation += 1;
     this.clearTimers();
     const ws = this.ws;
     this.ws = null;
     if (ws) {
       ws.onclose = null;
+      ws.onmessage = null;
       ws.close(1000, "client disconnect");
     }
     this.lost(1000, "client disconnect", false);
@@ -139,7 +158,7 @@ export class Client extends Emitter<ClientEvents> {
   subscribe(channel: string): Subscription {
     const existing = this.subscriptions.get(channel);
     if (existing && existing.state !== "unsubscribed") return existing;
-    const subscription = new Subscription(channel, false, (s) => this.leave(s));
+    const subscription = new Subscription(channel, false, this.host);
     this.subscriptions.set(channel, subscription);
     if (this._state === "connected") this.sendSubscribe(subscription);
     return subscription;
@@ -200,28 +219,33 @@ export class Client extends Emitter<ClientEvents> {
 
   private async open(): Promise<void> {
     if (!this.wanted) return;
+    const generation = ++this.generation;
     this.setState("connecting");
     let token: string;
     try {
       token = await this.currentToken();
     } catch (e) {
+      if (generation !== this.generation) return;
       this.emit("error", e instanceof Error ? e : new Error(String(e)));
-      this.scheduleReconnect(1006);
+      if (this.wanted && generation === this.generation) this.scheduleReconnect(1006);
       return;
     }
-    if (!this.wanted) return;
+    // disconnect(), or another open(), came meanwhile.
+    if (!this.wanted || generation !== this.generation) return;
     const ws = new this.WS(this.options.url, "sidecast.v1");
     this.ws = ws;
     ws.onopen = () => {
+      if (this.ws !== ws) return;
       // Positions of the server-side subscriptions, to recover them (docs/protocol.md §2).
       const subs: Record<string, Position> = {};
       for (const s of this.subscriptions.values()) {
         const position = s.position;
         if (s.serverSide && s.state !== "unsubscribed" && position) subs[s.channel] = position;
       }
-      this.send({ id: 1, op: "connect", token, subs });
+      ws.send(JSON.stringify({ id: 1, op: "connect", token, subs }));
     };
     ws.onmessage = (event) => {
+      if (this.ws !== ws) return;
       const text =
         typeof event.data === "string" ? event.data : new TextDecoder().decode(event.data as ArrayBuffer);
       this.onMessage(text);
@@ -248,7 +272,7 @@ export class Client extends Emitter<ClientEvents> {
       const pending = this.pending.get(m.id);
       if (!pending) return;
       this.pending.delete(m.id);
-      clearTimeout(pending.timer);
+      if (pending.timer) clearTimeout(pending.timer);
       const error = m.error as { code: ErrorCode; message: string; rpc_code?: number } | undefined;
       if (error) pending.reject(new SidecastError(error.code, error.message, error.rpc_code));
       else pending.resolve(m.result);
@@ -262,14 +286,7 @@ export class Client extends Emitter<ClientEvents> {
         return this.send({ op: "pong" });
       case "pub": {
         const publication: Publication = { channel, data: m.data, offset: m.offset as number | undefined };
-        const subscription = this.subscriptions.get(channel);
-        if (subscription) {
-          const before = subscription.position?.offset;
-          subscription.publication(publication);
-          if (publication.offset === undefined || subscription.position?.offset !== before) {
-            this.emit("publication", publication);
-          }
-        }
+        this.subscriptions.get(channel)?.publication(publication);
         return;
       }
       case "join":
@@ -279,7 +296,7 @@ export class Client extends Emitter<ClientEvents> {
         let subscription = this.subscriptions.get(channel);
         const isNew = !subscription || subscription.state === "unsubscribed";
         if (!subscription || isNew) {
-          subscription = new Subscription(channel, true, (s) => this.leave(s));
+          subscription = new Subscription(channel, true, this.host);
           this.subscriptions.set(channel, subscription);
         }
         if (isNew) this.emit("subscription", subscription);
@@ -287,7 +304,9 @@ export class Client extends Emitter<ClientEvents> {
       }
       case "unsub": {
         const subscription = this.subscriptions.get(channel);
-        if (!subscription) return;
+        // Not subscribed (yet): its subscribe's reply, or a second unsub of a race, is to
+        // come (protocol §5); the unsub that counts follows the reply.
+        if (!subscription || subscription.state !== "subscribed") return;
         this.subscriptions.delete(channel);
         return subscription.end(m.code as number, m.reason as string);
       }
@@ -312,11 +331,28 @@ export class Client extends Emitter<ClientEvents> {
         this.sendSubscribe(subscription);
       }
     }
-    for (const wake of this.waiting.splice(0)) wake();
+    // The server's own subscriptions come as `sub` pushes right after `connected`, so
+    // before the reply to this ping: one still waiting then was not made again (a backend
+    // subscription, or a channel the new token's `subs` dropped).
+    const generation = this.generation;
+    this.call({ op: "ping" }).then(
+      () => {
+        if (generation !== this.generation) return;
+        for (const subscription of [...this.subscriptions.values()]) {
+          if (subscription.serverSide && subscription.state === "subscribing") {
+            this.subscriptions.delete(subscription.channel);
+            subscription.end(0, "the server did not subscribe again after the reconnect");
+          }
+        }
+      },
+      () => {},
+    );
+    for (const waiting of this.waiting.splice(0)) waiting.wake();
   }
 
   private onClose(code: number, reason: string): void {
     this.clearTimers();
+    this.generation += 1;
     const policy = afterClose(code);
     if (policy === "new-token") {
       // The server refused the token (or it expired): the next attempt asks for a new one.
@@ -324,17 +360,27 @@ export class Client extends Emitter<ClientEvents> {
     }
     const canRetry =
       this.wanted && (policy === "reconnect" || (policy === "new-token" && this.options.getToken !== undefined));
+    // Decided before the app hears of it: a connect() or disconnect() in its listener wins.
+    if (!canRetry) this.wanted = false;
+    const generation = this.generation;
     this.lost(code, reason, canRetry);
-    if (canRetry) this.scheduleReconnect(code);
-    else this.wanted = false;
+    if (canRetry && this.wanted && generation === this.generation && !this.reconnectTimer) {
+      this.scheduleReconnect(code);
+    }
   }
 
   /** The connection is gone: calls fail, subscriptions wait. */
   private lost(code: number, reason: string, reconnecting: boolean): void {
     for (const [id, pending] of this.pending) {
-      clearTimeout(pending.timer);
+      if (pending.timer) clearTimeout(pending.timer);
       pending.reject(new SidecastError("disconnected", `the connection closed (${code})`));
       this.pending.delete(id);
+    }
+    if (!reconnecting) {
+      // Nothing will connect by itself: calls waiting for the connection end now.
+      for (const waiting of this.waiting.splice(0)) {
+        waiting.fail(new SidecastError("disconnected", `the connection closed (${code})`));
+      }
     }
     for (const subscription of this.subscriptions.values()) subscription.detach();
     const was = this._state;
@@ -353,7 +399,7 @@ export class Client extends Emitter<ClientEvents> {
     this.reconnectTimer = setTimeout(() => {
       this.reconnectTimer = null;
       void this.open();
-    }, delay);
+    }, Math.min(delay, MAX_DELAY));
   }
 
   private feedWatchdog(): void {
@@ -364,6 +410,7 @@ export class Client extends Emitter<ClientEvents> {
       if (!ws) return;
       this.ws = null;
       ws.onclose = null;
+      ws.onmessage = null;
       ws.close(4007, "no ping from the server");
       this.onClose(1006, "no ping from the server");
     }, this.silenceLimit);
@@ -401,13 +448,16 @@ export class Client extends Emitter<ClientEvents> {
 
   private scheduleRefresh(expiresIn: number): void {
     if (this.refreshTimer) clearTimeout(this.refreshTimer);
+    this.refreshTimer = null;
     if (!this.options.getToken) return;
     const before = this.options.refreshBefore ?? Math.max(5, expiresIn / 5);
-    const inSeconds = Math.max(0, expiresIn - before);
+    // Never sooner than half the token's life (or 5 s): a refreshBefore as long as the
+    // lifetime must not turn into a refresh loop.
+    const inSeconds = Math.max(expiresIn - before, Math.min(expiresIn / 2, 5));
     this.refreshTimer = setTimeout(() => {
       this.refreshTimer = null;
       void this.refresh();
-    }, inSeconds * 1000);
+    }, Math.min(inSeconds * 1000, MAX_DELAY));
   }
 
   /** Sends a fresh token over the live socket; at most one refresh is ever in flight. */
@@ -424,7 +474,11 @@ export class Client extends Emitter<ClientEvents> {
           // A token the server refused: try once more a little later, before the old one
           // expires (the server closes with 4002 then, and reconnecting fetches a new one).
           this.token = null;
-          this.refreshTimer = setTimeout(() => void this.refresh(), 5000);
+          if (this.refreshTimer) clearTimeout(this.refreshTimer);
+          this.refreshTimer = setTimeout(() => {
+            this.refreshTimer = null;
+            void this.refresh();
+          }, 5000);
         }
       } finally {
         this.refreshing = null;
@@ -441,11 +495,24 @@ export class Client extends Emitter<ClientEvents> {
 
   private sendSubscribe(subscription: Subscription): void {
     const since = subscription.position;
-    this.call({ op: "subscribe", channel: subscription.channel, ...(since ? { since } : {}) }).then(
+    const command = { op: "subscribe", channel: subscription.channel, ...(since ? { since } : {}) };
+    // Handled as the reply is read, not a microtask later: a `pub` read right after it (in
+    // the same chunk) must find the subscription live. No timeout: replies come in command
+    // order, and a lost connection fails the command.
+    this.command(
+      command,
+      null,
       (result) => subscription.attach(result as AttachResult),
       (error: SidecastError) => {
-        if (error.code === "disconnected" || error.code === "timeout") return;
-        this.subscriptions.delete(subscription.channel);
+        if (error.code === "disconnected") return;
+        if (error.code === "already_subscribed" && subscription.state === "subscribed") {
+          // The token's `subs` claim made it first (its `sub` push came before this reply).
+          subscription.markServerSide();
+          return;
+        }
+        if (this.subscriptions.get(subscription.channel) === subscription) {
+          this.subscriptions.delete(subscription.channel);
+        }
         subscription.fail(error);
       },
     );
@@ -455,38 +522,71 @@ export class Client extends Emitter<ClientEvents> {
     if (this.subscriptions.get(subscription.channel) === subscription) {
       this.subscriptions.delete(subscription.channel);
     }
-    const wasLive = subscription.state === "subscribed";
+    if (subscription.state === "unsubscribed") return;
     subscription.end(0, "unsubscribed by the client");
-    if (wasLive && this._state === "connected") {
+    // Also while its subscribe is on the way: the server answers unsubscribe in order, so
+    // it ends whatever the subscribe made.
+    if (this._state === "connected") {
       await this.call({ op: "unsubscribe", channel: subscription.channel });
     }
   }
 
-  /** Sends a command and resolves with its result; waits for the connection first. */
-  private async call(command: Record<string, unknown>): Promise<unknown> {
-    const timeout = this.options.timeout ?? 10000;
+  /** After a gap, the channel's current epoch (a history page of 0). */
+  private resync(subscription: Subscription): void {
+    this.history(subscription.channel, { limit: 0 }).then(
+      ({ position }) => subscription.resynced(position.epoch),
+      () => {},
+    );
+  }
+
+  /** Sends a command now (the caller knows the connection is up); `onResult` or `onError`
+   * runs as its reply is read. `timeout`: ms, or none when null. */
+  private command(
+    command: Record<string, unknown>,
+    timeout: number | null,
+    onResult: (result: unknown) => void,
+    onError: (error: SidecastError) => void,
+  ): void {
+    const id = this.nextId++;
+    const timer =
+      timeout === null
+        ? null
+        : setTimeout(() => {
+            this.pending.delete(id);
+            onError(new SidecastError("timeout", `no reply within ${timeout} ms`));
+          }, timeout);
+    this.pending.set(id, { resolve: onResult, reject: onError, timer });
+    this.send({ id, ...command });
+  }
+
+  /** Sends a command and resolves with its result; waits for the connection first.
+   * `timeout`: ms, the client's default when undefined, none when null. */
+  private async call(command: Record<string, unknown>, timeout?: number | null): Promise<unknown> {
+    const limit = timeout === undefined ? this.options.timeout ?? 10000 : timeout;
     if (this._state !== "connected") {
+      if (!this.wanted) throw new SidecastError("disconnected", "not connected: call connect() first");
       await new Promise<void>((resolve, reject) => {
-        const timer = setTimeout(() => {
-          const i = this.waiting.indexOf(wake);
-          if (i >= 0) this.waiting.splice(i, 1);
-          reject(new SidecastError("timeout", "not connected within the call's timeout"));
-        }, timeout);
-        const wake = () => {
-          clearTimeout(timer);
-          resolve();
+        const timer =
+          limit === null
+            ? null
+            : setTimeout(() => {
+                const i = this.waiting.indexOf(waiting);
+                if (i >= 0) this.waiting.splice(i, 1);
+                reject(new SidecastError("timeout", "not connected within the call's timeout"));
+              }, limit);
+        const waiting: Waiting = {
+          wake: () => {
+            if (timer) clearTimeout(timer);
+            resolve();
+          },
+          fail: (error) => {
+            if (timer) clearTimeout(timer);
+            reject(error);
+          },
         };
-        this.waiting.push(wake);
+        this.waiting.push(waiting);
       });
     }
-    const id = this.nextId++;
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.pending.delete(id);
-        reject(new SidecastError("timeout", `no reply within ${timeout} ms`));
-      }, timeout);
-      this.pending.set(id, { resolve, reject, timer });
-      this.send({ id, ...command });
-    });
+    return new Promise((resolve, reject) => this.command(command, limit, resolve, reject));
   }
 }

@@ -25,22 +25,21 @@ export function useSidecast(): Client {
   return client;
 }
 
-/** Components holding each channel's subscription, so that the last one to unmount ends it. */
-const holders = new WeakMap<Client, Map<string, number>>();
+/** How many mounted components hold each subscription: the last one to let go ends it. */
+const holders = new WeakMap<Subscription, number>();
 
-/** Subscribes while `hold` is held; the subscription ends when its last holder lets go. */
+/** Subscribes while held; the subscription ends when its last holder lets go. Counted per
+ * subscription, not per channel: one the server ended is not confused with its successor. */
 function hold(client: Client, channel: string): [Subscription, () => void] {
-  let counts = holders.get(client);
-  if (!counts) holders.set(client, (counts = new Map()));
-  counts.set(channel, (counts.get(channel) ?? 0) + 1);
   const subscription = client.subscribe(channel);
+  holders.set(subscription, (holders.get(subscription) ?? 0) + 1);
   const release = () => {
-    const left = (counts.get(channel) ?? 1) - 1;
+    const left = (holders.get(subscription) ?? 1) - 1;
     if (left > 0) {
-      counts.set(channel, left);
+      holders.set(subscription, left);
       return;
     }
-    counts.delete(channel);
+    holders.delete(subscription);
     void subscription.unsubscribe().catch(() => {});
   };
   return [subscription, release];

@@ -53,11 +53,18 @@ export interface AttachResult {
   publications?: { offset: number; data: unknown }[];
 }
 
+/** What a subscription needs of its client. */
+export interface SubscriptionHost {
+  leave(subscription: Subscription): Promise<void>;
+  /** Every publication delivered to the app, for the client's own `publication` event. */
+  forward(publication: Publication): void;
+  /** The channel's stream changed under a live subscription: learn its epoch. */
+  resync(subscription: Subscription): void;
+}
+
 export class Subscription extends Emitter<SubscriptionEvents> {
   readonly channel: string;
-  /** Made by the server (the token's `subs` claim, or the backend): recovered through
-   * `connect`, never resubscribed by the client. */
-  readonly serverSide: boolean;
+  private _serverSide: boolean;
   private _state: SubscriptionState = "subscribing";
   private _position?: Position;
   private attached = false;
@@ -66,11 +73,17 @@ export class Subscription extends Emitter<SubscriptionEvents> {
   constructor(
     channel: string,
     serverSide: boolean,
-    private readonly leave: (s: Subscription) => Promise<void>,
+    private readonly host: SubscriptionHost,
   ) {
     super();
     this.channel = channel;
-    this.serverSide = serverSide;
+    this._serverSide = serverSide;
+  }
+
+  /** Made by the server (the token's `subs` claim, or the backend): recovered through
+   * `connect`, never resubscribed by the client. */
+  get serverSide(): boolean {
+    return this._serverSide;
   }
 
   get state(): SubscriptionState {
@@ -84,11 +97,18 @@ export class Subscription extends Emitter<SubscriptionEvents> {
 
   /** Ends the subscription (the server is told when connected). */
   unsubscribe(): Promise<void> {
-    return this.leave(this);
+    return this.host.leave(this);
+  }
+
+  /** @internal The server made this subscription too (the token's `subs` claim). */
+  markServerSide(): void {
+    this._serverSide = true;
   }
 
   /** @internal The subscription is live: a subscribe reply or a `sub` push. */
   attach(result: AttachResult): void {
+    // Ended while its subscribe was on the way: the client has told the server.
+    if (this._state === "unsubscribed") return;
     const resumed = this.attached;
     this.attached = true;
     const previous = this._position;
@@ -114,6 +134,8 @@ export class Subscription extends Emitter<SubscriptionEvents> {
       this.emit("unrecovered", { channel: this.channel, reason: "no_history" });
       recovered = false;
     }
+    // A listener above may have ended the subscription.
+    if ((this._state as SubscriptionState) === "unsubscribed") return;
     this.setState("subscribed");
     this.emit("subscribed", {
       channel: this.channel,
@@ -123,29 +145,43 @@ export class Subscription extends Emitter<SubscriptionEvents> {
     });
   }
 
-  /** @internal A `pub` push of this channel. */
+  /** @internal A live `pub` push of this channel. Within one connection publications come
+   * in order, each once (protocol §6): an offset that is not one more than the last means
+   * the stream started over in a new epoch (or publications in between are gone). */
   publication(publication: Publication): void {
     if (this._state !== "subscribed") return;
-    this.deliver(publication, this._position?.epoch);
+    const offset = publication.offset;
+    const last = this._position;
+    if (offset !== undefined && last && offset !== last.offset + 1) {
+      this.emit("unrecovered", { channel: this.channel, reason: "gap", position: { ...last } });
+      // The new epoch is learnt from the server; the offset is this publication's.
+      this._position = { offset, epoch: last.epoch };
+      this.host.resync(this);
+      this.emitPublication(publication);
+      return;
+    }
+    this.deliver(publication, last?.epoch);
+  }
+
+  /** @internal The channel's current epoch, after a gap (see `publication`). */
+  resynced(epoch: string): void {
+    if (this._position) this._position = { offset: this._position.offset, epoch };
   }
 
   private deliver(publication: Publication, epoch: string | undefined): void {
     const offset = publication.offset;
-    if (offset === undefined || epoch === undefined) {
-      this.emit("publication", publication);
-      return;
+    if (offset !== undefined && epoch !== undefined) {
+      const last = this._position;
+      // Already delivered: at most once.
+      if (last && last.epoch === epoch && offset <= last.offset) return;
+      this._position = { offset, epoch };
     }
-    const last = this._position;
-    if (last && last.epoch === epoch) {
-      // Already delivered (recovered, then seen again live): at most once.
-      if (offset <= last.offset) return;
-      if (offset > last.offset + 1) {
-        // A gap within the subscription: the stream started over, or publications expired.
-        this.emit("unrecovered", { channel: this.channel, reason: "gap", position: last });
-      }
-    }
-    this._position = { offset, epoch };
+    this.emitPublication(publication);
+  }
+
+  private emitPublication(publication: Publication): void {
     this.emit("publication", publication);
+    this.host.forward(publication);
   }
 
   /** @internal The connection ended: the subscription waits for the next one. */

@@ -15,7 +15,7 @@ import { chromium } from "playwright-core";
 import WebSocket from "ws";
 
 import { Client } from "../dist/index.js";
-import { PATIENCE, control, startSidecast, token } from "./helpers.mjs";
+import { control, startSidecast, token, until } from "./helpers.mjs";
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const here = fileURLToPath(new URL(".", import.meta.url));
@@ -92,13 +92,6 @@ test("a page subscribes, receives, survives a restart and recovers", async () =>
   await page.goto(`http://127.0.0.1:${http.address().port}/?${params}`);
   const received = () => page.evaluate(() => window.sidecastTest.received);
   const events = () => page.evaluate(() => window.sidecastTest.events);
-  const until = async (what, check) => {
-    const deadline = Date.now() + PATIENCE;
-    while (!(await check())) {
-      assert.ok(Date.now() < deadline, `timed out waiting for: ${what}`);
-      await new Promise((r) => setTimeout(r, 25));
-    }
-  };
   await until("subscribed", async () => (await events()).length === 1);
   await backend.publish("h:page", { n: 1 });
   await until("the first publication", async () => (await received()).length === 1);
@@ -138,13 +131,6 @@ test("the React binding subscribes while mounted and lets go on unmount", async 
   });
   await page.goto(`http://127.0.0.1:${http.address().port}/react?${params}`);
   const feed = () => page.textContent("#feed");
-  const until = async (what, check) => {
-    const deadline = Date.now() + PATIENCE;
-    while (!(await check())) {
-      assert.ok(Date.now() < deadline, `timed out waiting for: ${what}`);
-      await new Promise((r) => setTimeout(r, 25));
-    }
-  };
   await until("subscribed", async () => (await feed())?.startsWith("subscribed"));
   await backend.publish("h:react", { n: 1 });
   await until("rendered", async () => (await feed()) === 'subscribed: {"n":1}');

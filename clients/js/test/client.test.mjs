@@ -19,6 +19,8 @@ public = true
 
 let node;
 let backend;
+/** Every client a test made, disconnected after it, also when it failed. */
+const clients = [];
 
 before(async () => {
   node = await startSidecast({ file: FILE, settings: { token_leeway: "0s" } });
@@ -26,20 +28,26 @@ before(async () => {
 });
 
 after(async () => {
+  for (const c of clients) c.disconnect();
   backend.close();
   await node.kill();
 });
 
 /** A client of `user`; quick backoff so that tests do not wait. */
 function client(user, options = {}) {
-  return new Client({
+  return made(new Client({
     url: node.url,
     token: token(user),
     WebSocket,
     backoff: { minDelay: 50, maxDelay: 200, drainSpread: 200 },
     timeout: 5000,
     ...options,
-  });
+  }));
+}
+
+function made(c) {
+  clients.push(c);
+  return c;
 }
 
 test("connects with the token in the first frame and receives publications", async () => {
@@ -82,7 +90,10 @@ test("recovers what was published while it was away, exactly once and in order",
   })();
   await backend.disconnect("bob", 4006);
   await publishing;
-  await until("all twenty", () => seen.length >= 20);
+  await until("all twenty", () => seen.length >= 20).catch(async (e) => {
+    const top = await c.history("h:recover", { limit: 0 }).then((h) => h.position.offset, (x) => x.code);
+    throw new Error(`${e.message}: saw ${seen}, position ${JSON.stringify(sub.position)}, top ${top}`);
+  });
   assert.deepEqual(seen, Array.from({ length: 20 }, (_, i) => i + 1), "no gap, no duplicate");
   assert.deepEqual(unrecovered, []);
   assert.equal(sub.position.offset, 20);
@@ -144,6 +155,66 @@ test("server-side subscriptions are recovered through connect", async () => {
   c.disconnect();
 });
 
+test("a subscription ended before its reply leaves nothing behind on the server", async () => {
+  const c = client("judy");
+  c.connect();
+  await next(c, "connected");
+  const first = c.subscribe("chat:quick");
+  await first.unsubscribe(); // its subscribe is still on the way
+  assert.equal(first.state, "unsubscribed");
+  // Had the server kept it, this would be refused as already_subscribed.
+  const again = c.subscribe("chat:quick");
+  const subscribed = await next(again, "subscribed");
+  assert.equal(subscribed.resumed, false);
+  assert.equal(first.state, "unsubscribed");
+  c.disconnect();
+});
+
+test("subscribing early to a channel of the token's subs keeps the subscription", async () => {
+  const c = client("kim", { token: token("kim", { subs: ["chat:kim"] }) });
+  const sub = c.subscribe("chat:kim"); // before connecting: the subs claim makes it too
+  const errors = [];
+  sub.on("error", (e) => errors.push(e));
+  c.connect();
+  await next(sub, "subscribed");
+  // The client's own subscribe is answered already_subscribed: a ping orders after it.
+  assert.equal((await c.presenceStats("chat:kim").catch((e) => e.code)), "not_available");
+  assert.deepEqual(errors, []);
+  assert.equal(sub.state, "subscribed");
+  assert.equal(sub.serverSide, true);
+  const got = next(sub, "publication");
+  await backend.publish("chat:kim", 1);
+  assert.equal((await got).data, 1);
+  c.disconnect();
+});
+
+test("connect, disconnect and connect again while the token is on its way: one socket", async () => {
+  let sockets = 0;
+  class Counted extends WebSocket {
+    constructor(...args) {
+      super(...args);
+      sockets += 1;
+    }
+  }
+  const c = made(new Client({
+    url: node.url,
+    WebSocket: Counted,
+    getToken: async () => {
+      await new Promise((r) => setTimeout(r, 100));
+      return token("leo");
+    },
+  }));
+  c.connect();
+  c.disconnect();
+  c.connect();
+  await next(c, "connected");
+  // The first open() was overtaken while waiting for its token: it opens nothing.
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(sockets, 1);
+  assert.equal(c.state, "connected");
+  c.disconnect();
+});
+
 test("close codes decide whether it reconnects", async () => {
   for (const [code, reconnects] of [
     [4006, true],
@@ -171,7 +242,7 @@ test("close codes decide whether it reconnects", async () => {
 
 test("after 4002 it fetches a new token and reconnects", async () => {
   let calls = 0;
-  const c = new Client({
+  const c = made(new Client({
     url: node.url,
     WebSocket,
     backoff: { minDelay: 50, maxDelay: 200 },
@@ -181,7 +252,7 @@ test("after 4002 it fetches a new token and reconnects", async () => {
       calls += 1;
       return token("erin", {}, calls === 1 ? 1 : 3600);
     },
-  });
+  }));
   c.connect();
   await next(c, "connected");
   const closed = await next(c, "disconnected");
@@ -194,7 +265,7 @@ test("after 4002 it fetches a new token and reconnects", async () => {
 
 test("refreshes the token over the live socket before it expires", async () => {
   let calls = 0;
-  const c = new Client({
+  const c = made(new Client({
     url: node.url,
     WebSocket,
     refreshBefore: 2,
@@ -202,7 +273,7 @@ test("refreshes the token over the live socket before it expires", async () => {
       calls += 1;
       return token("frank", {}, calls === 1 ? 3 : 3600);
     },
-  });
+  }));
   const disconnected = [];
   c.on("disconnected", (e) => disconnected.push(e.code));
   c.connect();
@@ -217,7 +288,7 @@ test("refreshes the token over the live socket before it expires", async () => {
 
 test("one refresh in flight, however often it is asked for", async () => {
   let calls = 0;
-  const c = new Client({
+  const c = made(new Client({
     url: node.url,
     WebSocket,
     token: token("grace"),
@@ -226,7 +297,7 @@ test("one refresh in flight, however often it is asked for", async () => {
       await new Promise((r) => setTimeout(r, 300));
       return token("grace");
     },
-  });
+  }));
   c.connect();
   await next(c, "connected");
   await Promise.all([c.refresh(), c.refresh(), c.refresh()]);
