@@ -286,3 +286,90 @@ mod tests {
         assert_eq!(s.position().offset, 1, "clearing keeps the position");
     }
 }
+
+/// Properties over arbitrary sequences of appends, expiries, clears and recoveries.
+#[cfg(test)]
+mod properties {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// Time passes (ms), then a publication of this many bytes.
+        Append(u64, usize),
+        /// Recover from `back` offsets below the top, within these limits.
+        Recover {
+            back: u64,
+            max_count: usize,
+            max_bytes: usize,
+        },
+        Clear,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => (0u64..400, 0usize..300).prop_map(|(ms, len)| Step::Append(ms, len)),
+            3 => (0u64..30, 0usize..40, 0usize..4000).prop_map(|(back, max_count, max_bytes)| {
+                Step::Recover { back, max_count, max_bytes }
+            }),
+            1 => Just(Step::Clear),
+        ]
+    }
+
+    proptest! {
+        /// Offsets grow by one within the epoch; a recovery is every publication after the
+        /// position, in order and once, whenever they are all kept and within the limits,
+        /// and nothing otherwise.
+        #[test]
+        fn offsets_grow_and_recovery_is_all_or_nothing(
+            steps in vec(step(), 1..120),
+            size in 1usize..20,
+            ttl_ms in 100u64..3000,
+        ) {
+            let retention = Retention {
+                size,
+                ttl: Duration::from_millis(ttl_ms),
+                meta_ttl: Duration::from_secs(3600),
+            };
+            let mut now = Instant::now();
+            let mut history = History::new(now, retention);
+            let epoch = history.position().epoch;
+            let mut top = 0;
+            for step in steps {
+                match step {
+                    Step::Append(ms, len) => {
+                        now += Duration::from_millis(ms);
+                        let offset = history.append(Bytes::from(vec![b'1'; len]), now, retention);
+                        prop_assert_eq!(offset, top + 1);
+                        top = offset;
+                    }
+                    Step::Recover { back, max_count, max_bytes } => {
+                        let since = top.saturating_sub(back);
+                        let kept = history.page(Some(since), usize::MAX, false, now);
+                        let all_kept = kept.iter().map(|p| p.offset).eq(since + 1..=top);
+                        let bytes: usize = kept.iter().map(Publication::reply_size).sum();
+                        let position = Position { offset: since, epoch: epoch.clone() };
+                        let recovery = history.recover(&position, now, max_count, max_bytes);
+                        let fits = kept.len() <= max_count && bytes <= max_bytes;
+                        match recovery {
+                            Recovery::Complete(got) => {
+                                prop_assert!(got.iter().map(|p| p.offset).eq(since + 1..=top));
+                                prop_assert!(fits);
+                            }
+                            Recovery::Impossible => prop_assert!(!(all_kept && fits)),
+                        }
+                        let elsewhere = Position { offset: since, epoch: Arc::from("other") };
+                        prop_assert_eq!(
+                            history.recover(&elsewhere, now, max_count, max_bytes),
+                            Recovery::Impossible
+                        );
+                    }
+                    Step::Clear => history.clear(),
+                }
+                prop_assert_eq!(history.position(), Position { offset: top, epoch: epoch.clone() });
+            }
+        }
+    }
+}

@@ -147,3 +147,36 @@ fn close_follows_queued_frames_and_first_wins() {
     expected.extend_from_slice(&crate::wire::frame::close(4006, "bye"));
     assert_eq!(drain(&outbox).0, expected);
 }
+
+proptest::proptest! {
+    /// Whatever is pushed, the queue never holds more than its bound, gives back what it
+    /// accepted in order, and an overflow ends in the slow-consumer close alone.
+    #[test]
+    fn the_queue_keeps_its_bound_and_its_order(
+        frames in proptest::collection::vec(1usize..3000, 1..80),
+        limit in 100usize..40_000,
+    ) {
+        let outbox = Outbox::new(limit);
+        let mut accepted = Vec::new();
+        let mut overflowed = false;
+        for (i, len) in frames.into_iter().enumerate() {
+            let frame = Bytes::from(vec![(i % 251) as u8; len]);
+            match outbox.push(frame.clone()) {
+                Push::Queued => accepted.extend_from_slice(&frame),
+                Push::Overflow => {
+                    overflowed = true;
+                    break;
+                }
+                other => proptest::prop_assert!(false, "{other:?}"),
+            }
+            proptest::prop_assert!(outbox.held() <= limit);
+        }
+        let (out, drained) = drain(&outbox);
+        if overflowed {
+            proptest::prop_assert_eq!(&out[..], &crate::wire::frame::close(4004, "slow consumer")[..]);
+            proptest::prop_assert!(drained.close_sent);
+        } else {
+            proptest::prop_assert_eq!(out, accepted);
+        }
+    }
+}
