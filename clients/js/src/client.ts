@@ -7,6 +7,7 @@ import { backoffDelay, type BackoffOptions } from "./backoff.js";
 import { afterClose } from "./codes.js";
 import { Emitter } from "./emitter.js";
 import { SidecastError, type ErrorCode } from "./errors.js";
+import { Tokens } from "./tokens.js";
 import {
   Subscription,
   type AttachResult,
@@ -90,16 +91,12 @@ export class Client extends Emitter<ClientEvents> {
   private wanted = false;
   private attempt = 0;
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
-  private refreshTimer: ReturnType<typeof setTimeout> | null = null;
   private watchdog: ReturnType<typeof setTimeout> | null = null;
   private silenceLimit = 0;
   private nextId = 2;
   private readonly pending = new Map<number, Pending>();
   private readonly subscriptions = new Map<string, Subscription>();
-  /** The token to connect with; cleared when the server refused it (4001, 4002). */
-  private token: string | null;
-  private tokenRequest: Promise<string> | null = null;
-  private refreshing: Promise<void> | null = null;
+  private readonly tokens: Tokens;
   private readonly waiting: Waiting[] = [];
   /** One more for every socket opened or given up: a late callback of an older one is ignored. */
   private generation = 0;
@@ -122,7 +119,11 @@ export class Client extends Emitter<ClientEvents> {
     }
     this.options = options;
     this.WS = WS;
-    this.token = options.token ?? null;
+    this.tokens = new Tokens(
+      options,
+      async (token) => ((await this.call({ op: "refresh", token })) as { expires_in: number }).expires_in,
+      (error) => this.emit("error", error),
+    );
   }
 
   get state(): ConnectionState {
@@ -223,7 +224,7 @@ export class Client extends Emitter<ClientEvents> {
     this.setState("connecting");
     let token: string;
     try {
-      token = await this.currentToken();
+      token = await this.tokens.current();
     } catch (e) {
       if (generation !== this.generation) return;
       this.emit("error", e instanceof Error ? e : new Error(String(e)));
@@ -324,7 +325,7 @@ export class Client extends Emitter<ClientEvents> {
     this.feedWatchdog();
     this.setState("connected");
     const expiresIn = m.expires_in as number;
-    this.scheduleRefresh(expiresIn);
+    this.tokens.schedule(expiresIn);
     this.emit("connected", { client: m.client as string, user: m.user as string, expiresIn });
     for (const subscription of this.subscriptions.values()) {
       if (!subscription.serverSide && subscription.state !== "unsubscribed") {
@@ -356,7 +357,7 @@ export class Client extends Emitter<ClientEvents> {
     const policy = afterClose(code);
     if (policy === "new-token") {
       // The server refused the token (or it expired): the next attempt asks for a new one.
-      this.token = null;
+      this.tokens.refused();
     }
     const canRetry =
       this.wanted && (policy === "reconnect" || (policy === "new-token" && this.options.getToken !== undefined));
@@ -417,74 +418,17 @@ export class Client extends Emitter<ClientEvents> {
   }
 
   private clearTimers(): void {
-    for (const timer of [this.reconnectTimer, this.refreshTimer, this.watchdog]) {
+    for (const timer of [this.reconnectTimer, this.watchdog]) {
       if (timer) clearTimeout(timer);
     }
-    this.reconnectTimer = this.refreshTimer = this.watchdog = null;
+    this.reconnectTimer = this.watchdog = null;
+    this.tokens.stop();
     this.silenceLimit = 0;
-  }
-
-  // === tokens ===
-
-  /** The token to connect with: the given one, or one from getToken (one request at a time). */
-  private currentToken(): Promise<string> {
-    if (this.token) return Promise.resolve(this.token);
-    return this.freshToken();
-  }
-
-  private freshToken(): Promise<string> {
-    const getToken = this.options.getToken;
-    if (!getToken) return Promise.reject(new Error("sidecast: the token was refused and there is no getToken"));
-    this.tokenRequest ??= getToken()
-      .then((token) => {
-        this.token = token;
-        return token;
-      })
-      .finally(() => {
-        this.tokenRequest = null;
-      });
-    return this.tokenRequest;
-  }
-
-  private scheduleRefresh(expiresIn: number): void {
-    if (this.refreshTimer) clearTimeout(this.refreshTimer);
-    this.refreshTimer = null;
-    if (!this.options.getToken) return;
-    const before = this.options.refreshBefore ?? Math.max(5, expiresIn / 5);
-    // Never sooner than half the token's life (or 5 s): a refreshBefore as long as the
-    // lifetime must not turn into a refresh loop.
-    const inSeconds = Math.max(expiresIn - before, Math.min(expiresIn / 2, 5));
-    this.refreshTimer = setTimeout(() => {
-      this.refreshTimer = null;
-      void this.refresh();
-    }, Math.min(inSeconds * 1000, MAX_DELAY));
   }
 
   /** Sends a fresh token over the live socket; at most one refresh is ever in flight. */
   refresh(): Promise<void> {
-    this.refreshing ??= (async () => {
-      try {
-        const token = await this.freshToken();
-        const result = (await this.call({ op: "refresh", token })) as { expires_in: number };
-        this.scheduleRefresh(result.expires_in);
-      } catch (e) {
-        const error = e instanceof Error ? e : new Error(String(e));
-        this.emit("error", error);
-        if (error instanceof SidecastError && error.code === "unauthorized") {
-          // A token the server refused: try once more a little later, before the old one
-          // expires (the server closes with 4002 then, and reconnecting fetches a new one).
-          this.token = null;
-          if (this.refreshTimer) clearTimeout(this.refreshTimer);
-          this.refreshTimer = setTimeout(() => {
-            this.refreshTimer = null;
-            void this.refresh();
-          }, 5000);
-        }
-      } finally {
-        this.refreshing = null;
-      }
-    })();
-    return this.refreshing;
+    return this.tokens.refresh();
   }
 
   // === calls ===
