@@ -1,7 +1,8 @@
 //! The admin listener: liveness and readiness for probes, and Prometheus metrics.
 //!
 //! `GET /healthz` answers 200 while the process serves. `GET /readyz` answers 200 while the
-//! node accepts connections and 503 once it drains, so a load balancer stops sending new
+//! node accepts connections and its engine serves (for Redis: reachable, and publications
+//! come back through it), and 503 once it drains or while the engine does not, so a load balancer stops sending new
 //! clients before the WebSockets are closed. `GET /metrics` is the Prometheus text format
 //! (docs/operations.md names every metric).
 
@@ -74,8 +75,13 @@ pub async fn serve(
 fn route<B>(req: &Request<B>, health: &Health, node: &Node) -> Response<Full<Bytes>> {
     let (status, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, "ok\n".to_string()),
-        (&Method::GET, "/readyz") if health.is_ready() => (StatusCode::OK, "ready\n".into()),
-        (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()),
+        (&Method::GET, "/readyz") if !health.is_ready() => {
+            (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+        }
+        (&Method::GET, "/readyz") if !node.engine_ready() => {
+            (StatusCode::SERVICE_UNAVAILABLE, "engine not ready\n".into())
+        }
+        (&Method::GET, "/readyz") => (StatusCode::OK, "ready\n".into()),
         (&Method::GET, "/metrics") => {
             let mut response = Response::new(Full::new(Bytes::from(metrics(health, node))));
             response.headers_mut().insert(

@@ -41,6 +41,8 @@ pub mod node;
 pub mod outbox;
 pub mod pb;
 mod run;
+#[doc(hidden)]
+pub mod testkit;
 pub mod tls;
 pub mod wire;
 pub mod ws;

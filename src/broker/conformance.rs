@@ -13,36 +13,63 @@ use crate::events::Events;
 use crate::hub::{ClientId, Hub, SubscribedBy};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
+use crate::testkit::RedisServer;
 use crate::wire::{Position, Recovery, ServerMessage};
 
 /// `h:` keeps 10 publications and presence, `g:` keeps more than a test publishes; other
 /// channels keep neither.
 const CONFIG: &str = "[namespaces.h]\nhistory_size = 10\nhistory_ttl = \"1m\"\nhistory_meta_ttl = \"1h\"\npresence = true\n[namespaces.g]\nhistory_size = 1000\nhistory_ttl = \"1m\"\n";
 
-type MakeEngine = fn(Hub, Arc<Config>) -> Broker;
-
-/// Every engine, by name.
-fn engines() -> Vec<(&'static str, MakeEngine)> {
-    vec![("memory", Broker::memory)]
+/// Every engine, by name, with the `broker` setting that selects it. The Redis engine runs
+/// on a redis-server of its own, started for each test.
+fn engines() -> Vec<(&'static str, Option<RedisServer>)> {
+    vec![("memory", None), ("redis", Some(RedisServer::start()))]
 }
 
 struct Fixture {
     hub: Hub,
     broker: Broker,
+    _redis: Option<RedisServer>,
 }
 
-fn fixtures() -> Vec<(&'static str, Fixture)> {
-    engines()
-        .into_iter()
-        .map(|(name, make)| {
-            let config =
-                Arc::new(Config::from_layers(Some(("conformance", CONFIG)), &[], &[]).unwrap());
-            let events = Events::new(&config, Arc::from("conformance"));
-            let hub = Hub::new(config.clone(), Arc::new(Metrics::default()), events);
-            let broker = make(hub.clone(), config);
-            (name, Fixture { hub, broker })
-        })
-        .collect()
+async fn fixtures() -> Vec<(&'static str, Fixture)> {
+    let mut out = Vec::new();
+    for (name, redis) in engines() {
+        let overrides: Vec<(String, String)> = redis
+            .iter()
+            .map(|r| ("broker".to_string(), r.url()))
+            .collect();
+        let config =
+            Arc::new(Config::from_layers(Some(("conformance", CONFIG)), &[], &overrides).unwrap());
+        let events = Events::new(&config, Arc::from("conformance"));
+        let hub = Hub::new(config.clone(), Arc::new(Metrics::default()), events);
+        let broker = Broker::build(hub.clone(), config, Arc::from("conformance"));
+        eventually(&format!("{name} ready"), || async { broker.ready() }).await;
+        let fixture = Fixture {
+            hub,
+            broker,
+            _redis: redis,
+        };
+        out.push((name, fixture));
+    }
+    out
+}
+
+/// Waits (at most 10 s) until `check` holds: engines that share state deliver
+/// asynchronously.
+async fn eventually<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }
 
 impl Fixture {
@@ -95,7 +122,7 @@ fn offsets(outbox: &Outbox) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_is_atomic_per_channel_and_keys_deduplicate() {
-    for (engine, f) in fixtures() {
+    for (engine, f) in fixtures().await {
         let f = Arc::new(f);
         let (outbox, ..) = f.subscriber("a", "h:1", None, 0).await;
         let publishers: Vec<_> = (0..4)
@@ -122,17 +149,20 @@ async fn publish_is_atomic_per_channel_and_keys_deduplicate() {
             (1..=100).collect::<Vec<_>>(),
             "{engine}: one offset each"
         );
+        eventually(engine, || async { offsets(&outbox).len() >= 100 }).await;
         let first = f.broker.publish("h:1", b"1", Some("k")).await.unwrap();
         let again = f.broker.publish("h:1", b"2", Some("k")).await.unwrap();
         assert_eq!(
-            first, again,
+            (&first.offset, &first.epoch),
+            (&again.offset, &again.epoch),
             "{engine}: a key seen returns the first result"
         );
         assert_eq!(first.offset, 101);
         assert_eq!(
             first.delivered, 1,
-            "{engine}: counts this node's subscribers"
+            "{engine}: counts this node's subscribers, when it is the next publication here"
         );
+        eventually(engine, || async { offsets(&outbox).len() >= 101 }).await;
         assert_eq!(
             offsets(&outbox),
             (1..=101).collect::<Vec<_>>(),
@@ -145,7 +175,7 @@ async fn publish_is_atomic_per_channel_and_keys_deduplicate() {
 
 #[tokio::test]
 async fn positions_keep_their_epoch_and_recovery_is_all_or_nothing() {
-    for (engine, f) in fixtures() {
+    for (engine, f) in fixtures().await {
         for i in 0..5 {
             f.broker
                 .publish("h:r", format!("{i}").as_bytes(), None)
@@ -224,7 +254,7 @@ async fn positions_keep_their_epoch_and_recovery_is_all_or_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_sees_every_publication_once_across_its_start() {
-    for (engine, f) in fixtures() {
+    for (engine, f) in fixtures().await {
         let f = Arc::new(f);
         let publisher = {
             let f = f.clone();
@@ -254,6 +284,9 @@ async fn a_subscription_sees_every_publication_once_across_its_start() {
         let Some(Recovery::Complete(missed)) = recovery else {
             panic!("{engine}: the history holds every publication: {recovery:?}");
         };
+        let recovered = missed.last().map_or(since.offset, |p| p.offset);
+        let last = || async { offsets(&outbox).last().copied().unwrap_or(recovered) };
+        eventually(engine, || async { last().await == 200 }).await;
         let mut seen: Vec<u64> = missed.iter().map(|p| p.offset).collect();
         seen.extend(offsets(&outbox));
         let expected: Vec<u64> = (since.offset + 1..=200).collect();
@@ -266,7 +299,7 @@ async fn a_subscription_sees_every_publication_once_across_its_start() {
 
 #[tokio::test]
 async fn history_pages_and_removal() {
-    for (engine, f) in fixtures() {
+    for (engine, f) in fixtures().await {
         for i in 1..=12 {
             f.broker
                 .publish("h:p", format!("{i}").as_bytes(), None)
@@ -314,9 +347,11 @@ async fn history_pages_and_removal() {
 
 #[tokio::test]
 async fn presence_follows_the_subscriptions() {
-    for (engine, f) in fixtures() {
+    for (engine, f) in fixtures().await {
         f.subscriber("p1", "h:pr", None, 0).await;
         f.subscriber("p2", "h:pr", None, 0).await;
+        let count = || async { f.broker.presence("h:pr").await.unwrap().len() };
+        eventually(engine, || async { count().await == 2 }).await;
         let mut clients: Vec<String> = f
             .broker
             .presence("h:pr")
@@ -328,7 +363,9 @@ async fn presence_follows_the_subscriptions() {
         clients.sort();
         assert_eq!(clients, vec!["p1", "p2"], "{engine}");
         f.hub.unsubscribe("p1", "h:pr", None);
-        let clients = f.broker.presence("h:pr").await.unwrap();
-        assert_eq!(clients.len(), 1, "{engine}: p1 left");
+        eventually(&format!("{engine}: p1 left"), || async {
+            count().await == 1
+        })
+        .await;
     }
 }

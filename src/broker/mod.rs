@@ -1,21 +1,29 @@
-//! The engine boundary: what every engine (the embedded memory engine today, one shared by
-//! several nodes next) must do, and the rules its callers may rely on.
+//! The engine boundary: what every engine (the embedded memory engine, and the Redis engine
+//! shared by several nodes) must do, and the rules its callers may rely on.
 //!
 //! The node's use-cases (`crate::node`) are the only callers. An engine is chosen at run
-//! time by configuration, never by a cargo feature; [`Broker`] is the closed set of them.
+//! time by configuration (`broker`), never by a cargo feature; [`Broker`] is the closed set
+//! of them.
 //!
 //! # The contract
 //! 1. **Publish is atomic per channel.** For a channel whose namespace keeps history,
 //!    [`Broker::publish`] takes the next offset (the previous + 1) in the channel's epoch,
 //!    appends the data to the bounded history (history_size, history_ttl) and records the
 //!    idempotency key, as one step: two publishes to one channel never share an offset, and
-//!    a key seen within idempotency_window returns the first result and publishes nothing.
-//!    Channels without history publish with offset 0 and an empty epoch (keys still hold).
+//!    a key seen within idempotency_window returns the first publication's offset and epoch
+//!    and publishes nothing. Channels without history publish with offset 0 and an empty
+//!    epoch (keys still hold).
 //! 2. **Delivery to the local hub.** Every publication of a channel reaches this node's
-//!    [`Hub`] exactly once and in offset order, through [`Hub::deliver`]; the engine runs the
-//!    returned [`Flush`](crate::outbox::Flush) after it has released every lock of its own,
-//!    so no socket is written under an engine lock. `Published::delivered` counts this
-//!    node's subscribers.
+//!    [`Hub`] exactly once and in offset order, through [`Hub::deliver`]: the memory engine
+//!    before publish returns, an engine shared by nodes when the publication comes back to
+//!    this node (or at once, when it is the next one here). The engine runs the returned
+//!    [`Flush`](crate::outbox::Flush) after it has released every lock of its own, so no
+//!    socket is written under an engine lock. `Published::delivered` counts this node's
+//!    subscribers it was queued to (a shared engine may report 0 when the publication
+//!    reached them by another path first). Where a shared engine cannot deliver every
+//!    publication (its link broke, the stream restarted), it ends the local subscriptions
+//!    with `unsub` 2500 so that each client resubscribes and recovers: nothing is skipped
+//!    without a signal.
 //! 3. **Positions and epochs.** A channel's [`Position`] is its epoch and the last offset
 //!    given. The epoch changes only when the history is lost (its position expired after
 //!    history_meta_ttl without a publication, or the engine lost it), never otherwise.
@@ -32,9 +40,10 @@
 //!    None where the namespace keeps no history. [`Broker::remove_history`] drops what is
 //!    kept and keeps the position.
 //! 6. **Presence** is the set of connections subscribed to a channel across every node
-//!    sharing the engine. Nodes record it from their hub's subscriptions; a node that dies
-//!    without removing its entries has them expire. The memory engine serves one node, whose
-//!    hub is the whole record: it answers from the hub, and nothing can expire.
+//!    sharing the engine. Nodes record it from their hub's subscriptions (the hub's
+//!    observer); a node that dies without removing its entries has them expire. The memory
+//!    engine serves one node, whose hub is the whole record: it answers from the hub, and
+//!    nothing can expire.
 //! 7. **Errors.** [`BrokerError::Unavailable`] means the engine could not be reached and
 //!    nothing was done (a publish did not happen; a subscribe made no subscription). The
 //!    memory engine never fails.
@@ -46,13 +55,15 @@
 mod conformance;
 mod history;
 mod memory;
+mod redis;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 pub use memory::MemoryBroker;
+pub use redis::RedisBroker;
 
-use crate::config::Config;
+use crate::config::{Config, Engine};
 use crate::hub::Hub;
 use crate::wire::message::ClientInfo;
 use crate::wire::{Attach, Position, Publication};
@@ -78,12 +89,31 @@ pub enum BrokerError {
 /// The engines.
 pub enum Broker {
     Memory(MemoryBroker),
+    Redis(RedisBroker),
 }
 
 impl Broker {
     /// The embedded engine, delivering to `hub`.
     pub fn memory(hub: Hub, config: Arc<Config>) -> Broker {
         Broker::Memory(MemoryBroker::new(hub, config))
+    }
+
+    /// The engine the configuration names (`broker`), delivering to `hub`; `node` names
+    /// this node to the others.
+    pub fn build(hub: Hub, config: Arc<Config>, node: Arc<str>) -> Broker {
+        match config.engine() {
+            Engine::Memory => Broker::memory(hub, config),
+            Engine::Redis(_) => Broker::Redis(RedisBroker::new(hub, config, node)),
+        }
+    }
+
+    /// Whether the engine can serve: always for the memory engine; for Redis, while every
+    /// address answers and publications come back through each pub/sub connection.
+    pub fn ready(&self) -> bool {
+        match self {
+            Broker::Memory(_) => true,
+            Broker::Redis(redis) => redis.ready(),
+        }
     }
 
     /// Publishes `data` (validated JSON) to `channel` (rules 1 and 2).
@@ -97,6 +127,7 @@ impl Broker {
             Broker::Memory(memory) => {
                 Ok(memory.publish(channel, data, idempotency_key, Instant::now()))
             }
+            Broker::Redis(redis) => redis.publish(channel, data, idempotency_key).await,
         }
     }
 
@@ -113,6 +144,7 @@ impl Broker {
             Broker::Memory(memory) => {
                 Ok(memory.subscribe(channel, since, budget, Instant::now(), attach))
             }
+            Broker::Redis(redis) => redis.subscribe(channel, since, budget, attach).await,
         }
     }
 
@@ -128,6 +160,7 @@ impl Broker {
             Broker::Memory(memory) => {
                 Ok(memory.history(channel, since, limit, reverse, Instant::now()))
             }
+            Broker::Redis(redis) => redis.history(channel, since, limit, reverse).await,
         }
     }
 
@@ -135,6 +168,7 @@ impl Broker {
     pub async fn remove_history(&self, channel: &str) -> Result<bool, BrokerError> {
         match self {
             Broker::Memory(memory) => Ok(memory.remove_history(channel, Instant::now())),
+            Broker::Redis(redis) => redis.remove_history(channel).await,
         }
     }
 
@@ -142,15 +176,18 @@ impl Broker {
     pub async fn presence(&self, channel: &str) -> Result<Vec<ClientInfo>, BrokerError> {
         match self {
             Broker::Memory(memory) => Ok(memory.presence(channel)),
+            Broker::Redis(redis) => redis.presence(channel).await,
         }
     }
 
-    /// Periodic housekeeping: forgets expired positions and idempotency keys.
+    /// Periodic housekeeping: forgets expired positions and idempotency keys (Redis
+    /// expires its keys itself).
     pub fn sweep(&self) {
         match self {
             Broker::Memory(memory) => {
                 memory.sweep(Instant::now());
             }
+            Broker::Redis(_) => {}
         }
     }
 }

@@ -128,6 +128,19 @@ pub struct Config {
     /// Rpcs one connection may have waiting at once.
     pub max_rpc_in_flight: usize,
     pub log_format: LogFormat,
+    /// The engine: `memory` (this node alone), or one or more `redis://` addresses
+    /// separated by commas (channels spread over them by consistent hashing).
+    pub broker: String,
+    /// Longest wait for any one Redis command or connection attempt.
+    #[serde(with = "duration")]
+    pub redis_timeout: Duration,
+    /// How long a node that stopped refreshing keeps its clients in presence.
+    #[serde(with = "duration")]
+    pub redis_presence_ttl: Duration,
+    /// Prefix of every Redis key and pub/sub channel, so clusters can share a Redis.
+    pub redis_prefix: String,
+    /// Pub/sub connections each node holds to each Redis address.
+    pub redis_pubsub_connections: usize,
     /// Options of channels without a namespace of their own.
     pub channel_defaults: NamespaceOptions,
     pub namespaces: HashMap<String, NamespaceOptions>,
@@ -185,10 +198,23 @@ impl Default for Config {
             rpc_timeout: secs(5),
             max_rpc_in_flight: 16,
             log_format: LogFormat::Text,
+            broker: "memory".into(),
+            redis_timeout: secs(2),
+            redis_presence_ttl: secs(30),
+            redis_prefix: "sidecast".into(),
+            redis_pubsub_connections: 2,
             channel_defaults: NamespaceOptions::default(),
             namespaces: HashMap::new(),
         }
     }
+}
+
+/// Where channels' state lives: this process, or Redis shared by several nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Engine {
+    Memory,
+    /// Addresses, each a shard.
+    Redis(Vec<String>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -273,6 +299,20 @@ impl Config {
             issuer: self.token_issuer.clone(),
             leeway: self.token_leeway,
         }
+    }
+
+    /// The engine the `broker` key names.
+    pub fn engine(&self) -> Engine {
+        if self.broker == "memory" {
+            return Engine::Memory;
+        }
+        Engine::Redis(
+            self.broker
+                .split(',')
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty())
+                .collect(),
+        )
     }
 
     /// The options that apply to a channel: its namespace's, or the defaults.

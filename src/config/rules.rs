@@ -5,7 +5,7 @@ use jsonwebtoken::Algorithm;
 
 use super::layers::invalid;
 use super::values::format_duration;
-use super::{default_max_connections, is_hmac, Config, ConfigError, NamespaceOptions};
+use super::{default_max_connections, is_hmac, Config, ConfigError, Engine, NamespaceOptions};
 
 impl Config {
     /// Checks the rules between keys and fills in what is derived (max_connections 0, the
@@ -28,6 +28,7 @@ impl Config {
             ("events_window", self.events_window),
             ("events_max_groups", self.events_max_groups),
             ("max_rpc_in_flight", self.max_rpc_in_flight),
+            ("redis_pubsub_connections", self.redis_pubsub_connections),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0"));
@@ -42,6 +43,8 @@ impl Config {
             ("events_ack_timeout", self.events_ack_timeout),
             ("rpc_timeout", self.rpc_timeout),
             ("header_read_timeout", self.header_read_timeout),
+            ("redis_timeout", self.redis_timeout),
+            ("redis_presence_ttl", self.redis_presence_ttl),
         ] {
             if value.is_zero() {
                 return Err(invalid(key, "must be greater than 0"));
@@ -121,7 +124,37 @@ impl Config {
             check_history(&format!("namespaces.{name}"), options)?;
         }
         check_history("channel_defaults", &self.channel_defaults)?;
+        self.check_broker()?;
         self.check_token_keys()
+    }
+
+    /// `memory`, or a list of distinct `redis://` addresses.
+    fn check_broker(&self) -> Result<(), ConfigError> {
+        if self.redis_prefix.is_empty() || self.redis_prefix.contains(['{', '}', ' ']) {
+            return Err(invalid(
+                "redis_prefix",
+                "must be non-empty, without spaces or braces",
+            ));
+        }
+        let Engine::Redis(addresses) = self.engine() else {
+            return Ok(());
+        };
+        let mut seen = std::collections::HashSet::new();
+        for address in &addresses {
+            if !address.starts_with("redis://") {
+                return Err(invalid(
+                    "broker",
+                    format!("{address:?} is neither `memory` nor a redis:// address"),
+                ));
+            }
+            if let Err(e) = redis::Client::open(address.as_str()) {
+                return Err(invalid("broker", format!("{address:?}: {e}")));
+            }
+            if !seen.insert(address) {
+                return Err(invalid("broker", format!("{address:?} is listed twice")));
+            }
+        }
+        Ok(())
     }
 
     fn check_token_keys(&mut self) -> Result<(), ConfigError> {

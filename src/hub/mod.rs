@@ -43,6 +43,19 @@ pub enum HubError {
 /// after all (the channel reached max_subscribers meanwhile).
 pub const UNSUB_CHANNEL_FULL: u32 = 2002;
 
+/// A connection joined or left a channel on this node: what an engine shared by several
+/// nodes records as presence and relays as `join`/`leave` to the other nodes.
+pub struct Change<'a> {
+    pub joined: bool,
+    pub channel: &'a str,
+    pub client: &'a str,
+    pub user: &'a str,
+    pub info: Option<&'a RawValue>,
+}
+
+/// Told every [`Change`], under the hub's channel lock: it must only record and return.
+pub type Observer = Box<dyn Fn(Change<'_>) + Send + Sync>;
+
 /// Who made a subscription: it decides whether a token refresh can revoke it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubscribedBy {
@@ -73,6 +86,8 @@ struct Shared {
     /// Connection and subscription changes are emitted under the hub's lock, so that a
     /// client's events are numbered in the order its state changed.
     events: Events,
+    /// Set once by an engine that records membership (see [`Change`]).
+    observer: std::sync::OnceLock<Observer>,
 }
 
 /// Who is connected and subscribed where.
@@ -110,8 +125,58 @@ impl Hub {
                 metrics,
                 pacing: Arc::new(Pacing::default()),
                 events,
+                observer: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Has `observer` told every subscription change from now on (once per hub).
+    pub fn set_observer(&self, observer: Observer) {
+        if self.shared.observer.set(observer).is_err() {
+            panic!("a hub has one observer");
+        }
+    }
+
+    fn observe(&self, change: Change<'_>) {
+        if let Some(observer) = self.shared.observer.get() {
+            observer(change);
+        }
+    }
+
+    /// Queues a frame made elsewhere (another node's `join` or `leave`) to every subscriber
+    /// of `channel` here; the caller runs the flush.
+    pub fn relay(&self, channel: &str, frame: &bytes::Bytes) -> Flush {
+        let mut flush = self.flush();
+        if let Some(subscribers) = self.read().channels.get(channel).cloned() {
+            subscribers.lock().fan_out(frame, &mut flush);
+        }
+        flush
+    }
+
+    /// Whether anyone is subscribed to `channel` on this node.
+    pub fn has_subscribers(&self, channel: &str) -> bool {
+        self.read().channels.contains_key(channel)
+    }
+
+    /// Every channel with subscribers here, with who is subscribed.
+    pub fn presence_snapshot(&self) -> Vec<(Arc<str>, Vec<ClientInfo>)> {
+        let channels: Vec<Arc<Subscribers>> = self.read().channels.values().cloned().collect();
+        channels
+            .into_iter()
+            .map(|c| {
+                let clients = c
+                    .lock()
+                    .subscribers
+                    .iter()
+                    .map(|(id, s)| ClientInfo {
+                        client: id.to_string(),
+                        user: s.user.to_string(),
+                        info: s.info.clone(),
+                    })
+                    .collect();
+                (c.name.clone(), clients)
+            })
+            .collect()
     }
 
     pub fn metrics(&self) -> &Metrics {

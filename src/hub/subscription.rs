@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::subscribers::{Subscriber, Subscribers};
-use super::{Hub, HubError, Index, SubscribedBy, UNSUB_CHANNEL_FULL};
+use super::{Change, Hub, HubError, Index, SubscribedBy, UNSUB_CHANNEL_FULL};
 use crate::events::{EventKind, What};
 use crate::outbox::{Flush, Push};
 use crate::wire::message::{Membership, UnsubReason};
@@ -120,6 +120,13 @@ impl Hub {
                 ch.fan_out(&join, &mut flush);
             }
             let outbox = subscriber.outbox.clone();
+            self.observe(Change {
+                joined: true,
+                channel: &channel.name,
+                client: &id,
+                user: &subscriber.user,
+                info: subscriber.info.as_deref(),
+            });
             ch.subscribers.insert(id.clone(), subscriber);
             break (channel.clone(), outbox);
         };
@@ -184,6 +191,42 @@ impl Hub {
         true
     }
 
+    /// Ends every subscription to a channel on this node with an `unsub` push, adding the
+    /// sockets to write to `flush` (the engine calls this under its channel lock).
+    pub fn unsubscribe_all_into(&self, name: &str, reason: UnsubReason, flush: &mut Flush) {
+        let Some(channel) = self.read().channels.get(name).cloned() else {
+            return;
+        };
+        let ids: Vec<_> = channel.lock().subscribers.keys().cloned().collect();
+        for id in ids {
+            let outbox = {
+                let mut state = self.write();
+                let Some(client) = state.clients.get_mut(&id) else {
+                    continue;
+                };
+                if client.subs.remove(name).is_none() {
+                    continue;
+                }
+                if self.shared.events.wants(EventKind::Unsubscribe) {
+                    let unsubscribe = What::Unsubscribe {
+                        channel: name.to_string(),
+                        code: reason.code(),
+                    };
+                    self.shared.events.emit(&id, &client.user, unsubscribe);
+                }
+                client.outbox.clone()
+            };
+            self.detach_into(&id, &channel, flush);
+            let unsub = ServerMessage::Unsub {
+                channel: name,
+                reason,
+            };
+            if outbox.push_later(unsub.frame()) == Push::Deferred {
+                flush.add(&outbox);
+            }
+        }
+    }
+
     /// Takes a connection out of one channel (with `leave` pushes where enabled) and writes
     /// what that queued.
     pub(super) fn detach(&self, id: &str, channel: &Arc<Subscribers>) {
@@ -196,6 +239,13 @@ impl Hub {
     fn detach_into(&self, id: &str, channel: &Arc<Subscribers>, flush: &mut Flush) {
         let mut ch = channel.lock();
         if let Some(sub) = ch.subscribers.remove(id) {
+            self.observe(Change {
+                joined: false,
+                channel: &channel.name,
+                client: id,
+                user: &sub.user,
+                info: sub.info.as_deref(),
+            });
             if channel.options.join_leave {
                 let leave = ServerMessage::JoinLeave {
                     kind: Membership::Leave,

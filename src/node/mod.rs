@@ -63,8 +63,9 @@ pub struct Conn<'a> {
 }
 
 impl Node {
-    /// Builds a node's shared state on the in-memory engine; fails when the token keys
-    /// named by the configuration cannot be read.
+    /// Builds a node's shared state on the engine the configuration names (its tasks
+    /// start on the current tokio runtime); fails when the token keys named by the
+    /// configuration cannot be read.
     pub fn build(config: Config) -> Result<Node, KeyError> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
@@ -72,7 +73,7 @@ impl Node {
         let id: Arc<str> = Arc::from(format!("{:016x}", rand::random::<u64>()));
         let events = Events::new(&config, id.clone());
         let hub = Hub::new(config.clone(), metrics.clone(), events.clone());
-        let broker = Arc::new(Broker::memory(hub.clone(), config.clone()));
+        let broker = Arc::new(Broker::build(hub.clone(), config.clone(), id.clone()));
         Ok(Node {
             config,
             verifier,
@@ -83,6 +84,11 @@ impl Node {
             hub,
             broker,
         })
+    }
+
+    /// Whether the engine serves (Redis reachable and carrying publications).
+    pub fn engine_ready(&self) -> bool {
+        self.broker.ready()
     }
 
     /// Periodic housekeeping: the engine forgets expired positions and idempotency keys.

@@ -24,6 +24,10 @@ pub enum UnsubReason {
     Backend,
     /// A refreshed token no longer grants the channel.
     Revoked,
+    /// The node may have missed publications of the channel (its link to the shared
+    /// engine broke, or the stream restarted): subscribe again from the last position to
+    /// recover them.
+    Resubscribe,
 }
 
 impl UnsubReason {
@@ -31,13 +35,20 @@ impl UnsubReason {
         match self {
             UnsubReason::Backend => 2000,
             UnsubReason::Revoked => 2001,
+            UnsubReason::Resubscribe => 2500,
         }
     }
     fn text(self) -> &'static str {
         match self {
             UnsubReason::Backend => "unsubscribed by the backend",
             UnsubReason::Revoked => "permission revoked",
+            UnsubReason::Resubscribe => "resubscribe to recover",
         }
+    }
+
+    /// Whether the client should subscribe again at once, recovering from its position.
+    pub fn resubscribe(self) -> bool {
+        matches!(self, UnsubReason::Resubscribe)
     }
 }
 
@@ -233,10 +244,11 @@ impl ServerMessage<'_> {
                 out.into_bytes()
             }
             ServerMessage::Unsub { channel, reason } => format!(
-                r#"{{"type":"unsub","channel":{},"code":{},"reason":"{}","resubscribe":false}}"#,
+                r#"{{"type":"unsub","channel":{},"code":{},"reason":"{}","resubscribe":{}}}"#,
                 json_string(channel),
                 reason.code(),
-                reason.text()
+                reason.text(),
+                reason.resubscribe()
             )
             .into_bytes(),
             ServerMessage::JoinLeave {

@@ -5,6 +5,7 @@ mod auth;
 mod bad_input;
 mod bench_smoke;
 mod binary;
+mod cluster;
 mod control;
 mod events;
 mod history;

@@ -1,0 +1,279 @@
+//! The pub/sub connections: each carries the topics of some channels and its own canary.
+//! A supervisor task per feed connects (with backoff), resubscribes every topic of the feed,
+//! then tells the subscribers here to resubscribe (what was published while the connection
+//! was down is only in the streams), reads, and pings within `redis_timeout` so that a
+//! half-open connection is replaced instead of waited on.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use redis::aio::PubSubSink;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::envelope::{self, Envelope};
+use super::link::{BACKOFF, PING_INTERVAL};
+use super::table::{Hold, Step};
+use super::{BrokerError, Inner, UNUSED_SWEEP};
+use crate::wire::message::{Membership, UnsubReason};
+use crate::wire::ServerMessage;
+
+pub struct Feed {
+    pub shard: usize,
+    sink: Mutex<Option<PubSubSink>>,
+    /// Bumped at each connection; 0 before the first.
+    generation: AtomicU64,
+    /// Orders this feed's SUBSCRIBE and UNSUBSCRIBE commands.
+    pub commands: tokio::sync::Mutex<()>,
+    canary: Mutex<Option<Instant>>,
+}
+
+impl Feed {
+    pub fn new(shard: usize) -> Feed {
+        Feed {
+            shard,
+            sink: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            commands: tokio::sync::Mutex::new(()),
+            canary: Mutex::new(None),
+        }
+    }
+
+    /// The current connection's generation, or None while it is down.
+    pub fn generation(&self) -> Option<u64> {
+        let sink = self.sink.lock().expect("feed lock");
+        sink.as_ref()
+            .map(|_| self.generation.load(Ordering::Acquire))
+    }
+
+    /// Whether the canary came back within `fresh`.
+    pub fn carries(&self, fresh: Duration) -> bool {
+        self.generation().is_some()
+            && self
+                .canary
+                .lock()
+                .expect("feed lock")
+                .is_some_and(|seen| seen.elapsed() < fresh)
+    }
+
+    fn sink(&self) -> Option<PubSubSink> {
+        self.sink.lock().expect("feed lock").clone()
+    }
+}
+
+impl Inner {
+    /// Makes sure the channel's topic is subscribed on its feed's current connection;
+    /// returns that connection's generation.
+    pub(super) async fn ensure_subscribed(&self, hold: &Hold) -> Result<u64, BrokerError> {
+        let index = hold.lock().feed;
+        let feed = &self.feeds[index];
+        let link = &self.links[feed.shard];
+        let _order = feed.commands.lock().await;
+        let Some(generation) = feed.generation() else {
+            return Err(link.unavailable("pub/sub connection down"));
+        };
+        if hold.lock().subscribed_on == generation {
+            return Ok(generation);
+        }
+        let mut sink = feed
+            .sink()
+            .ok_or_else(|| link.unavailable("pub/sub connection down"))?;
+        let topic = self.keys.topic(&hold.name);
+        match tokio::time::timeout(self.config.redis_timeout, sink.subscribe(topic)).await {
+            Ok(Ok(())) => {
+                hold.lock().subscribed_on = generation;
+                Ok(generation)
+            }
+            Ok(Err(e)) => Err(link.unavailable(e)),
+            Err(_) => Err(link.unavailable("SUBSCRIBE not confirmed in time")),
+        }
+    }
+
+    /// Keeps feed `index` connected until `stop`.
+    pub(super) async fn run_feed(&self, index: usize, stop: CancellationToken) {
+        let feed = &self.feeds[index];
+        let link = &self.links[feed.shard];
+        let canary = self.keys.canary(&self.node, index);
+        let timeout = self.config.redis_timeout;
+        let mut backoff = BACKOFF.0;
+        loop {
+            let connected = tokio::select! {
+                _ = stop.cancelled() => return,
+                c = tokio::time::timeout(timeout, link.client().get_async_pubsub()) => c,
+            };
+            let pubsub = match connected {
+                Ok(Ok(pubsub)) => pubsub,
+                failed => {
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer within {timeout:?}"),
+                    };
+                    tracing::debug!(address = %link.address, %error, "pub/sub connection failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF.1);
+                    continue;
+                }
+            };
+            let (mut sink, mut stream) = pubsub.split();
+            let ready = {
+                let _order = feed.commands.lock().await;
+                let mut topics = vec![canary.clone()];
+                let channels = self.table.on_feed(index);
+                topics.extend(channels.iter().map(|(name, _)| self.keys.topic(name)));
+                let mut subscribed = true;
+                for chunk in topics.chunks(500) {
+                    let done = tokio::time::timeout(timeout, sink.subscribe(chunk)).await;
+                    if !matches!(done, Ok(Ok(()))) {
+                        subscribed = false;
+                        break;
+                    }
+                }
+                if subscribed {
+                    let generation = feed.generation.fetch_add(1, Ordering::AcqRel) + 1;
+                    *feed.sink.lock().expect("feed lock") = Some(sink.clone());
+                    // What was published while this feed was down is only in the streams.
+                    for (name, entry) in channels {
+                        let mut flush = self.hub.flush();
+                        let mut entry = entry.lock().expect("entry lock");
+                        entry.subscribed_on = generation;
+                        entry.frontier = None;
+                        if generation > 1 {
+                            self.hub.unsubscribe_all_into(
+                                &name,
+                                UnsubReason::Resubscribe,
+                                &mut flush,
+                            );
+                        }
+                        drop(entry);
+                        flush.run();
+                    }
+                }
+                subscribed
+            };
+            if ready {
+                backoff = BACKOFF.0;
+                tracing::debug!(address = %link.address, feed = index, "pub/sub connected");
+                // The first canary at once, so that readiness does not wait for a tick.
+                let topic = canary.clone();
+                let _ = link
+                    .call(|mut c| async move {
+                        redis::cmd("PUBLISH")
+                            .arg(topic)
+                            .arg("1")
+                            .query_async::<u64>(&mut c)
+                            .await
+                    })
+                    .await;
+                let mut ping = tokio::time::interval(PING_INTERVAL);
+                let mut sweep = tokio::time::interval(UNUSED_SWEEP);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        message = stream.next() => match message {
+                            Some(message) => self.on_message(index, &canary, &message),
+                            None => break,
+                        },
+                        _ = ping.tick() => {
+                            let pong = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
+                            if !matches!(pong, Ok(Ok(_))) {
+                                tracing::warn!(address = %link.address, "pub/sub connection stopped answering; replacing it");
+                                break;
+                            }
+                        }
+                        _ = sweep.tick() => self.unsubscribe_unused(index, &mut sink).await,
+                    }
+                }
+            }
+            *feed.sink.lock().expect("feed lock") = None;
+        }
+    }
+
+    /// Drops the topics of `index` that no subscriber here needs any more.
+    async fn unsubscribe_unused(&self, index: usize, sink: &mut PubSubSink) {
+        let feed = &self.feeds[index];
+        let _order = feed.commands.lock().await;
+        let unused = self
+            .table
+            .drop_unused(index, |name| !self.hub.has_subscribers(name));
+        if unused.is_empty() {
+            return;
+        }
+        let topics: Vec<String> = unused.iter().map(|n| self.keys.topic(n)).collect();
+        // A failure leaves topics subscribed that the frontier-less entries ignore; the
+        // connection is replaced on its next failed ping anyway.
+        let _ = tokio::time::timeout(self.config.redis_timeout, sink.unsubscribe(topics)).await;
+    }
+
+    fn on_message(&self, index: usize, canary: &str, message: &redis::Msg) {
+        let topic = message.get_channel_name();
+        if topic == canary {
+            *self.feeds[index].canary.lock().expect("feed lock") = Some(Instant::now());
+            return;
+        }
+        let Some(channel) = self.keys.channel_of(topic) else {
+            return;
+        };
+        match envelope::decode(message.get_payload_bytes()) {
+            Some(Envelope::Publication {
+                offset,
+                epoch,
+                data,
+            }) => self.arrived(channel, offset, epoch, data),
+            Some(Envelope::Membership(member)) => {
+                if *member.node == *self.node || !self.options(channel).join_leave {
+                    return;
+                }
+                let kind = if member.joined {
+                    Membership::Join
+                } else {
+                    Membership::Leave
+                };
+                let frame = ServerMessage::JoinLeave {
+                    kind,
+                    channel,
+                    client: &member.client,
+                    user: &member.user,
+                    info: member.info.as_deref(),
+                }
+                .frame();
+                self.hub.relay(channel, &frame).run();
+            }
+            None => tracing::warn!(%topic, "undecodable message on a channel topic"),
+        }
+    }
+
+    /// A publication from the topic: to the hub through the frontier.
+    fn arrived(&self, channel: &str, offset: u64, epoch: &str, data: &[u8]) {
+        let Some(entry) = self.table.get(channel) else {
+            return;
+        };
+        let mut entry = entry.lock().expect("entry lock");
+        let flush = if offset == 0 {
+            // Without history there are no offsets to order or recover: as it comes.
+            self.hub.deliver(channel, data, None).1
+        } else {
+            match entry.arrive(epoch, offset) {
+                Step::Deliver => {
+                    let (counts, flush) = self.hub.deliver(channel, data, Some(offset));
+                    entry.last = (offset, counts.queued);
+                    flush
+                }
+                Step::Skip => return,
+                Step::Gap => {
+                    tracing::warn!(%channel, offset, "publications missing: subscribers resubscribe");
+                    entry.frontier = None;
+                    let mut flush = self.hub.flush();
+                    self.hub
+                        .unsubscribe_all_into(channel, UnsubReason::Resubscribe, &mut flush);
+                    flush
+                }
+            }
+        };
+        drop(entry);
+        flush.run();
+    }
+}

@@ -1,0 +1,76 @@
+//! The Redis names of a channel's state. Each has the channel in a hash tag (`{...}`), so
+//! that all of one channel's keys live in one Redis Cluster slot.
+
+/// Names under one prefix.
+#[derive(Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// The position: a hash of epoch `e` and top offset `o`.
+    pub fn meta(&self, channel: &str) -> String {
+        format!("{}:{{{channel}}}:meta", self.prefix)
+    }
+
+    /// The kept publications: a stream whose entry ids are `<offset>-0`.
+    pub fn stream(&self, channel: &str) -> String {
+        format!("{}:{{{channel}}}:stream", self.prefix)
+    }
+
+    /// A publish idempotency key and the result it gave first.
+    pub fn seen(&self, channel: &str, key: &str) -> String {
+        format!("{}:{{{channel}}}:seen:{key}", self.prefix)
+    }
+
+    /// Presence: client id → its user and info.
+    pub fn presence(&self, channel: &str) -> String {
+        format!("{}:{{{channel}}}:presence", self.prefix)
+    }
+
+    /// Presence expiries: client id → when it leaves unless refreshed (ms since the epoch).
+    pub fn presence_expiry(&self, channel: &str) -> String {
+        format!("{}:{{{channel}}}:presence-exp", self.prefix)
+    }
+
+    /// The pub/sub topic of a channel.
+    pub fn topic(&self, channel: &str) -> String {
+        format!("{}:topic:{{{channel}}}", self.prefix)
+    }
+
+    /// The channel a topic is for.
+    pub fn channel_of<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(":topic:{")?
+            .strip_suffix('}')
+    }
+
+    /// The topic on which a node checks that its pub/sub connection carries messages.
+    pub fn canary(&self, node: &str, feed: usize) -> String {
+        format!("{}:canary:{node}:{feed}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_topic_names_its_channel() {
+        let keys = Keys::new("sc");
+        assert_eq!(keys.topic("chat:a"), "sc:topic:{chat:a}");
+        assert_eq!(
+            keys.channel_of(&keys.topic("chat:lobby")),
+            Some("chat:lobby")
+        );
+        assert_eq!(keys.channel_of("sc:canary:n:0"), None);
+        assert_eq!(keys.channel_of("other:topic:{x}"), None);
+    }
+}

@@ -1,0 +1,148 @@
+//! The command connection to one Redis address: every call has a deadline, and a call that
+//! fails on the connection (an I/O error, a timeout on a half-open socket) drops it, so the
+//! next one never waits on a dead socket. A supervisor task connects (with backoff while
+//! Redis is down, logging the address) and pings it.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, RedisError, RedisResult};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::super::BrokerError;
+
+pub struct Link {
+    pub address: String,
+    client: redis::Client,
+    conn: Mutex<Option<MultiplexedConnection>>,
+    timeout: Duration,
+    /// Wakes the supervisor when a call dropped the connection.
+    lost: Notify,
+    /// Whether the last connection attempt or ping failed, so a failure is logged once.
+    down: AtomicBool,
+}
+
+/// How often a connected link is pinged.
+pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// Reconnect backoff: from the first to the last, doubling.
+pub const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+impl Link {
+    pub fn new(address: &str, timeout: Duration) -> Link {
+        Link {
+            address: address.to_string(),
+            client: redis::Client::open(address).expect("an address checked by the config"),
+            conn: Mutex::new(None),
+            timeout,
+            lost: Notify::new(),
+            down: AtomicBool::new(false),
+        }
+    }
+
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.conn.lock().expect("link lock").is_some()
+    }
+
+    pub fn unavailable(&self, what: impl std::fmt::Display) -> BrokerError {
+        BrokerError::Unavailable(format!("Redis at {}: {what}", self.address))
+    }
+
+    /// Runs `call` on the connection within the deadline.
+    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, BrokerError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let Some(conn) = self.conn.lock().expect("link lock").clone() else {
+            return Err(self.unavailable("not connected"));
+        };
+        match tokio::time::timeout(self.timeout, call(conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                if broken(&e) {
+                    self.drop_connection();
+                }
+                Err(self.unavailable(e))
+            }
+            Err(_) => {
+                self.drop_connection();
+                Err(self.unavailable(format!("no answer within {:?}", self.timeout)))
+            }
+        }
+    }
+
+    fn drop_connection(&self) {
+        if self.conn.lock().expect("link lock").take().is_some() {
+            self.lost.notify_one();
+        }
+    }
+
+    /// Keeps a connection up until `stop`.
+    pub async fn supervise(&self, stop: CancellationToken) {
+        let mut backoff = BACKOFF.0;
+        loop {
+            if !self.is_up() {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout));
+                let attempt = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    attempt = tokio::time::timeout(
+                        self.timeout,
+                        self.client.get_multiplexed_async_connection_with_config(&config),
+                    ) => attempt,
+                };
+                match attempt {
+                    Ok(Ok(conn)) => {
+                        tracing::info!(address = %self.address, "connected to Redis");
+                        self.down.store(false, Ordering::Relaxed);
+                        *self.conn.lock().expect("link lock") = Some(conn);
+                        backoff = BACKOFF.0;
+                    }
+                    failed => {
+                        let error = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => format!("no answer within {:?}", self.timeout),
+                        };
+                        if !self.down.swap(true, Ordering::Relaxed) {
+                            tracing::error!(address = %self.address, %error, "cannot reach Redis; retrying");
+                        }
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(BACKOFF.1);
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.lost.notified() => {}
+                _ = tokio::time::sleep(PING_INTERVAL) => {
+                    let ping = self
+                        .call(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+                        .await;
+                    if let Err(e) = ping {
+                        if !self.down.swap(true, Ordering::Relaxed) {
+                            tracing::error!(address = %self.address, error = %e, "lost Redis; reconnecting");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether an error means the connection itself is no good.
+fn broken(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_timeout()
+}

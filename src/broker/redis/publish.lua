@@ -1,0 +1,34 @@
+-- One publication of a channel, as one step: the idempotency key, the next offset in the
+-- channel's epoch, the append to the bounded stream, and the PUBLISH to every node.
+-- KEYS: meta, stream, seen. ARGV: data, history_size, history_ttl_ms, meta_ttl_ms,
+-- fresh_epoch, window_ms, topic, has_history ('1'/'0'), keyed ('1'/'0').
+-- Returns 'n<offset>:<epoch>' (offset 0 and no epoch without history), or 's' and the first
+-- result for a key seen within the window (nothing published).
+local meta, stream, seen = KEYS[1], KEYS[2], KEYS[3]
+local keyed = ARGV[9] == '1'
+if keyed then
+  local first = redis.call('GET', seen)
+  if first then return 's' .. first end
+end
+local offset, epoch = 0, ''
+if ARGV[8] == '1' then
+  epoch = redis.call('HGET', meta, 'e')
+  if not epoch then
+    -- The position is lost (expired, or Redis lost it): a new epoch, nothing kept.
+    epoch = ARGV[5]
+    redis.call('HSET', meta, 'e', epoch)
+    redis.call('DEL', stream)
+  end
+  offset = redis.call('HINCRBY', meta, 'o', 1)
+  redis.call('PEXPIRE', meta, ARGV[4])
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('XADD', stream, 'MAXLEN', ARGV[2], offset .. '-0', 'd', ARGV[1], 't', ms)
+  redis.call('PEXPIRE', stream, ARGV[3])
+end
+local result = offset .. ':' .. epoch
+redis.call('PUBLISH', ARGV[7], 'p' .. result .. ':' .. ARGV[1])
+if keyed then
+  redis.call('SET', seen, result, 'PX', ARGV[6])
+end
+return 'n' .. result

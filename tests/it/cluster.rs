@@ -1,0 +1,390 @@
+//! Several nodes on Redis (real redis-server processes): fan-out, recovery, presence and
+//! faults across the cluster. Each test starts its own Redis and its nodes.
+
+use std::collections::HashSet;
+
+use serde_json::{json, Value};
+use sidecast::testkit::RedisServer;
+
+use crate::support::{eventually, http_get, publish, Client, TestServer};
+
+/// `room:` keeps history, presence and join/leave.
+const ROOMS: &str = "[namespaces.room]\nhistory_size = 1000\nhistory_ttl = \"5m\"\npresence = true\njoin_leave = true\n";
+
+async fn node(brokers: &str, extra: &[(&str, &str)]) -> TestServer {
+    let mut settings = vec![("broker", brokers)];
+    settings.extend_from_slice(extra);
+    let server = TestServer::start_with_file(Some(ROOMS), &settings).await;
+    ready(&server).await;
+    server
+}
+
+async fn ready(server: &TestServer) {
+    let admin = server.admin;
+    eventually("the node is ready", || async move {
+        http_get(admin, "/readyz").await.0 == 200
+    })
+    .await;
+}
+
+async fn member(server: &TestServer, user: &str) -> Client {
+    server.user(user, json!({"channels": ["room:*"]})).await
+}
+
+/// The next `pub` of a client, other pushes skipped.
+async fn next_pub(client: &mut Client) -> Value {
+    loop {
+        let message = client.recv().await;
+        if message["type"] == "pub" {
+            return message;
+        }
+    }
+}
+
+/// The subscribers Redis counts on a channel's topic: one per node that subscribed it.
+fn topic_subscribers(redis: &RedisServer, channel: &str) -> i64 {
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let (_, n): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(format!("sidecast:topic:{{{channel}}}"))
+        .query::<Vec<(String, i64)>>(&mut conn)
+        .unwrap()
+        .remove(0);
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_reaches_every_node_in_the_same_order() {
+    let redis = RedisServer::start();
+    let nodes = [
+        node(&redis.url(), &[]).await,
+        node(&redis.url(), &[]).await,
+        node(&redis.url(), &[]).await,
+    ];
+    let mut clients = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let mut c = member(n, &format!("u{i}")).await;
+        assert!(c.subscribe(2, "room:order").await["result"].is_object());
+        clients.push(c);
+    }
+    // Publishers on every node at once: Redis orders them, every node delivers that order.
+    let mut publishers = Vec::new();
+    for n in &nodes {
+        let mut grpc = n.grpc().await;
+        publishers.push(tokio::spawn(async move {
+            for i in 0..30 {
+                grpc.publish(publish("room:order", &format!("{i}")))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let mut orders = Vec::new();
+    for c in &mut clients {
+        let mut got = Vec::new();
+        for _ in 0..90 {
+            let p = next_pub(c).await;
+            got.push((p["offset"].as_u64().unwrap(), p["data"].clone()));
+        }
+        let offsets: Vec<u64> = got.iter().map(|(o, _)| *o).collect();
+        assert_eq!(offsets, (1..=90).collect::<Vec<_>>(), "once each, in order");
+        orders.push(got);
+    }
+    assert!(
+        orders.windows(2).all(|w| w[0] == w[1]),
+        "the same order everywhere"
+    );
+
+    // Only nodes with subscribers of a channel receive its traffic.
+    let mut one = member(&nodes[0], "solo").await;
+    one.subscribe(2, "room:solo").await;
+    assert_eq!(topic_subscribers(&redis, "room:solo"), 1);
+    assert_eq!(topic_subscribers(&redis, "room:order"), 3);
+    drop(clients);
+    eventually("topics without subscribers are dropped", || async {
+        topic_subscribers(&redis, "room:order") == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_recovers_on_another_node_exactly_what_it_missed() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis.url(), &[]).await, node(&redis.url(), &[]).await);
+    let mut grpc = a.grpc().await;
+    let mut first = member(&a, "r").await;
+    let reply = first.subscribe(2, "room:r").await;
+    let epoch = reply["result"]["epoch"].as_str().unwrap().to_string();
+    grpc.publish(publish("room:r", "1")).await.unwrap();
+    let last = next_pub(&mut first).await["offset"].as_u64().unwrap();
+    drop(first);
+    for n in 2..=6 {
+        grpc.publish(publish("room:r", &n.to_string()))
+            .await
+            .unwrap();
+    }
+    let mut again = member(&b, "r").await;
+    let reply = again
+        .request(json!({"id": 2, "op": "subscribe", "channel": "room:r", "since": {"offset": last, "epoch": epoch}}))
+        .await;
+    assert_eq!(reply["result"]["recovered"], true, "{reply}");
+    let offsets: Vec<u64> = reply["result"]["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, vec![2, 3, 4, 5, 6]);
+    assert_eq!(
+        reply["result"]["epoch"],
+        epoch.as_str(),
+        "the epoch lives in Redis"
+    );
+    b.grpc()
+        .await
+        .publish(publish("room:r", "7"))
+        .await
+        .unwrap();
+    assert_eq!(next_pub(&mut again).await["offset"], 7, "then live");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_join_leave_span_the_nodes() {
+    let redis = RedisServer::start();
+    let nodes = [
+        node(&redis.url(), &[]).await,
+        node(&redis.url(), &[]).await,
+        node(&redis.url(), &[]).await,
+    ];
+    let mut alice = member(&nodes[0], "alice").await;
+    alice.subscribe(2, "room:p").await;
+    let mut bob = member(&nodes[1], "bob").await;
+    bob.subscribe(2, "room:p").await;
+    let join = alice.recv().await;
+    assert_eq!(
+        (join["type"].as_str(), join["user"].as_str()),
+        (Some("join"), Some("bob")),
+        "{join}"
+    );
+    let grpc = nodes[2].grpc().await;
+    let users = || {
+        let mut grpc = grpc.clone();
+        async move {
+            let presence = grpc
+                .presence(sidecast::pb::PresenceRequest {
+                    channel: "room:p".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut users: Vec<String> = presence.clients.into_iter().map(|c| c.user).collect();
+            users.sort();
+            users
+        }
+    };
+    eventually("both in presence, asked on a third node", || async {
+        users().await == ["alice", "bob"]
+    })
+    .await;
+    let stats = grpc
+        .clone()
+        .presence_stats(sidecast::pb::PresenceStatsRequest {
+            channel: "room:p".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((stats.num_clients, stats.num_users), (2, 2));
+    drop(bob);
+    let leave = alice.recv().await;
+    assert_eq!(
+        (leave["type"].as_str(), leave["user"].as_str()),
+        (Some("leave"), Some("bob")),
+        "{leave}"
+    );
+    eventually("bob left presence", || async { users().await == ["alice"] }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_pub_sub_link_makes_clients_resubscribe_and_nothing_is_lost() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis.url(), &[]).await, node(&redis.url(), &[]).await);
+    let mut client = member(&a, "c").await;
+    let reply = client.subscribe(2, "room:gap").await;
+    let epoch = reply["result"]["epoch"].as_str().unwrap().to_string();
+    let mut grpc = b.grpc().await;
+    let publisher = tokio::spawn(async move {
+        for i in 1..=200 {
+            grpc.publish(publish("room:gap", &i.to_string()))
+                .await
+                .unwrap();
+        }
+    });
+    // Every node's pub/sub connections drop while publications go on.
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut conn)
+        .unwrap();
+    assert!(killed >= 2, "{killed}");
+    let mut seen = Vec::new();
+    let mut last = 0;
+    let mut resubscribed = 0;
+    while last < 200 {
+        let m = client.recv().await;
+        match m["type"].as_str() {
+            Some("pub") => {
+                last = m["offset"].as_u64().unwrap();
+                seen.push(last);
+            }
+            Some("unsub") => {
+                assert_eq!(
+                    (m["code"].as_u64(), m["resubscribe"].as_bool()),
+                    (Some(2500), Some(true)),
+                    "{m}"
+                );
+                resubscribed += 1;
+                let id = 10 + resubscribed;
+                let reply = client
+                    .request(json!({"id": id, "op": "subscribe", "channel": "room:gap", "since": {"offset": last, "epoch": epoch}}))
+                    .await;
+                assert_eq!(reply["result"]["recovered"], true, "{reply}");
+                for p in reply["result"]["publications"].as_array().unwrap() {
+                    last = p["offset"].as_u64().unwrap();
+                    seen.push(last);
+                }
+            }
+            _ => {}
+        }
+    }
+    publisher.await.unwrap();
+    assert!(resubscribed >= 1, "the client was told");
+    assert_eq!(
+        seen,
+        (1..=200).collect::<Vec<_>>(),
+        "nothing lost, nothing twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_means_unavailable_and_not_ready_then_service_resumes() {
+    let mut redis = RedisServer::start();
+    let (a, b) = (node(&redis.url(), &[]).await, node(&redis.url(), &[]).await);
+    let mut client = member(&a, "c").await;
+    client.subscribe(2, "room:down").await;
+    let mut grpc = b.grpc().await;
+    grpc.publish(publish("room:down", "1")).await.unwrap();
+    assert_eq!(next_pub(&mut client).await["offset"], 1);
+
+    redis.stop();
+    let admin = a.admin;
+    eventually("not ready without Redis", || async move {
+        http_get(admin, "/readyz").await == (503, "engine not ready\n".to_string())
+    })
+    .await;
+    let refused = grpc.publish(publish("room:down", "2")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains(&redis.url()),
+        "names the address: {refused:?}"
+    );
+
+    redis.restart();
+    ready(&a).await;
+    ready(&b).await;
+    // Redis came back empty: the client is told to resubscribe, and its position's epoch
+    // is gone, which the reply says.
+    let unsub = client.recv().await;
+    assert_eq!(
+        (unsub["type"].as_str(), unsub["code"].as_u64()),
+        (Some("unsub"), Some(2500)),
+        "{unsub}"
+    );
+    let reply = client
+        .request(json!({"id": 3, "op": "subscribe", "channel": "room:down", "since": {"offset": 1, "epoch": "gone"}}))
+        .await;
+    assert_eq!(reply["result"]["recovered"], false, "{reply}");
+    grpc.publish(publish("room:down", "3")).await.unwrap();
+    assert_eq!(next_pub(&mut client).await["data"], 3, "delivery resumes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_redis_waits_not_ready_then_serves() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let server = TestServer::start_with_file(Some(ROOMS), &[("broker", &url)]).await;
+    let admin = server.admin;
+    eventually("the admin listener answers", || async move {
+        http_get(admin, "/readyz").await.0 == 503
+    })
+    .await;
+    assert_eq!(http_get(admin, "/healthz").await.0, 200, "alive, not ready");
+    let refused = server
+        .grpc()
+        .await
+        .publish(publish("room:x", "1"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    let mut redis = RedisServer::start();
+    redis.port = port;
+    redis.restart();
+    ready(&server).await;
+    server
+        .grpc()
+        .await
+        .publish(publish("room:x", "1"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_spread_over_two_redis_addresses() {
+    let (one, two) = (RedisServer::start(), RedisServer::start());
+    let brokers = format!("{},{}", one.url(), two.url());
+    let (a, b) = (node(&brokers, &[]).await, node(&brokers, &[]).await);
+    let mut client = member(&a, "s").await;
+    let channels: Vec<String> = (0..16).map(|i| format!("room:s{i}")).collect();
+    for (i, c) in channels.iter().enumerate() {
+        client.subscribe(10 + i as u64, c).await;
+    }
+    let mut grpc = b.grpc().await;
+    for c in &channels {
+        grpc.publish(publish(c, "1")).await.unwrap();
+    }
+    let mut got = HashSet::new();
+    while got.len() < channels.len() {
+        let p = next_pub(&mut client).await;
+        assert_eq!(p["offset"], 1);
+        got.insert(p["channel"].as_str().unwrap().to_string());
+    }
+    for redis in [&one, &two] {
+        let mut conn = redis::Client::open(redis.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("sidecast:*:meta")
+            .query(&mut conn)
+            .unwrap();
+        assert!(
+            (3..=13).contains(&keys.len()),
+            "each address holds a share of the channels: {keys:?}"
+        );
+    }
+}
