@@ -103,6 +103,10 @@ pub async fn run(
     servers.spawn(every(SWEEP_INTERVAL, sweep_stop.clone(), move || {
         swept.sweep()
     }));
+    // Orders from the other nodes of a cluster (none for a node alone).
+    let orders = node.clone();
+    let orders_stop = sweep_stop.clone();
+    servers.spawn(async move { orders.serve_orders(orders_stop).await });
     let events = node.events.clone();
     servers.spawn(every(
         EVENTS_SWEEP_INTERVAL,

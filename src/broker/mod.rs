@@ -61,7 +61,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use memory::MemoryBroker;
-pub use redis::RedisBroker;
+pub use redis::{Order, RedisBroker};
 
 use crate::config::{Config, Engine};
 use crate::hub::Hub;
@@ -113,6 +113,47 @@ impl Broker {
         match self {
             Broker::Memory(_) => true,
             Broker::Redis(redis) => redis.ready(),
+        }
+    }
+
+    /// Orders from the other nodes of a cluster, for this node to carry out and answer
+    /// ([`Broker::answer`]); Some once, and only for an engine shared by nodes.
+    pub fn orders(&self) -> Option<tokio::sync::mpsc::Receiver<Order>> {
+        match self {
+            Broker::Memory(_) => None,
+            Broker::Redis(redis) => redis.orders(),
+        }
+    }
+
+    /// Gives an order (the node's JSON) to every other node sharing the engine; their
+    /// answers, those that came within redis_timeout. None for a node alone.
+    pub async fn ask(
+        &self,
+        body: Box<serde_json::value::RawValue>,
+    ) -> Result<Vec<Box<serde_json::value::RawValue>>, BrokerError> {
+        match self {
+            Broker::Memory(_) => Ok(Vec::new()),
+            Broker::Redis(redis) => redis.ask(body).await,
+        }
+    }
+
+    /// Answers an order of another node.
+    pub async fn answer(
+        &self,
+        order: Order,
+        body: Box<serde_json::value::RawValue>,
+    ) -> Result<(), BrokerError> {
+        match self {
+            Broker::Memory(_) => Ok(()),
+            Broker::Redis(redis) => redis.answer(order, body).await,
+        }
+    }
+
+    /// The ids of the live nodes sharing the engine (this one's only, for the memory engine).
+    pub async fn nodes(&self, this: &str) -> Result<Vec<String>, BrokerError> {
+        match self {
+            Broker::Memory(_) => Ok(vec![this.to_string()]),
+            Broker::Redis(redis) => redis.nodes().await,
         }
     }
 

@@ -122,7 +122,7 @@ impl Control for ControlService {
         let req = request.into_inner();
         Node::check_channel(&req.channel)?;
         let target = target(req.target)?;
-        let unsubscribed = self.node.unsubscribe_target(&target, &req.channel)?;
+        let unsubscribed = self.node.unsubscribe_target(&target, &req.channel).await?;
         Ok(Response::new(pb::UnsubscribeResponse { unsubscribed }))
     }
 
@@ -133,7 +133,7 @@ impl Control for ControlService {
     ) -> Reply<pb::DisconnectResponse> {
         let req = request.into_inner();
         let target = target(req.target)?;
-        let disconnected = self.node.disconnect(&target, req.code, &req.reason)?;
+        let disconnected = self.node.disconnect(&target, req.code, &req.reason).await?;
         Ok(Response::new(pb::DisconnectResponse { disconnected }))
     }
 
@@ -141,7 +141,7 @@ impl Control for ControlService {
     async fn send(&self, request: Request<pb::SendRequest>) -> Reply<pb::SendResponse> {
         let req = request.into_inner();
         let target = target(req.target)?;
-        let delivered = self.node.send(&target, &req.data)?;
+        let delivered = self.node.send(&target, &req.data).await?;
         Ok(Response::new(pb::SendResponse { delivered }))
     }
 
@@ -192,6 +192,7 @@ impl Control for ControlService {
         let channels = self
             .node
             .channels(pattern.as_ref())
+            .await?
             .into_iter()
             .map(|(channel, subscribers)| pb::ChannelInfo {
                 channel,
@@ -204,7 +205,22 @@ impl Control for ControlService {
     #[tracing::instrument(skip_all)]
     async fn info(&self, _request: Request<pb::InfoRequest>) -> Reply<pb::InfoResponse> {
         let info = self.node.info();
+        let nodes = self
+            .node
+            .cluster_info()
+            .await?
+            .into_iter()
+            .map(|n| pb::NodeInfo {
+                node_id: n.node_id,
+                uptime_seconds: n.uptime_seconds,
+                connections: n.connections as u32,
+                users: n.users as u32,
+                channels: n.channels as u32,
+                subscriptions: n.subscriptions as u32,
+            })
+            .collect();
         Ok(Response::new(pb::InfoResponse {
+            nodes,
             node_id: info.node_id,
             version: info.version.to_string(),
             uptime_seconds: info.uptime_seconds,

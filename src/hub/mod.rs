@@ -66,7 +66,8 @@ pub enum SubscribedBy {
 }
 
 /// Who a server-side action applies to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Target {
     User(String),
     Client(String),

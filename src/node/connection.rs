@@ -68,8 +68,9 @@ impl Node {
         self.hub.unregister(id, close);
     }
 
-    /// Control.Send: a `message` push to every connection of the target; how many took it.
-    pub fn send(&self, target: &Target, data: &[u8]) -> Result<u32, NodeError> {
+    /// Control.Send on this node: a `message` push to every connection of the target here;
+    /// how many took it.
+    pub(super) fn send_local(&self, target: &Target, data: &[u8]) -> Result<u32, NodeError> {
         self.check_data(data)?;
         let message = ServerMessage::Message { data }.frame();
         let mut delivered = 0;
@@ -81,9 +82,14 @@ impl Node {
         Ok(delivered)
     }
 
-    /// Control.Disconnect: closes every connection of the target with `code` (0: 4006) and
-    /// `reason`; how many were not closing already.
-    pub fn disconnect(&self, target: &Target, code: u32, reason: &str) -> Result<u32, NodeError> {
+    /// Control.Disconnect on this node: closes every connection of the target here with
+    /// `code` (0: 4006) and `reason`; the code used, and how many were not closing already.
+    pub(super) fn disconnect_local(
+        &self,
+        target: &Target,
+        code: u32,
+        reason: &str,
+    ) -> Result<(u16, u32), NodeError> {
         let code = match code {
             0 => close::BACKEND_RECONNECT,
             code if close::is_backend_code(code) => code as u16,
@@ -100,7 +106,7 @@ impl Node {
                 disconnected += 1;
             }
         }
-        Ok(disconnected)
+        Ok((code, disconnected))
     }
 
     /// Every connection's outbox, for the drain at shutdown.

@@ -11,11 +11,14 @@
 //! - `connection`: a connection's life (connect, refresh, end) and what a backend does to
 //!   connections (send, disconnect).
 //! - `query`: history, presence, channels and info.
+//! - `cluster`: what a backend asks of every node (send, disconnect, subscribe and
+//!   unsubscribe by target, channels, info), and the other nodes' orders carried out here.
 //!
 //! Lock order, outermost first: the engine's (one channel's record), the hub's index, one
 //! channel's subscribers, one connection's outbox. No lock is held across an `.await` or a
 //! socket write that a [`Flush`](crate::outbox::Flush) makes.
 
+mod cluster;
 mod connection;
 mod error;
 mod publish;
@@ -25,6 +28,7 @@ mod subscribe;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use cluster::NodeCounts;
 pub use error::NodeError;
 pub use query::{Asker, Info};
 pub use subscribe::Subscribed;

@@ -113,10 +113,11 @@ impl Node {
     }
 
     /// Channels with subscribers on this node, matching `pattern` when given.
-    pub fn channels(&self, pattern: Option<&Pattern>) -> Vec<(String, usize)> {
+    pub(super) fn local_channels(&self, pattern: Option<&Pattern>) -> Vec<(String, usize)> {
         self.hub.channels(pattern)
     }
 
+    /// This node's counts (Control.Info lists every node's: [`Node::cluster_info`]).
     pub fn info(&self) -> Info {
         let counts = self.hub.counts();
         Info {

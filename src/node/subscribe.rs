@@ -82,8 +82,9 @@ impl Node {
         Ok(())
     }
 
-    /// Control.Subscribe: every connection of the target, with a `sub` push each.
-    pub async fn subscribe_target(
+    /// Control.Subscribe on this node: every connection of the target here, with a `sub`
+    /// push each.
+    pub(super) async fn subscribe_target_local(
         &self,
         target: &Target,
         channel: &str,
@@ -117,8 +118,13 @@ impl Node {
         Ok(self.hub.unsubscribe(conn, channel, notify))
     }
 
-    /// Control.Unsubscribe: every connection of the target, told with an `unsub` push.
-    pub fn unsubscribe_target(&self, target: &Target, channel: &str) -> Result<u32, NodeError> {
+    /// Control.Unsubscribe on this node: every connection of the target here, told with an
+    /// `unsub` push.
+    pub(super) fn unsubscribe_target_local(
+        &self,
+        target: &Target,
+        channel: &str,
+    ) -> Result<u32, NodeError> {
         Node::check_channel(channel)?;
         let mut unsubscribed = 0;
         for (id, _) in self.hub.connections(target) {

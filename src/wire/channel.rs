@@ -61,6 +61,12 @@ pub struct Pattern {
     prefix_len: Option<usize>,
 }
 
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
 // === impl Pattern ===
 
 impl Pattern {

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 
 use serde_json::{json, Value};
+use sidecast::pb;
 use sidecast::testkit::RedisServer;
 
 use crate::support::{eventually, http_get, publish, Client, TestServer};
@@ -33,9 +34,14 @@ async fn member(server: &TestServer, user: &str) -> Client {
 
 /// The next `pub` of a client, other pushes skipped.
 async fn next_pub(client: &mut Client) -> Value {
+    next_of(client, "pub").await
+}
+
+/// The next message of type `kind` (`join`/`leave` of other members skipped).
+async fn next_of(client: &mut Client, kind: &str) -> Value {
     loop {
         let message = client.recv().await;
-        if message["type"] == "pub" {
+        if message["type"] == kind {
             return message;
         }
     }
@@ -177,7 +183,7 @@ async fn presence_and_join_leave_span_the_nodes() {
         let mut grpc = grpc.clone();
         async move {
             let presence = grpc
-                .presence(sidecast::pb::PresenceRequest {
+                .presence(pb::PresenceRequest {
                     channel: "room:p".into(),
                 })
                 .await
@@ -194,7 +200,7 @@ async fn presence_and_join_leave_span_the_nodes() {
     .await;
     let stats = grpc
         .clone()
-        .presence_stats(sidecast::pb::PresenceStatsRequest {
+        .presence_stats(pb::PresenceStatsRequest {
             channel: "room:p".into(),
         })
         .await
@@ -386,5 +392,115 @@ async fn channels_spread_over_two_redis_addresses() {
             (3..=13).contains(&keys.len()),
             "each address holds a share of the channels: {keys:?}"
         );
+    }
+}
+
+fn user(name: &str) -> Option<pb::Target> {
+    Some(pb::Target {
+        target: Some(pb::target::Target::User(name.into())),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_calls_act_on_every_node() {
+    let redis = RedisServer::start();
+    let nodes = [
+        node(&redis.url(), &[]).await,
+        node(&redis.url(), &[]).await,
+        node(&redis.url(), &[]).await,
+    ];
+    let mut tabs = [
+        member(&nodes[0], "alice").await,
+        member(&nodes[1], "alice").await,
+    ];
+    let mut grpc = nodes[2].grpc().await;
+
+    let sent = grpc
+        .send(pb::SendRequest {
+            target: user("alice"),
+            data: br#"{"hi":1}"#.to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        sent.delivered, 2,
+        "both of alice's connections, on two other nodes"
+    );
+    for tab in &mut tabs {
+        let m = tab.recv().await;
+        assert_eq!(
+            (m["type"].as_str(), &m["data"]),
+            (Some("message"), &json!({"hi": 1})),
+            "{m}"
+        );
+    }
+
+    let subscribed = grpc
+        .subscribe(pb::SubscribeRequest {
+            channel: "room:ctl".into(),
+            target: user("alice"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(subscribed.subscribed, 2);
+    for tab in &mut tabs {
+        let m = tab.recv().await;
+        assert_eq!(
+            (m["type"].as_str(), m["channel"].as_str()),
+            (Some("sub"), Some("room:ctl")),
+            "{m}"
+        );
+    }
+    let channels = nodes[0]
+        .grpc()
+        .await
+        .channels(pb::ChannelsRequest {
+            pattern: "room:*".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .channels;
+    let ctl: Vec<_> = channels
+        .iter()
+        .filter(|c| c.channel == "room:ctl")
+        .collect();
+    assert_eq!(ctl.len(), 1, "{channels:?}");
+    assert_eq!(ctl[0].subscribers, 2, "summed over the nodes");
+
+    let info = grpc.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.nodes.len(), 3, "{info:?}");
+    assert_eq!(info.nodes[0].node_id, info.node_id, "this node first");
+    let connections: u32 = info.nodes.iter().map(|n| n.connections).sum();
+    assert_eq!(connections, 2);
+
+    let unsubscribed = grpc
+        .unsubscribe(pb::UnsubscribeRequest {
+            channel: "room:ctl".into(),
+            target: user("alice"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unsubscribed.unsubscribed, 2);
+    for tab in &mut tabs {
+        let m = next_of(tab, "unsub").await;
+        assert_eq!(m["code"].as_u64(), Some(2000), "{m}");
+    }
+
+    let disconnected = grpc
+        .disconnect(pb::DisconnectRequest {
+            target: user("alice"),
+            code: 4601,
+            reason: "banned".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(disconnected.disconnected, 2);
+    for tab in &mut tabs {
+        assert_eq!(tab.closed().await, (4601, "banned".to_string()));
     }
 }

@@ -122,6 +122,11 @@ impl Inner {
             let ready = {
                 let _order = feed.commands.lock().await;
                 let mut topics = vec![canary.clone()];
+                if index == 0 {
+                    // The cluster's orders, and the answers to this node's.
+                    topics.push(self.keys.control());
+                    topics.push(self.keys.reply(&self.node));
+                }
                 let channels = self.table.on_feed(index);
                 topics.extend(channels.iter().map(|(name, _)| self.keys.topic(name)));
                 let mut subscribed = true;
@@ -157,7 +162,11 @@ impl Inner {
             if ready {
                 backoff = BACKOFF.0;
                 tracing::debug!(address = %link.address, feed = index, "pub/sub connected");
-                // The first canary at once, so that readiness does not wait for a tick.
+                // The first canary (and heartbeat) at once, so that readiness does not
+                // wait for a tick.
+                if index == 0 {
+                    let _ = self.heartbeat().await;
+                }
                 let topic = canary.clone();
                 let _ = link
                     .call(|mut c| async move {
@@ -215,6 +224,11 @@ impl Inner {
             return;
         }
         let Some(channel) = self.keys.channel_of(topic) else {
+            if index == 0 && topic == self.keys.control() {
+                self.on_order(message.get_payload_bytes());
+            } else if index == 0 && topic == self.keys.reply(&self.node) {
+                self.on_answer(message.get_payload_bytes());
+            }
             return;
         };
         match envelope::decode(message.get_payload_bytes()) {

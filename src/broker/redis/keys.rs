@@ -52,6 +52,21 @@ impl Keys {
             .strip_suffix('}')
     }
 
+    /// The live nodes: node id → when it expires unless it beats again (ms since the epoch).
+    pub fn nodes(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+
+    /// Orders to every node.
+    pub fn control(&self) -> String {
+        format!("{}:control", self.prefix)
+    }
+
+    /// Answers to the orders of `node`.
+    pub fn reply(&self, node: &str) -> String {
+        format!("{}:reply:{node}", self.prefix)
+    }
+
     /// The topic on which a node checks that its pub/sub connection carries messages.
     pub fn canary(&self, node: &str, feed: usize) -> String {
         format!("{}:canary:{node}:{feed}", self.prefix)

@@ -22,6 +22,7 @@
 //! Lock order: the table, then one entry, then the hub's locks. No lock is held across an
 //! `.await`; SUBSCRIBE and UNSUBSCRIBE of one feed are ordered by its async mutex.
 
+mod cluster;
 mod envelope;
 mod feed;
 mod keys;
@@ -35,6 +36,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::Script;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::{Config, Engine, NamespaceOptions};
@@ -43,6 +46,8 @@ use crate::wire::message::ClientInfo;
 use crate::wire::{Position, Publication};
 
 use super::{BrokerError, Published};
+pub use cluster::Order;
+use cluster::{Asked, ORDER_QUEUE};
 use feed::Feed;
 use keys::Keys;
 use link::Link;
@@ -52,6 +57,8 @@ use table::{Step, Table};
 /// The engine's handle; its tasks stop when it is dropped.
 pub struct RedisBroker {
     inner: Arc<Inner>,
+    /// Orders from other nodes, taken once by this node (see [`RedisBroker::orders`]).
+    orders: std::sync::Mutex<Option<mpsc::Receiver<Order>>>,
     _stop: DropGuard,
 }
 
@@ -67,6 +74,11 @@ struct Inner {
     table: Table,
     recorder: Arc<Recorder>,
     scripts: Scripts,
+    /// Orders from other nodes, for this node to carry out.
+    orders: mpsc::Sender<Order>,
+    asked: Asked,
+    /// When this node's heartbeat was last written: it counts as a live node since.
+    beat: std::sync::Mutex<Option<Instant>>,
 }
 
 struct Scripts {
@@ -102,7 +114,11 @@ impl RedisBroker {
             let config = config.clone();
             hub.set_observer(Box::new(move |change| recorder.record(&config, change)));
         }
+        let (orders, orders_rx) = mpsc::channel(ORDER_QUEUE);
         let inner = Arc::new(Inner {
+            orders,
+            asked: Asked::default(),
+            beat: std::sync::Mutex::new(None),
             keys: Keys::new(&config.redis_prefix),
             hub,
             config,
@@ -136,6 +152,7 @@ impl RedisBroker {
         }
         RedisBroker {
             inner,
+            orders: std::sync::Mutex::new(Some(orders_rx)),
             _stop: stop.drop_guard(),
         }
     }
@@ -197,6 +214,26 @@ impl RedisBroker {
 
     pub async fn presence(&self, channel: &str) -> Result<Vec<ClientInfo>, BrokerError> {
         self.inner.presence(channel).await
+    }
+
+    /// Orders from other nodes (Some once): the node carries each out and answers it.
+    pub fn orders(&self) -> Option<mpsc::Receiver<Order>> {
+        self.orders.lock().expect("orders lock").take()
+    }
+
+    /// Gives an order to every other live node; their answers, as they came within
+    /// redis_timeout.
+    pub async fn ask(&self, body: Box<RawValue>) -> Result<Vec<Box<RawValue>>, BrokerError> {
+        self.inner.ask(body).await
+    }
+
+    pub async fn answer(&self, order: Order, body: Box<RawValue>) -> Result<(), BrokerError> {
+        self.inner.answer(order, body).await
+    }
+
+    /// The live nodes' ids, this one's included.
+    pub async fn nodes(&self) -> Result<Vec<String>, BrokerError> {
+        self.inner.nodes().await
     }
 
     /// True while every address answers and each pub/sub connection carries the canary.
@@ -327,16 +364,25 @@ impl Inner {
 
     fn ready(&self) -> bool {
         let fresh = CANARY_INTERVAL * 3;
-        self.links.iter().all(Link::is_up) && self.feeds.iter().all(|f| f.carries(fresh))
+        let beating = self
+            .beat
+            .lock()
+            .expect("beat lock")
+            .is_some_and(|at| at.elapsed() < fresh);
+        beating && self.links.iter().all(Link::is_up) && self.feeds.iter().all(|f| f.carries(fresh))
     }
 
-    /// Publishes each feed's canary through its address, every CANARY_INTERVAL.
+    /// Publishes each feed's canary through its address, and this node's heartbeat, every
+    /// CANARY_INTERVAL.
     async fn run_canaries(&self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(CANARY_INTERVAL);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            if let Err(e) = self.heartbeat().await {
+                tracing::debug!(error = %e, "heartbeat not written");
             }
             for (index, feed) in self.feeds.iter().enumerate() {
                 let topic = self.keys.canary(&self.node, index);

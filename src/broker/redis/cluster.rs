@@ -1,0 +1,211 @@
+//! The nodes of a cluster: who is alive, and orders one node gives the others.
+//!
+//! Each node adds itself to a sorted set (`<prefix>:nodes`, scored with when it expires)
+//! every CANARY_INTERVAL; it is alive while that score is in the future, so a node that
+//! dies drops out within redis_presence_ttl. An order (what Control.Send, Disconnect,
+//! Subscribe, Unsubscribe, Channels and Info ask of every node) is published on the
+//! cluster's control topic; every other node hands it to its node through
+//! [`Orders`](super::Orders) and publishes the answer on the asker's reply topic. The asker
+//! waits for every live node's answer, at most redis_timeout. All of it lives on the first
+//! address.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{BrokerError, Inner};
+
+/// An order from another node, to carry out here and answer.
+pub struct Order {
+    pub body: Box<RawValue>,
+    id: u64,
+    from: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    id: u64,
+    /// The asking node (an order) or the answering one (an answer).
+    node: String,
+    body: Box<RawValue>,
+}
+
+/// Orders this node asked and the answers that came.
+#[derive(Default)]
+pub struct Asked {
+    waiting: Mutex<HashMap<u64, Waiting>>,
+}
+
+struct Waiting {
+    expected: HashSet<String>,
+    answers: Vec<Box<RawValue>>,
+    done: Option<oneshot::Sender<Vec<Box<RawValue>>>>,
+}
+
+/// How many orders from other nodes may wait for this node to carry them out.
+pub const ORDER_QUEUE: usize = 1024;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Inner {
+    /// Marks this node alive for another redis_presence_ttl.
+    pub(super) async fn heartbeat(&self) -> Result<(), BrokerError> {
+        let key = self.keys.nodes();
+        let expires = now_ms() + self.config.redis_presence_ttl.as_millis() as u64;
+        let node = self.node.to_string();
+        self.links[0]
+            .call(|mut c| async move {
+                redis::pipe()
+                    .zadd(&key, &node, expires)
+                    .ignore()
+                    .zrembyscore(&key, "-inf", now_ms())
+                    .ignore()
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await?;
+        *self.beat.lock().expect("beat lock") = Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    /// The live nodes, this one included.
+    pub(super) async fn nodes(&self) -> Result<Vec<String>, BrokerError> {
+        let key = self.keys.nodes();
+        self.links[0]
+            .call(|mut c| async move {
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(&key)
+                    .arg(now_ms())
+                    .arg("+inf")
+                    .query_async::<Vec<String>>(&mut c)
+                    .await
+            })
+            .await
+    }
+
+    /// Publishes an order to every other live node and gathers their answers (those that
+    /// came within redis_timeout).
+    pub(super) async fn ask(&self, body: Box<RawValue>) -> Result<Vec<Box<RawValue>>, BrokerError> {
+        let expected: HashSet<String> = self
+            .nodes()
+            .await?
+            .into_iter()
+            .filter(|n| *n != *self.node)
+            .collect();
+        if expected.is_empty() {
+            return Ok(Vec::new());
+        }
+        let id = rand::random::<u64>();
+        let (done, answered) = oneshot::channel();
+        self.asked.waiting.lock().expect("asked lock").insert(
+            id,
+            Waiting {
+                expected,
+                answers: Vec::new(),
+                done: Some(done),
+            },
+        );
+        let wire = Wire {
+            id,
+            node: self.node.to_string(),
+            body,
+        };
+        let message = serde_json::to_vec(&wire).expect("an order encodes");
+        let topic = self.keys.control();
+        let sent = self.links[0]
+            .call(|mut c| async move {
+                redis::cmd("PUBLISH")
+                    .arg(topic)
+                    .arg(message)
+                    .query_async::<u64>(&mut c)
+                    .await
+            })
+            .await;
+        if let Err(e) = sent {
+            self.asked.waiting.lock().expect("asked lock").remove(&id);
+            return Err(e);
+        }
+        let answers = match tokio::time::timeout(self.config.redis_timeout, answered).await {
+            Ok(Ok(answers)) => answers,
+            _ => {
+                let waiting = self.asked.waiting.lock().expect("asked lock").remove(&id);
+                let waiting = waiting.expect("still waiting");
+                tracing::warn!(missing = ?waiting.expected, "nodes did not answer an order in time");
+                waiting.answers
+            }
+        };
+        Ok(answers)
+    }
+
+    /// A message of the control topic: an order for this node.
+    pub(super) fn on_order(&self, payload: &[u8]) {
+        let Ok(wire) = serde_json::from_slice::<Wire>(payload) else {
+            tracing::warn!("undecodable order on the control topic");
+            return;
+        };
+        if *wire.node == *self.node {
+            return;
+        }
+        let order = Order {
+            body: wire.body,
+            id: wire.id,
+            from: wire.node,
+        };
+        if let Err(mpsc::error::TrySendError::Full(order)) = self.orders.try_send(order) {
+            tracing::warn!(from = %order.from, "orders queue full: an order from another node is not carried out");
+        }
+    }
+
+    /// A message of this node's reply topic: an answer to an order it gave.
+    pub(super) fn on_answer(&self, payload: &[u8]) {
+        let Ok(wire) = serde_json::from_slice::<Wire>(payload) else {
+            return;
+        };
+        let mut waiting = self.asked.waiting.lock().expect("asked lock");
+        let Some(w) = waiting.get_mut(&wire.id) else {
+            return;
+        };
+        if w.expected.remove(&wire.node) {
+            w.answers.push(wire.body);
+        }
+        if w.expected.is_empty() {
+            let w = waiting.remove(&wire.id).expect("present");
+            if let Some(done) = w.done {
+                let _ = done.send(w.answers);
+            }
+        }
+    }
+
+    /// Answers an order from another node.
+    pub(super) async fn answer(
+        &self,
+        order: Order,
+        body: Box<RawValue>,
+    ) -> Result<(), BrokerError> {
+        let wire = Wire {
+            id: order.id,
+            node: self.node.to_string(),
+            body,
+        };
+        let message = serde_json::to_vec(&wire).expect("an answer encodes");
+        let topic = self.keys.reply(&order.from);
+        self.links[0]
+            .call(|mut c| async move {
+                redis::cmd("PUBLISH")
+                    .arg(topic)
+                    .arg(message)
+                    .query_async::<u64>(&mut c)
+                    .await
+            })
+            .await
+            .map(|_| ())
+    }
+}
