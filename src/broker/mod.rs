@@ -44,9 +44,11 @@
 //!    observer); a node that dies without removing its entries has them expire. The memory
 //!    engine serves one node, whose hub is the whole record: it answers from the hub, and
 //!    nothing can expire.
-//! 7. **Errors.** [`BrokerError::Unavailable`] means the engine could not be reached and
-//!    nothing was done (a publish did not happen; a subscribe made no subscription). The
-//!    memory engine never fails.
+//! 7. **Errors.** [`BrokerError::Unavailable`] means the engine could not be reached or did
+//!    not answer in time: a subscribe made no subscription; a publish did not happen when
+//!    the engine could not be reached, and may still happen when it did not answer (a
+//!    request already on its way), which a retry with the same idempotency key makes safe.
+//!    The memory engine never fails.
 //!
 //! `conformance` is the suite that drives every rule above through the boundary; each
 //! engine runs it.

@@ -1,12 +1,11 @@
 //! The `sidecast` binary itself: fail-fast configuration (exit 64), development mode with
 //! `sidecast token`, and draining on SIGTERM.
 
-use std::net::TcpListener as StdListener;
 use std::process::{Command, Stdio};
 
 use serde_json::json;
 
-use crate::support::{eventually, http_status, Client};
+use crate::support::{eventually, free_port, http_status, Client, KillOnDrop};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sidecast");
 
@@ -127,24 +126,6 @@ fn invalid_configuration_exits_64_naming_the_key() {
 
 /// Kills the child if the test ends early (a failed assertion): an orphaned server would
 /// keep the test runner's output open and hang it.
-struct KillOnDrop(Option<std::process::Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test]
 async fn development_mode_token_then_sigterm_drains_with_1001() {

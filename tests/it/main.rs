@@ -6,6 +6,7 @@ mod bad_input;
 mod bench_smoke;
 mod binary;
 mod cluster;
+mod cluster_faults;
 mod control;
 mod events;
 mod history;

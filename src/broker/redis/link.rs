@@ -74,7 +74,10 @@ impl Link {
             }
             Err(_) => {
                 self.drop_connection();
-                Err(self.unavailable(format!("no answer within {:?}", self.timeout)))
+                Err(self.unavailable(format!(
+                    "no answer within {:?} (a command on its way may still run)",
+                    self.timeout
+                )))
             }
         }
     }

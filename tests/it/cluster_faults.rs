@@ -1,0 +1,294 @@
+//! Faults of a cluster caused for real: a node's path to Redis that silently stops carrying
+//! packets (a veth link into a network namespace, taken down), and a node killed with
+//! SIGKILL.
+
+use std::process::{Child, Command, Stdio};
+
+use serde_json::json;
+use sidecast::pb;
+use sidecast::testkit::RedisServer;
+
+use crate::support::{
+    eventually, free_port, http_get, publish, token, Client, KillOnDrop, TestServer, PATIENCE,
+};
+
+const ROOMS: &str = "[namespaces.room]\nhistory_size = 1000\nhistory_ttl = \"5m\"\npresence = true\njoin_leave = true\n";
+
+/// `ip` with arguments; panics on failure (the tests run as root, as on CI).
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("iproute2");
+    assert!(status.success(), "ip {args:?}");
+}
+
+/// A redis-server in a network namespace of its own, reached through a veth pair whose far
+/// end can be taken down: packets then vanish without an error or a reset.
+struct PartitionedRedis {
+    ns: String,
+    near: String,
+    far: String,
+    child: Child,
+    url: String,
+}
+
+impl PartitionedRedis {
+    fn start() -> PartitionedRedis {
+        let id = std::process::id();
+        let (ns, near, far) = (format!("scp{id}"), format!("scp{id}a"), format!("scp{id}b"));
+        let net = format!("10.{}.{}", 64 + (id >> 8) % 64, id % 256);
+        ip(&["netns", "add", &ns]);
+        ip(&["link", "add", &near, "type", "veth", "peer", "name", &far]);
+        ip(&["link", "set", &far, "netns", &ns]);
+        ip(&["addr", "add", &format!("{net}.1/30"), "dev", &near]);
+        ip(&["link", "set", &near, "up"]);
+        ip(&[
+            "netns",
+            "exec",
+            &ns,
+            "ip",
+            "addr",
+            "add",
+            &format!("{net}.2/30"),
+            "dev",
+            &far,
+        ]);
+        ip(&["netns", "exec", &ns, "ip", "link", "set", &far, "up"]);
+        ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"]);
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, "redis-server", "--port", "6379"])
+            .args(["--bind", &format!("{net}.2"), "--protected-mode", "no"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let url = format!("redis://{net}.2:6379");
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while client
+            .get_connection_with_timeout(std::time::Duration::from_millis(200))
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server in the namespace"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        PartitionedRedis {
+            ns,
+            near,
+            far,
+            child,
+            url,
+        }
+    }
+
+    fn link(&self, state: &str) {
+        ip(&[
+            "netns", "exec", &self.ns, "ip", "link", "set", &self.far, state,
+        ]);
+    }
+}
+
+impl Drop for PartitionedRedis {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "pids", &self.ns])
+            .output()
+            .map(|out| {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            });
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.near])
+            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+async fn readyz(server: &TestServer) -> u16 {
+    http_get(server.admin, "/readyz").await.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_partition_from_redis_is_detected_and_healed() {
+    let redis = PartitionedRedis::start();
+    let settings = [("broker", redis.url.as_str()), ("redis_timeout", "500ms")];
+    let a = TestServer::start_with_file(Some(ROOMS), &settings).await;
+    let b = TestServer::start_with_file(Some(ROOMS), &settings).await;
+    for n in [&a, &b] {
+        eventually("ready", || async { readyz(n).await == 200 }).await;
+    }
+    let mut client = a.user("c", json!({"channels": ["room:*"]})).await;
+    let epoch = client.subscribe(2, "room:part").await["result"]["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut grpc = b.grpc().await;
+    grpc.publish(publish("room:part", "1")).await.unwrap();
+    assert_eq!(client.recv().await["offset"], 1);
+
+    redis.link("down");
+    // No call waits on the dead path past its deadline: a refusal, not a hang.
+    let refused = tokio::time::timeout(PATIENCE, grpc.publish(publish("room:part", "2")))
+        .await
+        .expect("the call ends")
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    for n in [&a, &b] {
+        eventually("not ready while partitioned", || async {
+            readyz(n).await == 503
+        })
+        .await;
+    }
+
+    redis.link("up");
+    for n in [&a, &b] {
+        eventually("ready again", || async { readyz(n).await == 200 }).await;
+    }
+    // The client stayed connected; its node lost the topic, so it is told to resubscribe.
+    let unsub = client.recv().await;
+    assert_eq!(
+        (unsub["type"].as_str(), unsub["code"].as_u64()),
+        (Some("unsub"), Some(2500)),
+        "{unsub}"
+    );
+    let reply = client
+        .request(json!({"id": 3, "op": "subscribe", "channel": "room:part", "since": {"offset": 1, "epoch": epoch}}))
+        .await;
+    assert_eq!(reply["result"]["recovered"], true, "{reply}");
+    // The refused publish may still have reached Redis when the link came back (a timeout
+    // cannot tell): then it is in the recovery, in order, and in the history for everyone.
+    let recovered: Vec<u64> = reply["result"]["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap())
+        .collect();
+    assert!(recovered.is_empty() || recovered == [2], "{reply}");
+    grpc.publish(publish("room:part", "3")).await.unwrap();
+    let next = client.recv().await;
+    let expected = 2 + recovered.len() as u64;
+    assert_eq!(
+        (next["offset"].as_u64(), &next["data"]),
+        (Some(expected), &json!(3)),
+        "{next}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_leaves_presence_and_its_leaves_come_once() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rooms.toml");
+    std::fs::write(&file, ROOMS).unwrap();
+    let settings = [
+        ("broker", redis.url()),
+        ("redis_presence_ttl", "3s".to_string()),
+    ];
+    let survivor = {
+        let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        TestServer::start_with_file(Some(ROOMS), &settings).await
+    };
+    let (ws, grpc, admin) = (free_port(), free_port(), free_port());
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sidecast"));
+    command
+        .arg("--config")
+        .arg(&file)
+        .args(["--ws-addr", &format!("127.0.0.1:{ws}")])
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .args(["--set", "token_hmac_secret=test-secret"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in &settings {
+        command.args(["--set", &format!("{k}={v}")]);
+    }
+    let mut doomed = KillOnDrop(Some(command.spawn().unwrap()));
+    let admin = format!("127.0.0.1:{admin}").parse().unwrap();
+    eventually("the doomed node is ready", || async move {
+        tokio::net::TcpStream::connect(admin).await.is_ok()
+            && http_get(admin, "/readyz").await.0 == 200
+    })
+    .await;
+    eventually("the survivor is ready", || async {
+        http_get(survivor.admin, "/readyz").await.0 == 200
+    })
+    .await;
+
+    let mut watcher = survivor.user("w", json!({"channels": ["room:*"]})).await;
+    watcher.subscribe(2, "room:k").await;
+    let mut victim = Client::open(&format!("ws://127.0.0.1:{ws}/ws")).await;
+    victim
+        .send(
+            json!({"id": 1, "op": "connect", "token": token("v", json!({"channels": ["room:*"]}))}),
+        )
+        .await;
+    assert_eq!(victim.recv().await["type"], "connected");
+    victim.subscribe(2, "room:k").await;
+    let join = watcher.recv().await;
+    assert_eq!(
+        (join["type"].as_str(), join["user"].as_str()),
+        (Some("join"), Some("v")),
+        "{join}"
+    );
+    let mut control = survivor.grpc().await;
+    let present = || {
+        let mut control = control.clone();
+        async move {
+            let presence = control
+                .presence(pb::PresenceRequest {
+                    channel: "room:k".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut users: Vec<String> = presence.clients.into_iter().map(|c| c.user).collect();
+            users.sort();
+            users
+        }
+    };
+    eventually("both present", || async { present().await == ["v", "w"] }).await;
+
+    let mut child = doomed.0.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Within redis_presence_ttl (and a refresh), the survivor clears the entry and the
+    // leave comes, once.
+    let leave = watcher.recv().await;
+    assert_eq!(
+        (leave["type"].as_str(), leave["user"].as_str()),
+        (Some("leave"), Some("v")),
+        "{leave}"
+    );
+    assert_eq!(present().await, ["w"]);
+    assert_eq!(present().await, ["w"], "asked again: nothing left to clear");
+    // A publication after the leaves: any second leave would come before it (one topic).
+    control
+        .publish(publish("room:k", r#""marker""#))
+        .await
+        .unwrap();
+    let next = watcher.recv().await;
+    assert_eq!(
+        (next["type"].as_str(), &next["data"]),
+        (Some("pub"), &json!("marker")),
+        "{next}"
+    );
+    eventually("the killed node leaves Info", || async {
+        control
+            .clone()
+            .info(pb::InfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes
+            .len()
+            == 1
+    })
+    .await;
+}
