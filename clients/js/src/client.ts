@@ -308,6 +308,12 @@ export class Client extends Emitter<ClientEvents> {
         // Not subscribed (yet): its subscribe's reply, or a second unsub of a race, is to
         // come (protocol §5); the unsub that counts follows the reply.
         if (!subscription || subscription.state !== "subscribed") return;
+        if (m.resubscribe === true) {
+          // The node may have missed publications (code 2500, a cluster node whose link to
+          // Redis broke): subscribe again from the position, which recovers them.
+          subscription.detach();
+          return this.sendSubscribe(subscription);
+        }
         this.subscriptions.delete(channel);
         return subscription.end(m.code as number, m.reason as string);
       }

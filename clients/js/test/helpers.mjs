@@ -3,7 +3,7 @@
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
 import { mkdtempSync, writeFileSync } from "node:fs";
-import { createServer } from "node:net";
+import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -111,6 +111,45 @@ async function tryStart({ file = "", settings = {} }) {
     throw e;
   }
   return node;
+}
+
+/** A redis-server of this test on a free loopback port, without persistence. */
+export async function startRedis() {
+  const port = await freePort();
+  const child = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], {
+    stdio: "ignore",
+  });
+  const redis = {
+    url: `redis://127.0.0.1:${port}`,
+    /** Sends one command (its words) and resolves with the raw reply. */
+    command(...words) {
+      return new Promise((resolve, reject) => {
+        const socket = connect(port, "127.0.0.1");
+        const encoded = `*${words.length}\r\n` + words.map((w) => `$${Buffer.byteLength(w)}\r\n${w}\r\n`).join("");
+        socket.on("connect", () => socket.write(encoded));
+        socket.on("data", (d) => {
+          socket.destroy();
+          resolve(d.toString());
+        });
+        socket.on("error", reject);
+      });
+    },
+    kill() {
+      if (child.exitCode !== null) return Promise.resolve();
+      return new Promise((resolve) => {
+        child.on("exit", resolve);
+        child.kill("SIGKILL");
+      });
+    },
+  };
+  await until(`redis-server on ${port}`, async () => {
+    try {
+      return (await redis.command("PING")).startsWith("+PONG");
+    } catch {
+      return false;
+    }
+  });
+  return redis;
 }
 
 /** Polls `check` until it holds, failing after PATIENCE. */
