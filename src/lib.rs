@@ -7,7 +7,8 @@
 //! - **the node's API**: `node`, every use-case (publish, subscribe, history, presence,
 //!   send, disconnect, info...), called by the edges.
 //! - **core**: `hub` (this node's connections and channels, fan-out), `broker` (the engine
-//!   boundary: history, offsets, idempotency, delivery to the hub), `outbox` (a connection's
+//!   boundary: history, offsets, idempotency, presence, delivery to the hub; in memory or
+//!   on Redis), `outbox` (a connection's
 //!   bounded queue, and how a fan-out's sockets are written), `events` (the backend event
 //!   stream's groups), `auth`, `config`, `metrics`, `tls`.
 //! - **wire**: `wire`, the vocabulary of protocol v1 (frames, close codes, commands, server
@@ -17,7 +18,9 @@
 //! 1. `grpc/service.rs`: `Publish` turns the request into [`node::Node::publish`];
 //! 2. `node/publish.rs`: checks the channel and the data, hands them to the engine;
 //! 3. `broker/memory.rs` (dispatched by `broker/mod.rs`): the next offset and the history
-//!    append under the channel's record lock, then [`hub::Hub::deliver`];
+//!    append under the channel's record lock, then [`hub::Hub::deliver`] (on Redis:
+//!    `broker/redis/mod.rs` runs the publish script, and each node's `broker/redis/feed.rs`
+//!    hands what comes back on the channel's topic to its hub);
 //! 4. `hub/mod.rs`: encodes the frame once (`wire::message`) and pushes it into each
 //!    subscriber's outbox under the channel's lock (`hub/subscribers.rs` holds the set);
 //! 5. `outbox/flush.rs`: once every lock is released, writes the idle sockets (the first 16

@@ -123,6 +123,10 @@ pub async fn run(
     tracing::info!(
         ws = %config.ws_addr, path = %config.ws_path, grpc = %config.grpc_addr, admin = %config.admin_addr,
         max_connections = config.max_connections,
+        engine = match config.engine() {
+            crate::config::Engine::Memory => "memory".to_string(),
+            crate::config::Engine::Redis(addresses) => format!("redis ({} addresses)", addresses.len()),
+        },
         "sidecast is serving"
     );
 

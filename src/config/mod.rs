@@ -20,7 +20,7 @@ use jsonwebtoken::Algorithm;
 use serde::{Deserialize, Serialize};
 
 pub use layers::ConfigError;
-pub use values::{format_duration, parse_duration, Secret};
+pub use values::{format_duration, parse_duration, redact, Secret};
 
 use crate::wire::origin::OriginPattern;
 use values::{duration, nets, nonempty};
@@ -325,7 +325,15 @@ impl Config {
     /// The effective configuration as a TOML file: every key with its value (defaults
     /// included), secrets masked as "***".
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("the configuration serializes")
+        // Secrets serialize as "***"; Redis passwords in `broker` are hidden the same way.
+        let mut shown = self.clone();
+        shown.broker = self
+            .broker
+            .split(',')
+            .map(redact)
+            .collect::<Vec<_>>()
+            .join(",");
+        toml::to_string(&shown).expect("the configuration serializes")
     }
 }
 

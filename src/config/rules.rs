@@ -4,7 +4,7 @@
 use jsonwebtoken::Algorithm;
 
 use super::layers::invalid;
-use super::values::format_duration;
+use super::values::{format_duration, redact};
 use super::{default_max_connections, is_hmac, Config, ConfigError, Engine, NamespaceOptions};
 
 impl Config {
@@ -128,7 +128,7 @@ impl Config {
         self.check_token_keys()
     }
 
-    /// `memory`, or a list of distinct `redis://` addresses.
+    /// `memory`, or a list of distinct `redis://` addresses (shown without credentials).
     fn check_broker(&self) -> Result<(), ConfigError> {
         if self.redis_prefix.is_empty() || self.redis_prefix.contains(['{', '}', ' ']) {
             return Err(invalid(
@@ -144,14 +144,18 @@ impl Config {
             if !address.starts_with("redis://") {
                 return Err(invalid(
                     "broker",
-                    format!("{address:?} is neither `memory` nor a redis:// address"),
+                    format!(
+                        "{:?} is neither `memory` nor a redis:// address",
+                        redact(address)
+                    ),
                 ));
             }
+            let shown = redact(address);
             if let Err(e) = redis::Client::open(address.as_str()) {
-                return Err(invalid("broker", format!("{address:?}: {e}")));
+                return Err(invalid("broker", format!("{shown:?}: {e}")));
             }
             if !seen.insert(address) {
-                return Err(invalid("broker", format!("{address:?} is listed twice")));
+                return Err(invalid("broker", format!("{shown:?} is listed twice")));
             }
         }
         Ok(())

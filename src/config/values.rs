@@ -116,8 +116,29 @@ impl Serialize for Secret {
     }
 }
 
+/// `redis://user:secret@host` → `redis://***@host`: credentials stay out of logs and errors.
+pub fn redact(address: &str) -> String {
+    match (address.split_once("://"), address.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://***{}", &address[at..]),
+        _ => address.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn credentials_are_redacted() {
+        assert_eq!(
+            super::redact("redis://:s3cret@10.0.0.5:6379/0"),
+            "redis://***@10.0.0.5:6379/0"
+        );
+        assert_eq!(super::redact("redis://u:p@h:1"), "redis://***@h:1");
+        assert_eq!(
+            super::redact("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+    }
+
     use super::*;
 
     #[test]

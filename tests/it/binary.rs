@@ -271,6 +271,7 @@ fn config_check_and_print() {
     let out = Command::new(BIN)
         .args(["--config", good, "config", "print"])
         .env("SIDECAST_API_KEY", "k3y-value")
+        .env("SIDECAST_BROKER", "redis://:r3dis-pass@127.0.0.1:6379")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
@@ -287,6 +288,11 @@ fn config_check_and_print() {
         assert!(printed.lines().any(|l| l == line), "{line} in\n{printed}");
     }
     assert!(!printed.contains("s3cret-value") && !printed.contains("k3y-value"));
+    assert!(!printed.contains("r3dis-pass"), "{printed}");
+    assert!(
+        printed.contains("broker = \"redis://***@127.0.0.1:6379\""),
+        "{printed}"
+    );
     let again = dir.path().join("printed.toml");
     std::fs::write(&again, &printed).unwrap();
     let (code, stderr) = run_bin(&["config", "check", again.to_str().unwrap()], &[]);

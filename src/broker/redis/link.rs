@@ -14,8 +14,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::super::BrokerError;
+use crate::config::redact;
 
 pub struct Link {
+    /// The address as shown in logs and errors: without its password.
     pub address: String,
     client: redis::Client,
     conn: Mutex<Option<MultiplexedConnection>>,
@@ -34,7 +36,7 @@ pub const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration:
 impl Link {
     pub fn new(address: &str, timeout: Duration) -> Link {
         Link {
-            address: address.to_string(),
+            address: redact(address),
             client: redis::Client::open(address).expect("an address checked by the config"),
             conn: Mutex::new(None),
             timeout,
