@@ -47,6 +47,12 @@ impl Flush {
         self.outboxes.push(outbox.clone());
     }
 
+    /// Takes over another flush's sockets: one run then writes what both queued, each
+    /// socket once (frames queued behind a deferred one go out in the same write).
+    pub fn extend(&mut self, other: Flush) {
+        self.outboxes.extend(other.outboxes);
+    }
+
     /// Writes to every socket (see `Flush::INLINE`); called once every lock is released.
     /// When a flushing task of this node is still writing, and for 100 ms after that was
     /// last seen, the node is behind: the sockets of a flush of at most `Flush::WAKE_MAX`

@@ -13,7 +13,8 @@ use crate::wsclient::{WsConn, OP_CLOSE, OP_TEXT};
 
 #[derive(Clone)]
 pub struct Target {
-    pub ws: SocketAddr,
+    /// One address per node; connection i goes to address i mod n.
+    pub ws: Vec<SocketAddr>,
     pub path: String,
     pub secret: String,
     /// How many 127.0.0.x source addresses to spread connections over.
@@ -59,7 +60,8 @@ impl Target {
     /// Opens the socket and completes the WebSocket upgrade only.
     pub async fn upgrade(&self, index: usize, member: &Member) -> std::io::Result<WsConn> {
         let rcvbuf = member.small_buffer.then_some(4096);
-        WsConn::connect(self.ws, self.source(index), &self.path, rcvbuf).await
+        let ws = self.ws[index % self.ws.len()];
+        WsConn::connect(ws, self.source(index), &self.path, rcvbuf).await
     }
 
     /// Sends `connect` and waits for `connected` (and the `sub` pushes of the subs claim).

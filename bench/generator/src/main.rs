@@ -33,9 +33,15 @@ use scenario::Ctx;
     about = "Load generator for sidecast and its peers"
 )]
 struct Cli {
-    /// The server's WebSocket address.
-    #[arg(long, default_value = "127.0.0.1:8080", global = true)]
-    ws: SocketAddr,
+    /// The server's WebSocket address; several (comma-separated) spread the connections
+    /// over the nodes of a cluster, connection i to address i mod n.
+    #[arg(
+        long,
+        default_value = "127.0.0.1:8080",
+        global = true,
+        value_delimiter = ','
+    )]
+    ws: Vec<SocketAddr>,
     #[arg(long, default_value = "/ws", global = true)]
     path: String,
     /// sidecast's control API; ignored with --publish-http.
@@ -47,9 +53,14 @@ struct Cli {
     /// The HS256 secret the server verifies tokens with.
     #[arg(long, default_value = "bench-secret", global = true)]
     secret: String,
-    /// The server's process id, for its CPU time and memory.
+    /// The server's process id, for its CPU time and memory; several (comma-separated) for
+    /// the nodes of a cluster, whose CPU times are added up.
     #[arg(long, global = true)]
-    server_pid: Option<u32>,
+    server_pid: Option<String>,
+    /// Processes whose CPU is reported on their own in each window, as NAME=PID pairs
+    /// separated by commas (each node of a cluster, and Redis).
+    #[arg(long, global = true, value_delimiter = ',')]
+    watch: Vec<String>,
     /// sidecast's admin address: frames per socket write are read from its /metrics.
     #[arg(long, global = true)]
     metrics: Option<SocketAddr>,
@@ -171,7 +182,13 @@ fn main() -> anyhow::Result<()> {
                 sources: cli.sources,
             },
             sink,
-            server_pid: cli.server_pid.map(|p| p.to_string()),
+            server_pid: cli.server_pid,
+            watch: cli
+                .watch
+                .iter()
+                .filter_map(|w| w.split_once('='))
+                .map(|(name, pid)| (name.to_string(), pid.to_string()))
+                .collect(),
             metrics: cli.metrics,
             peer: cli.peer,
             grpc: cli.grpc,

@@ -4,8 +4,12 @@
 /// Clock ticks per second of /proc/PID/stat (USER_HZ, 100 on Linux x86_64).
 const TICKS: f64 = 100.0;
 
-/// User + system CPU seconds consumed by `pid` ("self" for this process).
+/// User + system CPU seconds consumed by `pid` ("self" for this process), summed over a
+/// comma-separated list of pids (the nodes of a cluster).
 pub fn cpu_seconds(pid: &str) -> f64 {
+    if pid.contains(',') {
+        return pid.split(',').map(cpu_seconds).sum();
+    }
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");

@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::{in_batches, read, Member, Target};
-use crate::probe::{rss_bytes, slab_bytes, Snapshot};
+use crate::probe::{cpu_seconds, rss_bytes, slab_bytes, Snapshot};
 use crate::publisher::{self, Plan, PlanChannel, Sent, Sink};
 use crate::stats::Stats;
 use crate::writes;
@@ -21,6 +21,8 @@ pub struct Ctx {
     pub target: Target,
     pub sink: Sink,
     pub server_pid: Option<String>,
+    /// Processes reported on their own: (name, pid).
+    pub watch: Vec<(String, String)>,
     /// sidecast's admin address, for frames per write.
     pub metrics: Option<std::net::SocketAddr>,
     pub peer: String,
@@ -59,6 +61,8 @@ pub struct Window {
     pub closes: Vec<(u16, u64)>,
     /// Frames per socket write in the window (sidecast with --metrics only).
     pub frames_per_write: Option<f64>,
+    /// CPU seconds of each watched process (--watch) in the window.
+    pub watched: Vec<(String, f64)>,
 }
 
 impl Window {
@@ -107,6 +111,22 @@ impl Window {
                 None => String::new(),
             },
         );
+        if !self.watched.is_empty() {
+            let per_million = |cpu: f64| cpu / (self.received as f64 / 1e6);
+            let parts: Vec<String> = self
+                .watched
+                .iter()
+                .map(|(name, cpu)| {
+                    format!(
+                        "{name} {:.1}% of a core, {:.3} CPU-s/M deliveries, {:.1} CPU-µs per publication",
+                        cpu / self.seconds * 100.0,
+                        per_million(*cpu),
+                        cpu * 1e6 / self.sent.published.max(1) as f64
+                    )
+                })
+                .collect();
+            println!("{peer}   by process: {}", parts.join("; "));
+        }
         let result = json!({
             "peer": peer, "label": self.label, "subscribers": self.subscribers, "rate": self.rate,
             "seconds": self.seconds, "received": self.received, "deliveries_per_sec": self.deliveries_per_sec(),
@@ -119,6 +139,7 @@ impl Window {
             "server_cpu_s_per_million": self.cpu_per_million(), "generator_cpu": self.generator_cpu,
             "generator_bound": self.generator_bound(), "closes": self.closes,
             "frames_per_write": self.frames_per_write,
+            "watched_cpu_s": self.watched.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
         });
         println!("RESULT {result}");
     }
@@ -185,6 +206,7 @@ async fn window(
     stats.borrow_mut().reset();
     let writes_before = writes::counters(ctx.metrics).await;
     let before = Snapshot::take(ctx.server_pid.as_deref());
+    let watched_before: Vec<f64> = ctx.watch.iter().map(|(_, pid)| cpu_seconds(pid)).collect();
     let started = tokio::time::Instant::now();
     let mut tasks = Vec::new();
     for plan in plans {
@@ -215,6 +237,12 @@ async fn window(
         }
     }
     let after = Snapshot::take(ctx.server_pid.as_deref());
+    let watched = ctx
+        .watch
+        .iter()
+        .zip(watched_before)
+        .map(|((name, pid), before)| (name.clone(), cpu_seconds(pid) - before))
+        .collect();
     let writes_after = writes::counters(ctx.metrics).await;
     let (wall, server_cpu, own_cpu) = after.since(&before);
     // An overloaded server makes publishing and delivery take longer than planned: rates are
@@ -247,6 +275,7 @@ async fn window(
         generator_cpu: own_cpu / wall,
         closes,
         frames_per_write: writes::per_write(writes_before, writes_after),
+        watched,
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use redis::aio::PubSubSink;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -16,8 +17,12 @@ use super::envelope::{self, Envelope};
 use super::link::{BACKOFF, PING_INTERVAL};
 use super::table::{Hold, Step};
 use super::{BrokerError, Inner, UNUSED_SWEEP};
+use crate::outbox::Flush;
 use crate::wire::message::{Membership, UnsubReason};
 use crate::wire::ServerMessage;
+
+/// Most messages handed to the hub before one flush.
+const BATCH: usize = 64;
 
 pub struct Feed {
     pub shard: usize,
@@ -183,7 +188,21 @@ impl Inner {
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         message = stream.next() => match message {
-                            Some(message) => self.on_message(index, &canary, &message),
+                            Some(message) => {
+                                let mut flush = self.hub.flush();
+                                self.on_message(index, &canary, &message, &mut flush);
+                                // What has already arrived goes out in the same flush, so a
+                                // socket that gets several publications is written once.
+                                for _ in 1..BATCH {
+                                    match stream.next().now_or_never() {
+                                        Some(Some(message)) => {
+                                            self.on_message(index, &canary, &message, &mut flush)
+                                        }
+                                        _ => break,
+                                    }
+                                }
+                                flush.run();
+                            }
                             None => break,
                         },
                         _ = ping.tick() => {
@@ -198,6 +217,14 @@ impl Inner {
                 }
             }
             *feed.sink.lock().expect("feed lock") = None;
+            if !ready {
+                // The connection came up but its SUBSCRIBEs failed: not straight back.
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF.1);
+            }
         }
     }
 
@@ -217,7 +244,7 @@ impl Inner {
         let _ = tokio::time::timeout(self.config.redis_timeout, sink.unsubscribe(topics)).await;
     }
 
-    fn on_message(&self, index: usize, canary: &str, message: &redis::Msg) {
+    fn on_message(&self, index: usize, canary: &str, message: &redis::Msg, flush: &mut Flush) {
         let topic = message.get_channel_name();
         if topic == canary {
             *self.feeds[index].canary.lock().expect("feed lock") = Some(Instant::now());
@@ -236,7 +263,7 @@ impl Inner {
                 offset,
                 epoch,
                 data,
-            }) => self.arrived(channel, offset, epoch, data),
+            }) => self.arrived(channel, offset, epoch, data, flush),
             Some(Envelope::Membership(member)) => {
                 if *member.node == *self.node || !self.options(channel).join_leave {
                     return;
@@ -254,40 +281,37 @@ impl Inner {
                     info: member.info.as_deref(),
                 }
                 .frame();
-                self.hub.relay(channel, &frame).run();
+                flush.extend(self.hub.relay(channel, &frame));
             }
             None => tracing::warn!(%topic, "undecodable message on a channel topic"),
         }
     }
 
-    /// A publication from the topic: to the hub through the frontier.
-    fn arrived(&self, channel: &str, offset: u64, epoch: &str, data: &[u8]) {
+    /// A publication from the topic: to the hub through the frontier; the sockets to write
+    /// join `flush`, which runs once the entry's lock is released.
+    fn arrived(&self, channel: &str, offset: u64, epoch: &str, data: &[u8], flush: &mut Flush) {
         let Some(entry) = self.table.get(channel) else {
             return;
         };
         let mut entry = entry.lock().expect("entry lock");
-        let flush = if offset == 0 {
+        if offset == 0 {
             // Without history there are no offsets to order or recover: as it comes.
-            self.hub.deliver(channel, data, None).1
-        } else {
-            match entry.arrive(epoch, offset) {
-                Step::Deliver => {
-                    let (counts, flush) = self.hub.deliver(channel, data, Some(offset));
-                    entry.last = (offset, counts.queued);
-                    flush
-                }
-                Step::Skip => return,
-                Step::Gap => {
-                    tracing::warn!(%channel, offset, "publications missing: subscribers resubscribe");
-                    entry.frontier = None;
-                    let mut flush = self.hub.flush();
-                    self.hub
-                        .unsubscribe_all_into(channel, UnsubReason::Resubscribe, &mut flush);
-                    flush
-                }
+            flush.extend(self.hub.deliver(channel, data, None).1);
+            return;
+        }
+        match entry.arrive(epoch, offset) {
+            Step::Deliver => {
+                let (counts, delivered) = self.hub.deliver(channel, data, Some(offset));
+                entry.last = (offset, counts.queued);
+                flush.extend(delivered);
             }
-        };
-        drop(entry);
-        flush.run();
+            Step::Skip => {}
+            Step::Gap => {
+                tracing::warn!(%channel, offset, "publications missing: subscribers resubscribe");
+                entry.frontier = None;
+                self.hub
+                    .unsubscribe_all_into(channel, UnsubReason::Resubscribe, flush);
+            }
+        }
     }
 }
