@@ -43,14 +43,23 @@ pub enum HubError {
 /// after all (the channel reached max_subscribers meanwhile).
 pub const UNSUB_CHANNEL_FULL: u32 = 2002;
 
-/// A connection joined or left a channel on this node: what an engine shared by several
-/// nodes records as presence and relays as `join`/`leave` to the other nodes.
-pub struct Change<'a> {
-    pub joined: bool,
-    pub channel: &'a str,
-    pub client: &'a str,
-    pub user: &'a str,
-    pub info: Option<&'a RawValue>,
+/// What changed on this node, as an engine shared by several nodes records it: a
+/// connection that joined or left a channel (presence, and `join`/`leave` relayed to the
+/// other nodes), or a connection that began or ended (so that another node can report its
+/// end if this node dies).
+pub enum Change<'a> {
+    Subscription {
+        joined: bool,
+        channel: &'a str,
+        client: &'a str,
+        user: &'a str,
+        info: Option<&'a RawValue>,
+    },
+    Connection {
+        connected: bool,
+        client: &'a str,
+        user: &'a str,
+    },
 }
 
 /// Told every [`Change`], under the hub's channel lock: it must only record and return.
@@ -180,6 +189,11 @@ impl Hub {
             .collect()
     }
 
+    /// The backend event stream this hub reports to.
+    pub fn events(&self) -> &Events {
+        &self.shared.events
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
     }
@@ -220,6 +234,11 @@ impl Hub {
             };
             events.emit(&id, user, connect);
         }
+        self.observe(Change::Connection {
+            connected: true,
+            client: &id,
+            user,
+        });
         let user: Arc<str> = Arc::from(user);
         state
             .users
@@ -252,6 +271,11 @@ impl Hub {
                 reason: close.reason.clone(),
             };
             self.shared.events.emit(id, &client.user, disconnect);
+            self.observe(Change::Connection {
+                connected: false,
+                client: id,
+                user: &client.user,
+            });
             if let Some(ids) = state.users.get_mut(&client.user) {
                 ids.retain(|c| &**c != id);
                 if ids.is_empty() {

@@ -120,7 +120,7 @@ impl Hub {
                 ch.fan_out(&join, &mut flush);
             }
             let outbox = subscriber.outbox.clone();
-            self.observe(Change {
+            self.observe(Change::Subscription {
                 joined: true,
                 channel: &channel.name,
                 client: &id,
@@ -239,7 +239,7 @@ impl Hub {
     fn detach_into(&self, id: &str, channel: &Arc<Subscribers>, flush: &mut Flush) {
         let mut ch = channel.lock();
         if let Some(sub) = ch.subscribers.remove(id) {
-            self.observe(Change {
+            self.observe(Change::Subscription {
                 joined: false,
                 channel: &channel.name,
                 client: id,

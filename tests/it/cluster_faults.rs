@@ -5,9 +5,10 @@
 use std::process::{Child, Command, Stdio};
 
 use serde_json::json;
-use sidecast::pb;
+use sidecast::pb::{self, EventKind};
 use sidecast::testkit::RedisServer;
 
+use crate::events::{disconnect, kind, Member};
 use crate::support::{
     eventually, free_port, http_get, publish, token, Client, KillOnDrop, TestServer, PATIENCE,
 };
@@ -220,6 +221,14 @@ async fn a_killed_node_leaves_presence_and_its_leaves_come_once() {
     })
     .await;
 
+    // The survivor's backend: it will hear of the victim's end.
+    let mut audit = Member::join(
+        &survivor,
+        "audit",
+        &[EventKind::Connect, EventKind::Disconnect],
+        0,
+    )
+    .await;
     let mut watcher = survivor.user("w", json!({"channels": ["room:*"]})).await;
     watcher.subscribe(2, "room:k").await;
     let mut victim = Client::open(&format!("ws://127.0.0.1:{ws}/ws")).await;
@@ -228,7 +237,9 @@ async fn a_killed_node_leaves_presence_and_its_leaves_come_once() {
             json!({"id": 1, "op": "connect", "token": token("v", json!({"channels": ["room:*"]}))}),
         )
         .await;
-    assert_eq!(victim.recv().await["type"], "connected");
+    let connected = victim.recv().await;
+    assert_eq!(connected["type"], "connected");
+    let victim_id = connected["client"].as_str().unwrap().to_string();
     victim.subscribe(2, "room:k").await;
     let join = watcher.recv().await;
     assert_eq!(
@@ -291,4 +302,26 @@ async fn a_killed_node_leaves_presence_and_its_leaves_come_once() {
             == 1
     })
     .await;
+
+    // The victim's connection ended on no node's watch: the survivor that claimed the dead
+    // node reports it...
+    let ended = loop {
+        let event = audit.next_acked().await;
+        if kind(&event) == "disconnect" && event.client == victim_id {
+            break disconnect(&event);
+        }
+    };
+    assert_eq!(ended, (1006, "its node stopped".to_string()));
+    // ...once: nothing more of it before a later connect.
+    let marker = survivor.user("marker", json!({})).await;
+    loop {
+        let event = audit.next_acked().await;
+        if kind(&event) == "connect" && event.client == marker.client_id {
+            break;
+        }
+        assert!(
+            event.client != victim_id,
+            "a second event of the victim: {event:?}"
+        );
+    }
 }

@@ -87,7 +87,7 @@ impl Member {
     }
 
     /// The next event.
-    async fn next(&mut self) -> pb::Event {
+    pub async fn next(&mut self) -> pb::Event {
         let message = tokio::time::timeout(PATIENCE, self.rx.message())
             .await
             .expect("an event in time")
@@ -100,7 +100,7 @@ impl Member {
     }
 
     /// The next event, acknowledged.
-    async fn next_acked(&mut self) -> pb::Event {
+    pub async fn next_acked(&mut self) -> pb::Event {
         let event = self.next().await;
         if event.seq > 0 {
             self.ack(&[event.seq]).await;
@@ -132,7 +132,7 @@ impl Member {
     }
 }
 
-fn kind(event: &pb::Event) -> &'static str {
+pub fn kind(event: &pb::Event) -> &'static str {
     match event.kind.as_ref().expect("a kind") {
         Kind::Connect(_) => "connect",
         Kind::Disconnect(_) => "disconnect",
@@ -144,7 +144,7 @@ fn kind(event: &pb::Event) -> &'static str {
     }
 }
 
-fn disconnect(event: &pb::Event) -> (u32, String) {
+pub fn disconnect(event: &pb::Event) -> (u32, String) {
     match &event.kind {
         Some(Kind::Disconnect(d)) => (d.code, d.reason.clone()),
         _ => panic!("expected a disconnect, got {event:?}"),

@@ -18,6 +18,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{BrokerError, Inner};
+use crate::events::What;
 
 /// An order from another node, to carry out here and answer.
 pub struct Order {
@@ -46,6 +47,10 @@ struct Waiting {
     done: Option<oneshot::Sender<Vec<Box<RawValue>>>>,
 }
 
+/// The disconnect code of a connection whose node died: it ended without a close frame.
+pub const NODE_LOST: u16 = 1006;
+const NODE_LOST_REASON: &str = "its node stopped";
+
 /// How many orders from other nodes may wait for this node to carry them out.
 pub const ORDER_QUEUE: usize = 1024;
 
@@ -56,23 +61,73 @@ fn now_ms() -> u64 {
 }
 
 impl Inner {
-    /// Marks this node alive for another redis_presence_ttl.
+    /// Marks this node alive for another redis_presence_ttl, and keeps its connections'
+    /// record as long.
     pub(super) async fn heartbeat(&self) -> Result<(), BrokerError> {
-        let key = self.keys.nodes();
+        let (nodes, connections) = (self.keys.nodes(), self.keys.connections(&self.node));
         let expires = now_ms() + self.config.redis_presence_ttl.as_millis() as u64;
         let node = self.node.to_string();
+        let ttl = self.connections_ttl();
         self.links[0]
             .call(|mut c| async move {
                 redis::pipe()
-                    .zadd(&key, &node, expires)
+                    .zadd(&nodes, &node, expires)
                     .ignore()
-                    .zrembyscore(&key, "-inf", now_ms())
+                    .pexpire(&connections, ttl)
                     .ignore()
                     .query_async::<()>(&mut c)
                     .await
             })
             .await?;
         *self.beat.lock().expect("beat lock") = Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    /// How long a node's connections are kept after its last heartbeat: long enough for a
+    /// survivor to claim them once the node counts as dead.
+    pub(super) fn connections_ttl(&self) -> i64 {
+        3 * self.config.redis_presence_ttl.as_millis() as i64
+    }
+
+    /// Claims the nodes whose heartbeat expired (each by exactly one survivor, in
+    /// `reap.lua`) and reports their connections ended: a `disconnect` event each, code
+    /// 1006, to this node's backends.
+    pub(super) async fn reap(&self) -> Result<(), BrokerError> {
+        let key = self.keys.nodes();
+        let now = now_ms();
+        let dead: Vec<String> = self.links[0]
+            .call(|mut c| async move {
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(&key)
+                    .arg("-inf")
+                    .arg(now)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        for node in dead {
+            let mut invocation = self.scripts.reap.prepare_invoke();
+            invocation
+                .key(self.keys.nodes())
+                .key(self.keys.connections(&node))
+                .arg(&node)
+                .arg(now);
+            let connections: Vec<(String, String)> = self.links[0]
+                .call(|mut c| async move { invocation.invoke_async(&mut c).await })
+                .await?;
+            if connections.is_empty() {
+                continue;
+            }
+            tracing::warn!(%node, connections = connections.len(), "a node stopped without saying goodbye: its connections are reported ended");
+            let events = self.hub.events();
+            for (client, user) in connections {
+                let ended = What::Disconnect {
+                    code: NODE_LOST,
+                    reason: NODE_LOST_REASON.to_string(),
+                };
+                events.emit(&client, &user, ended);
+            }
+        }
         Ok(())
     }
 

@@ -57,6 +57,12 @@ impl Keys {
         format!("{}:nodes", self.prefix)
     }
 
+    /// A node's connections: client id → user (for the node that reports them ended if
+    /// that node dies).
+    pub fn connections(&self, node: &str) -> String {
+        format!("{}:connections:{node}", self.prefix)
+    }
+
     /// Orders to every node.
     pub fn control(&self) -> String {
         format!("{}:control", self.prefix)

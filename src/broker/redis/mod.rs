@@ -85,6 +85,7 @@ struct Scripts {
     publish: Script,
     read: Script,
     presence: Script,
+    reap: Script,
 }
 
 /// How often each feed's canary is published; a feed whose canary has not come back for
@@ -131,6 +132,7 @@ impl RedisBroker {
                 publish: Script::new(include_str!("publish.lua")),
                 read: Script::new(include_str!("read.lua")),
                 presence: Script::new(include_str!("presence.lua")),
+                reap: Script::new(include_str!("reap.lua")),
             },
         });
         let stop = CancellationToken::new();
@@ -316,7 +318,7 @@ impl Inner {
         if fresh == "n" && offset > 0 {
             if let Some(entry) = self.table.get(channel) {
                 let mut entry = entry.lock().expect("entry lock");
-                match entry.arrive(epoch, offset) {
+                match entry.published(epoch, offset) {
                     Step::Deliver => {
                         let (counts, flush) = self.hub.deliver(channel, data, Some(offset));
                         entry.last = (offset, counts.queued);
@@ -383,6 +385,9 @@ impl Inner {
             }
             if let Err(e) = self.heartbeat().await {
                 tracing::debug!(error = %e, "heartbeat not written");
+            }
+            if let Err(e) = self.reap().await {
+                tracing::debug!(error = %e, "dead nodes not reaped");
             }
             for (index, feed) in self.feeds.iter().enumerate() {
                 let topic = self.keys.canary(&self.node, index);

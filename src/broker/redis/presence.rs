@@ -28,30 +28,56 @@ struct Pending {
     info: Option<Box<RawValue>>,
 }
 
+/// A connection that began (Some(user)) or ended (None), waiting to be written.
+type Connection = (String, Option<String>);
+
 #[derive(Default)]
 pub struct Recorder {
-    pending: Mutex<Vec<Pending>>,
+    pending: Mutex<(Vec<Pending>, Vec<Connection>)>,
     wake: Notify,
 }
 
 impl Recorder {
-    /// The hub's observer: keeps what a channel with presence or join/leave needs.
+    /// The hub's observer: keeps what a channel with presence or join/leave needs, and
+    /// every connection's start and end.
     pub fn record(&self, config: &Config, change: Change<'_>) {
-        let options = config.channel_options(change.channel);
-        if !options.presence && !options.join_leave {
-            return;
+        match change {
+            Change::Subscription {
+                joined,
+                channel,
+                client,
+                user,
+                info,
+            } => {
+                let options = config.channel_options(channel);
+                if !options.presence && !options.join_leave {
+                    return;
+                }
+                self.pending.lock().expect("recorder lock").0.push(Pending {
+                    joined,
+                    channel: Arc::from(channel),
+                    client: client.to_string(),
+                    user: user.to_string(),
+                    info: info.map(|i| i.to_owned()),
+                });
+            }
+            Change::Connection {
+                connected,
+                client,
+                user,
+            } => {
+                let user = connected.then(|| user.to_string());
+                self.pending
+                    .lock()
+                    .expect("recorder lock")
+                    .1
+                    .push((client.to_string(), user));
+            }
         }
-        self.pending.lock().expect("recorder lock").push(Pending {
-            joined: change.joined,
-            channel: Arc::from(change.channel),
-            client: change.client.to_string(),
-            user: change.user.to_string(),
-            info: change.info.map(|i| i.to_owned()),
-        });
         self.wake.notify_one();
     }
 
-    fn take(&self) -> Vec<Pending> {
+    fn take(&self) -> (Vec<Pending>, Vec<Connection>) {
         std::mem::take(&mut *self.pending.lock().expect("recorder lock"))
     }
 }
@@ -83,6 +109,13 @@ impl Inner {
                     // The leaves of a node shutting down, as far as Redis takes them now;
                     // what is left expires.
                     self.write_changes(self.recorder.take()).await;
+                    // Out of the live nodes at once, rather than after redis_presence_ttl.
+                    let (key, node) = (self.keys.nodes(), self.node.to_string());
+                    let _ = self.links[0]
+                        .call(|mut c| async move {
+                            redis::cmd("ZREM").arg(key).arg(node).query_async::<()>(&mut c).await
+                        })
+                        .await;
                     return;
                 }
                 _ = self.recorder.wake.notified() => {
@@ -93,14 +126,26 @@ impl Inner {
         }
     }
 
-    /// Writes joins and leaves, one pipeline per address.
-    async fn write_changes(&self, changes: Vec<Pending>) {
-        if changes.is_empty() {
+    /// Writes joins and leaves, one pipeline per address, and this node's connections to the
+    /// first address (what another node reports ended if this one dies).
+    async fn write_changes(&self, (changes, connections): (Vec<Pending>, Vec<Connection>)) {
+        if changes.is_empty() && connections.is_empty() {
             return;
         }
         let ttl = self.config.redis_presence_ttl.as_millis() as u64;
         let expires = now_ms() + ttl;
         let mut pipes: HashMap<usize, redis::Pipeline> = HashMap::new();
+        if !connections.is_empty() {
+            let pipe = pipes.entry(0).or_default();
+            let key = self.keys.connections(&self.node);
+            for (client, user) in connections {
+                match user {
+                    Some(user) => pipe.hset(&key, client, user).ignore(),
+                    None => pipe.hdel(&key, client).ignore(),
+                };
+            }
+            pipe.pexpire(&key, self.connections_ttl()).ignore();
+        }
         for change in changes {
             let options = self.options(&change.channel);
             let pipe = pipes.entry(self.shard(&change.channel)).or_default();

@@ -14,8 +14,8 @@ pub struct Entry {
     pub subscribed_on: u64,
     /// Subscribes in progress: the entry is not dropped while any is.
     pub users: usize,
-    /// Epoch and offset of the last publication given to the hub; None until a subscriber
-    /// attached (nobody here needs the publications before that).
+    /// Epoch and offset of the last publication given to the hub; None until the first one
+    /// came through the topic (or a subscriber attached), and again after a gap.
     pub frontier: Option<(Arc<str>, u64)>,
     /// The last publication handed to the hub and how many connections it was queued to,
     /// for the publish that made it when its echo came first.
@@ -35,7 +35,28 @@ pub enum Step {
 }
 
 impl Entry {
+    /// A publication from the channel's topic. The first one since the topic was
+    /// subscribed (or since a gap) starts the frontier: a subscriber attaching later then
+    /// sees that the hub is past what it read, and reads again.
     pub fn arrive(&mut self, epoch: &str, offset: u64) -> Step {
+        if self.frontier.is_none() {
+            self.frontier = Some((Arc::from(epoch), offset));
+            return Step::Deliver;
+        }
+        self.next(epoch, offset)
+    }
+
+    /// This node's own publication, when its publish returns: delivered now if it is the
+    /// next one, else left to the topic. Never starts the frontier (the topic may not be
+    /// subscribed yet).
+    pub fn published(&mut self, epoch: &str, offset: u64) -> Step {
+        if self.frontier.is_none() {
+            return Step::Skip;
+        }
+        self.next(epoch, offset)
+    }
+
+    fn next(&mut self, epoch: &str, offset: u64) -> Step {
         let Some((current, top)) = &self.frontier else {
             return Step::Skip;
         };
@@ -147,7 +168,17 @@ mod tests {
             frontier: None,
             last: (0, 0),
         };
-        assert_eq!(e.arrive("a", 1), Step::Skip, "nobody attached yet");
+        assert_eq!(
+            e.published("a", 1),
+            Step::Skip,
+            "a publish never starts the frontier"
+        );
+        assert_eq!(
+            e.arrive("a", 1),
+            Step::Deliver,
+            "the topic's first one does"
+        );
+        assert_eq!(e.frontier, Some((Arc::from("a"), 1)));
         e.frontier = Some((Arc::from("a"), 3));
         assert_eq!(e.arrive("a", 3), Step::Skip);
         assert_eq!(e.arrive("a", 4), Step::Deliver);
