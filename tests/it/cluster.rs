@@ -504,3 +504,118 @@ async fn control_calls_act_on_every_node() {
         assert_eq!(tab.closed().await, (4601, "banned".to_string()));
     }
 }
+
+/// A client that follows a channel from `since` to `last`: recovered then live, resubscribing
+/// on 2500. Returns every offset it was handed, in order, and how many times it was told to
+/// resubscribe.
+async fn follow(
+    client: &mut Client,
+    channel: &str,
+    since: u64,
+    epoch: &str,
+    last: u64,
+) -> (Vec<u64>, usize) {
+    let mut seen = Vec::new();
+    let mut resubscribed = 0;
+    let mut at = since;
+    let mut id = 100;
+    let mut subscribe = true;
+    while at < last {
+        if subscribe {
+            id += 1;
+            let reply = client
+                .request(json!({"id": id, "op": "subscribe", "channel": channel, "since": {"offset": at, "epoch": epoch}}))
+                .await;
+            assert_eq!(reply["result"]["recovered"], true, "{reply}");
+            for p in reply["result"]["publications"].as_array().unwrap() {
+                at = p["offset"].as_u64().unwrap();
+                seen.push(at);
+            }
+            subscribe = false;
+            continue;
+        }
+        let m = client.recv().await;
+        match m["type"].as_str() {
+            Some("pub") => {
+                at = m["offset"].as_u64().unwrap();
+                seen.push(at);
+            }
+            Some("unsub") => {
+                assert_eq!(m["code"], 2500, "{m}");
+                resubscribed += 1;
+                subscribe = true;
+            }
+            _ => {}
+        }
+    }
+    (seen, resubscribed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_joining_mid_stream_on_any_node_see_each_publication_once() {
+    let redis = RedisServer::start();
+    let nodes = [
+        node(&redis.url(), &[]).await,
+        node(&redis.url(), &[]).await,
+        node(&redis.url(), &[]).await,
+    ];
+    const EACH: u64 = 150;
+    let total = EACH * nodes.len() as u64;
+    // The channel's epoch, made by a first read.
+    let mut probe = member(&nodes[0], "probe").await;
+    let epoch = probe.subscribe(2, "room:storm").await["result"]["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    drop(probe);
+    let mut publishers = Vec::new();
+    for n in &nodes {
+        let mut grpc = n.grpc().await;
+        publishers.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                grpc.publish(publish("room:storm", &i.to_string()))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    // Followers join while the publications go on, each from the position it reads, on
+    // every node in turn.
+    let mut followers = Vec::new();
+    for i in 0..12 {
+        let mut client = member(&nodes[i % nodes.len()], &format!("f{i}")).await;
+        let history = nodes[(i + 1) % nodes.len()]
+            .grpc()
+            .await
+            .history(pb::HistoryRequest {
+                channel: "room:storm".into(),
+                limit: 0,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let since = history.offset;
+        let epoch = epoch.clone();
+        followers.push(tokio::spawn(async move {
+            let (seen, resubscribed) =
+                follow(&mut client, "room:storm", since, &epoch, total).await;
+            (since, seen, resubscribed)
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    for f in followers {
+        let (since, seen, resubscribed) = f.await.unwrap();
+        assert_eq!(
+            seen,
+            (since + 1..=total).collect::<Vec<_>>(),
+            "from {since}: once each, in order"
+        );
+        assert_eq!(
+            resubscribed, 0,
+            "nothing broke: no reason to tell anyone to resubscribe"
+        );
+    }
+}
