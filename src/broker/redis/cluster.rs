@@ -159,7 +159,7 @@ impl Inner {
             return Ok(Vec::new());
         }
         let id = rand::random::<u64>();
-        let (done, answered) = oneshot::channel();
+        let (done, mut answered) = oneshot::channel();
         self.asked.waiting.lock().expect("asked lock").insert(
             id,
             Waiting {
@@ -188,13 +188,18 @@ impl Inner {
             self.asked.waiting.lock().expect("asked lock").remove(&id);
             return Err(e);
         }
-        let answers = match tokio::time::timeout(self.config.redis_timeout, answered).await {
+        let answers = match tokio::time::timeout(self.config.redis_timeout, &mut answered).await {
             Ok(Ok(answers)) => answers,
             _ => {
                 let waiting = self.asked.waiting.lock().expect("asked lock").remove(&id);
-                let waiting = waiting.expect("still waiting");
-                tracing::warn!(missing = ?waiting.expected, "nodes did not answer an order in time");
-                waiting.answers
+                match waiting {
+                    Some(waiting) => {
+                        tracing::warn!(missing = ?waiting.expected, "nodes did not answer an order in time");
+                        waiting.answers
+                    }
+                    // The last answer came as the deadline passed: it is in the oneshot.
+                    None => answered.try_recv().unwrap_or_default(),
+                }
             }
         };
         Ok(answers)

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use redis::aio::PubSubSink;
+use redis::aio::{PubSubSink, PubSubStream};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -74,7 +74,11 @@ impl Inner {
         let index = hold.lock().feed;
         let feed = &self.feeds[index];
         let link = &self.links[feed.shard];
-        let _order = feed.commands.lock().await;
+        let Ok(_order) =
+            tokio::time::timeout(self.config.redis_timeout, feed.commands.lock()).await
+        else {
+            return Err(link.unavailable("pub/sub connection busy"));
+        };
         let Some(generation) = feed.generation() else {
             return Err(link.unavailable("pub/sub connection down"));
         };
@@ -212,7 +216,9 @@ impl Inner {
                                 break;
                             }
                         }
-                        _ = sweep.tick() => self.unsubscribe_unused(index, &mut sink).await,
+                        _ = sweep.tick() => {
+                            self.unsubscribe_unused(index, &canary, &mut sink, &mut stream).await
+                        }
                     }
                 }
             }
@@ -228,10 +234,19 @@ impl Inner {
         }
     }
 
-    /// Drops the topics of `index` that no subscriber here needs any more.
-    async fn unsubscribe_unused(&self, index: usize, sink: &mut PubSubSink) {
+    /// Drops the topics of `index` that no subscriber here needs any more. Skipped while a
+    /// subscribe holds the feed's commands: the reader never waits on them.
+    async fn unsubscribe_unused(
+        &self,
+        index: usize,
+        canary: &str,
+        sink: &mut PubSubSink,
+        stream: &mut PubSubStream,
+    ) {
         let feed = &self.feeds[index];
-        let _order = feed.commands.lock().await;
+        let Ok(_order) = feed.commands.try_lock() else {
+            return;
+        };
         let unused = self
             .table
             .drop_unused(index, |name| !self.hub.has_subscribers(name));
@@ -239,9 +254,24 @@ impl Inner {
             return;
         }
         let topics: Vec<String> = unused.iter().map(|n| self.keys.topic(n)).collect();
-        // A failure leaves topics subscribed that the frontier-less entries ignore; the
-        // connection is replaced on its next failed ping anyway.
+        // A failure leaves topics subscribed; the connection is replaced on its next failed
+        // ping anyway.
         let _ = tokio::time::timeout(self.config.redis_timeout, sink.unsubscribe(topics)).await;
+        // What the dropped topics carried before the UNSUBSCRIBE took effect is already in
+        // the stream: handled now, before a new subscribe of the same channel can start
+        // (the commands are still held), and those of the dropped topics thrown away, so
+        // that they can never start a new entry's frontier.
+        let mut flush = self.hub.flush();
+        while let Some(Some(message)) = stream.next().now_or_never() {
+            let dropped = self
+                .keys
+                .channel_of(message.get_channel_name())
+                .is_some_and(|c| unused.iter().any(|u| **u == *c));
+            if !dropped {
+                self.on_message(index, canary, &message, &mut flush);
+            }
+        }
+        flush.run();
     }
 
     fn on_message(&self, index: usize, canary: &str, message: &redis::Msg, flush: &mut Flush) {

@@ -28,7 +28,7 @@ if ARGV[8] == '1' then
 end
 local result = offset .. ':' .. epoch
 redis.call('PUBLISH', ARGV[7], 'p' .. result .. ':' .. ARGV[1])
-if keyed then
+if keyed and tonumber(ARGV[6]) > 0 then
   redis.call('SET', seen, result, 'PX', ARGV[6])
 end
 return 'n' .. result
