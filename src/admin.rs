@@ -112,5 +112,6 @@ fn metrics(health: &Health, node: &Node) -> String {
         events_lost: events.lost,
         uptime_seconds: counts.uptime_seconds,
         ready: health.is_ready(),
+        engine_ready: node.engine_ready(),
     })
 }

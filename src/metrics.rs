@@ -80,6 +80,8 @@ pub struct Metrics {
     pub deliveries: Counter,
     pub slow_consumer_closes: Counter,
     pub write_timeouts: Counter,
+    /// Subscriptions ended with `unsub` 2500 (a cluster node lost a channel's continuity).
+    pub resubscribes: Counter,
     pub messages_received: Counter,
     /// Frames and bytes written to sockets.
     pub messages_sent: Counter,
@@ -113,6 +115,9 @@ pub struct Gauges {
     pub events_lost: u64,
     pub uptime_seconds: u64,
     pub ready: bool,
+    /// The engine serves (always for the memory engine; Redis reachable and carrying
+    /// publications).
+    pub engine_ready: bool,
 }
 
 impl Default for Metrics {
@@ -164,6 +169,10 @@ impl Metrics {
             "sidecast_write_timeouts",
             "Connections dropped because a write took longer than write_timeout",
         );
+        let resubscribes = counter(
+            "sidecast_resubscribes",
+            "Subscriptions ended with unsub 2500 for the client to resubscribe and recover",
+        );
         let disconnects = Family::default();
         registry.register(
             "sidecast_disconnects",
@@ -207,6 +216,7 @@ impl Metrics {
             deliveries,
             slow_consumer_closes,
             write_timeouts,
+            resubscribes,
             messages_received,
             messages_sent,
             bytes_sent,
@@ -346,11 +356,16 @@ struct ScrapeGauges(Arc<Mutex<Gauges>>);
 impl Collector for ScrapeGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let g = *self.0.lock().expect("gauges lock");
-        let gauges: [(&str, &str, u64); 9] = [
+        let gauges: [(&str, &str, u64); 10] = [
             (
                 "sidecast_up",
                 "1 while the node accepts connections, 0 once it drains.",
                 u64::from(g.ready),
+            ),
+            (
+                "sidecast_engine_ready",
+                "1 while the engine serves: always for the memory engine; Redis reachable and carrying publications.",
+                u64::from(g.engine_ready),
             ),
             (
                 "sidecast_uptime_seconds",
@@ -464,15 +479,19 @@ mod tests {
         m.record_grpc("/sidecast.v1.Control/Publish", 0);
         m.record_publication(Duration::from_micros(30));
         m.record_publication(Duration::from_secs(1));
+        m.resubscribes.inc();
         let text = m.render(&Gauges {
             connections: 3,
             events_lost: 2,
             ready: true,
+            engine_ready: true,
             ..Gauges::default()
         });
         for line in [
             "sidecast_connects_total 1",
             "sidecast_connections 3",
+            "sidecast_resubscribes_total 1",
+            "sidecast_engine_ready 1",
             "sidecast_up 1",
             "sidecast_events_lost_total 2",
             r#"sidecast_command_errors_total{code="forbidden"} 1"#,

@@ -217,6 +217,9 @@ impl Hub {
                 client.outbox.clone()
             };
             self.detach_into(&id, &channel, flush);
+            if reason.resubscribe() {
+                self.shared.metrics.resubscribes.inc();
+            }
             let unsub = ServerMessage::Unsub {
                 channel: name,
                 reason,

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use sidecast::pb;
 use sidecast::testkit::RedisServer;
 
-use crate::support::{eventually, http_get, publish, Client, TestServer};
+use crate::support::{eventually, http_get, publish, sample, Client, TestServer};
 
 /// `room:` keeps history, presence and join/leave.
 const ROOMS: &str = "[namespaces.room]\nhistory_size = 1000\nhistory_ttl = \"5m\"\npresence = true\njoin_leave = true\n";
@@ -276,6 +276,11 @@ async fn a_broken_pub_sub_link_makes_clients_resubscribe_and_nothing_is_lost() {
     }
     publisher.await.unwrap();
     assert!(resubscribed >= 1, "the client was told");
+    let metrics = http_get(a.admin, "/metrics").await.1;
+    assert!(
+        sample(&metrics, "sidecast_resubscribes_total").unwrap() >= resubscribed as f64,
+        "and the operator sees it"
+    );
     assert_eq!(
         seen,
         (1..=200).collect::<Vec<_>>(),
@@ -299,6 +304,8 @@ async fn redis_down_means_unavailable_and_not_ready_then_service_resumes() {
         http_get(admin, "/readyz").await == (503, "engine not ready\n".to_string())
     })
     .await;
+    let metrics = http_get(a.admin, "/metrics").await.1;
+    assert_eq!(sample(&metrics, "sidecast_engine_ready"), Some(0.0));
     let refused = grpc.publish(publish("room:down", "2")).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(
@@ -309,6 +316,8 @@ async fn redis_down_means_unavailable_and_not_ready_then_service_resumes() {
     redis.restart();
     ready(&a).await;
     ready(&b).await;
+    let metrics = http_get(a.admin, "/metrics").await.1;
+    assert_eq!(sample(&metrics, "sidecast_engine_ready"), Some(1.0));
     // Redis came back empty: the client is told to resubscribe, and its position's epoch
     // is gone, which the reply says.
     let unsub = client.recv().await;
