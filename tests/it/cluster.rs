@@ -628,3 +628,46 @@ async fn subscribers_joining_mid_stream_on_any_node_see_each_publication_once() 
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_holds_across_nodes() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis.url(), &[]).await, node(&redis.url(), &[]).await);
+    let mut client = member(&b, "k").await;
+    client.subscribe(2, "room:idem").await;
+    let keyed = |data: &str| pb::PublishRequest {
+        channel: "room:idem".into(),
+        data: data.as_bytes().to_vec(),
+        idempotency_key: "order-17".into(),
+    };
+    let first = a
+        .grpc()
+        .await
+        .publish(keyed("1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let retry = b
+        .grpc()
+        .await
+        .publish(keyed("2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (retry.offset, &retry.epoch),
+        (first.offset, &first.epoch),
+        "the first result"
+    );
+    b.grpc()
+        .await
+        .publish(publish("room:idem", "3"))
+        .await
+        .unwrap();
+    let got: Vec<Value> = vec![next_pub(&mut client).await, next_pub(&mut client).await];
+    assert_eq!(
+        got.iter().map(|p| p["data"].clone()).collect::<Vec<_>>(),
+        vec![json!(1), json!(3)],
+        "the retry published nothing"
+    );
+}
