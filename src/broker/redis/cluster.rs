@@ -10,6 +10,7 @@
 //! address.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -54,18 +55,38 @@ const NODE_LOST_REASON: &str = "its node stopped";
 /// How many orders from other nodes may wait for this node to carry them out.
 pub const ORDER_QUEUE: usize = 1024;
 
-fn now_ms() -> u64 {
+fn local_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Inner {
+    /// Redis's clock (this node's, corrected by the offset measured at each heartbeat): every
+    /// expiry the nodes compare is on it, so their own clocks need not agree.
+    pub(super) fn now_ms(&self) -> u64 {
+        (local_ms() + self.clock_offset.load(Ordering::Relaxed)).max(0) as u64
+    }
+
+    /// Measures how far Redis's clock is from this node's (half a round trip is noise).
+    async fn measure_clock(&self) -> Result<(), BrokerError> {
+        let before = local_ms();
+        let (secs, micros): (i64, i64) = self.links[0]
+            .call(|mut c| async move { redis::cmd("TIME").query_async(&mut c).await })
+            .await?;
+        let after = local_ms();
+        let redis = secs * 1000 + micros / 1000;
+        self.clock_offset
+            .store(redis - (before + after) / 2, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Marks this node alive for another redis_presence_ttl, and keeps its connections'
     /// record as long.
     pub(super) async fn heartbeat(&self) -> Result<(), BrokerError> {
+        self.measure_clock().await?;
         let (nodes, connections) = (self.keys.nodes(), self.keys.connections(&self.node));
-        let expires = now_ms() + self.config.redis_presence_ttl.as_millis() as u64;
+        let expires = self.now_ms() + self.config.redis_presence_ttl.as_millis() as u64;
         let node = self.node.to_string();
         let ttl = self.connections_ttl();
         self.links[0]
@@ -94,7 +115,7 @@ impl Inner {
     /// 1006, to this node's backends.
     pub(super) async fn reap(&self) -> Result<(), BrokerError> {
         let key = self.keys.nodes();
-        let now = now_ms();
+        let now = self.now_ms();
         let dead: Vec<String> = self.links[0]
             .call(|mut c| async move {
                 redis::cmd("ZRANGEBYSCORE")
@@ -138,7 +159,7 @@ impl Inner {
             .call(|mut c| async move {
                 redis::cmd("ZRANGEBYSCORE")
                     .arg(&key)
-                    .arg(now_ms())
+                    .arg(self.now_ms())
                     .arg("+inf")
                     .query_async::<Vec<String>>(&mut c)
                     .await

@@ -79,6 +79,8 @@ struct Inner {
     asked: Asked,
     /// When this node's heartbeat was last written: it counts as a live node since.
     beat: std::sync::Mutex<Option<Instant>>,
+    /// Redis's clock minus this node's, in ms (see `cluster`).
+    clock_offset: std::sync::atomic::AtomicI64,
 }
 
 struct Scripts {
@@ -120,6 +122,7 @@ impl RedisBroker {
             orders,
             asked: Asked::default(),
             beat: std::sync::Mutex::new(None),
+            clock_offset: std::sync::atomic::AtomicI64::new(0),
             keys: Keys::new(&config.redis_prefix),
             hub,
             config,

@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::value::RawValue;
 use tokio::sync::Notify;
@@ -82,12 +81,6 @@ impl Recorder {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// What a presence hash holds for a client: `{"u":user,"i":info}`.
 fn value(user: &str, info: Option<&RawValue>) -> String {
     #[derive(serde::Serialize)]
@@ -133,7 +126,7 @@ impl Inner {
             return;
         }
         let ttl = self.config.redis_presence_ttl.as_millis() as u64;
-        let expires = now_ms() + ttl;
+        let expires = self.now_ms() + ttl;
         let mut pipes: HashMap<usize, redis::Pipeline> = HashMap::new();
         if !connections.is_empty() {
             let pipe = pipes.entry(0).or_default();
@@ -191,7 +184,7 @@ impl Inner {
     /// Rewrites every local entry with a new expiry, and clears each channel's expired ones.
     async fn refresh(&self) {
         let ttl = self.config.redis_presence_ttl.as_millis() as u64;
-        let expires = now_ms() + ttl;
+        let expires = self.now_ms() + ttl;
         let mut pipes: HashMap<usize, redis::Pipeline> = HashMap::new();
         let mut channels = Vec::new();
         for (channel, clients) in self.hub.presence_snapshot() {
@@ -237,7 +230,7 @@ impl Inner {
         invocation
             .key(self.keys.presence(channel))
             .key(self.keys.presence_expiry(channel))
-            .arg(now_ms())
+            .arg(self.now_ms())
             .arg(self.keys.topic(channel))
             .arg(if announce { "1" } else { "0" });
         let link = self.link(channel);
