@@ -13,7 +13,8 @@ use crate::support::{
     eventually, free_port, http_get, publish, token, Client, KillOnDrop, TestServer, PATIENCE,
 };
 
-const ROOMS: &str = "[namespaces.room]\nhistory_size = 1000\nhistory_ttl = \"5m\"\npresence = true\njoin_leave = true\n";
+/// `room:` keeps history, presence and join/leave; `lobby:` only announces join/leave.
+const ROOMS: &str = "[namespaces.room]\nhistory_size = 1000\nhistory_ttl = \"5m\"\npresence = true\njoin_leave = true\n[namespaces.lobby]\njoin_leave = true\n";
 
 /// `ip` with arguments; panics on failure (the tests run as root, as on CI).
 fn ip(args: &[&str]) {
@@ -229,24 +230,31 @@ async fn a_killed_node_leaves_presence_and_its_leaves_come_once() {
         0,
     )
     .await;
-    let mut watcher = survivor.user("w", json!({"channels": ["room:*"]})).await;
+    let grants = json!({"channels": ["room:*", "lobby:*"]});
+    let mut watcher = survivor.user("w", grants.clone()).await;
     watcher.subscribe(2, "room:k").await;
+    watcher.subscribe(3, "lobby:k").await;
     let mut victim = Client::open(&format!("ws://127.0.0.1:{ws}/ws")).await;
     victim
-        .send(
-            json!({"id": 1, "op": "connect", "token": token("v", json!({"channels": ["room:*"]}))}),
-        )
+        .send(json!({"id": 1, "op": "connect", "token": token("v", grants)}))
         .await;
     let connected = victim.recv().await;
     assert_eq!(connected["type"], "connected");
     let victim_id = connected["client"].as_str().unwrap().to_string();
     victim.subscribe(2, "room:k").await;
-    let join = watcher.recv().await;
-    assert_eq!(
-        (join["type"].as_str(), join["user"].as_str()),
-        (Some("join"), Some("v")),
-        "{join}"
-    );
+    victim.subscribe(3, "lobby:k").await;
+    for channel in ["room:k", "lobby:k"] {
+        let join = watcher.recv().await;
+        assert_eq!(
+            (
+                join["type"].as_str(),
+                join["user"].as_str(),
+                join["channel"].as_str()
+            ),
+            (Some("join"), Some("v"), Some(channel)),
+            "{join}"
+        );
+    }
     let mut control = survivor.grpc().await;
     let present = || {
         let mut control = control.clone();
@@ -271,25 +279,39 @@ async fn a_killed_node_leaves_presence_and_its_leaves_come_once() {
 
     // Within redis_presence_ttl (and a refresh), the survivor clears the entry and the
     // leave comes, once.
-    let leave = watcher.recv().await;
-    assert_eq!(
-        (leave["type"].as_str(), leave["user"].as_str()),
-        (Some("leave"), Some("v")),
-        "{leave}"
-    );
+    // (in both namespaces: the one with presence and the one with join/leave only).
+    let mut left = Vec::new();
+    while left.len() < 2 {
+        let leave = watcher.recv().await;
+        assert_eq!(
+            (leave["type"].as_str(), leave["user"].as_str()),
+            (Some("leave"), Some("v")),
+            "{leave}"
+        );
+        left.push(leave["channel"].as_str().unwrap().to_string());
+    }
+    left.sort();
+    assert_eq!(left, ["lobby:k", "room:k"]);
     assert_eq!(present().await, ["w"]);
     assert_eq!(present().await, ["w"], "asked again: nothing left to clear");
-    // A publication after the leaves: any second leave would come before it (one topic).
-    control
-        .publish(publish("room:k", r#""marker""#))
-        .await
-        .unwrap();
-    let next = watcher.recv().await;
-    assert_eq!(
-        (next["type"].as_str(), &next["data"]),
-        (Some("pub"), &json!("marker")),
-        "{next}"
-    );
+    // A publication after the leaves on each channel: any second leave would come before
+    // it (one topic per channel).
+    for channel in ["room:k", "lobby:k"] {
+        control
+            .publish(publish(channel, r#""marker""#))
+            .await
+            .unwrap();
+        let next = watcher.recv().await;
+        assert_eq!(
+            (
+                next["type"].as_str(),
+                &next["data"],
+                next["channel"].as_str()
+            ),
+            (Some("pub"), &json!("marker"), Some(channel)),
+            "{next}"
+        );
+    }
     eventually("the killed node leaves Info", || async {
         control
             .clone()

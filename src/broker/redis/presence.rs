@@ -1,7 +1,8 @@
-//! Presence across nodes. The hub tells the [`Recorder`] each join and leave (synchronously,
-//! under its lock); a task writes them to the channels' Redis hashes with an expiry, relays
-//! `join`/`leave` to the other nodes, and every third of redis_presence_ttl rewrites every
-//! local entry with a new expiry and clears the channels' expired entries. A node that dies
+//! Presence (and the membership of namespaces with join/leave) across nodes. The hub tells
+//! the [`Recorder`] each join and leave (synchronously, under its lock); a task writes them
+//! to the channels' Redis hashes with an expiry, relays `join`/`leave` to the other nodes,
+//! and every third of redis_presence_ttl rewrites every local entry with a new expiry and
+//! clears the channels' expired entries. A node that dies
 //! stops refreshing: its entries expire, and the node that clears them publishes their
 //! `leave` from the same script, so each is announced once.
 
@@ -146,7 +147,9 @@ impl Inner {
                 self.keys.presence(&change.channel),
                 self.keys.presence_expiry(&change.channel),
             );
-            if options.presence {
+            // Namespaces with join/leave keep entries too, so that a dead node's members
+            // expire and their `leave` is announced.
+            if options.presence || options.join_leave {
                 if change.joined {
                     let value = value(&change.user, change.info.as_deref());
                     pipe.hset(&hash, &change.client, value).ignore();
@@ -188,7 +191,8 @@ impl Inner {
         let mut pipes: HashMap<usize, redis::Pipeline> = HashMap::new();
         let mut channels = Vec::new();
         for (channel, clients) in self.hub.presence_snapshot() {
-            if !self.options(&channel).presence {
+            let options = self.options(&channel);
+            if !options.presence && !options.join_leave {
                 continue;
             }
             let pipe = pipes.entry(self.shard(&channel)).or_default();
