@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use sidecast::pb;
 use sidecast::testkit::RedisServer;
 
-use crate::support::{eventually, http_get, publish, sample, Client, TestServer};
+use crate::support::{eventually, http_get, present_users, publish, sample, Client, TestServer};
 
 /// `room:` keeps history, presence and join/leave.
 const ROOMS: &str = "[namespaces.room]\nhistory_size = 1000\nhistory_ttl = \"5m\"\npresence = true\njoin_leave = true\n";
@@ -179,21 +179,7 @@ async fn presence_and_join_leave_span_the_nodes() {
         "{join}"
     );
     let grpc = nodes[2].grpc().await;
-    let users = || {
-        let mut grpc = grpc.clone();
-        async move {
-            let presence = grpc
-                .presence(pb::PresenceRequest {
-                    channel: "room:p".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            let mut users: Vec<String> = presence.clients.into_iter().map(|c| c.user).collect();
-            users.sort();
-            users
-        }
-    };
+    let users = || present_users(&grpc, "room:p");
     eventually("both in presence, asked on a third node", || async {
         users().await == ["alice", "bob"]
     })

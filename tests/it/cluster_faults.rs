@@ -10,7 +10,8 @@ use sidecast::testkit::RedisServer;
 
 use crate::events::{disconnect, kind, Member};
 use crate::support::{
-    eventually, free_port, http_get, publish, token, Client, KillOnDrop, TestServer, PATIENCE,
+    eventually, free_port, http_get, present_users, publish, token, Client, KillOnDrop, TestServer,
+    PATIENCE,
 };
 
 /// `room:` keeps history, presence and join/leave; `lobby:` only announces join/leave.
@@ -256,21 +257,7 @@ async fn a_killed_node_leaves_presence_and_its_leaves_come_once() {
         );
     }
     let mut control = survivor.grpc().await;
-    let present = || {
-        let mut control = control.clone();
-        async move {
-            let presence = control
-                .presence(pb::PresenceRequest {
-                    channel: "room:k".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            let mut users: Vec<String> = presence.clients.into_iter().map(|c| c.user).collect();
-            users.sort();
-            users
-        }
-    };
+    let present = || present_users(&control, "room:k");
     eventually("both present", || async { present().await == ["v", "w"] }).await;
 
     let mut child = doomed.0.take().unwrap();

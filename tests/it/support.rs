@@ -406,3 +406,21 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The users present in `channel` (Control.Presence), sorted.
+pub async fn present_users(
+    grpc: &sidecast::pb::control_client::ControlClient<tonic::transport::Channel>,
+    channel: &str,
+) -> Vec<String> {
+    let presence = grpc
+        .clone()
+        .presence(sidecast::pb::PresenceRequest {
+            channel: channel.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut users: Vec<String> = presence.clients.into_iter().map(|c| c.user).collect();
+    users.sort();
+    users
+}

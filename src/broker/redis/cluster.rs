@@ -196,15 +196,7 @@ impl Inner {
         };
         let message = serde_json::to_vec(&wire).expect("an order encodes");
         let topic = self.keys.control();
-        let sent = self.links[0]
-            .call(|mut c| async move {
-                redis::cmd("PUBLISH")
-                    .arg(topic)
-                    .arg(message)
-                    .query_async::<u64>(&mut c)
-                    .await
-            })
-            .await;
+        let sent = self.links[0].publish(topic, message).await;
         if let Err(e) = sent {
             self.asked.waiting.lock().expect("asked lock").remove(&id);
             return Err(e);
@@ -278,15 +270,6 @@ impl Inner {
         };
         let message = serde_json::to_vec(&wire).expect("an answer encodes");
         let topic = self.keys.reply(&order.from);
-        self.links[0]
-            .call(|mut c| async move {
-                redis::cmd("PUBLISH")
-                    .arg(topic)
-                    .arg(message)
-                    .query_async::<u64>(&mut c)
-                    .await
-            })
-            .await
-            .map(|_| ())
+        self.links[0].publish(topic, message).await.map(|_| ())
     }
 }

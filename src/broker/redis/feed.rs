@@ -176,16 +176,7 @@ impl Inner {
                 if index == 0 {
                     let _ = self.heartbeat().await;
                 }
-                let topic = canary.clone();
-                let _ = link
-                    .call(|mut c| async move {
-                        redis::cmd("PUBLISH")
-                            .arg(topic)
-                            .arg("1")
-                            .query_async::<u64>(&mut c)
-                            .await
-                    })
-                    .await;
+                let _ = link.publish(canary.clone(), b"1".to_vec()).await;
                 let mut ping = tokio::time::interval(PING_INTERVAL);
                 let mut sweep = tokio::time::interval(UNUSED_SWEEP);
                 loop {

@@ -84,6 +84,18 @@ impl Link {
         }
     }
 
+    /// PUBLISH `payload` on `topic`; how many subscribers Redis handed it to.
+    pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<u64, BrokerError> {
+        self.call(|mut c| async move {
+            redis::cmd("PUBLISH")
+                .arg(topic)
+                .arg(payload)
+                .query_async::<u64>(&mut c)
+                .await
+        })
+        .await
+    }
+
     fn drop_connection(&self) {
         if self.conn.lock().expect("link lock").take().is_some() {
             self.lost.notify_one();

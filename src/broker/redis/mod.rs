@@ -394,15 +394,7 @@ impl Inner {
             }
             for (index, feed) in self.feeds.iter().enumerate() {
                 let topic = self.keys.canary(&self.node, index);
-                let sent = self.links[feed.shard]
-                    .call(|mut c| async move {
-                        redis::cmd("PUBLISH")
-                            .arg(topic)
-                            .arg("1")
-                            .query_async::<u64>(&mut c)
-                            .await
-                    })
-                    .await;
+                let sent = self.links[feed.shard].publish(topic, b"1".to_vec()).await;
                 if let Err(e) = sent {
                     tracing::debug!(error = %e, "canary not published");
                 }
