@@ -1,0 +1,7 @@
+export { Sidecast } from "./control.js";
+export type { HistoryPage, Info, NodeStats, Presence, PublishResult, SidecastOptions, Target, TlsOptions } from "./control.js";
+export { Consumer } from "./events.js";
+export type { ConsumeOptions, EventKind, Joined, RpcCall, SidecastEvent } from "./events.js";
+export { RpcError, SidecastError } from "./errors.js";
+export { mintToken } from "./token.js";
+export type { TokenOptions } from "./token.js";
