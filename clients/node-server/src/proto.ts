@@ -1,13 +1,11 @@
-// The generated gRPC client of sidecast.v1.Control, loaded from the proto/ copy shipped
-// with the package. Field names are camelCase, 64-bit numbers plain numbers (offsets and
-// sequence numbers stay far below 2^53), enums their names, bytes Buffers.
-
-import { fileURLToPath } from "node:url";
+// The generated gRPC client of sidecast.v1.Control, from the descriptor built into the
+// package. Field names are camelCase, 64-bit numbers plain numbers (offsets and sequence
+// numbers stay far below 2^53), enums their names, bytes Buffers.
 
 import grpc from "@grpc/grpc-js";
 import protoLoader from "@grpc/proto-loader";
 
-const PROTO = fileURLToPath(new URL("../proto/sidecast/v1/control.proto", import.meta.url));
+import { descriptor } from "./descriptor.generated.js";
 
 /** The untyped generated client; `control.ts` wraps each method with its types. */
 export type RawControl = grpc.Client & Record<string, (...args: unknown[]) => unknown>;
@@ -22,7 +20,7 @@ let constructor: ControlConstructor | undefined;
 
 export function controlConstructor(): ControlConstructor {
   if (!constructor) {
-    const definition = protoLoader.loadSync(PROTO, {
+    const definition = protoLoader.fromJSON(descriptor as Parameters<typeof protoLoader.fromJSON>[0], {
       keepCase: false,
       longs: Number,
       enums: String,
