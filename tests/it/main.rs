@@ -2,6 +2,7 @@
 //! One test binary (one link) with a module per area.
 
 mod auth;
+mod backends;
 mod bad_input;
 mod bench_smoke;
 mod binary;
@@ -14,6 +15,5 @@ mod jose;
 mod limits;
 mod ops;
 mod pubsub;
-mod python;
 mod support;
 mod tls;

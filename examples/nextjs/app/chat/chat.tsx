@@ -149,11 +149,11 @@ function Room({ user, initialTitle }: { user: string; initialTitle: string }) {
               <li key={m.offset} data-offset={m.offset}>
                 <strong>{m.user}</strong>: <span className="text">{m.text}</span>
               </li>
-            ) : (
+            ) : m.type === "renamed" ? (
               <li key={m.offset} className="system">
                 {m.user} renamed the room to {m.title}
               </li>
-            ),
+            ) : null, // others publish here too (a backend's welcome): not this page's concern
           )}
         </ul>
         <ul className="people" data-testid="presence">

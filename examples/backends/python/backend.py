@@ -1,16 +1,12 @@
-"""A sidecast backend in Python: receives what clients do, answers their rpcs.
+"""A small sidecast backend in Python (grpcio): the same one as ../go, line for line.
 
-It joins the event group "app" (SIDECAST_GROUP), handles each event and acknowledges it,
-and answers rpc methods starting with "app.". On SIGTERM or Ctrl-C it half-closes its
-stream: sidecast applies the acknowledgements sent so far, ends the stream, and hands
-anything unacknowledged to the group's other members. Each event is printed as a JSON line.
-
-From the repository root (docs/backend.md):
-    python3 -m venv .venv
-    .venv/bin/pip install -r tests/py/requirements.txt
-    mkdir -p gen
-    .venv/bin/python -m grpc_tools.protoc -I proto --python_out=gen --grpc_python_out=gen proto/sidecast/v1/control.proto
-    PYTHONPATH=gen .venv/bin/python examples/python/backend.py
+It joins the event group SIDECAST_GROUP ("app"), handles each event and then acknowledges
+it. Handling means printing it as a JSON line and, for a subscription, publishing a welcome
+to the channel (with an idempotency key, so a redelivered event does not welcome twice) and
+printing who is present there. It answers the rpc method "app.echo" and refuses the other
+"app." methods with 404. On SIGTERM or Ctrl-C it half-closes its stream: sidecast applies the
+acknowledgements sent so far, ends the stream, and hands anything unacknowledged to the
+group's other members. See README.md for how to run it.
 """
 
 import json
@@ -28,6 +24,10 @@ ADDRESS = os.environ.get("SIDECAST_GRPC", "127.0.0.1:50051")
 API_KEY = os.environ.get("SIDECAST_API_KEY", "")
 GROUP = os.environ.get("SIDECAST_GROUP", "app")
 METADATA = [("authorization", f"Bearer {API_KEY}")] if API_KEY else []
+
+
+def emit(line):
+    print(json.dumps(line, separators=(",", ":")), flush=True)
 
 
 def requests(acks):
@@ -50,27 +50,39 @@ def requests(acks):
         yield pb.EventsRequest(ack=pb.Ack(seqs=[seq]))
 
 
+def handle(control, event):
+    """What this backend does with an event before acknowledging it. A real one updates its
+    database here, idempotently: an event can arrive twice, marked redelivered."""
+    emit(describe(event))
+    if event.WhichOneof("kind") == "subscribe":
+        welcome(control, event.subscribe.channel, event.client, event.user)
+
+
+def welcome(control, channel, client, user):
+    """Publishes a welcome to the channel, then asks who is there."""
+    data = json.dumps({"welcome": user}, separators=(",", ":")).encode()
+    published = control.Publish(
+        pb.PublishRequest(channel=channel, data=data, idempotency_key=f"welcome:{client}:{channel}"),
+        metadata=METADATA,
+    )
+    present = control.Presence(pb.PresenceRequest(channel=channel), metadata=METADATA)
+    users = sorted({c.user for c in present.clients})
+    emit({"welcomed": channel, "offset": published.offset, "present": users})
+
+
 def answer(control, event):
     """Answers an rpc with Control.Reply: rpcs are never acknowledged nor redelivered."""
     rpc = event.rpc
     if rpc.method == "app.echo":
-        data = {"echo": json.loads(rpc.data), "user": event.user}
-        encoded = json.dumps(data, separators=(",", ":")).encode()
-        reply = pb.ReplyRequest(rpc_id=rpc.rpc_id, data=encoded)
+        data = {"echo": json.loads(rpc.data or b"null"), "user": event.user}
+        reply = pb.ReplyRequest(rpc_id=rpc.rpc_id, data=json.dumps(data, separators=(",", ":")).encode())
     else:
-        error = pb.RpcError(code=404, message=f"no method {rpc.method}")
-        reply = pb.ReplyRequest(rpc_id=rpc.rpc_id, error=error)
+        reply = pb.ReplyRequest(rpc_id=rpc.rpc_id, error=pb.RpcError(code=404, message=f"no method {rpc.method}"))
     try:
         control.Reply(reply, metadata=METADATA)
     except grpc.RpcError as e:
         # NOT_FOUND: the client stopped waiting (rpc_timeout) or went away.
-        print(json.dumps({"reply_failed": e.code().name}), flush=True)
-
-
-def handle(event):
-    """What this backend does with an event: print it as a JSON line. A real one updates its
-    database here, idempotently (an event can arrive twice, marked redelivered)."""
-    print(json.dumps(describe(event)), flush=True)
+        emit({"reply_failed": e.code().name})
 
 
 def describe(event):
@@ -86,7 +98,7 @@ def describe(event):
         line["channel"] = getattr(event, kind).channel
     elif kind == "publish":
         line["channel"] = event.publish.channel
-        line["data"] = json.loads(event.publish.data)
+        line["data"] = json.loads(event.publish.data or b"null")
     elif kind == "rpc":
         line["method"] = event.rpc.method
     elif kind == "lost":
@@ -99,19 +111,23 @@ def serve(control, acks, done):
         for response in control.Events(requests(acks), metadata=METADATA):
             if response.HasField("joined"):
                 joined = response.joined
-                print(json.dumps({"joined": GROUP, "resumed": joined.resumed,
-                                  "buffered": joined.buffered}), flush=True)
+                emit({"joined": GROUP, "resumed": joined.resumed, "buffered": joined.buffered})
                 continue
             event = response.event
             if event.WhichOneof("kind") == "rpc":
-                print(json.dumps(describe(event)), flush=True)
-                answer(control, event)  # Control.Reply; rpcs are not acknowledged
-            else:
-                handle(event)
-                acks.put(event.seq)  # acknowledged once handled
-        print(json.dumps({"ended": "ok"}), flush=True)
+                emit(describe(event))
+                answer(control, event)
+                continue
+            try:
+                handle(control, event)
+            except grpc.RpcError as e:
+                # Left unacknowledged: the group redelivers it once this stream ends.
+                emit({"handler_failed": e.code().name, "seq": event.seq})
+                continue
+            acks.put(event.seq)
+        emit({"ended": "ok"})
     except grpc.RpcError as e:
-        print(json.dumps({"ended": e.code().name, "details": e.details()}), flush=True)
+        emit({"ended": e.code().name, "details": e.details()})
     finally:
         done.set()
 
