@@ -1,6 +1,7 @@
 # sidecast as a sidecar container. Multi-stage: build with the Rust toolchain, run from a
-# small Debian image as a non-root user. Not built on the development machine (no Docker
-# engine there): docs/operations.md says so.
+# small Debian image as a non-root user. The test machine cannot pull these base images:
+# tests/container/ runs the same runtime stage on FROM scratch around a static build
+# (docs/operations.md, "The sidecar container").
 #
 #   docker build -t sidecast .
 #   docker run -p 8080:8080 -e SIDECAST_TOKEN_HMAC_SECRET=change-me sidecast

@@ -9,6 +9,8 @@ export default {
   // @sidecast/server loads its .proto at run time and holds gRPC channels: it runs from
   // node_modules on the server, never bundled.
   serverExternalPackages: ["@sidecast/server", "@grpc/grpc-js", "@grpc/proto-loader"],
+  // A self-contained server (.next/standalone) for the app's container image.
+  output: "standalone",
   outputFileTracingRoot: root,
   turbopack: { root },
 };

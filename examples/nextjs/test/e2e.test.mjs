@@ -1,5 +1,11 @@
 // The whole thing in a browser: this Next.js app built and started, a real sidecast beside
 // it, two users in Debian's headless Chromium. Screenshots go to test-results/.
+//
+// By default the test builds the app (unless NEXT_BUILT is set), starts its standalone server
+// and a sidecast process. With E2E_APP_URL it drives an app that is already running instead
+// (tests/container/run.sh: the app and sidecast as two containers of one pod), reaching
+// sidecast's control API at E2E_SIDECAST_GRPC and restarting sidecast with the command in
+// E2E_SIDECAST_RESTART (a JSON array).
 
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
@@ -14,13 +20,14 @@ import { Sidecast } from "@sidecast/server";
 import { SECRET, startSidecast } from "../../../clients/js/test/helpers.mjs";
 
 const here = fileURLToPath(new URL("..", import.meta.url));
-const artifacts = fileURLToPath(new URL("../test-results/", import.meta.url));
+const artifacts = fileURLToPath(new URL(process.env.E2E_APP_URL ? "../test-results/pod/" : "../test-results/", import.meta.url));
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 /** Every wait ends by then: a broken behaviour fails the test, never hangs the run. */
 const PATIENCE = 30_000;
 
 let node;
 let app;
+let appStderr = "";
 let appUrl;
 let backend;
 let browser;
@@ -63,29 +70,16 @@ async function until(what, check, patience = PATIENCE) {
 
 before(async () => {
   mkdirSync(artifacts, { recursive: true });
-  // One build per run: `next build` unless NEXT_BUILT says the caller has built it already.
-  if (!process.env.NEXT_BUILT) await run("npx", ["next", "build"], 300_000);
-  node = await startSidecast({ file: readFileSync(`${here}/sidecast.toml`, "utf8") });
+  if (process.env.E2E_APP_URL) {
+    appUrl = process.env.E2E_APP_URL;
+    const [command, ...args] = JSON.parse(process.env.E2E_SIDECAST_RESTART);
+    node = { grpc: process.env.E2E_SIDECAST_GRPC, restart: () => run(command, args, 60_000), kill: async () => {} };
+  } else {
+    await startLocally();
+  }
   backend = new Sidecast({ address: node.grpc });
-  const port = await freePort();
-  appUrl = `http://127.0.0.1:${port}`;
-  app = spawn("npx", ["next", "start", "-H", "127.0.0.1", "-p", String(port)], {
-    cwd: here,
-    stdio: ["ignore", "ignore", "pipe"],
-    env: {
-      ...process.env,
-      NEXT_TELEMETRY_DISABLED: "1",
-      SIDECAST_GRPC: node.grpc,
-      SIDECAST_WS_URL: node.url,
-      SIDECAST_TOKEN_SECRET: SECRET,
-      SESSION_SECRET: "e2e-session-secret",
-    },
-    detached: true,
-  });
-  let stderr = "";
-  app.stderr.on("data", (d) => (stderr += d));
-  await until(`the app on ${port}`, async () => {
-    if (app.exitCode !== null) throw new Error(`next start exited: ${stderr}`);
+  await until(`the app at ${appUrl}`, async () => {
+    if (app && app.exitCode !== null) throw new Error(`the app exited: ${appStderr}`);
     try {
       return (await fetch(appUrl)).status === 200;
     } catch {
@@ -98,6 +92,31 @@ before(async () => {
     args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"],
   });
 });
+
+/** One build per run (`npm run build`: the standalone server, with its static files) unless
+ * NEXT_BUILT says the caller has built it already; then sidecast and the app's server. */
+async function startLocally() {
+  if (!process.env.NEXT_BUILT) await run("npm", ["run", "build"], 300_000);
+  node = await startSidecast({ file: readFileSync(`${here}/sidecast.toml`, "utf8") });
+  const port = await freePort();
+  appUrl = `http://127.0.0.1:${port}`;
+  app = spawn("node", [".next/standalone/examples/nextjs/server.js"], {
+    cwd: here,
+    stdio: ["ignore", "ignore", "pipe"],
+    env: {
+      ...process.env,
+      NEXT_TELEMETRY_DISABLED: "1",
+      HOSTNAME: "127.0.0.1",
+      PORT: String(port),
+      SIDECAST_GRPC: node.grpc,
+      SIDECAST_WS_URL: node.url,
+      SIDECAST_TOKEN_SECRET: SECRET,
+      SESSION_SECRET: "e2e-session-secret",
+    },
+    detached: true,
+  });
+  app.stderr.on("data", (d) => (appStderr += d));
+}
 
 after(async () => {
   await browser?.close();
