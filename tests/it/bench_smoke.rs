@@ -21,9 +21,15 @@ fn generator() -> PathBuf {
 }
 
 fn smoke(args: &[String]) -> String {
+    smoke_with(args, &[])
+}
+
+/// `sidecast-bench ARGS smoke SMOKE_ARGS`; fails unless it exits 0.
+fn smoke_with(args: &[String], smoke_args: &[&str]) -> String {
     let output = Command::new(generator())
         .args(args)
         .arg("smoke")
+        .args(smoke_args)
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -56,6 +62,41 @@ async fn generator_smoke_against_sidecast() {
     // Frames per socket write, read from /metrics around the window.
     assert!(out.contains(" frames per write"), "{out}");
     assert!(!out.contains(r#""frames_per_write":null"#), "{out}");
+}
+
+/// `--processes 3`: two shard processes hold two thirds of the subscribers; every delivery
+/// they saw is merged into the window, and each publication's time to its last subscriber
+/// is known only once all three processes have reported it.
+#[tokio::test]
+async fn generator_smoke_over_several_processes() {
+    let server = TestServer::start(&[]).await;
+    let args = vec![
+        "--ws".to_string(),
+        server.ws_addr.to_string(),
+        "--grpc".into(),
+        server.grpc_url.clone(),
+        "--secret".into(),
+        SECRET.into(),
+        "--processes".into(),
+        "3".into(),
+    ];
+    let out = tokio::task::spawn_blocking(move || smoke_with(&args, &["--connections", "61"]))
+        .await
+        .unwrap();
+    assert!(out.contains("smoke: 1 passed, 0 failed"), "{out}");
+    let result: serde_json::Value = out
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .map(|json| serde_json::from_str(json).unwrap())
+        .unwrap_or_else(|| panic!("no RESULT line: {out}"));
+    let published = result["published"].as_u64().unwrap();
+    assert!(published > 0, "{result}");
+    assert_eq!(
+        result["received"].as_u64(),
+        Some(published * 61),
+        "{result}"
+    );
+    assert!(result["last_p99_ms"].as_f64().unwrap() > 0.0, "{result}");
 }
 
 #[tokio::test]

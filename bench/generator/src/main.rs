@@ -8,13 +8,15 @@
 //! CPU use: a figure counts only if the generator stayed under 80% of its core.
 //!
 //! It runs on one thread (pin it to its own core with taskset). One process holds at most
-//! ~20,000 sockets here, which covers every scenario of BENCHMARKS.md.
+//! ~20,000 sockets here: S2, S3 and the smoke run spread more connections over several
+//! processes with `--processes` (shard.rs).
 
 mod events;
 mod fleet;
 mod probe;
 mod publisher;
 mod scenario;
+mod shard;
 mod stats;
 mod writes;
 mod wsclient;
@@ -70,6 +72,10 @@ struct Cli {
     /// How many 127.0.0.x source addresses to spread connections over.
     #[arg(long, default_value_t = 8, global = true)]
     sources: u8,
+    /// Processes to hold the subscribers of S2, S3 and smoke (this one and P-1 shards on the
+    /// same core): one process may hold ~20,000 sockets here.
+    #[arg(long, default_value_t = 1, global = true)]
+    processes: usize,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -151,6 +157,18 @@ enum Scenario {
         #[arg(long, default_value_t = 1000)]
         pad: usize,
     },
+    /// A shard process of --processes (started by the main process, not by hand).
+    #[command(hide = true)]
+    Shard {
+        #[arg(long)]
+        first: usize,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long)]
+        channel: String,
+    },
     /// S6 events: connection churn without, then with, a backend event group acknowledging.
     S6 {
         /// Connect-and-drop cycles started per second.
@@ -168,6 +186,27 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
+        let target = Target {
+            ws: cli.ws,
+            path: cli.path,
+            secret: cli.secret,
+            sources: cli.sources,
+        };
+        if let Scenario::Shard {
+            first,
+            count,
+            prefix,
+            channel,
+        } = cli.scenario
+        {
+            let share = shard::Share {
+                first,
+                count,
+                prefix,
+                channel,
+            };
+            return shard::serve(&target, share).await;
+        }
         let sink = match cli.publish_http {
             Some(addr) => Sink::Http(addr),
             None => Sink::Grpc(
@@ -175,12 +214,9 @@ fn main() -> anyhow::Result<()> {
             ),
         };
         let ctx = Ctx {
-            target: Target {
-                ws: cli.ws,
-                path: cli.path,
-                secret: cli.secret,
-                sources: cli.sources,
-            },
+            target,
+            processes: cli.processes.max(1),
+            shards: Default::default(),
             sink,
             server_pid: cli.server_pid,
             watch: cli
@@ -227,6 +263,7 @@ fn main() -> anyhow::Result<()> {
                 pad,
             } => scenario::s5(&ctx, subscribers, slow_percent, rate, seconds, pad).await,
             Scenario::S6 { rate, seconds } => events::s6(&ctx, rate, seconds).await,
+            Scenario::Shard { .. } => unreachable!("served above"),
         }
     })
 }

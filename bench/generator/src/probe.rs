@@ -53,10 +53,15 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn take(server_pid: Option<&str>) -> Snapshot {
+        Snapshot::with_generator(server_pid, "self")
+    }
+
+    /// With the generator's processes given as pids ("self" and its shards, comma-separated).
+    pub fn with_generator(server_pid: Option<&str>, generator: &str) -> Snapshot {
         Snapshot {
             at: std::time::Instant::now(),
             server_cpu: server_pid.map(cpu_seconds).unwrap_or(0.0),
-            own_cpu: cpu_seconds("self"),
+            own_cpu: cpu_seconds(generator),
         }
     }
 

@@ -13,12 +13,17 @@ use tokio_util::sync::CancellationToken;
 use crate::fleet::{in_batches, read, Member, Target};
 use crate::probe::{cpu_seconds, rss_bytes, slab_bytes, Snapshot};
 use crate::publisher::{self, Plan, PlanChannel, Sent, Sink};
+use crate::shard::{self as shards, Shards};
 use crate::stats::Stats;
 use crate::writes;
 use crate::wsclient::WsConn;
 
 pub struct Ctx {
     pub target: Target,
+    /// Processes holding the subscribers of one-channel scenarios (`--processes`).
+    pub processes: usize,
+    /// The other processes' shares of the fleet (shard.rs), started by `reading_fleet`.
+    pub shards: tokio::sync::Mutex<Shards>,
     pub sink: Sink,
     pub server_pid: Option<String>,
     /// Processes reported on their own: (name, pid).
@@ -31,7 +36,7 @@ pub struct Ctx {
 }
 
 /// How many connection setups run at once.
-const SETUP_CONCURRENCY: usize = 256;
+pub const SETUP_CONCURRENCY: usize = 256;
 
 /// What one measurement window saw.
 #[derive(Debug, Clone)]
@@ -164,23 +169,29 @@ async fn open_all(ctx: &Ctx, members: &[Member]) -> anyhow::Result<Vec<WsConn>> 
         .map_err(|e| anyhow::anyhow!("opening connections: {e}"))
 }
 
-/// `n` connections of users `{prefix}{i}` subscribed to `channel`, each read by its own task.
+/// `n` connections of users `{prefix}{i}` subscribed to `channel`, each read by its own task;
+/// with `--processes`, this process holds the first share and shard processes the others.
 async fn reading_fleet(
     ctx: &Ctx,
     n: usize,
     prefix: &str,
     channel: &str,
 ) -> anyhow::Result<(Rc<RefCell<Stats>>, CancellationToken)> {
-    let ms = members(n, |i| Member {
+    let shares = shards::split(n, ctx.processes, prefix, channel);
+    let (mine, others) = shares.split_first().expect("one share at least");
+    // The shards open theirs while this process opens its own.
+    let started = Shards::start(&ctx.target, others);
+    let ms = members(mine.count, |i| Member {
         user: format!("{prefix}{i}"),
         subs: vec![],
         channels: vec![channel.to_string()],
         small_buffer: false,
     });
-    let conns = open_all(ctx, &ms).await?;
+    let (conns, started) = tokio::join!(open_all(ctx, &ms), started);
+    *ctx.shards.lock().await = started?;
     let stats = Rc::new(RefCell::new(Stats::default()));
     let stop = CancellationToken::new();
-    spawn_readers(conns, &stats, &stop);
+    spawn_readers(conns?, &stats, &stop);
     Ok((stats, stop))
 }
 
@@ -204,8 +215,14 @@ async fn window(
         .map(|p| p.duration.as_secs_f64())
         .fold(0.0, f64::max);
     stats.borrow_mut().reset();
+    let mut shards = ctx.shards.lock().await;
+    shards.reset().await.expect("the shard processes answer");
+    let generator = std::iter::once("self".to_string())
+        .chain(shards.pids())
+        .collect::<Vec<_>>()
+        .join(",");
     let writes_before = writes::counters(ctx.metrics).await;
-    let before = Snapshot::take(ctx.server_pid.as_deref());
+    let before = Snapshot::with_generator(ctx.server_pid.as_deref(), &generator);
     let watched_before: Vec<f64> = ctx.watch.iter().map(|(_, pid)| cpu_seconds(pid)).collect();
     let started = tokio::time::Instant::now();
     let mut tasks = Vec::new();
@@ -227,16 +244,25 @@ async fn window(
         next_seqs.extend(s.next_seqs);
     }
     // Let deliveries in flight arrive: until nothing is missing, or nothing arrived for 2 s.
-    let mut last_count = stats.borrow().received;
+    // The shards are asked less often than this process's own count is read.
+    let poll = Duration::from_millis(if shards.is_empty() { 5 } else { 20 });
+    let expected = stats.borrow().expected;
+    let mut last_count = received(stats, &mut shards).await;
     let mut last_progress = tokio::time::Instant::now();
-    while stats.borrow().missing() > 0 && last_progress.elapsed() < Duration::from_secs(2) {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let count = stats.borrow().received;
+    while last_count < expected && last_progress.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(poll).await;
+        let count = received(stats, &mut shards).await;
         if count != last_count {
             (last_count, last_progress) = (count, tokio::time::Instant::now());
         }
     }
-    let after = Snapshot::take(ctx.server_pid.as_deref());
+    let after = Snapshot::with_generator(ctx.server_pid.as_deref(), &generator);
+    for report in shards.reports().await.expect("the shard processes report") {
+        stats
+            .borrow_mut()
+            .merge(&report)
+            .expect("a shard's report reads");
+    }
     let watched = ctx
         .watch
         .iter()
@@ -277,6 +303,15 @@ async fn window(
         frames_per_write: writes::per_write(writes_before, writes_after),
         watched,
     }
+}
+
+/// Deliveries counted in this window, by this process and its shards.
+async fn received(stats: &Rc<RefCell<Stats>>, shards: &mut Shards) -> u64 {
+    let own = stats.borrow().received;
+    if shards.is_empty() {
+        return own;
+    }
+    own + shards.received().await.expect("the shard processes count")
 }
 
 fn one_channel(

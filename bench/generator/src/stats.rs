@@ -62,10 +62,29 @@ pub struct Stats {
     /// Deliveries the publications sent in this window should produce.
     pub expected: u64,
     pub closes: HashMap<u16, u64>,
-    /// Per tracked publication: (subscribers still to receive it, subscribers in all, worst
-    /// latency so far).
-    /// (subscribers still to receive it, subscribers in all, worst latency, sent at in ns).
-    pending: HashMap<(u32, u64), (u32, u32, u64, u64)>,
+    /// Publications being tracked to their last subscriber.
+    pending: HashMap<(u32, u64), Pending>,
+    /// In a shard process (`shard.rs`): what its own connections saw of each publication,
+    /// for the main process to merge; the main process alone knows who should receive what.
+    seen: Option<HashMap<(u32, u64), Seen>>,
+}
+
+struct Pending {
+    /// Subscribers still to receive it.
+    remaining: u32,
+    /// The worst latency so far, µs.
+    worst_us: u64,
+    /// When it was sent, and when its first subscriber had it (ns since the epoch).
+    sent_ns: u64,
+    first_ns: Option<u64>,
+}
+
+/// One publication as a shard's connections saw it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Seen {
+    pub got: u32,
+    pub worst_us: u64,
+    pub first_ns: u64,
 }
 
 impl Default for Stats {
@@ -82,18 +101,31 @@ impl Default for Stats {
             expected: 0,
             closes: HashMap::new(),
             pending: HashMap::new(),
+            seen: None,
         }
     }
 }
 
 impl Stats {
+    /// The statistics of a shard process: publications are noted as seen, not tracked.
+    pub fn for_shard() -> Stats {
+        Stats {
+            seen: Some(HashMap::new()),
+            ..Stats::default()
+        }
+    }
+
     /// A publication is about to be sent to `subscribers` connections.
     pub fn published(&mut self, channel: u32, seq: u64, subscribers: u32, track_last: bool) {
         self.expected += u64::from(subscribers);
         if track_last && subscribers > 0 {
-            let sent = now_nanos();
-            self.pending
-                .insert((channel, seq), (subscribers, subscribers, 0, sent));
+            let pending = Pending {
+                remaining: subscribers,
+                worst_us: 0,
+                sent_ns: now_nanos(),
+                first_ns: None,
+            };
+            self.pending.insert((channel, seq), pending);
         }
     }
 
@@ -102,7 +134,8 @@ impl Stats {
         let Some((channel, seq, due)) = parse_pub(frame) else {
             return;
         };
-        let micros = now_nanos().saturating_sub(due) / 1000;
+        let now = now_nanos();
+        let micros = now.saturating_sub(due) / 1000;
         self.received += 1;
         let _ = self.latency.record(micros.max(1));
         match seqs.0.iter_mut().find(|(c, _)| *c == channel) {
@@ -120,19 +153,108 @@ impl Stats {
             }
             None => seqs.0.push((channel, seq)),
         }
-        if let Some(entry) = self.pending.get_mut(&(channel, seq)) {
-            if entry.0 == entry.1 {
-                let since_sent = now_nanos().saturating_sub(entry.3) / 1000;
-                let _ = self.to_first.record(since_sent.max(1));
-            }
-            entry.0 -= 1;
-            entry.2 = entry.2.max(micros);
-            if entry.0 == 0 {
-                let worst = entry.2;
-                self.pending.remove(&(channel, seq));
-                let _ = self.to_last.record(worst.max(1));
-            }
+        if let Some(seen) = &mut self.seen {
+            let entry = seen.entry((channel, seq)).or_insert(Seen {
+                got: 0,
+                worst_us: 0,
+                first_ns: now,
+            });
+            entry.got += 1;
+            entry.worst_us = entry.worst_us.max(micros);
+        } else {
+            let one = Seen {
+                got: 1,
+                worst_us: micros,
+                first_ns: now,
+            };
+            self.track(channel, seq, one);
         }
+    }
+
+    /// Counts `seen` towards a tracked publication; records its times once all have it.
+    fn track(&mut self, channel: u32, seq: u64, seen: Seen) {
+        let Some(entry) = self.pending.get_mut(&(channel, seq)) else {
+            return;
+        };
+        entry.remaining = entry.remaining.saturating_sub(seen.got);
+        entry.worst_us = entry.worst_us.max(seen.worst_us);
+        entry.first_ns = Some(
+            entry
+                .first_ns
+                .map_or(seen.first_ns, |f| f.min(seen.first_ns)),
+        );
+        if entry.remaining == 0 {
+            let done = self.pending.remove(&(channel, seq)).expect("present");
+            let first = done.first_ns.unwrap_or(done.sent_ns);
+            let _ = self
+                .to_first
+                .record((first.saturating_sub(done.sent_ns) / 1000).max(1));
+            let _ = self.to_last.record(done.worst_us.max(1));
+        }
+    }
+
+    /// What a shard saw in this window, as one JSON line for the main process.
+    pub fn report(&self) -> serde_json::Value {
+        let latency: Vec<[u64; 2]> = self
+            .latency
+            .iter_recorded()
+            .map(|v| [v.value_iterated_to(), v.count_at_value()])
+            .collect();
+        let seen: Vec<[u64; 5]> = self
+            .seen
+            .iter()
+            .flatten()
+            .map(|((c, s), v)| [u64::from(*c), *s, u64::from(v.got), v.worst_us, v.first_ns])
+            .collect();
+        let closes: Vec<[u64; 2]> = self
+            .closes
+            .iter()
+            .map(|(code, n)| [u64::from(*code), *n])
+            .collect();
+        serde_json::json!({
+            "received": self.received, "gaps": self.gaps, "duplicates": self.duplicates,
+            "reordered": self.reordered, "closes": closes, "latency": latency, "seen": seen,
+        })
+    }
+
+    /// Adds a shard's report (`report`) to this window's figures.
+    pub fn merge(&mut self, report: &serde_json::Value) -> anyhow::Result<()> {
+        let number = |key: &str| {
+            report[key]
+                .as_u64()
+                .ok_or_else(|| anyhow::anyhow!("shard report without {key}: {report}"))
+        };
+        self.received += number("received")?;
+        self.gaps += number("gaps")?;
+        self.duplicates += number("duplicates")?;
+        self.reordered += number("reordered")?;
+        let rows = |key: &str| -> anyhow::Result<Vec<Vec<u64>>> {
+            report[key]
+                .as_array()
+                .ok_or_else(|| anyhow::anyhow!("shard report without {key}"))?
+                .iter()
+                .map(|row| {
+                    row.as_array()
+                        .and_then(|r| r.iter().map(|v| v.as_u64()).collect::<Option<Vec<u64>>>())
+                        .ok_or_else(|| anyhow::anyhow!("bad {key} row: {row}"))
+                })
+                .collect()
+        };
+        for row in rows("closes")? {
+            *self.closes.entry(row[0] as u16).or_default() += row[1];
+        }
+        for row in rows("latency")? {
+            let _ = self.latency.record_n(row[0], row[1]);
+        }
+        for row in rows("seen")? {
+            let seen = Seen {
+                got: row[2] as u32,
+                worst_us: row[3],
+                first_ns: row[4],
+            };
+            self.track(row[0] as u32, row[1], seen);
+        }
+        Ok(())
     }
 
     /// Deliveries still missing: expected minus received (never negative).
@@ -151,6 +273,9 @@ impl Stats {
         self.reordered = 0;
         self.expected = 0;
         self.pending.clear();
+        if let Some(seen) = &mut self.seen {
+            seen.clear();
+        }
     }
 }
 
@@ -180,5 +305,32 @@ mod tests {
             stats.delivered(&mut seqs, &frame(s));
         }
         assert_eq!((stats.gaps, stats.duplicates, stats.reordered), (1, 1, 1));
+    }
+
+    #[test]
+    fn a_publication_completes_across_processes() {
+        let frame = |s: u64| {
+            let data = payload(0, s, now_nanos(), 0);
+            [
+                br#"{"type":"pub","channel":"fan","data":"#.as_slice(),
+                &data,
+                b"}",
+            ]
+            .concat()
+        };
+        let mut main = Stats::default();
+        main.published(0, 1, 3, true);
+        main.delivered(&mut Sequences::default(), &frame(1));
+        let mut shard = Stats::for_shard();
+        shard.delivered(&mut Sequences::default(), &frame(1));
+        assert_eq!(main.to_last.len(), 0, "one of three subscribers is not all");
+        main.merge(&shard.report()).unwrap();
+        assert_eq!((main.received, main.to_last.len()), (2, 0));
+        shard.reset();
+        shard.delivered(&mut Sequences::default(), &frame(1));
+        main.merge(&shard.report()).unwrap();
+        assert_eq!((main.received, main.missing()), (3, 0));
+        assert_eq!((main.to_first.len(), main.to_last.len()), (1, 1));
+        assert_eq!(main.latency.len(), 3);
     }
 }
