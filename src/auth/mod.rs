@@ -95,12 +95,10 @@ struct WireClaims {
     sub: Option<serde_json::Value>,
     exp: Option<serde_json::Value>,
     nbf: Option<serde_json::Value>,
-    #[serde(default)]
-    channels: Option<Vec<String>>,
-    #[serde(default)]
-    publish: Option<Vec<String>>,
-    #[serde(default)]
-    subs: Option<Vec<String>>,
+    // Read as any JSON, so that a claim of the wrong type is refused by its name.
+    channels: Option<serde_json::Value>,
+    publish: Option<serde_json::Value>,
+    subs: Option<serde_json::Value>,
     info: Option<Box<RawValue>>,
     meta: Option<Box<RawValue>>,
 }
@@ -185,22 +183,33 @@ impl Verifier {
             validation.set_issuer(&[iss]);
             validation.required_spec_claims.insert("iss".into());
         }
-        let data = jsonwebtoken::decode::<WireClaims>(token, key, &validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind as K;
-            match e.kind() {
-                K::InvalidSignature
-                | K::InvalidEcdsaKey
-                | K::InvalidEddsaKey
-                | K::InvalidRsaKey(_) => AuthError::Signature,
-                K::InvalidAlgorithm => AuthError::Algorithm,
-                K::InvalidAudience => AuthError::Audience,
-                K::MissingRequiredClaim(claim) if claim == "aud" => AuthError::Audience,
-                K::InvalidIssuer | K::MissingRequiredClaim(_) => AuthError::Issuer,
-                _ => AuthError::Malformed,
-            }
-        })?;
+        use jsonwebtoken::errors::ErrorKind as K;
+        let data = match jsonwebtoken::decode::<WireClaims>(token, key, &validation) {
+            Ok(data) => data,
+            // jsonwebtoken reads sub, exp, nbf, iss and aud for itself after checking the
+            // signature, and a claim of a type it does not expect fails that whole read:
+            // say which claim, as for any other invalid claim.
+            Err(e) if matches!(e.kind(), K::Json(_)) => return Err(self.unreadable(token, now)),
+            Err(e) => return Err(refusal(e.kind())),
+        };
         self.check(data.claims, now)
     }
+
+    /// Why signed claims could not be read: the first claim `check` refuses, else malformed.
+    /// Only ever an error: nothing here accepts a token.
+    fn unreadable(&self, token: &str, now: u64) -> AuthError {
+        use base64::Engine;
+        let claims = token
+            .split('.')
+            .nth(1)
+            .and_then(|part| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).ok())
+            .and_then(|json| serde_json::from_slice::<WireClaims>(&json).ok());
+        match claims.map(|wire| self.check(wire, now)) {
+            Some(Err(refused)) => refused,
+            _ => AuthError::Malformed,
+        }
+    }
+
 
     fn check(&self, wire: WireClaims, now: u64) -> Result<Claims, AuthError> {
         let user = match wire.sub {
@@ -217,13 +226,13 @@ impl Verifier {
                 return Err(AuthError::NotYetValid);
             }
         }
-        let patterns = |list: Option<Vec<String>>, name| {
-            list.unwrap_or_default()
+        let patterns = |list: Option<serde_json::Value>, name| {
+            strings(list, name)?
                 .iter()
                 .map(|p| Pattern::parse(p).map_err(|_| AuthError::InvalidClaim(name)))
                 .collect::<Result<Vec<_>, _>>()
         };
-        let subs = wire.subs.unwrap_or_default();
+        let subs = strings(wire.subs, "subs")?;
         if subs.iter().any(|s| channel::validate(s).is_err()) {
             return Err(AuthError::InvalidClaim("subs"));
         }
@@ -242,6 +251,36 @@ impl Verifier {
             info: object(wire.info, "info")?,
             meta: object(wire.meta, "meta")?,
         })
+    }
+}
+
+/// The refusal for an error of jsonwebtoken's.
+fn refusal(kind: &jsonwebtoken::errors::ErrorKind) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match kind {
+        K::InvalidSignature | K::InvalidEcdsaKey | K::InvalidEddsaKey | K::InvalidRsaKey(_) => {
+            AuthError::Signature
+        }
+        K::InvalidAlgorithm => AuthError::Algorithm,
+        K::InvalidAudience => AuthError::Audience,
+        K::MissingRequiredClaim(claim) if claim == "aud" => AuthError::Audience,
+        K::InvalidIssuer | K::MissingRequiredClaim(_) => AuthError::Issuer,
+        _ => AuthError::Malformed,
+    }
+}
+
+/// An array of strings (absent or null: empty); anything else is refused by the claim's name.
+fn strings(v: Option<serde_json::Value>, name: &'static str) -> Result<Vec<String>, AuthError> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(serde_json::Value::Array(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                serde_json::Value::String(s) => Ok(s),
+                _ => Err(AuthError::InvalidClaim(name)),
+            })
+            .collect(),
+        Some(_) => Err(AuthError::InvalidClaim(name)),
     }
 }
 

@@ -10,7 +10,7 @@ use crate::wire::channel::ChannelError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("invalid pattern {pattern:?}: {error}")]
+    #[error("invalid pattern {}: {error}", crate::wire::clip(.pattern))]
     Pattern {
         pattern: String,
         error: ChannelError,
@@ -23,10 +23,12 @@ pub enum ApiError {
     Events(#[from] EventsError),
     #[error("{0}")]
     Stream(String),
-    #[error("no rpc {0:?} is waiting for a reply (unknown, answered, or past rpc_timeout)")]
+    #[error("no rpc {} is waiting for a reply (unknown, answered, or past rpc_timeout)", crate::wire::clip(.0))]
     UnknownRpc(String),
     #[error("set data or error")]
     NoResult,
+    #[error("error.message is {size} bytes, more than max_publication_size ({max})")]
+    MessageTooLong { size: usize, max: usize },
 }
 
 impl From<ApiError> for Status {
@@ -35,6 +37,7 @@ impl From<ApiError> for Status {
             ApiError::Pattern { .. }
             | ApiError::EmptyTarget
             | ApiError::NoResult
+            | ApiError::MessageTooLong { .. }
             | ApiError::Events(
                 EventsError::JoinFirst | EventsError::JoinTwice | EventsError::BadJoin(_),
             ) => Code::InvalidArgument,

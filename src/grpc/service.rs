@@ -66,10 +66,18 @@ impl Control for ControlService {
                 self.node.check_data(&data)?;
                 RpcAnswer::Data(data)
             }
-            Some(pb::reply_request::Result::Error(e)) => RpcAnswer::Error {
-                code: e.code,
-                message: e.message,
-            },
+            Some(pb::reply_request::Result::Error(e)) => {
+                // Bounded like data: the client's reply frame must fit its queue.
+                let max = self.node.config.max_publication_size;
+                if e.message.len() > max {
+                    let size = e.message.len();
+                    return Err(ApiError::MessageTooLong { size, max }.into());
+                }
+                RpcAnswer::Error {
+                    code: e.code,
+                    message: e.message,
+                }
+            }
             None => return Err(ApiError::NoResult.into()),
         };
         if !self.node.events.reply(&req.rpc_id, answer) {

@@ -7,7 +7,7 @@ use crate::wire::channel::ChannelError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("invalid channel {channel:?}: {error}")]
+    #[error("invalid channel {}: {error}", crate::wire::clip(.channel))]
     Channel {
         channel: String,
         error: ChannelError,

@@ -6,11 +6,13 @@
 //!   and pushes, one enum) and holds the closed set of error codes.
 //! - `close` is the table of close codes; `channel` the rules of channel names and grant
 //!   patterns; `position` the stream positions and publications that recovery carries;
-//!   `json` the check every publication's data passes once; `origin` the upgrade's Origin rules.
+//!   `json` the check every publication's data passes once; `origin` the upgrade's Origin rules;
+//!   `clip` how error messages quote what the caller sent.
 //!
 //! docs/protocol.md is the specification these files follow.
 
 pub mod channel;
+mod clip;
 pub mod close;
 pub mod command;
 mod error_code;
@@ -21,6 +23,7 @@ pub mod message;
 pub mod origin;
 pub mod position;
 
+pub use clip::clip;
 pub use close::Close;
 pub use message::{ErrorCode, ServerMessage};
 pub use position::{Attach, Position, Publication, Recovery};

@@ -137,6 +137,34 @@ async fn every_refusal_closes_with_its_code() {
     assert_eq!(client.closed().await.0, 4001);
 }
 
+/// A claim of the wrong JSON type names that claim (protocol.md, section 2), like a claim
+/// of the right type with a bad value does.
+#[tokio::test]
+async fn claims_of_the_wrong_type_name_the_claim() {
+    let server = TestServer::start(&[]).await;
+    let exp = now() + 60;
+    let cases = [
+        (json!({"sub": "a", "exp": exp, "channels": "chat:*"}), "channels"),
+        (json!({"sub": "a", "exp": exp, "channels": [5]}), "channels"),
+        (json!({"sub": "a", "exp": exp, "publish": "x"}), "publish"),
+        (json!({"sub": "a", "exp": exp, "subs": "x"}), "subs"),
+        (json!({"sub": "a", "exp": exp, "subs": [null]}), "subs"),
+        (json!({"sub": {}, "exp": exp}), "sub"),
+        (json!({"sub": 7, "exp": exp}), "sub"),
+        (json!({"sub": "a", "exp": "soon"}), "exp"),
+        (json!({"sub": "a", "exp": exp, "nbf": [1]}), "nbf"),
+        (json!({"sub": "a", "exp": exp, "info": "x"}), "info"),
+        (json!({"sub": "a", "exp": exp, "meta": [1]}), "meta"),
+    ];
+    for (claims, name) in cases {
+        assert_eq!(
+            refused(&server, &sign_hs256(&claims, SECRET)).await,
+            (4001, format!("invalid {name} claim")),
+            "{claims}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn asymmetric_keys_and_algorithm_confusion() {
     let dir = env!("CARGO_MANIFEST_DIR");

@@ -643,6 +643,19 @@ async fn rpc_round_trip_error_and_unknown_reply() {
         .await
         .unwrap_err();
     assert_eq!(none.code(), Code::InvalidArgument);
+    // An error message is bounded like data: refused, and the rpc still waits for its answer.
+    let huge = grpc
+        .reply(pb::ReplyRequest {
+            rpc_id: rpc.rpc_id.clone(),
+            result: Some(pb::reply_request::Result::Error(pb::RpcError {
+                code: 500,
+                message: "x".repeat(2 << 20),
+            })),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(huge.code(), Code::InvalidArgument);
+    assert!(huge.message().contains("max_publication_size"), "{huge:?}");
     grpc.reply(pb::ReplyRequest {
         rpc_id: rpc.rpc_id,
         result: Some(pb::reply_request::Result::Error(pb::RpcError {
@@ -664,6 +677,17 @@ async fn rpc_round_trip_error_and_unknown_reply() {
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
+    // The caller's input is echoed clipped: a status stays small whatever was sent.
+    let long = grpc
+        .reply(pb::ReplyRequest {
+            rpc_id: "n".repeat(100_000),
+            result: Some(pb::reply_request::Result::Data(b"1".to_vec())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(long.code(), Code::NotFound);
+    assert!(long.message().len() < 300, "{}", long.message().len());
+    assert!(long.message().contains("100000 bytes"), "{}", long.message());
 }
 
 #[tokio::test]
