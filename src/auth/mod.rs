@@ -202,14 +202,17 @@ impl Verifier {
         let claims = token
             .split('.')
             .nth(1)
-            .and_then(|part| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).ok())
+            .and_then(|part| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(part)
+                    .ok()
+            })
             .and_then(|json| serde_json::from_slice::<WireClaims>(&json).ok());
         match claims.map(|wire| self.check(wire, now)) {
             Some(Err(refused)) => refused,
             _ => AuthError::Malformed,
         }
     }
-
 
     fn check(&self, wire: WireClaims, now: u64) -> Result<Claims, AuthError> {
         let user = match wire.sub {

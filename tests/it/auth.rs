@@ -144,7 +144,10 @@ async fn claims_of_the_wrong_type_name_the_claim() {
     let server = TestServer::start(&[]).await;
     let exp = now() + 60;
     let cases = [
-        (json!({"sub": "a", "exp": exp, "channels": "chat:*"}), "channels"),
+        (
+            json!({"sub": "a", "exp": exp, "channels": "chat:*"}),
+            "channels",
+        ),
         (json!({"sub": "a", "exp": exp, "channels": [5]}), "channels"),
         (json!({"sub": "a", "exp": exp, "publish": "x"}), "publish"),
         (json!({"sub": "a", "exp": exp, "subs": "x"}), "subs"),

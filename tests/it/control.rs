@@ -370,9 +370,16 @@ async fn invalid_arguments_say_what_is_wrong() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("target"));
     // The caller's input is echoed clipped: a status stays small whatever was sent.
-    let err = grpc.publish(publish(&"c".repeat(100_000), "1")).await.unwrap_err();
+    let err = grpc
+        .publish(publish(&"c".repeat(100_000), "1"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("invalid channel"), "{}", err.message());
+    assert!(
+        err.message().starts_with("invalid channel"),
+        "{}",
+        err.message()
+    );
     assert!(err.message().len() < 300, "{}", err.message().len());
     let err = grpc
         .channels(pb::ChannelsRequest {

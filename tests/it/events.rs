@@ -687,7 +687,11 @@ async fn rpc_round_trip_error_and_unknown_reply() {
         .unwrap_err();
     assert_eq!(long.code(), Code::NotFound);
     assert!(long.message().len() < 300, "{}", long.message().len());
-    assert!(long.message().contains("100000 bytes"), "{}", long.message());
+    assert!(
+        long.message().contains("100000 bytes"),
+        "{}",
+        long.message()
+    );
 }
 
 #[tokio::test]
