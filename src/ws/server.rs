@@ -181,6 +181,12 @@ fn handle(
             )
         }
     };
+    if let Err(problem) = rfc6455(&req) {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            &format!("bad WebSocket handshake: {problem}"),
+        );
+    }
     let token = req.uri().query().and_then(query_token);
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(upgraded) => upgraded,
@@ -211,6 +217,27 @@ fn handle(
         );
     }
     response
+}
+
+/// What RFC 6455 (section 4.2.1) requires of an opening handshake beyond the headers that
+/// `fastwebsockets` checks (Upgrade, Connection, the version): a GET, over HTTP/1.1 or
+/// later, whose Sec-WebSocket-Key is 16 bytes in base64.
+fn rfc6455<B>(req: &Request<B>) -> Result<(), &'static str> {
+    use base64::Engine;
+    if req.method() != hyper::Method::GET {
+        return Err("the method must be GET");
+    }
+    if req.version() < hyper::Version::HTTP_11 {
+        return Err("HTTP/1.1 or later is required");
+    }
+    let key = req
+        .headers()
+        .get(hyper::header::SEC_WEBSOCKET_KEY)
+        .ok_or("Sec-WebSocket-Key is missing")?;
+    match base64::engine::general_purpose::STANDARD.decode(key.as_bytes()) {
+        Ok(nonce) if nonce.len() == 16 => Ok(()),
+        _ => Err("Sec-WebSocket-Key must be 16 bytes in base64"),
+    }
 }
 
 /// Ok(true) when the client offered `sidecast.v1`, Ok(false) when it offered nothing.

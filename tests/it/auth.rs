@@ -68,6 +68,26 @@ async fn http_answers_before_the_upgrade() {
     let bad_version = "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
                        Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
     assert_eq!(http_status(server.ws_addr, bad_version).await, 400);
+    // RFC 6455, section 4.2.1: a GET, over HTTP/1.1 or later, with a key of 16 bytes in base64.
+    let upgrade = |method: &str, version: &str, key: &str| {
+        format!(
+            "{method} /ws {version}\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+        )
+    };
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    assert_eq!(http_status(server.ws_addr, &upgrade("GET", "HTTP/1.1", key)).await, 101);
+    for (method, version, key) in [
+        ("POST", "HTTP/1.1", key),
+        ("PUT", "HTTP/1.1", key),
+        ("GET", "HTTP/1.0", key),
+        ("GET", "HTTP/1.1", "abc"),
+        ("GET", "HTTP/1.1", "dGhlIHNhbXBsZSBub25j"),
+        ("GET", "HTTP/1.1", "dGhlIHNhbXBsZSBub25jZQ==dGhl"),
+    ] {
+        let request = upgrade(method, version, key);
+        assert_eq!(http_status(server.ws_addr, &request).await, 400, "{request}");
+    }
     assert_eq!(http_status(server.admin, &get("/healthz")).await, 200);
     assert_eq!(http_status(server.admin, &get("/readyz")).await, 200);
 }
