@@ -5,7 +5,8 @@
 //! The rules (docs/backend.md says the same to users):
 //! - Every event the group wants gets the next sequence number and stays in the buffer until
 //!   a member acknowledges it. The buffer is bounded in events and bytes; an event that does
-//!   not fit is dropped, and once there is room again a `lost` event names the range.
+//!   not fit is dropped, and so is every later one until acknowledgements make room for a
+//!   `lost` event naming the range.
 //! - A member holds at most `window` unacknowledged events.
 //! - A client's events go to the member that holds its unacknowledged events, so they are
 //!   handled in order; a client with none in flight goes to the member its id hashes to
@@ -140,27 +141,27 @@ impl Group {
 
     /// Buffers an event (or counts it lost when the buffer is full) and sends it if a member
     /// can take it. A push frees no room, so what was pending before still waits: only the
-    /// new event (and a `lost` event made now) is placed, which keeps emitting cheap.
+    /// new event is placed, which keeps emitting cheap.
+    ///
+    /// Once an event is dropped, every event is dropped until an acknowledgement makes room
+    /// for the `lost` event (`ack`): so an overflow is one range, named by one `lost` event,
+    /// even when the bound is in bytes and a smaller event would still fit.
     pub fn push(&mut self, body: Arc<Body>, now: Instant) -> Out {
-        let mut out = Vec::new();
-        let mut blocked = HashSet::new();
-        if let Some(lost) = self.report_lost() {
-            out.extend(self.place(lost, now, &mut blocked));
-        }
         let seq = self.next_seq;
         self.next_seq += 1;
         let size = body.size();
-        if !self.has_room(size) {
+        if self.lost.is_some() || !self.has_room(size) {
             self.dropped += 1;
             self.lost = Some(match self.lost {
                 Some((first, _)) => (first, seq),
                 None => (seq, seq),
             });
-            return out;
+            return Vec::new();
         }
         self.insert(seq, body, size);
-        out.extend(self.place(seq, now, &mut blocked));
-        out
+        self.place(seq, now, &mut HashSet::new())
+            .into_iter()
+            .collect()
     }
 
     /// Forgets acknowledged events, whoever held them.
@@ -463,6 +464,55 @@ mod tests {
             }
         );
         assert_eq!(seqs(&g.push(body("a"), t), 1), [8]);
+    }
+
+    /// Bounded by bytes: small events would still fit after a large one is dropped, but the
+    /// overflow stays one range until acknowledgements make room, so one `lost` event names
+    /// it, and nothing that was kept is ever named lost.
+    #[test]
+    fn a_byte_bounded_overflow_is_one_range_reported_after_acks() {
+        let t = Instant::now();
+        let limits = Bounds {
+            max_bytes: 10_000,
+            ..BOUNDS
+        };
+        let publish = |n: usize| {
+            Arc::new(Body {
+                client: Arc::from("a"),
+                user: Arc::from("u"),
+                time_ms: 0,
+                what: What::Publish {
+                    channel: "c".into(),
+                    data: vec![b'1'; n],
+                    offset: 0,
+                    epoch: String::new(),
+                },
+            })
+        };
+        let mut g = Group::new(limits, t);
+        g.join(1, 1000, 0, Vec::new(), t);
+        let mut delivered = Vec::new();
+        for i in 0..60 {
+            let size = if i % 2 == 0 { 2000 } else { 1 };
+            delivered.extend(g.push(publish(size), t));
+        }
+        let losts = |out: &Out| -> Vec<(u64, u64)> {
+            out.iter()
+                .filter_map(|(_, e)| match e.body.what {
+                    What::Lost { first_seq, last_seq } => Some((first_seq, last_seq)),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(losts(&delivered), [], "no lost event before an acknowledgement");
+        let kept: Vec<u64> = delivered.iter().map(|(_, e)| e.seq).collect();
+        let out = g.ack(&kept, t);
+        let reported = losts(&out);
+        assert_eq!(reported.len(), 1, "{reported:?}");
+        let (first, last) = reported[0];
+        assert_eq!(first, *kept.last().unwrap() + 1);
+        assert_eq!(last, 60);
+        assert_eq!(g.dropped(), last - first + 1);
     }
 
     #[test]
