@@ -499,12 +499,19 @@ mod tests {
         let losts = |out: &Out| -> Vec<(u64, u64)> {
             out.iter()
                 .filter_map(|(_, e)| match e.body.what {
-                    What::Lost { first_seq, last_seq } => Some((first_seq, last_seq)),
+                    What::Lost {
+                        first_seq,
+                        last_seq,
+                    } => Some((first_seq, last_seq)),
                     _ => None,
                 })
                 .collect()
         };
-        assert_eq!(losts(&delivered), [], "no lost event before an acknowledgement");
+        assert_eq!(
+            losts(&delivered),
+            [],
+            "no lost event before an acknowledgement"
+        );
         let kept: Vec<u64> = delivered.iter().map(|(_, e)| e.seq).collect();
         let out = g.ack(&kept, t);
         let reported = losts(&out);

@@ -40,13 +40,7 @@ pub async fn open(
     let (member, receivers) = events.join(join)?;
     let stop = CancellationToken::new();
     tokio::spawn(read_acks(events.clone(), member, inbound, stop.clone()));
-    Ok(Box::pin(MemberStream {
-        receivers,
-        events,
-        member,
-        stop,
-        ended: false,
-    }))
+    Ok(Box::pin(MemberStream::new(events, member, receivers, stop)))
 }
 
 async fn read_acks(
@@ -82,6 +76,9 @@ async fn read_acks(
 /// group it yields the reason (if any) and ends, whatever is still queued; dropping it (the
 /// backend went away) leaves the group.
 struct MemberStream {
+    /// The `joined` response: always the first, even when the member is removed before the
+    /// stream is first polled (a backend that half-closes right after its join).
+    joined: Option<pb::EventsResponse>,
     receivers: Receivers,
     events: Events,
     member: MemberId,
@@ -89,10 +86,41 @@ struct MemberStream {
     ended: bool,
 }
 
+impl MemberStream {
+    fn new(
+        events: Events,
+        member: MemberId,
+        mut receivers: Receivers,
+        stop: CancellationToken,
+    ) -> MemberStream {
+        let joined = receivers.events.try_recv().ok().map(response);
+        debug_assert!(
+            matches!(
+                joined,
+                Some(pb::EventsResponse {
+                    response: Some(pb::events_response::Response::Joined(_))
+                })
+            ),
+            "Events::join queues `joined` first"
+        );
+        MemberStream {
+            joined,
+            receivers,
+            events,
+            member,
+            stop,
+            ended: false,
+        }
+    }
+}
+
 impl Stream for MemberStream {
     type Item = Result<pb::EventsResponse, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(joined) = self.joined.take() {
+            return Poll::Ready(Some(Ok(joined)));
+        }
         if self.ended {
             return Poll::Ready(None);
         }
@@ -232,5 +260,38 @@ fn event(delivery: &Delivery) -> pb::Event {
         time_ms: body.time_ms,
         redelivered: delivery.redelivered,
         kind: Some(kind),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio_stream::StreamExt;
+
+    use super::*;
+    use crate::config::Config;
+
+    /// The race behind a stream that ended OK without `joined`: the backend half-closes right
+    /// after its join, and the member leaves before its response stream is first polled.
+    #[tokio::test]
+    async fn joined_comes_first_even_when_the_member_has_already_left() {
+        let events = Events::new(&Config::default(), Arc::from("node"));
+        let join = Join {
+            group: "g".into(),
+            kinds: EventKind::Connect.bit(),
+            rpc_methods: Vec::new(),
+            window: 0,
+        };
+        let (member, receivers) = events.join(join).unwrap();
+        let mut stream =
+            MemberStream::new(events.clone(), member, receivers, CancellationToken::new());
+        events.leave(member);
+        let first = stream.next().await.expect("a response").unwrap();
+        assert!(matches!(
+            first.response,
+            Some(pb::events_response::Response::Joined(_))
+        ));
+        assert!(stream.next().await.is_none(), "then the stream ends OK");
     }
 }

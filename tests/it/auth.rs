@@ -76,7 +76,10 @@ async fn http_answers_before_the_upgrade() {
         )
     };
     let key = "dGhlIHNhbXBsZSBub25jZQ==";
-    assert_eq!(http_status(server.ws_addr, &upgrade("GET", "HTTP/1.1", key)).await, 101);
+    assert_eq!(
+        http_status(server.ws_addr, &upgrade("GET", "HTTP/1.1", key)).await,
+        101
+    );
     for (method, version, key) in [
         ("POST", "HTTP/1.1", key),
         ("PUT", "HTTP/1.1", key),
@@ -86,7 +89,11 @@ async fn http_answers_before_the_upgrade() {
         ("GET", "HTTP/1.1", "dGhlIHNhbXBsZSBub25jZQ==dGhl"),
     ] {
         let request = upgrade(method, version, key);
-        assert_eq!(http_status(server.ws_addr, &request).await, 400, "{request}");
+        assert_eq!(
+            http_status(server.ws_addr, &request).await,
+            400,
+            "{request}"
+        );
     }
     assert_eq!(http_status(server.admin, &get("/healthz")).await, 200);
     assert_eq!(http_status(server.admin, &get("/readyz")).await, 200);

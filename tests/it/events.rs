@@ -841,3 +841,33 @@ async fn event_stream_bad_input_is_refused_with_invalid_argument() {
     let status = member.ended().await.expect_err("ended with a status");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 }
+
+/// control.proto: `joined` is the first response, once, even when the backend half-closes
+/// right after its join (the stream then ends OK with nothing else). The race between the
+/// half-close and the first read showed up a few times in a thousand streams against the
+/// release binary; `grpc::events`'s unit test makes it happen every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joined_comes_first_even_when_the_join_is_all_the_backend_sends() {
+    let server = TestServer::start(&[]).await;
+    let mut grpc = server.grpc().await;
+    for i in 0..500 {
+        let join = join_request("half", &[EventKind::Connect], 0, &[]);
+        let mut responses = grpc
+            .events(tokio_stream::iter(vec![join]))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut seen = Vec::new();
+        while let Some(response) = tokio::time::timeout(PATIENCE, responses.message())
+            .await
+            .expect("the stream ends in time")
+            .unwrap()
+        {
+            seen.push(response.response);
+        }
+        assert!(
+            matches!(seen.as_slice(), [Some(Response::Joined(_))]),
+            "stream {i}: {seen:?}"
+        );
+    }
+}
