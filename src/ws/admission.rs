@@ -1,11 +1,14 @@
 //! Who may open a WebSocket: the node's connection limit, the per-address limits, and which
 //! address a connection comes from.
 //!
-//! `server` asks [`Admission::admit`] before each upgrade; the [`Ticket`] it gets travels
-//! with the session and gives the places back when dropped. Answers (docs/operations.md):
-//! 503 at `max_connections` or `max_connections_per_ip`, 429 past `connect_rate_per_ip`.
+//! `server` asks [`Admission::accept`] as soon as it accepts a socket, so that sockets still
+//! sending their upgrade headers hold places too; the [`Ticket`] it gets travels with the
+//! session and gives the places back when dropped. Answers (docs/operations.md): 503 at
+//! `max_connections` or `max_connections_per_ip`, 429 past `connect_rate_per_ip`.
 //! The address is the peer's, or, when the peer is one of `trusted_proxies`, the rightmost
-//! address of `X-Forwarded-For` that is not a trusted proxy itself.
+//! address of `X-Forwarded-For` that is not a trusted proxy itself: a proxied socket holds a
+//! place of the node's at accept, and its client's address is counted at the upgrade
+//! ([`Admission::forwarded`]), once the headers are read.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -104,9 +107,38 @@ impl Admission {
         self.open.load(Relaxed)
     }
 
+    fn trusted(&self, ip: &IpAddr) -> bool {
+        self.limits.trusted_proxies.iter().any(|n| n.contains(ip))
+    }
+
+    fn per_address(&self) -> bool {
+        self.limits.per_ip > 0 || self.limits.rate_per_ip > 0.0
+    }
+
+    /// A place for a socket just accepted from `peer`. A trusted proxy's socket takes only a
+    /// place of the node's: its client is known, and counted, at the upgrade.
+    pub fn accept(self: &Arc<Self>, peer: IpAddr, now: Instant) -> Result<Ticket, Refusal> {
+        if self.trusted(&peer) {
+            return self.node_place();
+        }
+        self.admit(peer, now)
+    }
+
+    /// Counts the client a trusted proxy forwarded against its address's limits; nothing to
+    /// do for a ticket that already has its address.
+    pub fn forwarded(&self, ticket: &mut Ticket, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
+        if ticket.ip.is_some() || !self.per_address() {
+            return Ok(());
+        }
+        let mut guard = self.addresses.lock().expect("admission lock");
+        self.address_place(&mut guard, ip, now)?;
+        ticket.ip = Some(ip);
+        Ok(())
+    }
+
     /// The client's address: the peer, or what trusted proxies say it forwarded.
     pub fn client_ip(&self, peer: IpAddr, forwarded_for: Option<&str>) -> IpAddr {
-        let trusted = |ip: &IpAddr| self.limits.trusted_proxies.iter().any(|n| n.contains(ip));
+        let trusted = |ip: &IpAddr| self.trusted(ip);
         if !trusted(&peer) {
             return peer;
         }
@@ -132,47 +164,27 @@ impl Admission {
     }
 
     /// Takes a place for a connection from `ip`, or says why not.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Ticket, Refusal> {
-        let per_address = self.limits.per_ip > 0 || self.limits.rate_per_ip > 0.0;
-        if per_address {
-            let mut guard = self.addresses.lock().expect("admission lock");
-            let addresses = &mut *guard;
-            if addresses.map.len() > SWEEP_ABOVE.max(2 * addresses.swept_at) {
-                // A bucket refills completely within a second: older idle entries are forgotten.
-                addresses.map.retain(|_, a| {
-                    a.open > 0 || now.duration_since(a.refilled) < std::time::Duration::from_secs(1)
-                });
-                addresses.swept_at = addresses.map.len();
-            }
-            let burst = self.limits.rate_per_ip.max(1.0);
-            let address = addresses.map.entry(ip).or_insert(Address {
-                open: 0,
-                tokens: burst,
-                refilled: now,
-            });
-            if self.limits.rate_per_ip > 0.0 {
-                let elapsed = now.duration_since(address.refilled).as_secs_f64();
-                address.tokens = (address.tokens + elapsed * self.limits.rate_per_ip).min(burst);
-                address.refilled = now;
-                if address.tokens < 1.0 {
-                    return Err(Refusal::RateLimited);
-                }
-                address.tokens -= 1.0;
-            }
-            if self.limits.per_ip > 0 && address.open >= self.limits.per_ip {
-                return Err(Refusal::AddressFull);
-            }
-            if self.open.load(Relaxed) >= self.limits.max_connections {
-                return Err(Refusal::NodeFull);
-            }
-            address.open += 1;
-            self.open.fetch_add(1, Relaxed);
-            return Ok(Ticket {
-                admission: self.clone(),
-                ip: Some(ip),
-            });
+    fn admit(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Ticket, Refusal> {
+        if !self.per_address() {
+            return self.node_place();
         }
-        // Without per-address limits, only the node's count: no lock.
+        let mut guard = self.addresses.lock().expect("admission lock");
+        let addresses = &mut *guard;
+        // The address's checks first (the rate counts refused attempts too), then the node's.
+        self.address_check(addresses, ip, now)?;
+        if self.open.load(Relaxed) >= self.limits.max_connections {
+            return Err(Refusal::NodeFull);
+        }
+        self.address_take(addresses, ip);
+        self.open.fetch_add(1, Relaxed);
+        Ok(Ticket {
+            admission: self.clone(),
+            ip: Some(ip),
+        })
+    }
+
+    /// A place of the node's only: no lock.
+    fn node_place(self: &Arc<Self>) -> Result<Ticket, Refusal> {
         let taken = self
             .open
             .fetch_update(Relaxed, Relaxed, |n| {
@@ -187,68 +199,54 @@ impl Admission {
             ip: None,
         })
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
+    fn address_place(
+        &self,
+        addresses: &mut Addresses,
+        ip: IpAddr,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        self.address_check(addresses, ip, now)?;
+        self.address_take(addresses, ip);
+        Ok(())
+    }
 
-    fn limits() -> Limits {
-        Limits {
-            max_connections: 3,
-            per_ip: 2,
-            rate_per_ip: 0.0,
-            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+    /// The address's rate (taking a token) and its count of open connections.
+    fn address_check(
+        &self,
+        addresses: &mut Addresses,
+        ip: IpAddr,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        if addresses.map.len() > SWEEP_ABOVE.max(2 * addresses.swept_at) {
+            // A bucket refills completely within a second: older idle entries are forgotten.
+            addresses.map.retain(|_, a| {
+                a.open > 0 || now.duration_since(a.refilled) < std::time::Duration::from_secs(1)
+            });
+            addresses.swept_at = addresses.map.len();
         }
-    }
-
-    #[test]
-    fn node_and_address_limits_give_places_back() {
-        let a = Admission::new(limits());
-        let t = Instant::now();
-        let (x, y): (IpAddr, IpAddr) = ("1.1.1.1".parse().unwrap(), "2.2.2.2".parse().unwrap());
-        let first = a.admit(x, t).unwrap();
-        let _second = a.admit(x, t).unwrap();
-        assert_eq!(a.admit(x, t).err(), Some(Refusal::AddressFull));
-        let _third = a.admit(y, t).unwrap();
-        assert_eq!(a.admit(y, t).err(), Some(Refusal::NodeFull));
-        drop(first);
-        assert_eq!(a.open(), 2);
-        assert!(a.admit(x, t).is_ok());
-    }
-
-    #[test]
-    fn rate_per_address_refills() {
-        let a = Admission::new(Limits {
-            max_connections: 100,
-            per_ip: 0,
-            rate_per_ip: 2.0,
-            trusted_proxies: vec![],
+        let burst = self.limits.rate_per_ip.max(1.0);
+        let address = addresses.map.entry(ip).or_insert(Address {
+            open: 0,
+            tokens: burst,
+            refilled: now,
         });
-        let t = Instant::now();
-        let x: IpAddr = "1.1.1.1".parse().unwrap();
-        let tickets: Vec<_> = (0..2).map(|_| a.admit(x, t).unwrap()).collect();
-        assert_eq!(a.admit(x, t).err(), Some(Refusal::RateLimited));
-        assert!(a.admit(x, t + Duration::from_millis(500)).is_ok());
-        drop(tickets);
+        if self.limits.rate_per_ip > 0.0 {
+            let elapsed = now.duration_since(address.refilled).as_secs_f64();
+            address.tokens = (address.tokens + elapsed * self.limits.rate_per_ip).min(burst);
+            address.refilled = now;
+            if address.tokens < 1.0 {
+                return Err(Refusal::RateLimited);
+            }
+            address.tokens -= 1.0;
+        }
+        if self.limits.per_ip > 0 && address.open >= self.limits.per_ip {
+            return Err(Refusal::AddressFull);
+        }
+        Ok(())
     }
 
-    #[test]
-    fn forwarded_for_only_from_trusted_proxies() {
-        let a = Admission::new(limits());
-        let proxy: IpAddr = "10.1.2.3".parse().unwrap();
-        let stranger: IpAddr = "8.8.8.8".parse().unwrap();
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(a.client_ip(stranger, Some("1.2.3.4")), stranger);
-        assert_eq!(a.client_ip(proxy, Some("1.2.3.4")), ip("1.2.3.4"));
-        assert_eq!(
-            a.client_ip(proxy, Some("6.6.6.6, 1.2.3.4, 10.9.9.9")),
-            ip("1.2.3.4"),
-            "the rightmost untrusted hop; what the client wrote itself is not believed"
-        );
-        assert_eq!(a.client_ip(proxy, Some("1.2.3.4:5678")), ip("1.2.3.4"));
-        assert_eq!(a.client_ip(proxy, None), proxy);
-        assert_eq!(a.client_ip(proxy, Some("garbage")), proxy);
+    fn address_take(&self, addresses: &mut Addresses, ip: IpAddr) {
+        addresses.map.get_mut(&ip).expect("checked above").open += 1;
     }
 }

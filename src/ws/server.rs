@@ -26,7 +26,7 @@ use tracing::Instrument;
 
 use crate::node::Node;
 use crate::wire::{origin, SUBPROTOCOL};
-use crate::ws::admission::Admission;
+use crate::ws::admission::{Admission, Refusal, Ticket};
 use crate::ws::connection;
 
 /// Where connections' tasks are spawned and how they are stopped.
@@ -61,6 +61,20 @@ pub async fn serve(
                 }
             },
         };
+        // A place is taken now, not at the upgrade: a socket still sending its headers holds
+        // memory too (up to MAX_HEADER_BYTES), so it counts against the limits.
+        let ticket = match admission.accept(peer.ip(), Instant::now()) {
+            Ok(ticket) => ticket,
+            Err(refusal) => {
+                tracing::debug!(%peer, %refusal, "connection refused");
+                if tls.is_none() {
+                    tasks.tracker.spawn(refuse(stream, refusal));
+                }
+                // Over TLS no answer can be written before a handshake: the socket is closed.
+                continue;
+            }
+        };
+        let ticket = Arc::new(std::sync::Mutex::new(Some(ticket)));
         let _ = stream.set_nodelay(true);
         if node.config.socket_send_buffer > 0 {
             // A fixed size also turns the kernel's autotuning off for this socket: what a
@@ -80,11 +94,22 @@ pub async fn serve(
                     let node = node.clone();
                     let tasks = tasks_for_conn.clone();
                     let admission = admission.clone();
-                    async move { Ok::<_, Infallible>(handle(req, peer, node, &admission, tasks)) }
+                    let ticket = ticket.clone();
+                    async move {
+                        let upgrade = Upgrade {
+                            peer,
+                            admission: &admission,
+                            ticket: &ticket,
+                        };
+                        Ok::<_, Infallible>(handle(req, upgrade, node, tasks))
+                    }
                 });
+                // Bounded headers: more is answered 431. Every answer but the upgrade closes
+                // the connection (`plain`).
                 let http = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_read_timeout)
+                    .max_buf_size(MAX_HEADER_BYTES)
                     .clone();
                 let served = async move {
                     let result = match tls {
@@ -127,13 +152,24 @@ pub async fn serve(
     }
 }
 
+/// What an upgrade request is admitted with: the place its socket took when accepted.
+struct Upgrade<'a> {
+    peer: SocketAddr,
+    admission: &'a Admission,
+    ticket: &'a std::sync::Mutex<Option<Ticket>>,
+}
+
 fn handle(
     mut req: Request<Incoming>,
-    peer: SocketAddr,
+    upgrade: Upgrade<'_>,
     node: Node,
-    admission: &Arc<Admission>,
     tasks: Tasks,
 ) -> Response<Full<Bytes>> {
+    let Upgrade {
+        peer,
+        admission,
+        ticket,
+    } = upgrade;
     if req.uri().path() != node.config.ws_path {
         return plain(StatusCode::NOT_FOUND, "not found");
     }
@@ -160,18 +196,20 @@ fn handle(
         .collect();
     let forwarded_for = (!forwarded.is_empty()).then(|| forwarded.join(","));
     let ip = admission.client_ip(peer.ip(), forwarded_for.as_deref());
-    let ticket = match admission.admit(ip, Instant::now()) {
-        Ok(ticket) => ticket,
-        Err(refusal) => {
-            tracing::debug!(%ip, %refusal, "upgrade refused");
-            let status = StatusCode::from_u16(refusal.status()).expect("a valid status");
-            let mut response = plain(status, &refusal.to_string());
-            response
-                .headers_mut()
-                .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return response;
-        }
+    // The socket's place, taken when it was accepted; it goes with the session on upgrade.
+    let mut slot = ticket.lock().expect("ticket lock");
+    let Some(ticket) = slot.as_mut() else {
+        return plain(StatusCode::BAD_REQUEST, "one upgrade per connection");
     };
+    if let Err(refusal) = admission.forwarded(ticket, ip, Instant::now()) {
+        tracing::debug!(%ip, %refusal, "upgrade refused");
+        let status = StatusCode::from_u16(refusal.status()).expect("a valid status");
+        let mut response = plain(status, &refusal.to_string());
+        response
+            .headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    }
     let protocol = match offered_protocol(&req) {
         Ok(protocol) => protocol,
         Err(()) => {
@@ -188,6 +226,10 @@ fn handle(
         );
     }
     let token = req.uri().query().and_then(query_token);
+    let Some(ticket) = slot.take() else {
+        return plain(StatusCode::BAD_REQUEST, "one upgrade per connection");
+    };
+    drop(slot);
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(upgraded) => upgraded,
         Err(e) => {
@@ -217,6 +259,42 @@ fn handle(
         );
     }
     response
+}
+
+/// The most bytes of request head a connection may send (hyper's read buffer): an upgrade
+/// needs a few hundred, cookies included a few thousand.
+const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// How long a refused socket is read (and what it sends discarded) after its answer, so
+/// that closing it does not reset the connection before the client has read the answer.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// Answers a socket refused when accepted (the limits, before any byte is read) and closes it.
+async fn refuse(mut stream: tokio::net::TcpStream, refusal: Refusal) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let status = StatusCode::from_u16(refusal.status()).expect("a valid status");
+    let body = format!("{refusal}\n");
+    let answer = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\nretry-after: 1\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len(),
+    );
+    let linger = async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut read = 0;
+        while read < MAX_HEADER_BYTES {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, linger).await;
 }
 
 /// What RFC 6455 (section 4.2.1) requires of an opening handshake beyond the headers that
@@ -287,9 +365,14 @@ fn percent_decode(text: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// An answer other than the upgrade; the connection closes after it, so a socket never
+/// stays open (and holding a place) between requests.
 fn plain(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
     *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 

@@ -131,3 +131,66 @@ async fn headers_not_sent_within_header_read_timeout_close_the_socket() {
         "{text}"
     );
 }
+
+/// A socket still sending its upgrade headers holds a place like an upgraded one: sockets
+/// that never finish their headers cannot hold memory past max_connections. Past the limit,
+/// the 503 is written as soon as the connection is accepted.
+#[tokio::test]
+async fn sockets_before_their_upgrade_count_against_max_connections() {
+    let server =
+        TestServer::start(&[("max_connections", "3"), ("header_read_timeout", "60s")]).await;
+    let mut pending = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(server.ws_addr).await.unwrap();
+        stream
+            .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        pending.push(stream);
+    }
+    eventually("the pending sockets hold every place", || async {
+        upgrade(&server, "").await.0 == 503
+    })
+    .await;
+    // A socket that has not sent a byte is answered too.
+    let mut silent = TcpStream::connect(server.ws_addr).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, silent.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed at once")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with("the server is at max_connections\n"),
+        "{answer}"
+    );
+    pending.pop();
+    eventually("the place is given back", || async {
+        upgrade(&server, "").await.0 == 101
+    })
+    .await;
+}
+
+/// The upgrade's headers are bounded (32 KiB): more is refused with 431 at once, instead of
+/// being held until header_read_timeout.
+#[tokio::test]
+async fn headers_past_their_bound_are_refused_at_once() {
+    let server = TestServer::start(&[("header_read_timeout", "60s")]).await;
+    let mut stream = TcpStream::connect(server.ws_addr).await.unwrap();
+    let mut request = b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    request.resize(request.len() + 100_000, b'a');
+    // The server may stop reading (and reset the socket) once it has answered.
+    let _ = stream.write_all(&request).await;
+    let mut answer = vec![0u8; 64];
+    let n = tokio::time::timeout(PATIENCE, stream.read(&mut answer))
+        .await
+        .expect("answered at once, not at header_read_timeout")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+}
