@@ -127,6 +127,8 @@ pub struct Config {
     pub rpc_timeout: Duration,
     /// Rpcs one connection may have waiting at once.
     pub max_rpc_in_flight: usize,
+    /// Connections the control API (gRPC) holds at once; past it, new ones are closed.
+    pub max_control_connections: usize,
     pub log_format: LogFormat,
     /// The engine: `memory` (this node alone), or one or more `redis://` addresses
     /// separated by commas (channels spread over them by consistent hashing).
@@ -197,6 +199,7 @@ impl Default for Config {
             events_max_groups: 64,
             rpc_timeout: secs(5),
             max_rpc_in_flight: 16,
+            max_control_connections: 1024,
             log_format: LogFormat::Text,
             broker: "memory".into(),
             redis_timeout: secs(2),

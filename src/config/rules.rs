@@ -28,6 +28,7 @@ impl Config {
             ("events_window", self.events_window),
             ("events_max_groups", self.events_max_groups),
             ("max_rpc_in_flight", self.max_rpc_in_flight),
+            ("max_control_connections", self.max_control_connections),
             ("redis_pubsub_connections", self.redis_pubsub_connections),
         ] {
             if value == 0 {

@@ -5,10 +5,13 @@
 //! listener serves gRPC health checking (grpc.health.v1, open) and server reflection (v1 and
 //! v1alpha, behind the API key), so grpcurl, grpcui and health probes work without the proto.
 
+mod conn;
 mod counted;
 mod error;
 mod events;
 mod service;
+
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -89,11 +92,20 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("the build's descriptors are valid");
-    let mut builder = tonic::transport::Server::builder();
+    // Dead peers of established connections are found by HTTP/2 pings; silent new ones by
+    // `conn` (no call within header_read_timeout).
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
+    let limits = (
+        node.config.max_control_connections,
+        node.config.header_read_timeout,
+    );
     builder
+        .layer(conn::MarkLayer)
         .layer(counted::CountLayer {
             metrics: node.metrics.clone(),
         })
@@ -104,17 +116,27 @@ pub async fn serve(
             ControlService::new(node),
             check,
         ))
-        .serve_with_incoming_shutdown(accept(listener, stop.clone()), stop.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            accept(listener, limits, stop.clone()),
+            stop.cancelled_owned(),
+        )
         .await
 }
 
+/// How often an idle control connection is pinged, and how long the answer may take.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Accepts connections for tonic, backing off when accept fails (for example out of file
-/// descriptors) instead of spinning: tonic itself retries at once.
+/// descriptors) instead of spinning: tonic itself retries at once. Past
+/// `max_control_connections` a new connection is closed at once.
 fn accept(
     listener: TcpListener,
+    (max, first_call): (usize, Duration),
     stop: CancellationToken,
-) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<tokio::net::TcpStream>> {
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<conn::ControlConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let open = conn::Open::default();
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -122,9 +144,14 @@ fn accept(
                 accepted = listener.accept() => accepted,
             };
             match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    if tx.send(Ok(stream)).await.is_err() {
+                    let Some(conn) = conn::ControlConn::accept(stream, &open, max, first_call)
+                    else {
+                        tracing::warn!(%peer, "control connection refused: max_control_connections");
+                        continue;
+                    };
+                    if tx.send(Ok(conn)).await.is_err() {
                         return;
                     }
                 }

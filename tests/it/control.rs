@@ -427,3 +427,82 @@ async fn api_key_guards_every_call() {
         .insert("authorization", "Bearer k3y".parse().unwrap());
     assert!(grpc.info(right).await.is_ok());
 }
+
+/// Reads until the server closes the socket (bounded by PATIENCE): true when it did.
+async fn closed_by_the_server(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut sink = Vec::new();
+    tokio::time::timeout(crate::support::PATIENCE, stream.read_to_end(&mut sink))
+        .await
+        .is_ok()
+}
+
+/// The HTTP/2 client preface and an empty SETTINGS frame: a connection that says hello and
+/// then never calls.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+/// A control connection must make its first call within header_read_timeout: one that sends
+/// nothing, or only the HTTP/2 preface, is closed instead of holding a descriptor forever.
+/// One that calls stays open.
+#[tokio::test]
+async fn control_connections_that_never_call_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start(&[("header_read_timeout", "300ms")]).await;
+    let address = server.grpc_url.trim_start_matches("http://").to_string();
+    let mut silent = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let mut hello = tokio::net::TcpStream::connect(&address).await.unwrap();
+    hello.write_all(PREFACE).await.unwrap();
+    assert!(
+        closed_by_the_server(&mut silent).await,
+        "a silent connection is closed"
+    );
+    assert!(
+        closed_by_the_server(&mut hello).await,
+        "a preface-only connection is closed"
+    );
+    // A client that calls keeps its connection past the timeout: its event stream still
+    // receives.
+    let mut member = crate::events::Member::join(&server, "g", &[pb::EventKind::Connect], 0).await;
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let ann = server.user("ann", json!({})).await;
+    assert_eq!(member.next().await.client, ann.client_id);
+}
+
+/// At max_control_connections, a new connection is closed at once; a place frees when one
+/// closes.
+#[tokio::test]
+async fn control_connections_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start(&[
+        ("max_control_connections", "2"),
+        ("header_read_timeout", "60s"),
+    ])
+    .await;
+    let address = server.grpc_url.trim_start_matches("http://").to_string();
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        stream.write_all(PREFACE).await.unwrap();
+        idle.push(stream);
+    }
+    let mut third = tokio::net::TcpStream::connect(&address).await.unwrap();
+    assert!(
+        closed_by_the_server(&mut third).await,
+        "past the bound: closed"
+    );
+    idle.pop();
+    crate::support::eventually("a place frees", || async {
+        let channel = tonic::transport::Endpoint::from_shared(server.grpc_url.clone())
+            .unwrap()
+            .connect_lazy();
+        let mut grpc = pb::control_client::ControlClient::new(channel);
+        match grpc.info(pb::InfoRequest {}).await {
+            Ok(_) => true,
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                false
+            }
+        }
+    })
+    .await;
+}

@@ -115,6 +115,7 @@ async fn the_control_api_over_tls_requires_a_client_certificate() {
         ("grpc_tls_cert_file", &pki.file("server.pem")),
         ("grpc_tls_key_file", &pki.file("server.key")),
         ("grpc_tls_client_ca_file", &pki.file("ca.pem")),
+        ("header_read_timeout", "300ms"),
     ])
     .await;
     let url = server.grpc_url.replace("http://", "https://");
@@ -132,12 +133,48 @@ async fn the_control_api_over_tls_requires_a_client_certificate() {
         .connect()
         .await
         .expect("mTLS handshake");
-    let info = ControlClient::new(channel)
-        .info(InfoRequest {})
+    let mut grpc = ControlClient::new(channel);
+    let info = grpc.info(InfoRequest {}).await.unwrap().into_inner();
+    assert!(!info.node_id.is_empty());
+    // A connection that has called stays open past header_read_timeout (the first-call
+    // deadline): an event stream opened on it still receives.
+    let join = sidecast::pb::EventsRequest {
+        request: Some(sidecast::pb::events_request::Request::Join(
+            sidecast::pb::Join {
+                group: "tls".into(),
+                kinds: vec![sidecast::pb::EventKind::Connect as i32],
+                rpc_methods: vec![],
+                window: 0,
+            },
+        )),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(join).await.unwrap();
+    let mut events = grpc
+        .events(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
-    assert!(!info.node_id.is_empty());
+    async fn next(
+        events: &mut tonic::Streaming<sidecast::pb::EventsResponse>,
+    ) -> sidecast::pb::EventsResponse {
+        tokio::time::timeout(crate::support::PATIENCE, events.message())
+            .await
+            .expect("a response in time")
+            .expect("the stream is open")
+            .expect("a response")
+    }
+    next(&mut events).await; // joined
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let _ann = server.user("ann", serde_json::json!({})).await;
+    let event = next(&mut events).await;
+    assert!(
+        matches!(
+            event.response,
+            Some(sidecast::pb::events_response::Response::Event(_))
+        ),
+        "{event:?}"
+    );
     // Without one: no call gets through.
     let refused = match Channel::from_shared(url)
         .unwrap()
