@@ -71,6 +71,9 @@ struct Queue {
     close_taken: bool,
     /// [`Outbox::poll_drain`] told its caller the close frame is out (whoever wrote it).
     close_reported: bool,
+    /// The scheduled close answers the client's own Close: its code was received, whether
+    /// or not the answer gets written.
+    close_received: bool,
     /// The first queued frame was partly written.
     front_started: bool,
     /// Bytes went to a writer that buffers (TLS) since its last flush.
@@ -319,8 +322,23 @@ impl Outbox {
         true
     }
 
-    /// What ended the connection: the close scheduled first (by the server, or the client's
-    /// echoed), else 1006 (it ended without a close: the socket was lost).
+    /// Schedules the answer to the client's Close (its code echoed): like
+    /// [`Outbox::schedule_close`], but the code counts as received even if the answer is
+    /// never written.
+    pub fn schedule_answer(&self, close: Close) -> bool {
+        let mut state = self.state.lock().expect("outbox lock");
+        if state.close.is_some() {
+            return false;
+        }
+        state.close = Some(close);
+        state.close_received = true;
+        drop(state);
+        self.wake();
+        true
+    }
+
+    /// What ended the connection: the close sent or received (the client's, echoed), else
+    /// 1006 (it ended without a close: the socket was lost, or a close could not be written).
     pub fn ended(&self) -> Close {
         self.state
             .lock()
@@ -331,10 +349,11 @@ impl Outbox {
     }
 
     /// Records why a connection is dropped without a close frame (a write failed or timed
-    /// out), unless a close was scheduled already. Nothing is sent after this.
+    /// out, the peer went away), unless a close was already written or received: a close
+    /// scheduled but never written is not what the client saw. Nothing is sent after this.
     pub fn lost(&self, reason: &str) {
         let mut state = self.state.lock().expect("outbox lock");
-        if state.close.is_none() {
+        if !(state.close_reported || state.close_received) {
             state.close = Some(Close::new(close::ABNORMAL, reason));
             state.close_taken = true;
             state.close_reported = true;

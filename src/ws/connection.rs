@@ -199,6 +199,7 @@ impl<F: Fill, W: AsyncWrite + Unpin> Connection<F, W> {
                 biased;
                 _ = &mut killed => {
                     was_killed = true;
+                    outbox.lost("dropped at shutdown_timeout");
                     break;
                 }
                 _ = &mut shutdown, if !shutting_down => {
@@ -277,7 +278,7 @@ impl<F: Fill, W: AsyncWrite + Unpin> Connection<F, W> {
                 // Echo the client's code (§5.5.1); ignored when ours was sent first.
                 let reason = frame.payload.get(2..).unwrap_or_default();
                 let reason = String::from_utf8_lossy(reason);
-                outbox.schedule_close(Close::new(code, reason));
+                outbox.schedule_answer(Close::new(code, reason));
                 return false;
             }
             OpCode::Ping => {

@@ -195,6 +195,48 @@ async fn a_write_that_does_not_finish_drops_the_socket() {
     drop(stuck); // held open until then: the write timeout, not a close, ended it
 }
 
+/// The slow consumer's 4004 is scheduled, but the socket never takes it: the write timeout
+/// drops the socket without a Close, and that is what the disconnect event and the metric
+/// report (1006 "write timed out"), not a close the client never saw.
+#[tokio::test]
+async fn a_close_that_could_not_be_written_is_reported_as_1006() {
+    let server = TestServer::start(&[
+        ("max_queue_bytes", "262144"),
+        ("max_publication_size", "65536"),
+        ("write_timeout", "300ms"),
+    ])
+    .await;
+    let mut ends =
+        crate::events::Member::join(&server, "ends", &[pb::EventKind::Disconnect], 0).await;
+    let stuck = stuck_behind_200_publications(&server).await;
+    let event = ends.next().await;
+    let Some(pb::event::Kind::Disconnect(ended)) = event.kind else {
+        panic!("{event:?}");
+    };
+    assert_eq!(
+        (ended.code, ended.reason.as_str()),
+        (1006, "write timed out")
+    );
+    let (_, metrics) = crate::support::http_get(server.admin, "/metrics").await;
+    let count = |code: &str| {
+        crate::support::sample(
+            &metrics,
+            &format!("sidecast_disconnects_total{{code=\"{code}\"}}"),
+        )
+    };
+    assert_eq!(
+        (count("1006"), count("4004")),
+        (Some(1.0), None),
+        "{metrics}"
+    );
+    assert_eq!(
+        crate::support::sample(&metrics, "sidecast_slow_consumer_closes_total"),
+        Some(1.0),
+        "still counted as a slow consumer"
+    );
+    drop(stuck);
+}
+
 /// A subscriber that never reads, and 200 publications of 60 KB to it: most of them wait in
 /// its queue.
 async fn stuck_behind_200_publications(server: &TestServer) -> Client {
