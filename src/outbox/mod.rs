@@ -354,6 +354,13 @@ impl Outbox {
     pub fn lost(&self, reason: &str) {
         let mut state = self.state.lock().expect("outbox lock");
         if !(state.close_reported || state.close_received) {
+            let reason = match &state.close {
+                // Said, so that the event still tells why the server was closing it.
+                Some(unsent) => {
+                    format!("{reason} before its close {} could be written", unsent.code)
+                }
+                None => reason.to_string(),
+            };
             state.close = Some(Close::new(close::ABNORMAL, reason));
             state.close_taken = true;
             state.close_reported = true;

@@ -99,12 +99,13 @@ async fn http_answers_before_the_upgrade() {
     assert_eq!(http_status(server.admin, &get("/readyz")).await, 200);
 }
 
+/// A refused token gets its close and nothing before it (no `connected`).
 async fn refused(server: &TestServer, token: &str) -> (u16, String) {
     let mut client = Client::open(&server.ws_url).await;
     client
         .send(json!({"id": 1, "op": "connect", "token": token}))
         .await;
-    client.closed().await
+    client.only_close().await
 }
 
 fn b64(bytes: &[u8]) -> String {

@@ -197,7 +197,7 @@ async fn a_write_that_does_not_finish_drops_the_socket() {
 
 /// The slow consumer's 4004 is scheduled, but the socket never takes it: the write timeout
 /// drops the socket without a Close, and that is what the disconnect event and the metric
-/// report (1006 "write timed out"), not a close the client never saw.
+/// report (1006 "write timed out …"), not a close the client never saw.
 #[tokio::test]
 async fn a_close_that_could_not_be_written_is_reported_as_1006() {
     let server = TestServer::start(&[
@@ -215,7 +215,10 @@ async fn a_close_that_could_not_be_written_is_reported_as_1006() {
     };
     assert_eq!(
         (ended.code, ended.reason.as_str()),
-        (1006, "write timed out")
+        (
+            1006,
+            "write timed out before its close 4004 could be written"
+        )
     );
     let (_, metrics) = crate::support::http_get(server.admin, "/metrics").await;
     let count = |code: &str| {
@@ -276,6 +279,62 @@ async fn publications_until_a_stalled_client_overflows(socket_send_buffer: &str)
         let (_, metrics) = crate::support::http_get(server.admin, "/metrics").await;
         if crate::support::sample(&metrics, "sidecast_slow_consumer_closes_total") == Some(1.0) {
             return n;
+        }
+    }
+    panic!("400 publications of 16 KB and the stalled client has not overflowed");
+}
+
+/// The queue's bound is max_queue_bytes, to the frame: what was pushed to a client that
+/// never reads, less what its socket took (both read from /metrics), fits the bound before
+/// the last publication and exceeds it with that one. A bound twice as large fails this.
+#[tokio::test]
+async fn the_queue_overflows_exactly_past_max_queue_bytes() {
+    const MAX: f64 = 65536.0;
+    let server = TestServer::start(&[
+        ("max_queue_bytes", "65536"),
+        ("max_publication_size", "16384"),
+        ("socket_send_buffer", "16384"),
+    ])
+    .await;
+    let mut grpc = server.grpc().await;
+    let mut stalled = server
+        .user_small_buffer("stalled", json!({"channels": ["feed"]}))
+        .await;
+    stalled.subscribe(2, "feed").await;
+    let metric = |name: &'static str| async move {
+        let (_, metrics) = crate::support::http_get(server.admin, "/metrics").await;
+        crate::support::sample(&metrics, name).unwrap_or(0.0)
+    };
+    let before = metric("sidecast_bytes_sent_total").await;
+    let data = format!("\"{}\"", "s".repeat(16_000));
+    // The first publication goes to an empty socket, whole: its size on the wire.
+    grpc.publish(crate::support::publish("feed", &data))
+        .await
+        .unwrap();
+    let frame = metric("sidecast_bytes_sent_total").await - before;
+    assert!(
+        frame > 16_000.0,
+        "the first frame was written at once: {frame}"
+    );
+    let mut pushed = frame;
+    for _ in 2..=400 {
+        grpc.publish(crate::support::publish("feed", &data))
+            .await
+            .unwrap();
+        pushed += frame;
+        if metric("sidecast_slow_consumer_closes_total").await == 1.0 {
+            // The socket is full and its reader stalled: nothing more was written since.
+            let written = metric("sidecast_bytes_sent_total").await - before;
+            let queued_before = pushed - frame - written;
+            assert!(
+                queued_before <= MAX,
+                "{queued_before} bytes were queued before the last push"
+            );
+            assert!(
+                queued_before + frame > MAX,
+                "the last push fitted ({queued_before} + {frame} bytes) yet overflowed"
+            );
+            return;
         }
     }
     panic!("400 publications of 16 KB and the stalled client has not overflowed");

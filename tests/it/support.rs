@@ -256,10 +256,12 @@ impl Client {
             .await
     }
 
-    /// Reads until the server's Close, skipping messages; returns (code, reason).
+    /// Reads until the server's Close, skipping messages; returns (code, reason). The whole
+    /// wait is bounded: messages that keep coming (pings) cannot keep it waiting.
     pub async fn closed(&mut self) -> (u16, String) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
-            let next = tokio::time::timeout(PATIENCE, self.ws.next())
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
                 .expect("a close in time");
             match next {
@@ -274,14 +276,30 @@ impl Client {
         }
     }
 
+    /// The server's Close, when nothing else comes before it (a refused connection must not
+    /// see `connected` first): (code, reason).
+    pub async fn only_close(&mut self) -> (u16, String) {
+        let next = tokio::time::timeout(PATIENCE, self.ws.next())
+            .await
+            .expect("a close in time");
+        match next {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                (u16::from(frame.code), frame.reason.to_string())
+            }
+            Some(Ok(Message::Close(None))) => (1005, String::new()),
+            other => panic!("a close and nothing else was expected, got {other:?}"),
+        }
+    }
+
     /// Counts the messages until the stream ends, and the close code if it ended with a
     /// Close frame (None: the TCP stream ended, or was reset, without one; any other error
     /// fails the test).
     pub async fn count_until_end(&mut self) -> (usize, Option<u16>) {
         use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
         let mut count = 0;
+        let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
-            let next = tokio::time::timeout(PATIENCE, self.ws.next())
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
                 .expect("the end in time");
             match next {
@@ -303,8 +321,9 @@ impl Client {
     /// Collects messages until the server's Close: (messages, close code).
     pub async fn drain_until_close(&mut self) -> (Vec<Value>, u16) {
         let mut messages = Vec::new();
+        let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
-            let next = tokio::time::timeout(PATIENCE, self.ws.next())
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
                 .expect("a close in time");
             match next {
@@ -362,8 +381,6 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
-/// Polls a condition of the node's state until it holds (state changes after a socket
-/// closes are not observable as an event from outside).
 /// The value of one sample in a /metrics text (`name` with its labels, exactly as exposed).
 pub fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -371,6 +388,8 @@ pub fn sample(text: &str, name: &str) -> Option<f64> {
         .map(|v| v.parse().unwrap())
 }
 
+/// Polls a condition of the node's state until it holds (state changes after a socket
+/// closes are not observable as an event from outside).
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
