@@ -287,6 +287,11 @@ fn strings(v: Option<serde_json::Value>, name: &'static str) -> Result<Vec<Strin
     }
 }
 
+/// The largest NumericDate accepted: 2^53 - 1, the largest integer every JSON reader (a
+/// JavaScript one included) represents exactly. Anything later is refused rather than read
+/// approximately.
+const MAX_NUMERIC_DATE: u64 = (1 << 53) - 1;
+
 fn numeric_date(
     v: Option<serde_json::Value>,
     name: &'static str,
@@ -296,6 +301,7 @@ fn numeric_date(
         Some(serde_json::Value::Number(n)) => n
             .as_u64()
             .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+            .filter(|seconds| *seconds <= MAX_NUMERIC_DATE)
             .map(Some)
             .ok_or(AuthError::InvalidClaim(name)),
         Some(_) => Err(AuthError::InvalidClaim(name)),

@@ -65,6 +65,7 @@ impl Node {
         Node::check_channel(channel)?;
         let data = data.get().as_bytes();
         self.data_size(data.len())?;
+        crate::wire::json::check_depth(data).map_err(NodeError::Json)?;
         let allowed = granted(&conn.claims.publish, channel)
             || (self.config.channel_options(channel).allow_client_publish
                 && self.hub.is_subscribed(conn.id, channel));

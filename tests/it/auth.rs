@@ -183,6 +183,8 @@ async fn claims_of_the_wrong_type_name_the_claim() {
         (json!({"sub": {}, "exp": exp}), "sub"),
         (json!({"sub": 7, "exp": exp}), "sub"),
         (json!({"sub": "a", "exp": "soon"}), "exp"),
+        (json!({"sub": "a", "exp": 1u64 << 53}), "exp"),
+        (json!({"sub": "a", "exp": 1e300}), "exp"),
         (json!({"sub": "a", "exp": exp, "nbf": [1]}), "nbf"),
         (json!({"sub": "a", "exp": exp, "info": "x"}), "info"),
         (json!({"sub": "a", "exp": exp, "meta": [1]}), "meta"),

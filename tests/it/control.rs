@@ -329,6 +329,10 @@ async fn invalid_arguments_say_what_is_wrong() {
             publish("ok", &format!("\"{}\"", "x".repeat(2000))),
             "max_publication_size",
         ),
+        (
+            publish("ok", &format!("{}{}", "[".repeat(65), "]".repeat(65))),
+            "deeper than 64 levels",
+        ),
     ];
     // Bytes that are not UTF-8 inside a JSON string: a text frame must never carry them.
     let not_utf8 = pb::PublishRequest {

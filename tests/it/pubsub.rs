@@ -169,6 +169,47 @@ async fn client_publish_needs_a_grant_or_the_namespace() {
     assert_eq!(no_data["error"]["code"], "bad_request");
 }
 
+/// Data nested deeper than 64 levels is refused and named (receivers' parsers recurse);
+/// 64 levels pass.
+#[tokio::test]
+async fn data_nested_too_deep_is_refused() {
+    let server = TestServer::start_with_file(
+        Some("[namespaces.chat]\nallow_client_publish = true\npublic = true\n"),
+        &[],
+    )
+    .await;
+    let mut writer = server.user("w", json!({})).await;
+    writer.subscribe(2, "chat:1").await;
+    let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+    let frame = |id: u64, data: &str| {
+        format!(r#"{{"id":{id},"op":"publish","channel":"chat:1","data":{data}}}"#)
+    };
+    writer
+        .send_raw(tokio_tungstenite::tungstenite::Message::text(frame(
+            9,
+            &nested(65),
+        )))
+        .await;
+    let deep = writer.recv().await;
+    assert_eq!(deep["id"], 9, "{deep}");
+    assert_eq!(deep["error"]["code"], "bad_request", "{deep}");
+    assert!(
+        deep["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("64 levels"),
+        "{deep}"
+    );
+    writer
+        .send_raw(tokio_tungstenite::tungstenite::Message::text(frame(
+            10,
+            &nested(64),
+        )))
+        .await;
+    let ok = writer.request(json!({"id": 11, "op": "ping"})).await;
+    assert_eq!(ok["id"], 11);
+}
+
 #[tokio::test]
 async fn concurrent_publishers_give_every_subscriber_the_same_order() {
     const PUBLISHERS: u64 = 4;
