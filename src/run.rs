@@ -144,7 +144,10 @@ pub async fn run(
             failure = Some(RunError::Control(message));
         }
     }
-    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+    // The last part of shutdown_timeout is kept for the event streams' ends (their status)
+    // to be written: the process must not exit with them in flight.
+    let grace = final_grace(config.shutdown_timeout);
+    let deadline = tokio::time::Instant::now() + config.shutdown_timeout - grace;
     tracing::info!("draining");
     health.set_draining();
     grpc_health.set_draining().await;
@@ -171,10 +174,7 @@ pub async fn run(
     sweep_stop.cancel();
     admin_stop.cancel();
     servers.close();
-    if tokio::time::timeout_at(deadline, servers.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, servers.wait()).await.is_err() {
         tracing::warn!("control calls still running at shutdown_timeout");
     }
     tracing::info!("stopped");
@@ -223,6 +223,12 @@ async fn every(period: std::time::Duration, stop: CancellationToken, task: impl 
 
 /// How often expired history positions and idempotency keys are swept.
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The end of shutdown_timeout kept for the event streams' last status to be written: a
+/// tenth of it, at most a second.
+fn final_grace(shutdown_timeout: std::time::Duration) -> std::time::Duration {
+    (shutdown_timeout / 10).min(std::time::Duration::from_secs(1))
+}
 
 /// How often event members are checked for events_ack_timeout.
 const EVENTS_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);

@@ -298,3 +298,95 @@ fn config_check_and_print() {
     let (code, stderr) = run_bin(&["config", "check", again.to_str().unwrap()], &[]);
     assert_eq!(code, 0, "{stderr}");
 }
+
+/// At shutdown_timeout a member that never acknowledges gets the documented end of its
+/// stream (UNAVAILABLE "the server is shutting down"), never a stream cut by the process
+/// exiting (which clients report as "Stream removed" or a transport error). The race showed
+/// in about one stop in three; three stops here.
+#[tokio::test]
+async fn an_unacknowledging_member_gets_its_shutdown_status() {
+    use sidecast::pb;
+    for round in 0..3 {
+        let (ws, grpc, admin) = (free_port(), free_port(), free_port());
+        let child = Command::new(BIN)
+            .args(["--ws-addr", &format!("127.0.0.1:{ws}")])
+            .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+            .args([
+                "--set",
+                &format!("token_hmac_secret={}", crate::support::SECRET),
+            ])
+            .args([
+                "--set",
+                "shutdown_timeout=1s",
+                "--set",
+                "drain_window=100ms",
+            ])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut child = KillOnDrop(Some(child));
+        let pid = child.0.as_ref().unwrap().id();
+        let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+        eventually("the binary serves /readyz", || async move {
+            tokio::net::TcpStream::connect(admin_addr).await.is_ok()
+        })
+        .await;
+        let mut control =
+            pb::control_client::ControlClient::connect(format!("http://127.0.0.1:{grpc}"))
+                .await
+                .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(pb::EventsRequest {
+            request: Some(pb::events_request::Request::Join(pb::Join {
+                group: "slow".into(),
+                kinds: vec![pb::EventKind::Connect as i32],
+                rpc_methods: vec![],
+                window: 0,
+            })),
+        })
+        .await
+        .unwrap();
+        let mut events = control
+            .events(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        next(&mut events).await.unwrap(); // joined
+        let token = crate::support::token("ann", json!({}));
+        let client = Client::open(&format!("ws://127.0.0.1:{ws}/ws?token={token}")).await;
+        // The connect event arrives and is never acknowledged.
+        next(&mut events).await.unwrap().expect("the connect event");
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        let end = loop {
+            match next(&mut events).await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        };
+        let status = end.expect_err("the stream ends with a status");
+        assert_eq!(
+            (status.code(), status.message()),
+            (tonic::Code::Unavailable, "the server is shutting down"),
+            "round {round}: {status:?}"
+        );
+        drop(client);
+        let child = child.0.take().unwrap();
+        let exited = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+            .await
+            .unwrap();
+        assert!(exited.status.success(), "{exited:?}");
+    }
+}
+
+async fn next(
+    events: &mut tonic::Streaming<sidecast::pb::EventsResponse>,
+) -> Result<Option<sidecast::pb::EventsResponse>, tonic::Status> {
+    tokio::time::timeout(crate::support::PATIENCE, events.message())
+        .await
+        .expect("the stream answers in time")
+}
