@@ -55,7 +55,7 @@
 
 #[cfg(test)]
 mod conformance;
-mod history;
+pub mod history;
 mod memory;
 mod redis;
 

@@ -133,6 +133,11 @@ async fn every_refusal_closes_with_its_code() {
         refused(&server, &sign_hs256(&json!({"exp": now() + 60}), SECRET)).await,
         (4001, "missing sub claim".into())
     );
+    let later = json!({"sub": "a", "exp": now() + 120, "nbf": now() + 60});
+    assert_eq!(
+        refused(&server, &sign_hs256(&later, SECRET)).await,
+        (4001, "token not yet valid".into())
+    );
     assert_eq!(
         refused(&server, &sign_hs256(&json!({"sub": "a"}), SECRET)).await,
         (4001, "missing exp claim".into())
