@@ -42,19 +42,23 @@ fn smoke_with(args: &[String], smoke_args: &[&str]) -> String {
     stdout
 }
 
-#[tokio::test]
-async fn generator_smoke_against_sidecast() {
-    let server = TestServer::start(&[]).await;
-    let args = vec![
+/// The generator's options that point it at `server`.
+fn to(server: &TestServer) -> Vec<String> {
+    vec![
         "--ws".to_string(),
         server.ws_addr.to_string(),
         "--grpc".into(),
         server.grpc_url.clone(),
         "--secret".into(),
         SECRET.into(),
-        "--metrics".into(),
-        server.admin.to_string(),
-    ];
+    ]
+}
+
+#[tokio::test]
+async fn generator_smoke_against_sidecast() {
+    let server = TestServer::start(&[]).await;
+    let mut args = to(&server);
+    args.extend(["--metrics".into(), server.admin.to_string()]);
     let out = tokio::task::spawn_blocking(move || smoke(&args))
         .await
         .unwrap();
@@ -70,16 +74,8 @@ async fn generator_smoke_against_sidecast() {
 #[tokio::test]
 async fn generator_smoke_over_several_processes() {
     let server = TestServer::start(&[]).await;
-    let args = vec![
-        "--ws".to_string(),
-        server.ws_addr.to_string(),
-        "--grpc".into(),
-        server.grpc_url.clone(),
-        "--secret".into(),
-        SECRET.into(),
-        "--processes".into(),
-        "3".into(),
-    ];
+    let mut args = to(&server);
+    args.extend(["--processes".into(), "3".into()]);
     let out = tokio::task::spawn_blocking(move || smoke_with(&args, &["--connections", "61"]))
         .await
         .unwrap();
