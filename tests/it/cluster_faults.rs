@@ -10,61 +10,40 @@ use sidecast::testkit::RedisServer;
 
 use crate::events::{disconnect, kind, Member};
 use crate::support::{
-    eventually, free_port, http_get, present_users, publish, token, Client, KillOnDrop, TestServer,
-    PATIENCE,
+    eventually, free_port, http_get, present_users, publish, token, Client, KillOnDrop, Netns,
+    TestServer, PATIENCE,
 };
 
 /// `room:` keeps history, presence and join/leave; `lobby:` only announces join/leave.
 const ROOMS: &str = "[namespaces.room]\nhistory_size = 1000\nhistory_ttl = \"5m\"\npresence = true\njoin_leave = true\n[namespaces.lobby]\njoin_leave = true\n";
 
-/// `ip` with arguments; panics on failure (the tests run as root, as on CI).
-fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().expect("iproute2");
-    assert!(status.success(), "ip {args:?}");
-}
-
-/// A redis-server in a network namespace of its own, reached through a veth pair whose far
-/// end can be taken down: packets then vanish without an error or a reset.
+/// A redis-server in a network namespace of its own, reached through a veth link that can
+/// be taken down: packets then vanish without an error or a reset.
 struct PartitionedRedis {
-    ns: String,
-    near: String,
-    far: String,
+    net: Netns,
     child: Child,
     url: String,
 }
 
 impl PartitionedRedis {
     fn start() -> PartitionedRedis {
-        let id = std::process::id();
-        let (ns, near, far) = (format!("scp{id}"), format!("scp{id}a"), format!("scp{id}b"));
-        let net = format!("10.{}.{}", 64 + (id >> 8) % 64, id % 256);
-        ip(&["netns", "add", &ns]);
-        ip(&["link", "add", &near, "type", "veth", "peer", "name", &far]);
-        ip(&["link", "set", &far, "netns", &ns]);
-        ip(&["addr", "add", &format!("{net}.1/30"), "dev", &near]);
-        ip(&["link", "set", &near, "up"]);
-        ip(&[
-            "netns",
-            "exec",
-            &ns,
-            "ip",
-            "addr",
-            "add",
-            &format!("{net}.2/30"),
-            "dev",
-            &far,
-        ]);
-        ip(&["netns", "exec", &ns, "ip", "link", "set", &far, "up"]);
-        ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"]);
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns, "redis-server", "--port", "6379"])
-            .args(["--bind", &format!("{net}.2"), "--protected-mode", "no"])
+        let net = Netns::new("scp");
+        let child = net
+            .exec("redis-server")
+            .args([
+                "--port",
+                "6379",
+                "--bind",
+                &net.far_ip,
+                "--protected-mode",
+                "no",
+            ])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server");
-        let url = format!("redis://{net}.2:6379");
+        let url = format!("redis://{}:6379", net.far_ip);
         let client = redis::Client::open(url.as_str()).unwrap();
         let deadline = std::time::Instant::now() + PATIENCE;
         while client
@@ -77,38 +56,18 @@ impl PartitionedRedis {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        PartitionedRedis {
-            ns,
-            near,
-            far,
-            child,
-            url,
-        }
+        PartitionedRedis { net, child, url }
     }
 
     fn link(&self, state: &str) {
-        ip(&[
-            "netns", "exec", &self.ns, "ip", "link", "set", &self.far, state,
-        ]);
+        self.net.link(state);
     }
 }
 
 impl Drop for PartitionedRedis {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "pids", &self.ns])
-            .output()
-            .map(|out| {
-                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
-                }
-            });
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.near])
-            .status();
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
     }
 }
 

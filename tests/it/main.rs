@@ -10,6 +10,7 @@ mod cluster;
 mod cluster_faults;
 mod control;
 mod events;
+mod faults;
 mod history;
 mod jose;
 mod limits;

@@ -2,6 +2,7 @@
 //! independent implementation) and the generated gRPC client.
 
 use std::net::SocketAddr;
+use std::process::Command;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -45,7 +46,13 @@ impl TestServer {
     }
 
     pub async fn start_config(config: Config) -> TestServer {
-        let ws = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestServer::start_config_on(config, "127.0.0.1").await
+    }
+
+    /// With the WebSocket listener on `ws_host` (an address of a veth link, say); the
+    /// other listeners stay on loopback.
+    pub async fn start_config_on(config: Config, ws_host: &str) -> TestServer {
+        let ws = TcpListener::bind((ws_host, 0)).await.unwrap();
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ws_addr = ws.local_addr().unwrap();
@@ -442,4 +449,90 @@ pub async fn present_users(
     let mut users: Vec<String> = presence.clients.into_iter().map(|c| c.user).collect();
     users.sort();
     users
+}
+
+/// `ip` with arguments; panics on failure (the tests run as root, as on CI).
+pub fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("iproute2");
+    assert!(status.success(), "ip {args:?}");
+}
+
+/// A network namespace joined to this one by a veth pair: this side has `near_ip`, the
+/// namespace `far_ip` (a /30 of 10.64.0.0/10 picked from the test process's id and `tag`).
+/// Taking the far end down makes packets vanish without an error or a reset, as on a
+/// half-open connection. Everything in the namespace is killed, and it is removed, on drop.
+pub struct Netns {
+    pub ns: String,
+    near: String,
+    far: String,
+    pub near_ip: String,
+    pub far_ip: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let id = std::process::id();
+        let (ns, near, far) = (
+            format!("{tag}{id}"),
+            format!("{tag}{id}a"),
+            format!("{tag}{id}b"),
+        );
+        // A /30 per (process, tag): tags differ in their last letter.
+        let slot = u32::from(tag.bytes().last().unwrap_or(0)) % 64;
+        let net = format!("10.{}.{}.{}", 64 + (id >> 8) % 64, id % 256, slot * 4);
+        let base: Vec<u32> = net.split('.').map(|p| p.parse().unwrap()).collect();
+        let addr = |last: u32| format!("{}.{}.{}.{}", base[0], base[1], base[2], base[3] + last);
+        let (near_ip, far_ip) = (addr(1), addr(2));
+        ip(&["netns", "add", &ns]);
+        ip(&["link", "add", &near, "type", "veth", "peer", "name", &far]);
+        ip(&["link", "set", &far, "netns", &ns]);
+        ip(&["addr", "add", &format!("{near_ip}/30"), "dev", &near]);
+        ip(&["link", "set", &near, "up"]);
+        let inside = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &ns, "ip"];
+            all.extend_from_slice(args);
+            ip(&all);
+        };
+        inside(&["addr", "add", &format!("{far_ip}/30"), "dev", &far]);
+        inside(&["link", "set", &far, "up"]);
+        inside(&["link", "set", "lo", "up"]);
+        Netns {
+            ns,
+            near,
+            far,
+            near_ip,
+            far_ip,
+        }
+    }
+
+    /// A command run inside the namespace.
+    pub fn exec(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.ns, program]);
+        command
+    }
+
+    /// Takes the namespace's end of the link `up` or `down`.
+    pub fn link(&self, state: &str) {
+        ip(&[
+            "netns", "exec", &self.ns, "ip", "link", "set", &self.far, state,
+        ]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.ns])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.near])
+            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
 }
