@@ -84,9 +84,9 @@ pub fn decode(text: &[u8]) -> Result<Request, ProtocolError> {
     };
     let op = fields
         .get("op")
-        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
+        .map(|raw| serde_json::from_str::<String>(raw.get()).ok());
     let Some(id) = id else {
-        return match op.as_deref() {
+        return match op.as_ref().and_then(|op| op.as_deref()) {
             Some("pong") => Ok(Request {
                 id: None,
                 command: Command::Pong,
@@ -103,7 +103,10 @@ pub fn decode(text: &[u8]) -> Result<Request, ProtocolError> {
         };
     };
     let bad = |message: String| ProtocolError::BadCommand { id, message };
-    let op = op.ok_or_else(|| bad("missing op".into()))?;
+    let op = match op {
+        None => return Err(bad("missing op".into())),
+        Some(op) => op.ok_or_else(|| bad("op must be a string".into()))?,
+    };
     let field = |name: &'static str| string_field(&fields, name).map_err(bad);
     let since = || {
         fields
@@ -272,6 +275,8 @@ mod tests {
         for (text, needle) in [
             (&br#"{"id":7,"op":"dance"}"#[..], "unknown op"),
             (br#"{"id":7}"#, "missing op"),
+            (br#"{"id":7,"op":5}"#, "op must be a string"),
+            (br#"{"id":7,"op":"a\udA4cb"}"#, "op must be a string"),
             (br#"{"id":7,"op":"subscribe"}"#, "missing channel"),
             (
                 br#"{"id":7,"op":"subscribe","channel":5}"#,
