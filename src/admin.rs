@@ -111,6 +111,9 @@ fn metrics(health: &Health, node: &Node) -> String {
         events_delivered: events.delivered,
         events_lost: events.lost,
         uptime_seconds: counts.uptime_seconds,
+        tasks: tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks(),
         ready: health.is_ready(),
         engine_ready: node.engine_ready(),
     })

@@ -114,6 +114,8 @@ pub struct Gauges {
     pub events_delivered: u64,
     pub events_lost: u64,
     pub uptime_seconds: u64,
+    /// Tokio tasks alive in the node's runtime (a leak shows here first).
+    pub tasks: usize,
     pub ready: bool,
     /// The engine serves (always for the memory engine; Redis reachable and carrying
     /// publications).
@@ -356,7 +358,7 @@ struct ScrapeGauges(Arc<Mutex<Gauges>>);
 impl Collector for ScrapeGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let g = *self.0.lock().expect("gauges lock");
-        let gauges: [(&str, &str, u64); 10] = [
+        let gauges: [(&str, &str, u64); 11] = [
             (
                 "sidecast_up",
                 "1 while the node accepts connections, 0 once it drains.",
@@ -371,6 +373,11 @@ impl Collector for ScrapeGauges {
                 "sidecast_uptime_seconds",
                 "Seconds since the node started.",
                 g.uptime_seconds,
+            ),
+            (
+                "sidecast_tasks",
+                "Tokio tasks alive in the node's runtime: one per connection, plus a fixed few.",
+                g.tasks as u64,
             ),
             (
                 "sidecast_connections",

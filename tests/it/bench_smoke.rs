@@ -8,7 +8,7 @@ use crate::support::{TestServer, SECRET};
 
 /// The generator is a package of its own (bench/generator), built beside this test's own
 /// binaries by scripts/test (`cargo build --locked -p sidecast-bench`).
-fn generator() -> PathBuf {
+pub fn generator() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
     let path = dir.join("sidecast-bench");

@@ -16,5 +16,6 @@ mod jose;
 mod limits;
 mod ops;
 mod pubsub;
+mod soak;
 mod support;
 mod tls;

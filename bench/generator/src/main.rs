@@ -17,6 +17,7 @@ mod probe;
 mod publisher;
 mod scenario;
 mod shard;
+mod soak;
 mod stats;
 mod writes;
 mod wsclient;
@@ -157,6 +158,34 @@ enum Scenario {
         #[arg(long, default_value_t = 1000)]
         pad: usize,
     },
+    /// Soak: a full fleet for a long time with reconnect churn and recovery, publications on
+    /// many channels with history and presence, heartbeats and an event group; samples the
+    /// server's memory, slab, files, threads and tasks (bench/soak runs it).
+    Soak {
+        #[arg(long, default_value_t = 19_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 3600.0)]
+        seconds: f64,
+        /// Reconnects per second, fleet-wide.
+        #[arg(long, default_value_t = 200.0)]
+        churn: f64,
+        /// Channels (`soak:N`, which need history and presence).
+        #[arg(long, default_value_t = 1000)]
+        channels: usize,
+        /// Publications per second, all channels together.
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 60.0)]
+        sample_every: f64,
+        /// Write the samples to this CSV file.
+        #[arg(long)]
+        csv: Option<std::path::PathBuf>,
+        /// Exit non-zero unless nothing was lost or duplicated and memory, files and tasks
+        /// stayed bounded.
+        #[arg(long)]
+        check: bool,
+    },
     /// A shard process of --processes (started by the main process, not by hand).
     #[command(hide = true)]
     Shard {
@@ -263,6 +292,28 @@ fn main() -> anyhow::Result<()> {
                 pad,
             } => scenario::s5(&ctx, subscribers, slow_percent, rate, seconds, pad).await,
             Scenario::S6 { rate, seconds } => events::s6(&ctx, rate, seconds).await,
+            Scenario::Soak {
+                connections,
+                seconds,
+                churn,
+                channels,
+                rate,
+                sample_every,
+                csv,
+                check,
+            } => {
+                let options = soak::Options {
+                    connections,
+                    seconds,
+                    churn,
+                    channels,
+                    rate,
+                    sample_every,
+                    csv,
+                    check,
+                };
+                soak::soak(&ctx, options).await
+            }
             Scenario::Shard { .. } => unreachable!("served above"),
         }
     })

@@ -136,8 +136,18 @@ impl WsConn {
     }
 
     pub async fn send_text(&mut self, payload: &[u8]) -> std::io::Result<()> {
+        self.send(0x81, payload).await
+    }
+
+    /// Sends a Close frame with `code` (the caller then drops the connection).
+    pub async fn send_close(&mut self, code: u16) -> std::io::Result<()> {
+        self.send(0x88, &code.to_be_bytes()).await
+    }
+
+    /// Sends one masked frame whose first byte is `head` (FIN and opcode).
+    async fn send(&mut self, head: u8, payload: &[u8]) -> std::io::Result<()> {
         let mut out = Vec::with_capacity(payload.len() + 14);
-        out.push(0x81);
+        out.push(head);
         match payload.len() {
             n if n < 126 => out.push(0x80 | n as u8),
             n if n < 65536 => {
