@@ -353,6 +353,9 @@ fn score(client: &str, member: MemberId) -> u64 {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -200,6 +200,9 @@ impl Drop for Flushing {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use std::task::{Context, Poll};
 
