@@ -48,9 +48,25 @@ async fn open(
     ),
     tonic::Status,
 > {
+    open_at(&server.grpc_url, first).await
+}
+
+/// [`open`] on the control API at `url`.
+async fn open_at(
+    url: &str,
+    first: pb::EventsRequest,
+) -> Result<
+    (
+        mpsc::Sender<pb::EventsRequest>,
+        tonic::Streaming<pb::EventsResponse>,
+    ),
+    tonic::Status,
+> {
     let (tx, rx) = mpsc::channel(64);
     tx.send(first).await.unwrap();
-    let mut grpc = server.grpc().await;
+    let mut grpc = pb::control_client::ControlClient::connect(url.to_string())
+        .await
+        .unwrap();
     let response = grpc.events(ReceiverStream::new(rx)).await?;
     Ok((tx, response.into_inner()))
 }
@@ -72,7 +88,18 @@ impl Member {
         window: u32,
         rpc: &[&str],
     ) -> Member {
-        let (tx, mut rx) = open(server, join_request(group, kinds, window, rpc))
+        Member::join_at(&server.grpc_url, group, kinds, window, rpc).await
+    }
+
+    /// A member through the control API at `url` (a node of another process).
+    pub async fn join_at(
+        url: &str,
+        group: &str,
+        kinds: &[EventKind],
+        window: u32,
+        rpc: &[&str],
+    ) -> Member {
+        let (tx, mut rx) = open_at(url, join_request(group, kinds, window, rpc))
             .await
             .expect("join accepted");
         let first = tokio::time::timeout(PATIENCE, rx.message())
@@ -99,6 +126,17 @@ impl Member {
         }
     }
 
+    /// The next event, or how the stream ended (Ok(None): cleanly).
+    pub async fn next_or_end(&mut self) -> Result<Option<pb::Event>, tonic::Status> {
+        let message = tokio::time::timeout(PATIENCE, self.rx.message())
+            .await
+            .expect("an event or the end in time")?;
+        Ok(message.map(|m| match m.response {
+            Some(Response::Event(event)) => event,
+            other => panic!("expected an event, got {other:?}"),
+        }))
+    }
+
     /// The next event, acknowledged.
     pub async fn next_acked(&mut self) -> pb::Event {
         let event = self.next().await;
@@ -108,17 +146,22 @@ impl Member {
         event
     }
 
-    async fn ack(&self, seqs: &[u64]) {
+    pub async fn ack(&self, seqs: &[u64]) {
+        assert!(self.try_ack(seqs).await, "the request stream is open");
+    }
+
+    /// Acknowledges; false when the request stream has already ended (the call is over).
+    pub async fn try_ack(&self, seqs: &[u64]) -> bool {
         let ack = pb::EventsRequest {
             request: Some(pb::events_request::Request::Ack(pb::Ack {
                 seqs: seqs.to_vec(),
             })),
         };
-        self.tx.send(ack).await.unwrap();
+        self.tx.send(ack).await.is_ok()
     }
 
     /// Waits for the stream to end; the status it ended with (Ok for a clean end).
-    async fn ended(&mut self) -> Result<(), tonic::Status> {
+    pub async fn ended(&mut self) -> Result<(), tonic::Status> {
         loop {
             let message = tokio::time::timeout(PATIENCE, self.rx.message())
                 .await

@@ -1,6 +1,7 @@
-//! Faults of a client's path caused for real: a client that vanishes without a FIN (its
-//! network link taken down, so nothing it sent or would send reaches the node, and nothing
-//! the node sends reaches it).
+//! Faults of a client's or a backend's path caused for real: a client that vanishes without
+//! a FIN (its network link taken down, so nothing it sent or would send reaches the node,
+//! and nothing the node sends reaches it), and a backend that opens its event stream and
+//! never reads it.
 
 use std::process::Stdio;
 
@@ -9,7 +10,7 @@ use sidecast::config::Config;
 use sidecast::pb::EventKind;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::events::{disconnect, Member};
+use crate::events::{disconnect, kind, Member};
 use crate::support::{token, KillOnDrop, Netns, TestServer, PATIENCE, SECRET};
 
 /// A WebSocket client in Python's standard library: upgrade, `connect` with the token in
@@ -93,4 +94,58 @@ async fn a_client_that_vanishes_without_a_fin_is_closed_by_the_heartbeat() {
         info.into_inner().connections == 0
     })
     .await;
+}
+
+/// A backend that opens its event stream and then never reads it holds back nobody: another
+/// group and the group's other member get every event, the silent member is dropped at
+/// `events_ack_timeout` (its stream, once read, ends ABORTED), and the events it held go
+/// to the other member, marked redelivered. The events carry 2 KB of `info` each, so what
+/// the silent member holds is more than HTTP/2's 64 KiB stream window: its stream is
+/// blocked at the transport, not only unread.
+#[tokio::test]
+async fn a_member_that_never_reads_its_stream_holds_back_nobody() {
+    const CLIENTS: usize = 150;
+    let server = TestServer::start(&[("events_ack_timeout", "1s")]).await;
+    let mut silent = Member::join(&server, "g", &[EventKind::Connect], 0).await;
+    let mut peer = Member::join(&server, "g", &[EventKind::Connect], 0).await;
+    let mut other = Member::join(&server, "h", &[EventKind::Connect], 0).await;
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let info = json!({"info": {"pad": "x".repeat(2000)}});
+        clients.push(server.user(&format!("u{i}"), info).await);
+    }
+    let ids: std::collections::BTreeSet<String> =
+        clients.iter().map(|c| c.client_id.clone()).collect();
+
+    let mut in_order = Vec::new();
+    for _ in 0..CLIENTS {
+        let event = other.next_acked().await;
+        assert_eq!(kind(&event), "connect");
+        in_order.push(event.seq);
+    }
+    assert_eq!(in_order, (1..=CLIENTS as u64).collect::<Vec<_>>());
+
+    let mut seen = std::collections::BTreeSet::new();
+    let mut redelivered = 0;
+    while seen.len() < CLIENTS {
+        let event = peer.next_acked().await;
+        redelivered += usize::from(event.redelivered);
+        seen.insert(event.client);
+    }
+    assert_eq!(seen, ids, "every client's connect, the silent member's too");
+    assert!(
+        redelivered * 2000 > 64 * 1024,
+        "the silent member held {redelivered}"
+    );
+
+    let mut read = 0;
+    let end = loop {
+        match silent.next_or_end().await {
+            Ok(Some(_)) => read += 1,
+            other => break other,
+        }
+    };
+    assert!(read <= redelivered, "{read} > {redelivered}");
+    let status = end.expect_err("dropped with a status");
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
 }

@@ -17,5 +17,6 @@ mod limits;
 mod ops;
 mod pubsub;
 mod soak;
+mod stops;
 mod support;
 mod tls;
