@@ -129,6 +129,12 @@ pub struct Config {
     pub max_rpc_in_flight: usize,
     /// Connections the control API (gRPC) holds at once; past it, new ones are closed.
     pub max_control_connections: usize,
+    /// How often the control API pings each connection (HTTP/2 PING), and how long the
+    /// answer may take before the connection is closed: how a dead backend is found.
+    #[serde(with = "duration")]
+    pub grpc_keepalive_interval: Duration,
+    #[serde(with = "duration")]
+    pub grpc_keepalive_timeout: Duration,
     pub log_format: LogFormat,
     /// The engine: `memory` (this node alone), or one or more `redis://` addresses
     /// separated by commas (channels spread over them by consistent hashing).
@@ -200,6 +206,8 @@ impl Default for Config {
             rpc_timeout: secs(5),
             max_rpc_in_flight: 16,
             max_control_connections: 1024,
+            grpc_keepalive_interval: secs(30),
+            grpc_keepalive_timeout: secs(10),
             log_format: LogFormat::Text,
             broker: "memory".into(),
             redis_timeout: secs(2),

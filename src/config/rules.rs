@@ -44,6 +44,8 @@ impl Config {
             ("events_ack_timeout", self.events_ack_timeout),
             ("rpc_timeout", self.rpc_timeout),
             ("header_read_timeout", self.header_read_timeout),
+            ("grpc_keepalive_interval", self.grpc_keepalive_interval),
+            ("grpc_keepalive_timeout", self.grpc_keepalive_timeout),
             ("redis_timeout", self.redis_timeout),
             ("redis_presence_ttl", self.redis_presence_ttl),
         ] {

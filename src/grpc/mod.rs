@@ -95,8 +95,8 @@ pub async fn serve(
     // Dead peers of established connections are found by HTTP/2 pings; silent new ones by
     // `conn` (no call within header_read_timeout).
     let mut builder = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+        .http2_keepalive_interval(Some(node.config.grpc_keepalive_interval))
+        .http2_keepalive_timeout(Some(node.config.grpc_keepalive_timeout));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
@@ -122,10 +122,6 @@ pub async fn serve(
         )
         .await
 }
-
-/// How often an idle control connection is pinged, and how long the answer may take.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts connections for tonic, backing off when accept fails (for example out of file
 /// descriptors) instead of spinning: tonic itself retries at once. Past

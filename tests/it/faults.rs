@@ -1,7 +1,7 @@
 //! Faults of a client's or a backend's path caused for real: a client that vanishes without
 //! a FIN (its network link taken down, so nothing it sent or would send reaches the node,
-//! and nothing the node sends reaches it), and a backend that opens its event stream and
-//! never reads it.
+//! and nothing the node sends reaches it), a backend that vanishes the same way, and a
+//! backend that opens its event stream and never reads it.
 
 use std::process::Stdio;
 
@@ -94,6 +94,103 @@ async fn a_client_that_vanishes_without_a_fin_is_closed_by_the_heartbeat() {
         info.into_inner().connections == 0
     })
     .await;
+}
+
+/// A backend's event stream in Python's grpcio, without generated stubs: argv[2] is the
+/// encoded EventsRequest (a join), sent as raw bytes; prints "joined" at the first
+/// response, then "event" at each one, and never acknowledges or half-closes.
+const MEMBER: &str = r#"
+import sys, threading, grpc
+channel = grpc.insecure_channel(sys.argv[1])
+events = channel.stream_stream("/sidecast.v1.Control/Events",
+    request_serializer=lambda b: b, response_deserializer=lambda b: b)
+def requests():
+    yield bytes.fromhex(sys.argv[2])
+    threading.Event().wait()
+responses = events(requests())
+next(responses)
+print("joined", flush=True)
+for _ in responses:
+    print("event", flush=True)
+"#;
+
+/// A backend that vanishes without a FIN (its veth link taken down) is found by the
+/// control API's HTTP/2 keepalive: its connection is closed, its event stream leaves the
+/// group, and the events it held go to the group's other member, marked redelivered, long
+/// before `events_ack_timeout` (30 s) could have moved them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_vanishes_without_a_fin_is_found_by_the_keepalive() {
+    const CLIENTS: usize = 16;
+    let net = Netns::new("hod");
+    let overrides = [
+        ("token_hmac_secret".to_string(), SECRET.to_string()),
+        ("grpc_keepalive_interval".to_string(), "300ms".to_string()),
+        ("grpc_keepalive_timeout".to_string(), "300ms".to_string()),
+    ];
+    let config = Config::from_layers(None, &[], &overrides).unwrap();
+    let server = TestServer::start_config_hosts(config, "127.0.0.1", &net.near_ip).await;
+    let port = server.grpc_url.rsplit(':').next().unwrap().to_string();
+    let join = sidecast::pb::EventsRequest {
+        request: Some(sidecast::pb::events_request::Request::Join(
+            sidecast::pb::Join {
+                group: "g".into(),
+                kinds: vec![EventKind::Connect as i32],
+                rpc_methods: vec![],
+                window: 0,
+            },
+        )),
+    };
+    let join: String = prost::Message::encode_to_vec(&join)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let python = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/backends/python/.venv/bin/python"
+    );
+    let child = net
+        .exec(python)
+        .args(["-c", MEMBER, &format!("{}:{port}", net.near_ip), &join])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the examples' Python venv (scripts/test makes it)");
+    let mut child = KillOnDrop(Some(child));
+    let stdout = child.0.as_mut().unwrap().stdout.take().unwrap();
+    let mut lines = BufReader::new(tokio::process::ChildStdout::from_std(stdout).unwrap()).lines();
+    let line = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .expect("the backend joins in time")
+        .unwrap();
+    assert_eq!(line.as_deref(), Some("joined"));
+    let grpc_url = server.grpc_url.clone();
+    let mut peer = Member::join_at(&grpc_url, "g", &[EventKind::Connect], 0, &[]).await;
+
+    // The clients' connects are spread over both members; wait for the far one's share.
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        clients.push(server.user(&format!("u{i}"), json!({})).await);
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut held_far = 0;
+    while seen.len() + held_far < CLIENTS {
+        tokio::select! {
+            event = peer.next_acked() => { seen.insert(event.client); }
+            line = lines.next_line() => {
+                assert_eq!(line.unwrap().as_deref(), Some("event"));
+                held_far += 1;
+            }
+        }
+    }
+    assert!(held_far > 0, "all {CLIENTS} connects went to one member");
+
+    net.link("down");
+    let mut redelivered = 0;
+    while seen.len() < CLIENTS {
+        let event = peer.next_acked().await;
+        redelivered += usize::from(event.redelivered);
+        seen.insert(event.client);
+    }
+    assert_eq!(redelivered, held_far, "what the vanished backend held");
 }
 
 /// A backend that opens its event stream and then never reads it holds back nobody: another

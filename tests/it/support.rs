@@ -52,8 +52,13 @@ impl TestServer {
     /// With the WebSocket listener on `ws_host` (an address of a veth link, say); the
     /// other listeners stay on loopback.
     pub async fn start_config_on(config: Config, ws_host: &str) -> TestServer {
+        TestServer::start_config_hosts(config, ws_host, "127.0.0.1").await
+    }
+
+    /// With the WebSocket listener on `ws_host` and the control API on `grpc_host`.
+    pub async fn start_config_hosts(config: Config, ws_host: &str, grpc_host: &str) -> TestServer {
         let ws = TcpListener::bind((ws_host, 0)).await.unwrap();
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = TcpListener::bind((grpc_host, 0)).await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ws_addr = ws.local_addr().unwrap();
         let grpc_url = format!("http://{}", grpc.local_addr().unwrap());
