@@ -203,3 +203,129 @@ async fn churn(ctx: &Ctx, rate: f64, secs: f64) -> (u64, u64) {
     let n = *cycles.borrow();
     (n, skipped)
 }
+
+/// How much memory a group's full buffer takes: a member joins with `window` and either
+/// reads its stream without acknowledging (`stalled` false) or never reads it; one client
+/// then publishes `count` publications of `size` bytes (each a publish event for the group)
+/// until the buffer overflows. Reports the server's RSS growth against the buffer's
+/// `sidecast_events_buffered` and the configured `events_buffer_bytes` (`bound`).
+pub async fn event_memory(
+    ctx: &Ctx,
+    size: usize,
+    count: usize,
+    window: u32,
+    stalled: bool,
+    group: bool,
+    bound: u64,
+) -> anyhow::Result<()> {
+    let pid = ctx
+        .server_pid
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("event-memory needs --server-pid"))?;
+    let rss_before = crate::probe::rss_bytes(&pid);
+    let received = Rc::new(RefCell::new(0u64));
+    // Without a group: what publishing alone leaves in the process, for comparison.
+    let member = match group {
+        true => Some(join_memory_group(ctx, window, stalled, received.clone()).await?),
+        false => None,
+    };
+
+    let publisher = Member {
+        user: "publisher".into(),
+        subs: Vec::new(),
+        channels: Vec::new(),
+        small_buffer: false,
+    };
+    let mut conn = ctx.target.upgrade(0, &publisher).await?;
+    let token = {
+        let now = crate::stats::now_nanos() / 1_000_000_000;
+        let claims = json!({"sub": "publisher", "exp": now + 3600, "publish": ["memory:*"]});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(ctx.target.secret.as_bytes()),
+        )?
+    };
+    let connect = json!({"id": 1, "op": "connect", "token": token});
+    conn.send_text(connect.to_string().as_bytes()).await?;
+    conn.expect(|p| p.starts_with(br#"{"type":"connected""#))
+        .await?;
+    let data = "x".repeat(size);
+    for n in 0..count {
+        let id = 10 + n;
+        let command = json!({"id": id, "op": "publish", "channel": "memory:x", "data": data});
+        conn.send_text(command.to_string().as_bytes()).await?;
+        let prefix = format!(r#"{{"id":{id},"#);
+        conn.expect(|p| p.starts_with(prefix.as_bytes())).await?;
+    }
+    // Let the member's stream take what it will, then read the node.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let text = crate::writes::scrape(ctx.metrics).await.unwrap_or_default();
+    let metric = |name| crate::writes::value(&text, name).unwrap_or(0);
+    let buffered = metric("sidecast_events_buffered");
+    let lost = metric("sidecast_events_lost_total");
+    let rss_after = crate::probe::rss_bytes(&pid);
+    let growth = rss_after.saturating_sub(rss_before);
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let received = *received.borrow();
+    println!(
+        "event-memory size={size} window={window} stalled={stalled}: {count} published, {buffered} buffered, \
+         {lost} lost, {received} read by the member; rss {:.1} → {:.1} MiB (+{:.1} MiB, {:.2}× the {:.1} MiB bound)",
+        mib(rss_before),
+        mib(rss_after),
+        mib(growth),
+        growth as f64 / bound as f64,
+        mib(bound),
+    );
+    let result = json!({
+        "scenario": "event-memory", "size": size, "count": count, "window": window,
+        "stalled": stalled, "buffered": buffered, "lost": lost, "received": received,
+        "rss_before": rss_before, "rss_after": rss_after, "bound": bound,
+        "growth_over_bound": growth as f64 / bound as f64,
+    });
+    println!("RESULT {result}");
+    drop(member);
+    Ok(())
+}
+
+/// The member of `event_memory`: joined, and reading (counting) unless `stalled`. Dropping
+/// what it returns leaves the group.
+async fn join_memory_group(
+    ctx: &Ctx,
+    window: u32,
+    stalled: bool,
+    received: Rc<RefCell<u64>>,
+) -> anyhow::Result<impl Drop> {
+    let mut client = pb::control_client::ControlClient::connect(ctx.grpc.clone()).await?;
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(pb::EventsRequest {
+        request: Some(pb::events_request::Request::Join(pb::Join {
+            group: "memory".into(),
+            kinds: vec![EventKind::Publish as i32],
+            rpc_methods: Vec::new(),
+            window,
+        })),
+    })
+    .await?;
+    let mut stream = client.events(ReceiverStream::new(rx)).await?.into_inner();
+    let stop = CancellationToken::new();
+    let guard = stop.clone().drop_guard();
+    tokio::task::spawn_local(async move {
+        let _tx = tx;
+        if stalled {
+            stop.cancelled().await;
+            return;
+        }
+        loop {
+            let message = tokio::select! {
+                _ = stop.cancelled() => return,
+                m = stream.message() => m,
+            };
+            let Ok(Some(message)) = message else { return };
+            if let Some(Response::Event(_)) = message.response {
+                *received.borrow_mut() += 1;
+            }
+        }
+    });
+    Ok(guard)
+}

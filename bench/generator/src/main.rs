@@ -186,6 +186,27 @@ enum Scenario {
         #[arg(long)]
         check: bool,
     },
+    /// Event memory: a group's buffer filled by large publish events, its member reading
+    /// without acknowledging (or not reading); the server's RSS growth against the bound.
+    EventMemory {
+        /// Bytes of data per publication.
+        #[arg(long, default_value_t = 32_768)]
+        size: usize,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        /// The member's window (0: the server's default, 256).
+        #[arg(long, default_value_t = 0)]
+        window: u32,
+        /// The member never reads its stream.
+        #[arg(long)]
+        stalled: bool,
+        /// No group at all: what the publications alone leave in the process.
+        #[arg(long)]
+        no_group: bool,
+        /// The server's events_buffer_bytes, to compare with.
+        #[arg(long, default_value_t = 16 * 1024 * 1024)]
+        bound: u64,
+    },
     /// A shard process of --processes (started by the main process, not by hand).
     #[command(hide = true)]
     Shard {
@@ -292,6 +313,14 @@ fn main() -> anyhow::Result<()> {
                 pad,
             } => scenario::s5(&ctx, subscribers, slow_percent, rate, seconds, pad).await,
             Scenario::S6 { rate, seconds } => events::s6(&ctx, rate, seconds).await,
+            Scenario::EventMemory {
+                size,
+                count,
+                window,
+                stalled,
+                no_group,
+                bound,
+            } => events::event_memory(&ctx, size, count, window, stalled, !no_group, bound).await,
             Scenario::Soak {
                 connections,
                 seconds,
