@@ -36,6 +36,7 @@ const FANOUT_BUCKETS: [f64; 12] = [
 /// The methods the control listener serves (a test checks this against the proto).
 pub const GRPC_METHODS: &[&str] = &[
     "/sidecast.v1.Control/Publish",
+    "/sidecast.v1.Control/PublishStream",
     "/sidecast.v1.Control/Broadcast",
     "/sidecast.v1.Control/Subscribe",
     "/sidecast.v1.Control/Unsubscribe",

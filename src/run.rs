@@ -88,12 +88,14 @@ pub async fn run(
         stop_accepting.clone(),
     ));
     let grpc_stop = CancellationToken::new();
+    let streams_closing = CancellationToken::new();
     let (mut grpc_health, health_service) = crate::grpc::health().await;
     let grpc = servers.spawn(crate::grpc::serve(
         listeners.grpc,
         grpc_tls,
         node.clone(),
         health_service,
+        streams_closing.clone(),
         grpc_stop.clone(),
     ));
     // Expired history positions and idempotency keys are forgotten in the background; event
@@ -169,6 +171,7 @@ pub async fn run(
         tracing::warn!("events still unacknowledged at shutdown_timeout");
     }
     node.events.close();
+    streams_closing.cancel();
     grpc_health.close().await;
     grpc_stop.cancel();
     sweep_stop.cancel();

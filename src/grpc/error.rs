@@ -29,6 +29,10 @@ pub enum ApiError {
     NoResult,
     #[error("error.message is {size} bytes, more than max_publication_size ({max})")]
     MessageTooLong { size: usize, max: usize },
+    #[error("missing publication")]
+    NoPublication,
+    #[error("the server is shutting down")]
+    ShuttingDown,
 }
 
 impl From<ApiError> for Status {
@@ -37,12 +41,15 @@ impl From<ApiError> for Status {
             ApiError::Pattern { .. }
             | ApiError::EmptyTarget
             | ApiError::NoResult
+            | ApiError::NoPublication
             | ApiError::MessageTooLong { .. }
             | ApiError::Events(
                 EventsError::JoinFirst | EventsError::JoinTwice | EventsError::BadJoin(_),
             ) => Code::InvalidArgument,
             ApiError::Events(EventsError::AckTimeout(_)) => Code::Aborted,
-            ApiError::Events(EventsError::ShuttingDown) => Code::Unavailable,
+            ApiError::Events(EventsError::ShuttingDown) | ApiError::ShuttingDown => {
+                Code::Unavailable
+            }
             ApiError::Events(EventsError::TooManyGroups(_)) => Code::ResourceExhausted,
             ApiError::Stream(_) => Code::Cancelled,
             ApiError::UnknownRpc(_) => Code::NotFound,

@@ -9,6 +9,7 @@ mod conn;
 mod counted;
 mod error;
 mod events;
+mod publish;
 mod service;
 
 use std::time::Duration;
@@ -70,14 +71,16 @@ pub async fn health() -> (GrpcHealth, HealthServer<impl Health>) {
     (GrpcHealth::new(reporter), service)
 }
 
-/// Serves until `stop` is cancelled, letting calls in flight finish. The control service and
-/// reflection need the API key when one is configured; health checks never do, so that
-/// probes work without it.
+/// Serves until `stop` is cancelled, letting calls in flight finish; `streams_closing`,
+/// cancelled before it, ends the publish streams (which would otherwise keep going). The
+/// control service and reflection need the API key when one is configured; health checks
+/// never do, so that probes work without it.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<tonic::transport::ServerTlsConfig>,
     node: Node,
     health: HealthServer<impl Health>,
+    streams_closing: CancellationToken,
     stop: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let key: Option<std::sync::Arc<str>> = node.config.api_key.as_ref().map(|k| k.expose().into());
@@ -113,7 +116,7 @@ pub async fn serve(
         .add_service(InterceptedService::new(reflection_v1, check.clone()))
         .add_service(InterceptedService::new(reflection_v1alpha, check.clone()))
         .add_service(ControlServer::with_interceptor(
-            ControlService::new(node),
+            ControlService::new(node, streams_closing),
             check,
         ))
         .serve_with_incoming_shutdown(

@@ -2,6 +2,7 @@
 //! (`crate::node`) and the result into its response; errors reach the wire through
 //! `error::ApiError`.
 
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::broker::Published;
@@ -16,11 +17,13 @@ use super::error::ApiError;
 
 pub struct ControlService {
     node: Node,
+    /// Cancelled when the node stops: ends the publish streams.
+    closing: CancellationToken,
 }
 
 impl ControlService {
-    pub fn new(node: Node) -> ControlService {
-        ControlService { node }
+    pub fn new(node: Node, closing: CancellationToken) -> ControlService {
+        ControlService { node, closing }
     }
 }
 
@@ -35,7 +38,7 @@ fn target(target: Option<pb::Target>) -> Result<Target, ApiError> {
     }
 }
 
-fn published_pb(published: Published) -> pb::PublishResponse {
+pub(super) fn published_pb(published: Published) -> pb::PublishResponse {
     pb::PublishResponse {
         offset: published.offset,
         epoch: published.epoch,
@@ -48,6 +51,7 @@ type Reply<T> = Result<Response<T>, Status>;
 #[tonic::async_trait]
 impl Control for ControlService {
     type EventsStream = super::events::EventsStream;
+    type PublishStreamStream = super::publish::PublishStream;
 
     #[tracing::instrument(skip_all)]
     async fn events(
@@ -92,6 +96,19 @@ impl Control for ControlService {
         let key = Some(req.idempotency_key.as_str()).filter(|k| !k.is_empty());
         let published = self.node.publish(&req.channel, &req.data, key).await?;
         Ok(Response::new(published_pb(published)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<pb::PublishStreamRequest>>,
+    ) -> Reply<Self::PublishStreamStream> {
+        let stream = super::publish::open(
+            self.node.clone(),
+            request.into_inner(),
+            self.closing.clone(),
+        );
+        Ok(Response::new(stream))
     }
 
     #[tracing::instrument(skip_all)]

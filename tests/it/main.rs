@@ -15,6 +15,7 @@ mod history;
 mod jose;
 mod limits;
 mod ops;
+mod publish_stream;
 mod pubsub;
 mod soak;
 mod stops;

@@ -50,6 +50,9 @@ struct Cli {
     /// sidecast's control API; ignored with --publish-http.
     #[arg(long, default_value = "http://127.0.0.1:50051", global = true)]
     grpc: String,
+    /// Publish over one Control.PublishStream per publisher instead of a unary call each.
+    #[arg(long, global = true)]
+    publish_stream: bool,
     /// Publish through a peer's `POST /publish?channel=` at this address instead of gRPC.
     #[arg(long, global = true)]
     publish_http: Option<SocketAddr>,
@@ -259,9 +262,14 @@ fn main() -> anyhow::Result<()> {
         }
         let sink = match cli.publish_http {
             Some(addr) => Sink::Http(addr),
-            None => Sink::Grpc(
-                sidecast::pb::control_client::ControlClient::connect(cli.grpc.clone()).await?,
-            ),
+            None => {
+                let client =
+                    sidecast::pb::control_client::ControlClient::connect(cli.grpc.clone()).await?;
+                match cli.publish_stream {
+                    true => Sink::GrpcStream(client),
+                    false => Sink::Grpc(client),
+                }
+            }
         };
         let ctx = Ctx {
             target,

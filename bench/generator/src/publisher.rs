@@ -1,29 +1,41 @@
 //! Publishing at a set rate, open loop: publication i of a channel is due at start + i/rate
 //! and carries that due time, so a sender that falls behind shows up as latency. One task
 //! per channel publishes in sequence (so per-channel sequence numbers match the order the
-//! server sees); channels run concurrently.
+//! server sees); channels run concurrently. With `--publish-stream` each publisher sends over
+//! one Control.PublishStream without waiting for answers (a failed answer fails the next
+//! publish).
 
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
 use sidecast::pb::control_client::ControlClient;
-use sidecast::pb::PublishRequest;
+use sidecast::pb::{publish_stream_response, PublishRequest, PublishStreamRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::stats::{now_nanos, payload, Stats};
 
-/// Where publications go: sidecast's control API or the peer's HTTP publish path.
+/// Where publications go: sidecast's control API (one unary Publish each, or one
+/// PublishStream per publisher) or the peer's HTTP publish path.
 #[derive(Clone)]
 pub enum Sink {
     Grpc(ControlClient<tonic::transport::Channel>),
+    GrpcStream(ControlClient<tonic::transport::Channel>),
     Http(std::net::SocketAddr),
 }
 
 pub enum Conn {
     Grpc(ControlClient<tonic::transport::Channel>),
+    /// The stream's requests, the next id, and the failures its answers reported so far.
+    GrpcStream(
+        mpsc::Sender<PublishStreamRequest>,
+        u64,
+        Rc<std::cell::Cell<u64>>,
+    ),
     Http(TcpStream, Vec<u8>),
 }
 
@@ -31,6 +43,27 @@ impl Sink {
     pub async fn connect(&self) -> anyhow::Result<Conn> {
         Ok(match self {
             Sink::Grpc(client) => Conn::Grpc(client.clone()),
+            Sink::GrpcStream(client) => {
+                let (tx, rx) = mpsc::channel(1024);
+                let mut answers = client
+                    .clone()
+                    .publish_stream(ReceiverStream::new(rx))
+                    .await?
+                    .into_inner();
+                let failed = Rc::new(std::cell::Cell::new(0));
+                let counted = failed.clone();
+                tokio::task::spawn_local(async move {
+                    while let Ok(Some(answer)) = answers.message().await {
+                        if let Some(publish_stream_response::Result::Error(e)) = answer.result {
+                            if counted.get() == 0 {
+                                eprintln!("publication {} failed: {}", answer.id, e.message);
+                            }
+                            counted.set(counted.get() + 1);
+                        }
+                    }
+                });
+                Conn::GrpcStream(tx, 0, failed)
+            }
             Sink::Http(addr) => {
                 let stream = TcpStream::connect(addr).await?;
                 stream.set_nodelay(true)?;
@@ -51,6 +84,21 @@ impl Conn {
                         idempotency_key: String::new(),
                     })
                     .await?;
+            }
+            Conn::GrpcStream(tx, next_id, failed) => {
+                anyhow::ensure!(failed.get() == 0, "{} publications failed", failed.get());
+                let request = PublishStreamRequest {
+                    id: *next_id,
+                    publication: Some(PublishRequest {
+                        channel: channel.to_string(),
+                        data,
+                        idempotency_key: String::new(),
+                    }),
+                };
+                *next_id += 1;
+                tx.send(request)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("publish stream ended"))?;
             }
             Conn::Http(stream, buf) => {
                 let head = format!(

@@ -296,6 +296,203 @@ func (x *PublishResponse) GetDelivered() uint32 {
 	return 0
 }
 
+type PublishStreamRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Chosen by the caller (a sequence number, say) and echoed in the answer.
+	Id            uint64          `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Publication   *PublishRequest `protobuf:"bytes,2,opt,name=publication,proto3" json:"publication,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PublishStreamRequest) Reset() {
+	*x = PublishStreamRequest{}
+	mi := &file_sidecast_v1_control_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PublishStreamRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PublishStreamRequest) ProtoMessage() {}
+
+func (x *PublishStreamRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_sidecast_v1_control_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PublishStreamRequest.ProtoReflect.Descriptor instead.
+func (*PublishStreamRequest) Descriptor() ([]byte, []int) {
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *PublishStreamRequest) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *PublishStreamRequest) GetPublication() *PublishRequest {
+	if x != nil {
+		return x.Publication
+	}
+	return nil
+}
+
+type PublishStreamResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Types that are valid to be assigned to Result:
+	//
+	//	*PublishStreamResponse_Published
+	//	*PublishStreamResponse_Error
+	Result        isPublishStreamResponse_Result `protobuf_oneof:"result"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PublishStreamResponse) Reset() {
+	*x = PublishStreamResponse{}
+	mi := &file_sidecast_v1_control_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PublishStreamResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PublishStreamResponse) ProtoMessage() {}
+
+func (x *PublishStreamResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_sidecast_v1_control_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PublishStreamResponse.ProtoReflect.Descriptor instead.
+func (*PublishStreamResponse) Descriptor() ([]byte, []int) {
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *PublishStreamResponse) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *PublishStreamResponse) GetResult() isPublishStreamResponse_Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *PublishStreamResponse) GetPublished() *PublishResponse {
+	if x != nil {
+		if x, ok := x.Result.(*PublishStreamResponse_Published); ok {
+			return x.Published
+		}
+	}
+	return nil
+}
+
+func (x *PublishStreamResponse) GetError() *PublishError {
+	if x != nil {
+		if x, ok := x.Result.(*PublishStreamResponse_Error); ok {
+			return x.Error
+		}
+	}
+	return nil
+}
+
+type isPublishStreamResponse_Result interface {
+	isPublishStreamResponse_Result()
+}
+
+type PublishStreamResponse_Published struct {
+	Published *PublishResponse `protobuf:"bytes,2,opt,name=published,proto3,oneof"`
+}
+
+type PublishStreamResponse_Error struct {
+	Error *PublishError `protobuf:"bytes,3,opt,name=error,proto3,oneof"`
+}
+
+func (*PublishStreamResponse_Published) isPublishStreamResponse_Result() {}
+
+func (*PublishStreamResponse_Error) isPublishStreamResponse_Result() {}
+
+// Why one publication of a stream failed: the status Publish would have ended with.
+type PublishError struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A gRPC status code: 3 INVALID_ARGUMENT, 9 FAILED_PRECONDITION, 14 UNAVAILABLE...
+	Code          int32  `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
+	Message       string `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PublishError) Reset() {
+	*x = PublishError{}
+	mi := &file_sidecast_v1_control_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PublishError) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PublishError) ProtoMessage() {}
+
+func (x *PublishError) ProtoReflect() protoreflect.Message {
+	mi := &file_sidecast_v1_control_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PublishError.ProtoReflect.Descriptor instead.
+func (*PublishError) Descriptor() ([]byte, []int) {
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *PublishError) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *PublishError) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 type BroadcastRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Channels      []string               `protobuf:"bytes,1,rep,name=channels,proto3" json:"channels,omitempty"`
@@ -306,7 +503,7 @@ type BroadcastRequest struct {
 
 func (x *BroadcastRequest) Reset() {
 	*x = BroadcastRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[3]
+	mi := &file_sidecast_v1_control_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -318,7 +515,7 @@ func (x *BroadcastRequest) String() string {
 func (*BroadcastRequest) ProtoMessage() {}
 
 func (x *BroadcastRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[3]
+	mi := &file_sidecast_v1_control_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -331,7 +528,7 @@ func (x *BroadcastRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BroadcastRequest.ProtoReflect.Descriptor instead.
 func (*BroadcastRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{3}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *BroadcastRequest) GetChannels() []string {
@@ -357,7 +554,7 @@ type BroadcastResponse struct {
 
 func (x *BroadcastResponse) Reset() {
 	*x = BroadcastResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[4]
+	mi := &file_sidecast_v1_control_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -369,7 +566,7 @@ func (x *BroadcastResponse) String() string {
 func (*BroadcastResponse) ProtoMessage() {}
 
 func (x *BroadcastResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[4]
+	mi := &file_sidecast_v1_control_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -382,7 +579,7 @@ func (x *BroadcastResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BroadcastResponse.ProtoReflect.Descriptor instead.
 func (*BroadcastResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{4}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *BroadcastResponse) GetResults() []*PublishResponse {
@@ -402,7 +599,7 @@ type SubscribeRequest struct {
 
 func (x *SubscribeRequest) Reset() {
 	*x = SubscribeRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[5]
+	mi := &file_sidecast_v1_control_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -414,7 +611,7 @@ func (x *SubscribeRequest) String() string {
 func (*SubscribeRequest) ProtoMessage() {}
 
 func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[5]
+	mi := &file_sidecast_v1_control_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -427,7 +624,7 @@ func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeRequest.ProtoReflect.Descriptor instead.
 func (*SubscribeRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{5}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *SubscribeRequest) GetChannel() string {
@@ -458,7 +655,7 @@ type SubscribeResponse struct {
 
 func (x *SubscribeResponse) Reset() {
 	*x = SubscribeResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[6]
+	mi := &file_sidecast_v1_control_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -470,7 +667,7 @@ func (x *SubscribeResponse) String() string {
 func (*SubscribeResponse) ProtoMessage() {}
 
 func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[6]
+	mi := &file_sidecast_v1_control_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -483,7 +680,7 @@ func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeResponse.ProtoReflect.Descriptor instead.
 func (*SubscribeResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{6}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *SubscribeResponse) GetSubscribed() uint32 {
@@ -517,7 +714,7 @@ type UnsubscribeRequest struct {
 
 func (x *UnsubscribeRequest) Reset() {
 	*x = UnsubscribeRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[7]
+	mi := &file_sidecast_v1_control_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -529,7 +726,7 @@ func (x *UnsubscribeRequest) String() string {
 func (*UnsubscribeRequest) ProtoMessage() {}
 
 func (x *UnsubscribeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[7]
+	mi := &file_sidecast_v1_control_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -542,7 +739,7 @@ func (x *UnsubscribeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnsubscribeRequest.ProtoReflect.Descriptor instead.
 func (*UnsubscribeRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{7}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *UnsubscribeRequest) GetChannel() string {
@@ -568,7 +765,7 @@ type UnsubscribeResponse struct {
 
 func (x *UnsubscribeResponse) Reset() {
 	*x = UnsubscribeResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[8]
+	mi := &file_sidecast_v1_control_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -580,7 +777,7 @@ func (x *UnsubscribeResponse) String() string {
 func (*UnsubscribeResponse) ProtoMessage() {}
 
 func (x *UnsubscribeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[8]
+	mi := &file_sidecast_v1_control_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -593,7 +790,7 @@ func (x *UnsubscribeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnsubscribeResponse.ProtoReflect.Descriptor instead.
 func (*UnsubscribeResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{8}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *UnsubscribeResponse) GetUnsubscribed() uint32 {
@@ -616,7 +813,7 @@ type DisconnectRequest struct {
 
 func (x *DisconnectRequest) Reset() {
 	*x = DisconnectRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[9]
+	mi := &file_sidecast_v1_control_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -628,7 +825,7 @@ func (x *DisconnectRequest) String() string {
 func (*DisconnectRequest) ProtoMessage() {}
 
 func (x *DisconnectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[9]
+	mi := &file_sidecast_v1_control_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -641,7 +838,7 @@ func (x *DisconnectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisconnectRequest.ProtoReflect.Descriptor instead.
 func (*DisconnectRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{9}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DisconnectRequest) GetTarget() *Target {
@@ -674,7 +871,7 @@ type DisconnectResponse struct {
 
 func (x *DisconnectResponse) Reset() {
 	*x = DisconnectResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[10]
+	mi := &file_sidecast_v1_control_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -686,7 +883,7 @@ func (x *DisconnectResponse) String() string {
 func (*DisconnectResponse) ProtoMessage() {}
 
 func (x *DisconnectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[10]
+	mi := &file_sidecast_v1_control_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -699,7 +896,7 @@ func (x *DisconnectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisconnectResponse.ProtoReflect.Descriptor instead.
 func (*DisconnectResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{10}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DisconnectResponse) GetDisconnected() uint32 {
@@ -720,7 +917,7 @@ type SendRequest struct {
 
 func (x *SendRequest) Reset() {
 	*x = SendRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[11]
+	mi := &file_sidecast_v1_control_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -732,7 +929,7 @@ func (x *SendRequest) String() string {
 func (*SendRequest) ProtoMessage() {}
 
 func (x *SendRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[11]
+	mi := &file_sidecast_v1_control_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -745,7 +942,7 @@ func (x *SendRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendRequest.ProtoReflect.Descriptor instead.
 func (*SendRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{11}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SendRequest) GetTarget() *Target {
@@ -771,7 +968,7 @@ type SendResponse struct {
 
 func (x *SendResponse) Reset() {
 	*x = SendResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[12]
+	mi := &file_sidecast_v1_control_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -783,7 +980,7 @@ func (x *SendResponse) String() string {
 func (*SendResponse) ProtoMessage() {}
 
 func (x *SendResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[12]
+	mi := &file_sidecast_v1_control_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -796,7 +993,7 @@ func (x *SendResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendResponse.ProtoReflect.Descriptor instead.
 func (*SendResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{12}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SendResponse) GetDelivered() uint32 {
@@ -815,7 +1012,7 @@ type PresenceRequest struct {
 
 func (x *PresenceRequest) Reset() {
 	*x = PresenceRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[13]
+	mi := &file_sidecast_v1_control_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -827,7 +1024,7 @@ func (x *PresenceRequest) String() string {
 func (*PresenceRequest) ProtoMessage() {}
 
 func (x *PresenceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[13]
+	mi := &file_sidecast_v1_control_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -840,7 +1037,7 @@ func (x *PresenceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PresenceRequest.ProtoReflect.Descriptor instead.
 func (*PresenceRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{13}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *PresenceRequest) GetChannel() string {
@@ -862,7 +1059,7 @@ type ClientInfo struct {
 
 func (x *ClientInfo) Reset() {
 	*x = ClientInfo{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[14]
+	mi := &file_sidecast_v1_control_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -874,7 +1071,7 @@ func (x *ClientInfo) String() string {
 func (*ClientInfo) ProtoMessage() {}
 
 func (x *ClientInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[14]
+	mi := &file_sidecast_v1_control_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -887,7 +1084,7 @@ func (x *ClientInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClientInfo.ProtoReflect.Descriptor instead.
 func (*ClientInfo) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{14}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ClientInfo) GetClient() string {
@@ -920,7 +1117,7 @@ type PresenceResponse struct {
 
 func (x *PresenceResponse) Reset() {
 	*x = PresenceResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[15]
+	mi := &file_sidecast_v1_control_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -932,7 +1129,7 @@ func (x *PresenceResponse) String() string {
 func (*PresenceResponse) ProtoMessage() {}
 
 func (x *PresenceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[15]
+	mi := &file_sidecast_v1_control_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -945,7 +1142,7 @@ func (x *PresenceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PresenceResponse.ProtoReflect.Descriptor instead.
 func (*PresenceResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{15}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *PresenceResponse) GetClients() []*ClientInfo {
@@ -964,7 +1161,7 @@ type PresenceStatsRequest struct {
 
 func (x *PresenceStatsRequest) Reset() {
 	*x = PresenceStatsRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[16]
+	mi := &file_sidecast_v1_control_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -976,7 +1173,7 @@ func (x *PresenceStatsRequest) String() string {
 func (*PresenceStatsRequest) ProtoMessage() {}
 
 func (x *PresenceStatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[16]
+	mi := &file_sidecast_v1_control_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -989,7 +1186,7 @@ func (x *PresenceStatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PresenceStatsRequest.ProtoReflect.Descriptor instead.
 func (*PresenceStatsRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{16}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *PresenceStatsRequest) GetChannel() string {
@@ -1009,7 +1206,7 @@ type PresenceStatsResponse struct {
 
 func (x *PresenceStatsResponse) Reset() {
 	*x = PresenceStatsResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[17]
+	mi := &file_sidecast_v1_control_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1021,7 +1218,7 @@ func (x *PresenceStatsResponse) String() string {
 func (*PresenceStatsResponse) ProtoMessage() {}
 
 func (x *PresenceStatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[17]
+	mi := &file_sidecast_v1_control_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1034,7 +1231,7 @@ func (x *PresenceStatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PresenceStatsResponse.ProtoReflect.Descriptor instead.
 func (*PresenceStatsResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{17}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PresenceStatsResponse) GetNumClients() uint32 {
@@ -1061,7 +1258,7 @@ type ChannelsRequest struct {
 
 func (x *ChannelsRequest) Reset() {
 	*x = ChannelsRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[18]
+	mi := &file_sidecast_v1_control_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1073,7 +1270,7 @@ func (x *ChannelsRequest) String() string {
 func (*ChannelsRequest) ProtoMessage() {}
 
 func (x *ChannelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[18]
+	mi := &file_sidecast_v1_control_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1086,7 +1283,7 @@ func (x *ChannelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChannelsRequest.ProtoReflect.Descriptor instead.
 func (*ChannelsRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{18}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ChannelsRequest) GetPattern() string {
@@ -1106,7 +1303,7 @@ type ChannelInfo struct {
 
 func (x *ChannelInfo) Reset() {
 	*x = ChannelInfo{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[19]
+	mi := &file_sidecast_v1_control_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1118,7 +1315,7 @@ func (x *ChannelInfo) String() string {
 func (*ChannelInfo) ProtoMessage() {}
 
 func (x *ChannelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[19]
+	mi := &file_sidecast_v1_control_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1131,7 +1328,7 @@ func (x *ChannelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChannelInfo.ProtoReflect.Descriptor instead.
 func (*ChannelInfo) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{19}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ChannelInfo) GetChannel() string {
@@ -1157,7 +1354,7 @@ type ChannelsResponse struct {
 
 func (x *ChannelsResponse) Reset() {
 	*x = ChannelsResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[20]
+	mi := &file_sidecast_v1_control_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1169,7 +1366,7 @@ func (x *ChannelsResponse) String() string {
 func (*ChannelsResponse) ProtoMessage() {}
 
 func (x *ChannelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[20]
+	mi := &file_sidecast_v1_control_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1182,7 +1379,7 @@ func (x *ChannelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChannelsResponse.ProtoReflect.Descriptor instead.
 func (*ChannelsResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{20}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ChannelsResponse) GetChannels() []*ChannelInfo {
@@ -1200,7 +1397,7 @@ type InfoRequest struct {
 
 func (x *InfoRequest) Reset() {
 	*x = InfoRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[21]
+	mi := &file_sidecast_v1_control_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1212,7 +1409,7 @@ func (x *InfoRequest) String() string {
 func (*InfoRequest) ProtoMessage() {}
 
 func (x *InfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[21]
+	mi := &file_sidecast_v1_control_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1225,7 +1422,7 @@ func (x *InfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoRequest.ProtoReflect.Descriptor instead.
 func (*InfoRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{21}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{24}
 }
 
 type InfoResponse struct {
@@ -1245,7 +1442,7 @@ type InfoResponse struct {
 
 func (x *InfoResponse) Reset() {
 	*x = InfoResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[22]
+	mi := &file_sidecast_v1_control_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1257,7 +1454,7 @@ func (x *InfoResponse) String() string {
 func (*InfoResponse) ProtoMessage() {}
 
 func (x *InfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[22]
+	mi := &file_sidecast_v1_control_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1270,7 +1467,7 @@ func (x *InfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoResponse.ProtoReflect.Descriptor instead.
 func (*InfoResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{22}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *InfoResponse) GetNodeId() string {
@@ -1343,7 +1540,7 @@ type NodeInfo struct {
 
 func (x *NodeInfo) Reset() {
 	*x = NodeInfo{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[23]
+	mi := &file_sidecast_v1_control_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1355,7 +1552,7 @@ func (x *NodeInfo) String() string {
 func (*NodeInfo) ProtoMessage() {}
 
 func (x *NodeInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[23]
+	mi := &file_sidecast_v1_control_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1368,7 +1565,7 @@ func (x *NodeInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeInfo.ProtoReflect.Descriptor instead.
 func (*NodeInfo) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{23}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *NodeInfo) GetNodeId() string {
@@ -1424,7 +1621,7 @@ type StreamPosition struct {
 
 func (x *StreamPosition) Reset() {
 	*x = StreamPosition{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[24]
+	mi := &file_sidecast_v1_control_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1436,7 +1633,7 @@ func (x *StreamPosition) String() string {
 func (*StreamPosition) ProtoMessage() {}
 
 func (x *StreamPosition) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[24]
+	mi := &file_sidecast_v1_control_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1449,7 +1646,7 @@ func (x *StreamPosition) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamPosition.ProtoReflect.Descriptor instead.
 func (*StreamPosition) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{24}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *StreamPosition) GetOffset() uint64 {
@@ -1483,7 +1680,7 @@ type HistoryRequest struct {
 
 func (x *HistoryRequest) Reset() {
 	*x = HistoryRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[25]
+	mi := &file_sidecast_v1_control_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1495,7 +1692,7 @@ func (x *HistoryRequest) String() string {
 func (*HistoryRequest) ProtoMessage() {}
 
 func (x *HistoryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[25]
+	mi := &file_sidecast_v1_control_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1508,7 +1705,7 @@ func (x *HistoryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryRequest.ProtoReflect.Descriptor instead.
 func (*HistoryRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{25}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *HistoryRequest) GetChannel() string {
@@ -1550,7 +1747,7 @@ type Publication struct {
 
 func (x *Publication) Reset() {
 	*x = Publication{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[26]
+	mi := &file_sidecast_v1_control_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1562,7 +1759,7 @@ func (x *Publication) String() string {
 func (*Publication) ProtoMessage() {}
 
 func (x *Publication) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[26]
+	mi := &file_sidecast_v1_control_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1575,7 +1772,7 @@ func (x *Publication) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Publication.ProtoReflect.Descriptor instead.
 func (*Publication) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{26}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Publication) GetOffset() uint64 {
@@ -1603,7 +1800,7 @@ type HistoryResponse struct {
 
 func (x *HistoryResponse) Reset() {
 	*x = HistoryResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[27]
+	mi := &file_sidecast_v1_control_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1615,7 +1812,7 @@ func (x *HistoryResponse) String() string {
 func (*HistoryResponse) ProtoMessage() {}
 
 func (x *HistoryResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[27]
+	mi := &file_sidecast_v1_control_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1628,7 +1825,7 @@ func (x *HistoryResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryResponse.ProtoReflect.Descriptor instead.
 func (*HistoryResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{27}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *HistoryResponse) GetPublications() []*Publication {
@@ -1661,7 +1858,7 @@ type HistoryRemoveRequest struct {
 
 func (x *HistoryRemoveRequest) Reset() {
 	*x = HistoryRemoveRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[28]
+	mi := &file_sidecast_v1_control_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1673,7 +1870,7 @@ func (x *HistoryRemoveRequest) String() string {
 func (*HistoryRemoveRequest) ProtoMessage() {}
 
 func (x *HistoryRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[28]
+	mi := &file_sidecast_v1_control_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1686,7 +1883,7 @@ func (x *HistoryRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryRemoveRequest.ProtoReflect.Descriptor instead.
 func (*HistoryRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{28}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *HistoryRemoveRequest) GetChannel() string {
@@ -1704,7 +1901,7 @@ type HistoryRemoveResponse struct {
 
 func (x *HistoryRemoveResponse) Reset() {
 	*x = HistoryRemoveResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[29]
+	mi := &file_sidecast_v1_control_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1716,7 +1913,7 @@ func (x *HistoryRemoveResponse) String() string {
 func (*HistoryRemoveResponse) ProtoMessage() {}
 
 func (x *HistoryRemoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[29]
+	mi := &file_sidecast_v1_control_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1729,7 +1926,7 @@ func (x *HistoryRemoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryRemoveResponse.ProtoReflect.Descriptor instead.
 func (*HistoryRemoveResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{29}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{32}
 }
 
 type EventsRequest struct {
@@ -1745,7 +1942,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[30]
+	mi := &file_sidecast_v1_control_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1757,7 +1954,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[30]
+	mi := &file_sidecast_v1_control_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1770,7 +1967,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{30}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *EventsRequest) GetRequest() isEventsRequest_Request {
@@ -1832,7 +2029,7 @@ type Join struct {
 
 func (x *Join) Reset() {
 	*x = Join{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[31]
+	mi := &file_sidecast_v1_control_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1844,7 +2041,7 @@ func (x *Join) String() string {
 func (*Join) ProtoMessage() {}
 
 func (x *Join) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[31]
+	mi := &file_sidecast_v1_control_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1857,7 +2054,7 @@ func (x *Join) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Join.ProtoReflect.Descriptor instead.
 func (*Join) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{31}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *Join) GetGroup() string {
@@ -1898,7 +2095,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[32]
+	mi := &file_sidecast_v1_control_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1910,7 +2107,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[32]
+	mi := &file_sidecast_v1_control_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1923,7 +2120,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{32}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *Ack) GetSeqs() []uint64 {
@@ -1946,7 +2143,7 @@ type EventsResponse struct {
 
 func (x *EventsResponse) Reset() {
 	*x = EventsResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[33]
+	mi := &file_sidecast_v1_control_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1958,7 +2155,7 @@ func (x *EventsResponse) String() string {
 func (*EventsResponse) ProtoMessage() {}
 
 func (x *EventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[33]
+	mi := &file_sidecast_v1_control_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1971,7 +2168,7 @@ func (x *EventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsResponse.ProtoReflect.Descriptor instead.
 func (*EventsResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{33}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *EventsResponse) GetResponse() isEventsResponse_Response {
@@ -2034,7 +2231,7 @@ type Joined struct {
 
 func (x *Joined) Reset() {
 	*x = Joined{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[34]
+	mi := &file_sidecast_v1_control_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2046,7 +2243,7 @@ func (x *Joined) String() string {
 func (*Joined) ProtoMessage() {}
 
 func (x *Joined) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[34]
+	mi := &file_sidecast_v1_control_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2059,7 +2256,7 @@ func (x *Joined) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Joined.ProtoReflect.Descriptor instead.
 func (*Joined) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{34}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *Joined) GetMember() string {
@@ -2125,7 +2322,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[35]
+	mi := &file_sidecast_v1_control_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2137,7 +2334,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[35]
+	mi := &file_sidecast_v1_control_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2150,7 +2347,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{35}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *Event) GetSeq() uint64 {
@@ -2316,7 +2513,7 @@ type ConnectEvent struct {
 
 func (x *ConnectEvent) Reset() {
 	*x = ConnectEvent{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[36]
+	mi := &file_sidecast_v1_control_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2328,7 +2525,7 @@ func (x *ConnectEvent) String() string {
 func (*ConnectEvent) ProtoMessage() {}
 
 func (x *ConnectEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[36]
+	mi := &file_sidecast_v1_control_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2341,7 +2538,7 @@ func (x *ConnectEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectEvent.ProtoReflect.Descriptor instead.
 func (*ConnectEvent) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{36}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ConnectEvent) GetMeta() []byte {
@@ -2369,7 +2566,7 @@ type DisconnectEvent struct {
 
 func (x *DisconnectEvent) Reset() {
 	*x = DisconnectEvent{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[37]
+	mi := &file_sidecast_v1_control_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2381,7 +2578,7 @@ func (x *DisconnectEvent) String() string {
 func (*DisconnectEvent) ProtoMessage() {}
 
 func (x *DisconnectEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[37]
+	mi := &file_sidecast_v1_control_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2394,7 +2591,7 @@ func (x *DisconnectEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisconnectEvent.ProtoReflect.Descriptor instead.
 func (*DisconnectEvent) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{37}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *DisconnectEvent) GetCode() uint32 {
@@ -2422,7 +2619,7 @@ type SubscribeEvent struct {
 
 func (x *SubscribeEvent) Reset() {
 	*x = SubscribeEvent{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[38]
+	mi := &file_sidecast_v1_control_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2434,7 +2631,7 @@ func (x *SubscribeEvent) String() string {
 func (*SubscribeEvent) ProtoMessage() {}
 
 func (x *SubscribeEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[38]
+	mi := &file_sidecast_v1_control_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2447,7 +2644,7 @@ func (x *SubscribeEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeEvent.ProtoReflect.Descriptor instead.
 func (*SubscribeEvent) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{38}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *SubscribeEvent) GetChannel() string {
@@ -2478,7 +2675,7 @@ type UnsubscribeEvent struct {
 
 func (x *UnsubscribeEvent) Reset() {
 	*x = UnsubscribeEvent{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[39]
+	mi := &file_sidecast_v1_control_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2490,7 +2687,7 @@ func (x *UnsubscribeEvent) String() string {
 func (*UnsubscribeEvent) ProtoMessage() {}
 
 func (x *UnsubscribeEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[39]
+	mi := &file_sidecast_v1_control_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2503,7 +2700,7 @@ func (x *UnsubscribeEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnsubscribeEvent.ProtoReflect.Descriptor instead.
 func (*UnsubscribeEvent) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{39}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *UnsubscribeEvent) GetChannel() string {
@@ -2534,7 +2731,7 @@ type PublishEvent struct {
 
 func (x *PublishEvent) Reset() {
 	*x = PublishEvent{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[40]
+	mi := &file_sidecast_v1_control_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2546,7 +2743,7 @@ func (x *PublishEvent) String() string {
 func (*PublishEvent) ProtoMessage() {}
 
 func (x *PublishEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[40]
+	mi := &file_sidecast_v1_control_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2559,7 +2756,7 @@ func (x *PublishEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishEvent.ProtoReflect.Descriptor instead.
 func (*PublishEvent) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{40}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *PublishEvent) GetChannel() string {
@@ -2603,7 +2800,7 @@ type RpcEvent struct {
 
 func (x *RpcEvent) Reset() {
 	*x = RpcEvent{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[41]
+	mi := &file_sidecast_v1_control_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2615,7 +2812,7 @@ func (x *RpcEvent) String() string {
 func (*RpcEvent) ProtoMessage() {}
 
 func (x *RpcEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[41]
+	mi := &file_sidecast_v1_control_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2628,7 +2825,7 @@ func (x *RpcEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RpcEvent.ProtoReflect.Descriptor instead.
 func (*RpcEvent) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{41}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *RpcEvent) GetRpcId() string {
@@ -2663,7 +2860,7 @@ type LostEvent struct {
 
 func (x *LostEvent) Reset() {
 	*x = LostEvent{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[42]
+	mi := &file_sidecast_v1_control_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2675,7 +2872,7 @@ func (x *LostEvent) String() string {
 func (*LostEvent) ProtoMessage() {}
 
 func (x *LostEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[42]
+	mi := &file_sidecast_v1_control_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2688,7 +2885,7 @@ func (x *LostEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LostEvent.ProtoReflect.Descriptor instead.
 func (*LostEvent) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{42}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *LostEvent) GetFirstSeq() uint64 {
@@ -2719,7 +2916,7 @@ type ReplyRequest struct {
 
 func (x *ReplyRequest) Reset() {
 	*x = ReplyRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[43]
+	mi := &file_sidecast_v1_control_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2731,7 +2928,7 @@ func (x *ReplyRequest) String() string {
 func (*ReplyRequest) ProtoMessage() {}
 
 func (x *ReplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[43]
+	mi := &file_sidecast_v1_control_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2744,7 +2941,7 @@ func (x *ReplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplyRequest.ProtoReflect.Descriptor instead.
 func (*ReplyRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{43}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ReplyRequest) GetRpcId() string {
@@ -2807,7 +3004,7 @@ type RpcError struct {
 
 func (x *RpcError) Reset() {
 	*x = RpcError{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[44]
+	mi := &file_sidecast_v1_control_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2819,7 +3016,7 @@ func (x *RpcError) String() string {
 func (*RpcError) ProtoMessage() {}
 
 func (x *RpcError) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[44]
+	mi := &file_sidecast_v1_control_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2832,7 +3029,7 @@ func (x *RpcError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RpcError.ProtoReflect.Descriptor instead.
 func (*RpcError) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{44}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *RpcError) GetCode() uint32 {
@@ -2857,7 +3054,7 @@ type ReplyResponse struct {
 
 func (x *ReplyResponse) Reset() {
 	*x = ReplyResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[45]
+	mi := &file_sidecast_v1_control_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2869,7 +3066,7 @@ func (x *ReplyResponse) String() string {
 func (*ReplyResponse) ProtoMessage() {}
 
 func (x *ReplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[45]
+	mi := &file_sidecast_v1_control_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2882,7 +3079,7 @@ func (x *ReplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplyResponse.ProtoReflect.Descriptor instead.
 func (*ReplyResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{45}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{48}
 }
 
 var File_sidecast_v1_control_proto protoreflect.FileDescriptor
@@ -2901,7 +3098,18 @@ const file_sidecast_v1_control_proto_rawDesc = "" +
 	"\x0fPublishResponse\x12\x16\n" +
 	"\x06offset\x18\x01 \x01(\x04R\x06offset\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\tR\x05epoch\x12\x1c\n" +
-	"\tdelivered\x18\x03 \x01(\rR\tdelivered\"B\n" +
+	"\tdelivered\x18\x03 \x01(\rR\tdelivered\"e\n" +
+	"\x14PublishStreamRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12=\n" +
+	"\vpublication\x18\x02 \x01(\v2\x1b.sidecast.v1.PublishRequestR\vpublication\"\xa2\x01\n" +
+	"\x15PublishStreamResponse\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12<\n" +
+	"\tpublished\x18\x02 \x01(\v2\x1c.sidecast.v1.PublishResponseH\x00R\tpublished\x121\n" +
+	"\x05error\x18\x03 \x01(\v2\x19.sidecast.v1.PublishErrorH\x00R\x05errorB\b\n" +
+	"\x06result\"<\n" +
+	"\fPublishError\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"B\n" +
 	"\x10BroadcastRequest\x12\x1a\n" +
 	"\bchannels\x18\x01 \x03(\tR\bchannels\x12\x12\n" +
 	"\x04data\x18\x02 \x01(\fR\x04data\"K\n" +
@@ -3070,9 +3278,10 @@ const file_sidecast_v1_control_proto_rawDesc = "" +
 	"\x14EVENT_KIND_SUBSCRIBE\x10\x03\x12\x1a\n" +
 	"\x16EVENT_KIND_UNSUBSCRIBE\x10\x04\x12\x16\n" +
 	"\x12EVENT_KIND_PUBLISH\x10\x05\x12\x12\n" +
-	"\x0eEVENT_KIND_RPC\x10\x062\x91\b\n" +
+	"\x0eEVENT_KIND_RPC\x10\x062\xed\b\n" +
 	"\aControl\x12D\n" +
-	"\aPublish\x12\x1b.sidecast.v1.PublishRequest\x1a\x1c.sidecast.v1.PublishResponse\x12J\n" +
+	"\aPublish\x12\x1b.sidecast.v1.PublishRequest\x1a\x1c.sidecast.v1.PublishResponse\x12Z\n" +
+	"\rPublishStream\x12!.sidecast.v1.PublishStreamRequest\x1a\".sidecast.v1.PublishStreamResponse(\x010\x01\x12J\n" +
 	"\tBroadcast\x12\x1d.sidecast.v1.BroadcastRequest\x1a\x1e.sidecast.v1.BroadcastResponse\x12J\n" +
 	"\tSubscribe\x12\x1d.sidecast.v1.SubscribeRequest\x1a\x1e.sidecast.v1.SubscribeResponse\x12P\n" +
 	"\vUnsubscribe\x12\x1f.sidecast.v1.UnsubscribeRequest\x1a .sidecast.v1.UnsubscribeResponse\x12M\n" +
@@ -3101,113 +3310,121 @@ func file_sidecast_v1_control_proto_rawDescGZIP() []byte {
 }
 
 var file_sidecast_v1_control_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_sidecast_v1_control_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
+var file_sidecast_v1_control_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
 var file_sidecast_v1_control_proto_goTypes = []any{
 	(EventKind)(0),                // 0: sidecast.v1.EventKind
 	(*Target)(nil),                // 1: sidecast.v1.Target
 	(*PublishRequest)(nil),        // 2: sidecast.v1.PublishRequest
 	(*PublishResponse)(nil),       // 3: sidecast.v1.PublishResponse
-	(*BroadcastRequest)(nil),      // 4: sidecast.v1.BroadcastRequest
-	(*BroadcastResponse)(nil),     // 5: sidecast.v1.BroadcastResponse
-	(*SubscribeRequest)(nil),      // 6: sidecast.v1.SubscribeRequest
-	(*SubscribeResponse)(nil),     // 7: sidecast.v1.SubscribeResponse
-	(*UnsubscribeRequest)(nil),    // 8: sidecast.v1.UnsubscribeRequest
-	(*UnsubscribeResponse)(nil),   // 9: sidecast.v1.UnsubscribeResponse
-	(*DisconnectRequest)(nil),     // 10: sidecast.v1.DisconnectRequest
-	(*DisconnectResponse)(nil),    // 11: sidecast.v1.DisconnectResponse
-	(*SendRequest)(nil),           // 12: sidecast.v1.SendRequest
-	(*SendResponse)(nil),          // 13: sidecast.v1.SendResponse
-	(*PresenceRequest)(nil),       // 14: sidecast.v1.PresenceRequest
-	(*ClientInfo)(nil),            // 15: sidecast.v1.ClientInfo
-	(*PresenceResponse)(nil),      // 16: sidecast.v1.PresenceResponse
-	(*PresenceStatsRequest)(nil),  // 17: sidecast.v1.PresenceStatsRequest
-	(*PresenceStatsResponse)(nil), // 18: sidecast.v1.PresenceStatsResponse
-	(*ChannelsRequest)(nil),       // 19: sidecast.v1.ChannelsRequest
-	(*ChannelInfo)(nil),           // 20: sidecast.v1.ChannelInfo
-	(*ChannelsResponse)(nil),      // 21: sidecast.v1.ChannelsResponse
-	(*InfoRequest)(nil),           // 22: sidecast.v1.InfoRequest
-	(*InfoResponse)(nil),          // 23: sidecast.v1.InfoResponse
-	(*NodeInfo)(nil),              // 24: sidecast.v1.NodeInfo
-	(*StreamPosition)(nil),        // 25: sidecast.v1.StreamPosition
-	(*HistoryRequest)(nil),        // 26: sidecast.v1.HistoryRequest
-	(*Publication)(nil),           // 27: sidecast.v1.Publication
-	(*HistoryResponse)(nil),       // 28: sidecast.v1.HistoryResponse
-	(*HistoryRemoveRequest)(nil),  // 29: sidecast.v1.HistoryRemoveRequest
-	(*HistoryRemoveResponse)(nil), // 30: sidecast.v1.HistoryRemoveResponse
-	(*EventsRequest)(nil),         // 31: sidecast.v1.EventsRequest
-	(*Join)(nil),                  // 32: sidecast.v1.Join
-	(*Ack)(nil),                   // 33: sidecast.v1.Ack
-	(*EventsResponse)(nil),        // 34: sidecast.v1.EventsResponse
-	(*Joined)(nil),                // 35: sidecast.v1.Joined
-	(*Event)(nil),                 // 36: sidecast.v1.Event
-	(*ConnectEvent)(nil),          // 37: sidecast.v1.ConnectEvent
-	(*DisconnectEvent)(nil),       // 38: sidecast.v1.DisconnectEvent
-	(*SubscribeEvent)(nil),        // 39: sidecast.v1.SubscribeEvent
-	(*UnsubscribeEvent)(nil),      // 40: sidecast.v1.UnsubscribeEvent
-	(*PublishEvent)(nil),          // 41: sidecast.v1.PublishEvent
-	(*RpcEvent)(nil),              // 42: sidecast.v1.RpcEvent
-	(*LostEvent)(nil),             // 43: sidecast.v1.LostEvent
-	(*ReplyRequest)(nil),          // 44: sidecast.v1.ReplyRequest
-	(*RpcError)(nil),              // 45: sidecast.v1.RpcError
-	(*ReplyResponse)(nil),         // 46: sidecast.v1.ReplyResponse
+	(*PublishStreamRequest)(nil),  // 4: sidecast.v1.PublishStreamRequest
+	(*PublishStreamResponse)(nil), // 5: sidecast.v1.PublishStreamResponse
+	(*PublishError)(nil),          // 6: sidecast.v1.PublishError
+	(*BroadcastRequest)(nil),      // 7: sidecast.v1.BroadcastRequest
+	(*BroadcastResponse)(nil),     // 8: sidecast.v1.BroadcastResponse
+	(*SubscribeRequest)(nil),      // 9: sidecast.v1.SubscribeRequest
+	(*SubscribeResponse)(nil),     // 10: sidecast.v1.SubscribeResponse
+	(*UnsubscribeRequest)(nil),    // 11: sidecast.v1.UnsubscribeRequest
+	(*UnsubscribeResponse)(nil),   // 12: sidecast.v1.UnsubscribeResponse
+	(*DisconnectRequest)(nil),     // 13: sidecast.v1.DisconnectRequest
+	(*DisconnectResponse)(nil),    // 14: sidecast.v1.DisconnectResponse
+	(*SendRequest)(nil),           // 15: sidecast.v1.SendRequest
+	(*SendResponse)(nil),          // 16: sidecast.v1.SendResponse
+	(*PresenceRequest)(nil),       // 17: sidecast.v1.PresenceRequest
+	(*ClientInfo)(nil),            // 18: sidecast.v1.ClientInfo
+	(*PresenceResponse)(nil),      // 19: sidecast.v1.PresenceResponse
+	(*PresenceStatsRequest)(nil),  // 20: sidecast.v1.PresenceStatsRequest
+	(*PresenceStatsResponse)(nil), // 21: sidecast.v1.PresenceStatsResponse
+	(*ChannelsRequest)(nil),       // 22: sidecast.v1.ChannelsRequest
+	(*ChannelInfo)(nil),           // 23: sidecast.v1.ChannelInfo
+	(*ChannelsResponse)(nil),      // 24: sidecast.v1.ChannelsResponse
+	(*InfoRequest)(nil),           // 25: sidecast.v1.InfoRequest
+	(*InfoResponse)(nil),          // 26: sidecast.v1.InfoResponse
+	(*NodeInfo)(nil),              // 27: sidecast.v1.NodeInfo
+	(*StreamPosition)(nil),        // 28: sidecast.v1.StreamPosition
+	(*HistoryRequest)(nil),        // 29: sidecast.v1.HistoryRequest
+	(*Publication)(nil),           // 30: sidecast.v1.Publication
+	(*HistoryResponse)(nil),       // 31: sidecast.v1.HistoryResponse
+	(*HistoryRemoveRequest)(nil),  // 32: sidecast.v1.HistoryRemoveRequest
+	(*HistoryRemoveResponse)(nil), // 33: sidecast.v1.HistoryRemoveResponse
+	(*EventsRequest)(nil),         // 34: sidecast.v1.EventsRequest
+	(*Join)(nil),                  // 35: sidecast.v1.Join
+	(*Ack)(nil),                   // 36: sidecast.v1.Ack
+	(*EventsResponse)(nil),        // 37: sidecast.v1.EventsResponse
+	(*Joined)(nil),                // 38: sidecast.v1.Joined
+	(*Event)(nil),                 // 39: sidecast.v1.Event
+	(*ConnectEvent)(nil),          // 40: sidecast.v1.ConnectEvent
+	(*DisconnectEvent)(nil),       // 41: sidecast.v1.DisconnectEvent
+	(*SubscribeEvent)(nil),        // 42: sidecast.v1.SubscribeEvent
+	(*UnsubscribeEvent)(nil),      // 43: sidecast.v1.UnsubscribeEvent
+	(*PublishEvent)(nil),          // 44: sidecast.v1.PublishEvent
+	(*RpcEvent)(nil),              // 45: sidecast.v1.RpcEvent
+	(*LostEvent)(nil),             // 46: sidecast.v1.LostEvent
+	(*ReplyRequest)(nil),          // 47: sidecast.v1.ReplyRequest
+	(*RpcError)(nil),              // 48: sidecast.v1.RpcError
+	(*ReplyResponse)(nil),         // 49: sidecast.v1.ReplyResponse
 }
 var file_sidecast_v1_control_proto_depIdxs = []int32{
-	3,  // 0: sidecast.v1.BroadcastResponse.results:type_name -> sidecast.v1.PublishResponse
-	1,  // 1: sidecast.v1.SubscribeRequest.target:type_name -> sidecast.v1.Target
-	1,  // 2: sidecast.v1.UnsubscribeRequest.target:type_name -> sidecast.v1.Target
-	1,  // 3: sidecast.v1.DisconnectRequest.target:type_name -> sidecast.v1.Target
-	1,  // 4: sidecast.v1.SendRequest.target:type_name -> sidecast.v1.Target
-	15, // 5: sidecast.v1.PresenceResponse.clients:type_name -> sidecast.v1.ClientInfo
-	20, // 6: sidecast.v1.ChannelsResponse.channels:type_name -> sidecast.v1.ChannelInfo
-	24, // 7: sidecast.v1.InfoResponse.nodes:type_name -> sidecast.v1.NodeInfo
-	25, // 8: sidecast.v1.HistoryRequest.since:type_name -> sidecast.v1.StreamPosition
-	27, // 9: sidecast.v1.HistoryResponse.publications:type_name -> sidecast.v1.Publication
-	32, // 10: sidecast.v1.EventsRequest.join:type_name -> sidecast.v1.Join
-	33, // 11: sidecast.v1.EventsRequest.ack:type_name -> sidecast.v1.Ack
-	0,  // 12: sidecast.v1.Join.kinds:type_name -> sidecast.v1.EventKind
-	35, // 13: sidecast.v1.EventsResponse.joined:type_name -> sidecast.v1.Joined
-	36, // 14: sidecast.v1.EventsResponse.event:type_name -> sidecast.v1.Event
-	37, // 15: sidecast.v1.Event.connect:type_name -> sidecast.v1.ConnectEvent
-	38, // 16: sidecast.v1.Event.disconnect:type_name -> sidecast.v1.DisconnectEvent
-	39, // 17: sidecast.v1.Event.subscribe:type_name -> sidecast.v1.SubscribeEvent
-	40, // 18: sidecast.v1.Event.unsubscribe:type_name -> sidecast.v1.UnsubscribeEvent
-	41, // 19: sidecast.v1.Event.publish:type_name -> sidecast.v1.PublishEvent
-	42, // 20: sidecast.v1.Event.rpc:type_name -> sidecast.v1.RpcEvent
-	43, // 21: sidecast.v1.Event.lost:type_name -> sidecast.v1.LostEvent
-	45, // 22: sidecast.v1.ReplyRequest.error:type_name -> sidecast.v1.RpcError
-	2,  // 23: sidecast.v1.Control.Publish:input_type -> sidecast.v1.PublishRequest
-	4,  // 24: sidecast.v1.Control.Broadcast:input_type -> sidecast.v1.BroadcastRequest
-	6,  // 25: sidecast.v1.Control.Subscribe:input_type -> sidecast.v1.SubscribeRequest
-	8,  // 26: sidecast.v1.Control.Unsubscribe:input_type -> sidecast.v1.UnsubscribeRequest
-	10, // 27: sidecast.v1.Control.Disconnect:input_type -> sidecast.v1.DisconnectRequest
-	12, // 28: sidecast.v1.Control.Send:input_type -> sidecast.v1.SendRequest
-	14, // 29: sidecast.v1.Control.Presence:input_type -> sidecast.v1.PresenceRequest
-	17, // 30: sidecast.v1.Control.PresenceStats:input_type -> sidecast.v1.PresenceStatsRequest
-	19, // 31: sidecast.v1.Control.Channels:input_type -> sidecast.v1.ChannelsRequest
-	22, // 32: sidecast.v1.Control.Info:input_type -> sidecast.v1.InfoRequest
-	26, // 33: sidecast.v1.Control.History:input_type -> sidecast.v1.HistoryRequest
-	29, // 34: sidecast.v1.Control.HistoryRemove:input_type -> sidecast.v1.HistoryRemoveRequest
-	31, // 35: sidecast.v1.Control.Events:input_type -> sidecast.v1.EventsRequest
-	44, // 36: sidecast.v1.Control.Reply:input_type -> sidecast.v1.ReplyRequest
-	3,  // 37: sidecast.v1.Control.Publish:output_type -> sidecast.v1.PublishResponse
-	5,  // 38: sidecast.v1.Control.Broadcast:output_type -> sidecast.v1.BroadcastResponse
-	7,  // 39: sidecast.v1.Control.Subscribe:output_type -> sidecast.v1.SubscribeResponse
-	9,  // 40: sidecast.v1.Control.Unsubscribe:output_type -> sidecast.v1.UnsubscribeResponse
-	11, // 41: sidecast.v1.Control.Disconnect:output_type -> sidecast.v1.DisconnectResponse
-	13, // 42: sidecast.v1.Control.Send:output_type -> sidecast.v1.SendResponse
-	16, // 43: sidecast.v1.Control.Presence:output_type -> sidecast.v1.PresenceResponse
-	18, // 44: sidecast.v1.Control.PresenceStats:output_type -> sidecast.v1.PresenceStatsResponse
-	21, // 45: sidecast.v1.Control.Channels:output_type -> sidecast.v1.ChannelsResponse
-	23, // 46: sidecast.v1.Control.Info:output_type -> sidecast.v1.InfoResponse
-	28, // 47: sidecast.v1.Control.History:output_type -> sidecast.v1.HistoryResponse
-	30, // 48: sidecast.v1.Control.HistoryRemove:output_type -> sidecast.v1.HistoryRemoveResponse
-	34, // 49: sidecast.v1.Control.Events:output_type -> sidecast.v1.EventsResponse
-	46, // 50: sidecast.v1.Control.Reply:output_type -> sidecast.v1.ReplyResponse
-	37, // [37:51] is the sub-list for method output_type
-	23, // [23:37] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	2,  // 0: sidecast.v1.PublishStreamRequest.publication:type_name -> sidecast.v1.PublishRequest
+	3,  // 1: sidecast.v1.PublishStreamResponse.published:type_name -> sidecast.v1.PublishResponse
+	6,  // 2: sidecast.v1.PublishStreamResponse.error:type_name -> sidecast.v1.PublishError
+	3,  // 3: sidecast.v1.BroadcastResponse.results:type_name -> sidecast.v1.PublishResponse
+	1,  // 4: sidecast.v1.SubscribeRequest.target:type_name -> sidecast.v1.Target
+	1,  // 5: sidecast.v1.UnsubscribeRequest.target:type_name -> sidecast.v1.Target
+	1,  // 6: sidecast.v1.DisconnectRequest.target:type_name -> sidecast.v1.Target
+	1,  // 7: sidecast.v1.SendRequest.target:type_name -> sidecast.v1.Target
+	18, // 8: sidecast.v1.PresenceResponse.clients:type_name -> sidecast.v1.ClientInfo
+	23, // 9: sidecast.v1.ChannelsResponse.channels:type_name -> sidecast.v1.ChannelInfo
+	27, // 10: sidecast.v1.InfoResponse.nodes:type_name -> sidecast.v1.NodeInfo
+	28, // 11: sidecast.v1.HistoryRequest.since:type_name -> sidecast.v1.StreamPosition
+	30, // 12: sidecast.v1.HistoryResponse.publications:type_name -> sidecast.v1.Publication
+	35, // 13: sidecast.v1.EventsRequest.join:type_name -> sidecast.v1.Join
+	36, // 14: sidecast.v1.EventsRequest.ack:type_name -> sidecast.v1.Ack
+	0,  // 15: sidecast.v1.Join.kinds:type_name -> sidecast.v1.EventKind
+	38, // 16: sidecast.v1.EventsResponse.joined:type_name -> sidecast.v1.Joined
+	39, // 17: sidecast.v1.EventsResponse.event:type_name -> sidecast.v1.Event
+	40, // 18: sidecast.v1.Event.connect:type_name -> sidecast.v1.ConnectEvent
+	41, // 19: sidecast.v1.Event.disconnect:type_name -> sidecast.v1.DisconnectEvent
+	42, // 20: sidecast.v1.Event.subscribe:type_name -> sidecast.v1.SubscribeEvent
+	43, // 21: sidecast.v1.Event.unsubscribe:type_name -> sidecast.v1.UnsubscribeEvent
+	44, // 22: sidecast.v1.Event.publish:type_name -> sidecast.v1.PublishEvent
+	45, // 23: sidecast.v1.Event.rpc:type_name -> sidecast.v1.RpcEvent
+	46, // 24: sidecast.v1.Event.lost:type_name -> sidecast.v1.LostEvent
+	48, // 25: sidecast.v1.ReplyRequest.error:type_name -> sidecast.v1.RpcError
+	2,  // 26: sidecast.v1.Control.Publish:input_type -> sidecast.v1.PublishRequest
+	4,  // 27: sidecast.v1.Control.PublishStream:input_type -> sidecast.v1.PublishStreamRequest
+	7,  // 28: sidecast.v1.Control.Broadcast:input_type -> sidecast.v1.BroadcastRequest
+	9,  // 29: sidecast.v1.Control.Subscribe:input_type -> sidecast.v1.SubscribeRequest
+	11, // 30: sidecast.v1.Control.Unsubscribe:input_type -> sidecast.v1.UnsubscribeRequest
+	13, // 31: sidecast.v1.Control.Disconnect:input_type -> sidecast.v1.DisconnectRequest
+	15, // 32: sidecast.v1.Control.Send:input_type -> sidecast.v1.SendRequest
+	17, // 33: sidecast.v1.Control.Presence:input_type -> sidecast.v1.PresenceRequest
+	20, // 34: sidecast.v1.Control.PresenceStats:input_type -> sidecast.v1.PresenceStatsRequest
+	22, // 35: sidecast.v1.Control.Channels:input_type -> sidecast.v1.ChannelsRequest
+	25, // 36: sidecast.v1.Control.Info:input_type -> sidecast.v1.InfoRequest
+	29, // 37: sidecast.v1.Control.History:input_type -> sidecast.v1.HistoryRequest
+	32, // 38: sidecast.v1.Control.HistoryRemove:input_type -> sidecast.v1.HistoryRemoveRequest
+	34, // 39: sidecast.v1.Control.Events:input_type -> sidecast.v1.EventsRequest
+	47, // 40: sidecast.v1.Control.Reply:input_type -> sidecast.v1.ReplyRequest
+	3,  // 41: sidecast.v1.Control.Publish:output_type -> sidecast.v1.PublishResponse
+	5,  // 42: sidecast.v1.Control.PublishStream:output_type -> sidecast.v1.PublishStreamResponse
+	8,  // 43: sidecast.v1.Control.Broadcast:output_type -> sidecast.v1.BroadcastResponse
+	10, // 44: sidecast.v1.Control.Subscribe:output_type -> sidecast.v1.SubscribeResponse
+	12, // 45: sidecast.v1.Control.Unsubscribe:output_type -> sidecast.v1.UnsubscribeResponse
+	14, // 46: sidecast.v1.Control.Disconnect:output_type -> sidecast.v1.DisconnectResponse
+	16, // 47: sidecast.v1.Control.Send:output_type -> sidecast.v1.SendResponse
+	19, // 48: sidecast.v1.Control.Presence:output_type -> sidecast.v1.PresenceResponse
+	21, // 49: sidecast.v1.Control.PresenceStats:output_type -> sidecast.v1.PresenceStatsResponse
+	24, // 50: sidecast.v1.Control.Channels:output_type -> sidecast.v1.ChannelsResponse
+	26, // 51: sidecast.v1.Control.Info:output_type -> sidecast.v1.InfoResponse
+	31, // 52: sidecast.v1.Control.History:output_type -> sidecast.v1.HistoryResponse
+	33, // 53: sidecast.v1.Control.HistoryRemove:output_type -> sidecast.v1.HistoryRemoveResponse
+	37, // 54: sidecast.v1.Control.Events:output_type -> sidecast.v1.EventsResponse
+	49, // 55: sidecast.v1.Control.Reply:output_type -> sidecast.v1.ReplyResponse
+	41, // [41:56] is the sub-list for method output_type
+	26, // [26:41] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_sidecast_v1_control_proto_init() }
@@ -3219,15 +3436,19 @@ func file_sidecast_v1_control_proto_init() {
 		(*Target_User)(nil),
 		(*Target_Client)(nil),
 	}
-	file_sidecast_v1_control_proto_msgTypes[30].OneofWrappers = []any{
+	file_sidecast_v1_control_proto_msgTypes[4].OneofWrappers = []any{
+		(*PublishStreamResponse_Published)(nil),
+		(*PublishStreamResponse_Error)(nil),
+	}
+	file_sidecast_v1_control_proto_msgTypes[33].OneofWrappers = []any{
 		(*EventsRequest_Join)(nil),
 		(*EventsRequest_Ack)(nil),
 	}
-	file_sidecast_v1_control_proto_msgTypes[33].OneofWrappers = []any{
+	file_sidecast_v1_control_proto_msgTypes[36].OneofWrappers = []any{
 		(*EventsResponse_Joined)(nil),
 		(*EventsResponse_Event)(nil),
 	}
-	file_sidecast_v1_control_proto_msgTypes[35].OneofWrappers = []any{
+	file_sidecast_v1_control_proto_msgTypes[38].OneofWrappers = []any{
 		(*Event_Connect)(nil),
 		(*Event_Disconnect)(nil),
 		(*Event_Subscribe)(nil),
@@ -3236,7 +3457,7 @@ func file_sidecast_v1_control_proto_init() {
 		(*Event_Rpc)(nil),
 		(*Event_Lost)(nil),
 	}
-	file_sidecast_v1_control_proto_msgTypes[43].OneofWrappers = []any{
+	file_sidecast_v1_control_proto_msgTypes[46].OneofWrappers = []any{
 		(*ReplyRequest_Data)(nil),
 		(*ReplyRequest_Error)(nil),
 	}
@@ -3246,7 +3467,7 @@ func file_sidecast_v1_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_sidecast_v1_control_proto_rawDesc), len(file_sidecast_v1_control_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   46,
+			NumMessages:   49,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -24,6 +24,7 @@ const _ = grpc.SupportPackageIsVersion9
 
 const (
 	Control_Publish_FullMethodName       = "/sidecast.v1.Control/Publish"
+	Control_PublishStream_FullMethodName = "/sidecast.v1.Control/PublishStream"
 	Control_Broadcast_FullMethodName     = "/sidecast.v1.Control/Broadcast"
 	Control_Subscribe_FullMethodName     = "/sidecast.v1.Control/Subscribe"
 	Control_Unsubscribe_FullMethodName   = "/sidecast.v1.Control/Unsubscribe"
@@ -46,6 +47,13 @@ type ControlClient interface {
 	// Publish one JSON payload to a channel. Every current subscriber receives it,
 	// in the same order as every other subscriber of that channel.
 	Publish(ctx context.Context, in *PublishRequest, opts ...grpc.CallOption) (*PublishResponse, error)
+	// Many publications over one stream, for backends that publish often (docs/backend.md,
+	// "Publishing many"). Each request is published in the order the stream carries them and
+	// answered by one response with its id, in the same order; a publication that fails is
+	// answered with its error and the stream carries on. Half-close to end: every request
+	// sent before is answered, then the stream ends OK. A request without an answer when the
+	// stream ends otherwise was not published.
+	PublishStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[PublishStreamRequest, PublishStreamResponse], error)
 	// Publish one payload to many channels; the payload is validated once.
 	Broadcast(ctx context.Context, in *BroadcastRequest, opts ...grpc.CallOption) (*BroadcastResponse, error)
 	// Subscribe the current connections of a user (or one client) to a channel.
@@ -94,6 +102,19 @@ func (c *controlClient) Publish(ctx context.Context, in *PublishRequest, opts ..
 	}
 	return out, nil
 }
+
+func (c *controlClient) PublishStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[PublishStreamRequest, PublishStreamResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Control_ServiceDesc.Streams[0], Control_PublishStream_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[PublishStreamRequest, PublishStreamResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Control_PublishStreamClient = grpc.BidiStreamingClient[PublishStreamRequest, PublishStreamResponse]
 
 func (c *controlClient) Broadcast(ctx context.Context, in *BroadcastRequest, opts ...grpc.CallOption) (*BroadcastResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
@@ -207,7 +228,7 @@ func (c *controlClient) HistoryRemove(ctx context.Context, in *HistoryRemoveRequ
 
 func (c *controlClient) Events(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[EventsRequest, EventsResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Control_ServiceDesc.Streams[0], Control_Events_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Control_ServiceDesc.Streams[1], Control_Events_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -235,6 +256,13 @@ type ControlServer interface {
 	// Publish one JSON payload to a channel. Every current subscriber receives it,
 	// in the same order as every other subscriber of that channel.
 	Publish(context.Context, *PublishRequest) (*PublishResponse, error)
+	// Many publications over one stream, for backends that publish often (docs/backend.md,
+	// "Publishing many"). Each request is published in the order the stream carries them and
+	// answered by one response with its id, in the same order; a publication that fails is
+	// answered with its error and the stream carries on. Half-close to end: every request
+	// sent before is answered, then the stream ends OK. A request without an answer when the
+	// stream ends otherwise was not published.
+	PublishStream(grpc.BidiStreamingServer[PublishStreamRequest, PublishStreamResponse]) error
 	// Publish one payload to many channels; the payload is validated once.
 	Broadcast(context.Context, *BroadcastRequest) (*BroadcastResponse, error)
 	// Subscribe the current connections of a user (or one client) to a channel.
@@ -276,6 +304,9 @@ type UnimplementedControlServer struct{}
 
 func (UnimplementedControlServer) Publish(context.Context, *PublishRequest) (*PublishResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Publish not implemented")
+}
+func (UnimplementedControlServer) PublishStream(grpc.BidiStreamingServer[PublishStreamRequest, PublishStreamResponse]) error {
+	return status.Error(codes.Unimplemented, "method PublishStream not implemented")
 }
 func (UnimplementedControlServer) Broadcast(context.Context, *BroadcastRequest) (*BroadcastResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Broadcast not implemented")
@@ -354,6 +385,13 @@ func _Control_Publish_Handler(srv interface{}, ctx context.Context, dec func(int
 	}
 	return interceptor(ctx, in, info, handler)
 }
+
+func _Control_PublishStream_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(ControlServer).PublishStream(&grpc.GenericServerStream[PublishStreamRequest, PublishStreamResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Control_PublishStreamServer = grpc.BidiStreamingServer[PublishStreamRequest, PublishStreamResponse]
 
 func _Control_Broadcast_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(BroadcastRequest)
@@ -639,6 +677,12 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		},
 	},
 	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "PublishStream",
+			Handler:       _Control_PublishStream_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
 		{
 			StreamName:    "Events",
 			Handler:       _Control_Events_Handler,
