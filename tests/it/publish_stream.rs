@@ -145,3 +145,68 @@ async fn an_open_stream_ends_unavailable_when_the_node_stops() {
     );
     drop(tx);
 }
+
+/// The node's publications so far, from /metrics.
+async fn publications(server: &TestServer) -> u64 {
+    let (_, text) = crate::support::http_get(server.admin, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("sidecast_publications_total "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// A backend that sends 50,000 publications and reads no answer is stopped by the
+/// stream's bounds (256 queued answers, then HTTP/2 flow control: the backend's 64 KiB
+/// window, as grpc-go's default, holds about 6,500 answers) long before the node has taken
+/// them all; once it reads, every answer comes, in order, and the rest is published.
+#[tokio::test]
+async fn a_backend_that_reads_no_answer_is_held_back() {
+    const TOTAL: u64 = 50_000;
+    let server = TestServer::start(&[]).await;
+    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url.clone())
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(64);
+    let mut answers = pb::control_client::ControlClient::new(channel)
+        .publish_stream(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // What the backend's own gRPC library buffers of its requests is its business; what the
+    // node takes is the node's.
+    let sender = tokio::spawn(async move {
+        for id in 0..TOTAL {
+            tx.send(request(id, publish("news", "1"))).await.unwrap();
+        }
+    });
+    // Until the node stops taking publications (nothing more for half a second), within
+    // the usual patience.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut last = publications(&server).await;
+    let held = loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let now = publications(&server).await;
+        if now == last && now > 0 {
+            break now;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never held back");
+        last = now;
+    };
+    assert!(
+        held < 10_000,
+        "{held} publications taken without an answer read"
+    );
+
+    for id in 0..TOTAL {
+        let answer = next(&mut answers).await.unwrap().expect("an answer");
+        assert_eq!(answer.id, id);
+        assert!(matches!(answer.result, Some(Answer::Published(_))));
+    }
+    sender.await.unwrap();
+    assert!(next(&mut answers).await.unwrap().is_none(), "ends OK");
+    assert_eq!(publications(&server).await, TOTAL);
+}
