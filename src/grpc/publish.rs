@@ -6,7 +6,8 @@
 
 use std::pin::Pin;
 
-use tokio::sync::mpsc;
+use futures_util::{stream, StreamExt};
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
@@ -25,44 +26,45 @@ pub type PublishStream =
     Pin<Box<dyn Stream<Item = Result<pb::PublishStreamResponse, Status>> + Send>>;
 
 /// Starts answering the stream's requests; `closing` ends it (UNAVAILABLE) when the node
-/// stops, between two requests.
+/// stops, between two requests or while an answer waits for room.
 pub fn open(
     node: Node,
     inbound: Streaming<pb::PublishStreamRequest>,
     closing: CancellationToken,
 ) -> PublishStream {
     let (answers, out) = mpsc::channel(ANSWERS);
-    tokio::spawn(serve(node, inbound, answers, closing));
-    Box::pin(ReceiverStream::new(out))
+    let (end, ended) = oneshot::channel();
+    tokio::spawn(async move {
+        if let Some(status) = serve(node, inbound, answers, closing).await {
+            let _ = end.send(status);
+        }
+    });
+    // The status comes after every queued answer, whether or not the queue had room for it.
+    let status = stream::once(ended).filter_map(|end| async move { end.ok().map(Err) });
+    Box::pin(ReceiverStream::new(out).map(Ok).chain(status))
 }
 
-type Answers = mpsc::Sender<Result<pb::PublishStreamResponse, Status>>;
-
+/// Answers requests until the stream ends; returns the status it ends with, `None` for OK
+/// (the backend half-closed and every request was answered, or it went away).
 async fn serve(
     node: Node,
     mut inbound: Streaming<pb::PublishStreamRequest>,
-    answers: Answers,
+    answers: mpsc::Sender<pb::PublishStreamResponse>,
     closing: CancellationToken,
-) {
+) -> Option<Status> {
     loop {
         let next = tokio::select! {
             biased;
-            _ = closing.cancelled() => {
-                let _ = answers.send(Err(ApiError::ShuttingDown.into())).await;
-                return;
-            }
+            _ = closing.cancelled() => return Some(ApiError::ShuttingDown.into()),
             // The backend went away: nobody to answer.
-            _ = answers.closed() => return,
+            _ = answers.closed() => return None,
             next = inbound.message() => next,
         };
         let request = match next {
             Ok(Some(request)) => request,
-            // Half-closed: everything sent was answered; the stream ends OK.
-            Ok(None) => return,
-            Err(status) => {
-                let _ = answers.send(Err(status)).await;
-                return;
-            }
+            Ok(None) => return None,
+            // Among others, a request over the decoding limit (OUT_OF_RANGE).
+            Err(status) => return Some(status),
         };
         let answer = pb::PublishStreamResponse {
             id: request.id,
@@ -74,8 +76,11 @@ async fn serve(
                 }),
             }),
         };
-        if answers.send(Ok(answer)).await.is_err() {
-            return;
+        tokio::select! {
+            sent = answers.send(answer) => if sent.is_err() { return None },
+            // A backend that stopped reading does not hold the node's stop: this answer is
+            // lost, and the docs say an unanswered publication may have been published.
+            _ = closing.cancelled() => return Some(ApiError::ShuttingDown.into()),
         }
     }
 }

@@ -155,14 +155,15 @@ async fn publications(server: &TestServer) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
-/// A backend that sends 50,000 publications and reads no answer is stopped by the
-/// stream's bounds (256 queued answers, then HTTP/2 flow control: the backend's 64 KiB
-/// window, as grpc-go's default, holds about 6,500 answers) long before the node has taken
-/// them all; once it reads, every answer comes, in order, and the rest is published.
-#[tokio::test]
-async fn a_backend_that_reads_no_answer_is_held_back() {
-    const TOTAL: u64 = 50_000;
-    let server = TestServer::start(&[]).await;
+/// A publish stream over a connection with 64 KiB receive windows (grpc-go's default),
+/// and a task sending `total` publications to "news" through it.
+async fn open_narrow(
+    server: &TestServer,
+    total: u64,
+) -> (
+    tonic::Streaming<pb::PublishStreamResponse>,
+    tokio::task::JoinHandle<()>,
+) {
     let channel = tonic::transport::Endpoint::from_shared(server.grpc_url.clone())
         .unwrap()
         .initial_stream_window_size(65_535)
@@ -171,31 +172,49 @@ async fn a_backend_that_reads_no_answer_is_held_back() {
         .await
         .unwrap();
     let (tx, rx) = mpsc::channel(64);
-    let mut answers = pb::control_client::ControlClient::new(channel)
+    let answers = pb::control_client::ControlClient::new(channel)
         .publish_stream(ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
     // What the backend's own gRPC library buffers of its requests is its business; what the
-    // node takes is the node's.
+    // node takes is the node's. The sender stops quietly when the stream is gone.
     let sender = tokio::spawn(async move {
-        for id in 0..TOTAL {
-            tx.send(request(id, publish("news", "1"))).await.unwrap();
+        for id in 0..total {
+            if tx.send(request(id, publish("news", "1"))).await.is_err() {
+                return;
+            }
         }
     });
-    // Until the node stops taking publications (nothing more for half a second), within
-    // the usual patience.
+    (answers, sender)
+}
+
+/// Waits until the node stops taking publications (nothing more for half a second), within
+/// the usual patience, and returns how many it took.
+async fn held_back(server: &TestServer) -> u64 {
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    let mut last = publications(&server).await;
-    let held = loop {
+    let mut last = publications(server).await;
+    loop {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        let now = publications(&server).await;
+        let now = publications(server).await;
         if now == last && now > 0 {
-            break now;
+            return now;
         }
         assert!(tokio::time::Instant::now() < deadline, "never held back");
         last = now;
-    };
+    }
+}
+
+/// A backend that sends 50,000 publications and reads no answer is stopped by the
+/// stream's bounds (256 queued answers, then HTTP/2 flow control: the backend's 64 KiB
+/// window holds about 1,900 answers of this size) long before the node has taken them all;
+/// once it reads, every answer comes, in order, and the rest is published.
+#[tokio::test]
+async fn a_backend_that_reads_no_answer_is_held_back() {
+    const TOTAL: u64 = 50_000;
+    let server = TestServer::start(&[]).await;
+    let (mut answers, sender) = open_narrow(&server, TOTAL).await;
+    let held = held_back(&server).await;
     assert!(
         held < 10_000,
         "{held} publications taken without an answer read"
@@ -209,4 +228,62 @@ async fn a_backend_that_reads_no_answer_is_held_back() {
     sender.await.unwrap();
     assert!(next(&mut answers).await.unwrap().is_none(), "ends OK");
     assert_eq!(publications(&server).await, TOTAL);
+}
+
+/// The node stops while a backend that reads no answer has filled its stream: the stream
+/// is not waited on for room. When the backend reads, it gets the answers that were queued,
+/// in order, no more than were published, and then UNAVAILABLE.
+#[tokio::test]
+async fn a_stream_full_of_unread_answers_ends_unavailable_when_the_node_stops() {
+    let server = TestServer::start(&[("shutdown_timeout", "10s"), ("drain_window", "100ms")]).await;
+    let (mut answers, sender) = open_narrow(&server, 50_000).await;
+    let held = held_back(&server).await;
+    let stopping = tokio::spawn(server.stop());
+
+    let mut read = 0;
+    let status = loop {
+        match next(&mut answers).await {
+            Ok(Some(answer)) => {
+                assert_eq!(answer.id, read, "answers in order");
+                assert!(matches!(answer.result, Some(Answer::Published(_))));
+                read += 1;
+            }
+            Ok(None) => panic!("ended OK after {read} answers"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(
+        (status.code(), status.message()),
+        (tonic::Code::Unavailable, "the server is shutting down")
+    );
+    assert!(
+        read > 0 && read <= held,
+        "{read} answers for {held} published"
+    );
+    tokio::time::timeout(PATIENCE, stopping)
+        .await
+        .expect("the node stops")
+        .unwrap();
+    tokio::time::timeout(PATIENCE, sender)
+        .await
+        .expect("the sender ends")
+        .unwrap();
+}
+
+/// A request over gRPC's 4 MiB message limit ends the stream OUT_OF_RANGE, after the
+/// answer to the request before it.
+#[tokio::test]
+async fn a_request_over_the_message_limit_ends_the_stream_out_of_range() {
+    let server = TestServer::start(&[]).await;
+    let (tx, mut answers) = open(&server).await;
+    tx.send(request(1, publish("news", "1"))).await.unwrap();
+    let big = format!("\"{}\"", "x".repeat(5 << 20));
+    tx.send(request(2, publish("news", &big))).await.unwrap();
+    let answer = next(&mut answers).await.unwrap().expect("an answer");
+    assert_eq!(answer.id, 1);
+    assert!(matches!(answer.result, Some(Answer::Published(_))));
+    let status = next(&mut answers).await.expect_err("ends with a status");
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert_eq!(publications(&server).await, 1);
+    drop(tx);
 }

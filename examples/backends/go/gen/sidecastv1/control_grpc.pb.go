@@ -51,8 +51,10 @@ type ControlClient interface {
 	// "Publishing many"). Each request is published in the order the stream carries them and
 	// answered by one response with its id, in the same order; a publication that fails is
 	// answered with its error and the stream carries on. Half-close to end: every request
-	// sent before is answered, then the stream ends OK. A request without an answer when the
-	// stream ends otherwise was not published.
+	// sent before is answered, then the stream ends OK. When it ends with an error status
+	// instead (the node stopping, the connection lost, a request over 4 MiB: OUT_OF_RANGE), a
+	// request without an answer may or may not have been published: retry it with its
+	// idempotency key.
 	PublishStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[PublishStreamRequest, PublishStreamResponse], error)
 	// Publish one payload to many channels; the payload is validated once.
 	Broadcast(ctx context.Context, in *BroadcastRequest, opts ...grpc.CallOption) (*BroadcastResponse, error)
@@ -260,8 +262,10 @@ type ControlServer interface {
 	// "Publishing many"). Each request is published in the order the stream carries them and
 	// answered by one response with its id, in the same order; a publication that fails is
 	// answered with its error and the stream carries on. Half-close to end: every request
-	// sent before is answered, then the stream ends OK. A request without an answer when the
-	// stream ends otherwise was not published.
+	// sent before is answered, then the stream ends OK. When it ends with an error status
+	// instead (the node stopping, the connection lost, a request over 4 MiB: OUT_OF_RANGE), a
+	// request without an answer may or may not have been published: retry it with its
+	// idempotency key.
 	PublishStream(grpc.BidiStreamingServer[PublishStreamRequest, PublishStreamResponse]) error
 	// Publish one payload to many channels; the payload is validated once.
 	Broadcast(context.Context, *BroadcastRequest) (*BroadcastResponse, error)
