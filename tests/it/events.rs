@@ -62,11 +62,32 @@ async fn open_at(
     ),
     tonic::Status,
 > {
+    open_windowed(url, first, None).await
+}
+
+/// `receive_window`, when given, is the connection's and the stream's HTTP/2 receive
+/// window (tonic's client defaults are megabytes).
+async fn open_windowed(
+    url: &str,
+    first: pb::EventsRequest,
+    receive_window: Option<u32>,
+) -> Result<
+    (
+        mpsc::Sender<pb::EventsRequest>,
+        tonic::Streaming<pb::EventsResponse>,
+    ),
+    tonic::Status,
+> {
     let (tx, rx) = mpsc::channel(64);
     tx.send(first).await.unwrap();
-    let mut grpc = pb::control_client::ControlClient::connect(url.to_string())
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .initial_stream_window_size(receive_window)
+        .initial_connection_window_size(receive_window)
+        .connect()
         .await
         .unwrap();
+    let mut grpc = pb::control_client::ControlClient::new(channel);
     let response = grpc.events(ReceiverStream::new(rx)).await?;
     Ok((tx, response.into_inner()))
 }
@@ -99,7 +120,20 @@ impl Member {
         window: u32,
         rpc: &[&str],
     ) -> Member {
-        let (tx, mut rx) = open_at(url, join_request(group, kinds, window, rpc))
+        Member::join_windowed(url, group, kinds, window, rpc, None).await
+    }
+
+    /// A member whose connection has `receive_window` bytes of HTTP/2 receive window.
+    pub async fn join_windowed(
+        url: &str,
+        group: &str,
+        kinds: &[EventKind],
+        window: u32,
+        rpc: &[&str],
+        receive_window: Option<u32>,
+    ) -> Member {
+        let request = join_request(group, kinds, window, rpc);
+        let (tx, mut rx) = open_windowed(url, request, receive_window)
             .await
             .expect("join accepted");
         let first = tokio::time::timeout(PATIENCE, rx.message())

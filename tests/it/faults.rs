@@ -148,12 +148,16 @@ async fn a_backend_that_vanishes_without_a_fin_is_found_by_the_keepalive() {
         env!("CARGO_MANIFEST_DIR"),
         "/examples/backends/python/.venv/bin/python"
     );
+    assert!(
+        std::path::Path::new(python).exists(),
+        "{python}: the examples' Python venv (scripts/test makes it)"
+    );
     let child = net
         .exec(python)
         .args(["-c", MEMBER, &format!("{}:{port}", net.near_ip), &join])
         .stdout(Stdio::piped())
         .spawn()
-        .expect("the examples' Python venv (scripts/test makes it)");
+        .expect("ip netns exec");
     let mut child = KillOnDrop(Some(child));
     let stdout = child.0.as_mut().unwrap().stdout.take().unwrap();
     let mut lines = BufReader::new(tokio::process::ChildStdout::from_std(stdout).unwrap()).lines();
@@ -174,7 +178,11 @@ async fn a_backend_that_vanishes_without_a_fin_is_found_by_the_keepalive() {
     let mut held_far = 0;
     while seen.len() + held_far < CLIENTS {
         tokio::select! {
-            event = peer.next_acked() => { seen.insert(event.client); }
+            // Reading is cancel-safe, acknowledging in the middle of it would not be.
+            event = peer.next() => {
+                peer.ack(&[event.seq]).await;
+                seen.insert(event.client);
+            }
             line = lines.next_line() => {
                 assert_eq!(line.unwrap().as_deref(), Some("event"));
                 held_far += 1;
@@ -196,14 +204,15 @@ async fn a_backend_that_vanishes_without_a_fin_is_found_by_the_keepalive() {
 /// A backend that opens its event stream and then never reads it holds back nobody: another
 /// group and the group's other member get every event, the silent member is dropped at
 /// `events_ack_timeout` (its stream, once read, ends ABORTED), and the events it held go
-/// to the other member, marked redelivered. The events carry 2 KB of `info` each, so what
-/// the silent member holds is more than HTTP/2's 64 KiB stream window: its stream is
-/// blocked at the transport, not only unread.
+/// to the other member, marked redelivered. The silent member's connection has HTTP/2's
+/// default 64 KiB receive window and the events carry 2 KB of `info` each, so what it holds
+/// is more than its window: its stream is blocked at the transport, not only unread.
 #[tokio::test]
 async fn a_member_that_never_reads_its_stream_holds_back_nobody() {
     const CLIENTS: usize = 150;
     let server = TestServer::start(&[("events_ack_timeout", "1s")]).await;
-    let mut silent = Member::join(&server, "g", &[EventKind::Connect], 0).await;
+    let (kinds, url) = ([EventKind::Connect], &server.grpc_url);
+    let mut silent = Member::join_windowed(url, "g", &kinds, 0, &[], Some(65_535)).await;
     let mut peer = Member::join(&server, "g", &[EventKind::Connect], 0).await;
     let mut other = Member::join(&server, "h", &[EventKind::Connect], 0).await;
     let mut clients = Vec::new();

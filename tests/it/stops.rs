@@ -78,12 +78,22 @@ impl Node {
         assert!(status.success());
     }
 
-    /// Waits for the process to exit; its exit status.
+    /// Waits for the process to exit (within the usual patience); its exit status.
     async fn exited(mut self) -> std::process::ExitStatus {
         let mut child = self.child.0.take().unwrap();
-        tokio::task::spawn_blocking(move || child.wait().unwrap())
-            .await
-            .unwrap()
+        let waiting = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + crate::support::PATIENCE;
+            while std::time::Instant::now() < deadline {
+                if let Some(status) = child.try_wait().unwrap() {
+                    return status;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the process did not exit in time");
+        });
+        waiting.await.unwrap()
     }
 }
 
@@ -114,9 +124,11 @@ async fn sigterm_under_load_delivers_or_refuses_and_closes_every_client_1001() {
         assert_eq!(client.recv().await["type"], "connected");
         let reply = client.subscribe(1, "load:feed").await;
         assert_eq!(reply["result"]["offset"], 0, "{reply}");
-        readers.push(tokio::spawn(
-            async move { client.drain_until_close().await },
-        ));
+        // The clock runs from here, through the publishing before the signal and the drain.
+        let deadline = tokio::time::Instant::now() + 3 * crate::support::PATIENCE;
+        readers.push(tokio::spawn(async move {
+            client.drain_until_close_by(deadline).await
+        }));
     }
 
     // The backend acknowledges each disconnect as it comes, until its stream ends.

@@ -332,8 +332,16 @@ impl Client {
 
     /// Collects messages until the server's Close: (messages, close code).
     pub async fn drain_until_close(&mut self) -> (Vec<Value>, u16) {
+        self.drain_until_close_by(tokio::time::Instant::now() + PATIENCE)
+            .await
+    }
+
+    /// As `drain_until_close`, with the close due by `deadline`.
+    pub async fn drain_until_close_by(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> (Vec<Value>, u16) {
         let mut messages = Vec::new();
-        let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
             let next = tokio::time::timeout_at(deadline, self.ws.next())
                 .await

@@ -1,6 +1,6 @@
-//! Property tests of how a flush is written: the route depends on the number of sockets,
-//! whether the node is behind and whether there is a runtime, and on nothing else; and
-//! whichever route is taken, every socket gets every frame queued to it once, in order.
+//! Property tests of how a flush is written: the route chosen from the number of sockets,
+//! whether the node is behind and whether there is a runtime keeps each route's promise;
+//! and whichever route is taken, every socket gets every frame queued to it once, in order.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,24 +16,30 @@ use crate::outbox::tests::pair;
 use crate::outbox::Push;
 
 proptest! {
+    /// The route takes nothing but its inputs (no state), so it is a function of them by
+    /// construction; what matters is what each route promises.
     #[test]
-    fn the_route_follows_its_inputs_alone(
+    fn the_route_keeps_its_promises(
         sockets in 0usize..3 * Flush::WAKE_MAX,
         behind: bool,
         in_runtime: bool,
     ) {
         let route = Flush::route(sockets, behind, in_runtime);
-        prop_assert_eq!(route, Flush::route(sockets, behind, in_runtime));
-        let expected = if !in_runtime {
-            Route::Inline
-        } else if behind && sockets <= Flush::WAKE_MAX {
-            Route::Wake
-        } else if sockets > Flush::INLINE {
-            Route::Task
+        if !in_runtime {
+            // Nothing to spawn on or to be woken by: written here.
+            prop_assert_eq!(route, Route::Inline);
+        } else if sockets > Flush::WAKE_MAX {
+            // Waking that many connections costs more than one task writing them.
+            prop_assert_eq!(route, Route::Task);
+        } else if behind {
+            // Behind, the connections batch their own writes.
+            prop_assert_eq!(route, Route::Wake);
+        } else if sockets <= Flush::INLINE {
+            // A small fan-out does not wait for a task switch.
+            prop_assert_eq!(route, Route::Inline);
         } else {
-            Route::Inline
-        };
-        prop_assert_eq!(route, expected);
+            prop_assert_eq!(route, Route::Task);
+        }
     }
 }
 
