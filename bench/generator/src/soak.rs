@@ -51,6 +51,17 @@ pub struct Options {
 /// How long the end of the run may take to settle (every client caught up, presence exact,
 /// every disconnect reported): a safety net, not a pacing device.
 const SETTLE: Duration = Duration::from_secs(60);
+/// Longest a control call may take before it counts as failed.
+const CALL: Duration = Duration::from_secs(10);
+
+/// A control call within `CALL`, its lateness as an error.
+async fn within<T>(
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    timeout(CALL, call)
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer within 10 s")))
+}
 /// Connection setups in flight at once (the first ramp and the reconnects).
 const SETUP_CONCURRENCY: usize = 256;
 
@@ -71,6 +82,8 @@ struct Tally {
     duplicates: u64,
     /// Closes the server sent without being asked, by code.
     server_closes: BTreeMap<u16, u64>,
+    /// Connections that ended without a close while the client was reading.
+    dropped: u64,
     leaves: u64,
     publications: u64,
     publish_errors: u64,
@@ -88,9 +101,20 @@ struct Events {
     connects: u64,
     subscribes: u64,
     disconnects: u64,
+    /// `lost` events, and how many events their ranges name.
     lost: u64,
+    lost_named: u64,
+    /// Sequence numbers skipped without a `lost` event naming them.
     seq_gaps: u64,
     next_seq: u64,
+}
+
+impl Events {
+    /// Every event the fleet's connections made is either here or named lost.
+    fn accounted(&self, t: &Tally) -> bool {
+        self.connects + self.subscribes + self.disconnects + self.lost_named
+            >= 2 * t.connects + t.subscribes
+    }
 }
 
 /// One reading of the server.
@@ -249,9 +273,8 @@ pub async fn soak(ctx: &Ctx, opts: Options) -> anyhow::Result<()> {
     // Everyone leaves: the group must hear every disconnect, the node must let go of all.
     stop.cancel();
     while fleet.join_next().await.is_some() {}
-    let connects = tally.borrow().connects;
     loop {
-        let done = events.borrow().disconnects >= connects;
+        let done = events.borrow().accounted(&tally.borrow());
         let after = sample(ctx, &pid, start).await;
         if (done && after.connections == 0) || Instant::now() >= settled + SETTLE {
             record(after, "after")?;
@@ -270,8 +293,9 @@ pub async fn soak(ctx: &Ctx, opts: Options) -> anyhow::Result<()> {
     println!(
         "soak: {} connections, {} connects ({} failed), {} recovered ({} publications), {} not recovered, \
          {} publications ({} failed), {} received, {} gaps, {} duplicates, {} clients behind ({} missing), \
-         server closes {:?}, presence wrong on {} channels, {} presence queries ({} failed); \
-         events {} (connect {}, subscribe {}, disconnect {}, lost {}, seq gaps {})",
+         server closes {:?}, {} dropped without a close, presence wrong on {} channels, \
+         {} presence queries ({} failed); events {} (connect {}, subscribe {}, disconnect {}, \
+         lost {} naming {}, seq gaps {})",
         opts.connections,
         t.connects,
         t.connect_errors,
@@ -286,6 +310,7 @@ pub async fn soak(ctx: &Ctx, opts: Options) -> anyhow::Result<()> {
         clients_behind,
         missing,
         t.server_closes,
+        t.dropped,
         presence_wrong,
         t.presence_queries,
         t.presence_errors,
@@ -294,6 +319,7 @@ pub async fn soak(ctx: &Ctx, opts: Options) -> anyhow::Result<()> {
         e.subscribes,
         e.disconnects,
         e.lost,
+        e.lost_named,
         e.seq_gaps,
     );
     println!(
@@ -306,7 +332,7 @@ pub async fn soak(ctx: &Ctx, opts: Options) -> anyhow::Result<()> {
         first_half as f64 / MIB,
         second_half as f64 / MIB,
     );
-    let result = json!({
+    let mut result = json!({
         "scenario": "soak", "connections": opts.connections, "seconds": opts.seconds,
         "churn": opts.churn, "channels": opts.channels, "rate": opts.rate,
         "connects": t.connects, "connect_errors": t.connect_errors, "recovered": t.recovered,
@@ -325,6 +351,9 @@ pub async fn soak(ctx: &Ctx, opts: Options) -> anyhow::Result<()> {
         "idle": [idle.rss, idle.fds, idle.tasks], "steady": [steady.rss, steady.fds, steady.tasks],
         "after": [after.rss, after.fds, after.tasks],
     });
+    // Beyond what one json! holds before the macro's recursion limit.
+    result["events_lost_named"] = e.lost_named.into();
+    result["dropped"] = t.dropped.into();
     println!("RESULT {result}");
     if !opts.check {
         return Ok(());
@@ -347,8 +376,11 @@ pub async fn soak(ctx: &Ctx, opts: Options) -> anyhow::Result<()> {
         format!("{} resubscribes not recovered", t.unrecovered),
     );
     expect(
-        t.server_closes.is_empty(),
-        format!("closes from the server: {:?}", t.server_closes),
+        t.server_closes.is_empty() && t.dropped == 0,
+        format!(
+            "closes from the server: {:?}, {} dropped without a close",
+            t.server_closes, t.dropped
+        ),
     );
     expect(
         t.connect_errors == 0 && t.publish_errors == 0 && t.presence_errors == 0,
@@ -371,7 +403,10 @@ pub async fn soak(ctx: &Ctx, opts: Options) -> anyhow::Result<()> {
     );
     expect(
         e.lost == 0 && e.seq_gaps == 0,
-        format!("events lost {}, seq gaps {}", e.lost, e.seq_gaps),
+        format!(
+            "events lost {} (naming {}), seq gaps {}",
+            e.lost, e.lost_named, e.seq_gaps
+        ),
     );
     // Memory: the second half of the run holds no more than the first (with room for the
     // allocator's noise); once everyone has left, the node is back to its idle files and
@@ -539,6 +574,7 @@ impl Client {
                 frame = conn.next() => frame,
             };
             let Ok(frame) = frame else {
+                self.tally.borrow_mut().dropped += 1;
                 return Ended::Lost;
             };
             match frame.opcode {
@@ -552,6 +588,7 @@ impl Client {
                     } else if payload == br#"{"type":"ping"}"#
                         && conn.send_text(br#"{"op":"pong"}"#).await.is_err()
                     {
+                        self.tally.borrow_mut().dropped += 1;
                         return Ended::Lost;
                     }
                 }
@@ -624,7 +661,7 @@ async fn publish(
             data: format!(r#"{{"n":{n}}}"#).into_bytes(),
             idempotency_key: String::new(),
         };
-        let answer = client.publish(request).await;
+        let answer = within(client.publish(request)).await;
         let mut t = tally.borrow_mut();
         match answer {
             Ok(response) => {
@@ -661,14 +698,11 @@ async fn query_presence(
             _ = tick.tick() => {}
         }
         let channel = format!("soak:{}", n % channels);
-        let presence = client
-            .presence(pb::PresenceRequest {
-                channel: channel.clone(),
-            })
-            .await;
-        let stats = client
-            .presence_stats(pb::PresenceStatsRequest { channel })
-            .await;
+        let presence = within(client.presence(pb::PresenceRequest {
+            channel: channel.clone(),
+        }))
+        .await;
+        let stats = within(client.presence_stats(pb::PresenceStatsRequest { channel })).await;
         let mut t = tally.borrow_mut();
         t.presence_queries += 2;
         t.presence_errors += u64::from(presence.is_err()) + u64::from(stats.is_err());
@@ -687,12 +721,11 @@ async fn presence_counts(ctx: &Ctx, opts: &Options, deadline: Instant) -> anyhow
     loop {
         let mut still = Vec::new();
         for c in wrong {
-            let stats = client
-                .presence_stats(pb::PresenceStatsRequest {
-                    channel: format!("soak:{c}"),
-                })
-                .await?
-                .into_inner();
+            let stats = within(client.presence_stats(pb::PresenceStatsRequest {
+                channel: format!("soak:{c}"),
+            }))
+            .await?
+            .into_inner();
             if stats.num_clients != expected(c) || stats.num_users != expected(c) {
                 still.push(c);
             }
@@ -746,7 +779,15 @@ async fn join_group(
             if let Some(Response::Event(event)) = message.and_then(|m| m.response) {
                 let mut s = seen.borrow_mut();
                 s.events += 1;
-                if event.seq != s.next_seq {
+                // One member, so events come in order; a `lost` event comes right after
+                // the range it names.
+                let named = match &event.kind {
+                    Some(pb::event::Kind::Lost(lost)) if lost.first_seq == s.next_seq => {
+                        lost.last_seq + 1
+                    }
+                    _ => s.next_seq,
+                };
+                if event.seq != named {
                     s.seq_gaps += 1;
                 }
                 s.next_seq = event.seq + 1;
@@ -754,7 +795,10 @@ async fn join_group(
                     Some(pb::event::Kind::Connect(_)) => s.connects += 1,
                     Some(pb::event::Kind::Subscribe(_)) => s.subscribes += 1,
                     Some(pb::event::Kind::Disconnect(_)) => s.disconnects += 1,
-                    Some(pb::event::Kind::Lost(_)) => s.lost += 1,
+                    Some(pb::event::Kind::Lost(lost)) => {
+                        s.lost += 1;
+                        s.lost_named += lost.last_seq + 1 - lost.first_seq;
+                    }
                     _ => {}
                 }
                 pending.push(event.seq);
