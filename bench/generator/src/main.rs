@@ -14,6 +14,7 @@
 mod events;
 mod fleet;
 mod probe;
+mod publish_cost;
 mod publisher;
 mod scenario;
 mod shard;
@@ -230,6 +231,23 @@ enum Scenario {
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
     },
+    /// Publish cost: the server's CPU per publication with no subscriber (no fan-out), one
+    /// unary Publish each or over PublishStream with --publish-stream, at rising rates.
+    PublishCost {
+        /// Publishing tasks, each with its own connection (or stream).
+        #[arg(long, default_value_t = 50)]
+        publishers: usize,
+        #[arg(long, default_value_t = 1900)]
+        channels: usize,
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "1000,2000,5000,10000,20000,50000"
+        )]
+        rates: Vec<f64>,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -321,6 +339,12 @@ fn main() -> anyhow::Result<()> {
                 pad,
             } => scenario::s5(&ctx, subscribers, slow_percent, rate, seconds, pad).await,
             Scenario::S6 { rate, seconds } => events::s6(&ctx, rate, seconds).await,
+            Scenario::PublishCost {
+                publishers,
+                channels,
+                rates,
+                seconds,
+            } => publish_cost::publish_cost(&ctx, publishers, channels, &rates, seconds).await,
             Scenario::EventMemory {
                 size,
                 count,

@@ -566,10 +566,11 @@ pub async fn s4(
         readers.push(token);
     }
     let readers = Rc::new(RefCell::new(readers));
-    // Churn: every 1/churn s, one random connection goes away and a new one takes its place.
+    // Churn: every 1/churn s, one random connection goes away and a new one takes its place
+    // (none when churn is 0).
     let churn_stop = stop.child_token();
     let churned = Rc::new(RefCell::new(0u64));
-    {
+    if churn > 0.0 {
         let (readers, stats, target, churned, churn_stop, parent) = (
             readers.clone(),
             stats.clone(),
