@@ -1,5 +1,6 @@
 //! The generator's WebSocket connections: opened from several 127.0.0.x source addresses,
-//! authenticated, subscribed, then read by one task each until told to stop.
+//! authenticated, subscribed, then read by one task each until told to stop. They speak
+//! sidecast's protocol (which the Node `ws` peer imitates) or Centrifugo's JSON protocol.
 
 use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -11,6 +12,25 @@ use tokio_util::sync::CancellationToken;
 use crate::stats::{Sequences, Stats};
 use crate::wsclient::{WsConn, OP_CLOSE, OP_TEXT};
 
+/// The client protocol a server speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// sidecast v1: `{"op":"connect"}`, `{"type":"pub"}` pushes, one message per frame.
+    Sidecast,
+    /// Centrifugo's JSON protocol: `{"connect":{}}` commands, `{"push":{"pub":{}}}` pushes,
+    /// several messages in one frame separated by newlines, `{}` pings answered with `{}`.
+    Centrifugo,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Sidecast => "sidecast",
+            Protocol::Centrifugo => "centrifugo",
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Target {
     /// One address per node; connection i goes to address i mod n.
@@ -19,6 +39,7 @@ pub struct Target {
     pub secret: String,
     /// How many 127.0.0.x source addresses to spread connections over.
     pub sources: u8,
+    pub protocol: Protocol,
 }
 
 /// One simulated client.
@@ -45,10 +66,18 @@ impl Target {
 
     fn token(&self, member: &Member) -> String {
         let now = crate::stats::now_nanos() / 1_000_000_000;
-        let claims = json!({
-            "sub": member.user, "exp": now + 86_400, "iat": now,
-            "channels": member.channels, "subs": member.subs,
-        });
+        let claims = match self.protocol {
+            Protocol::Sidecast => json!({
+                "sub": member.user, "exp": now + 86_400, "iat": now,
+                "channels": member.channels, "subs": member.subs,
+            }),
+            // Centrifugo's `channels` claim lists server-side subscriptions (sidecast's `subs`);
+            // the namespace's configuration allows subscribing to the others.
+            Protocol::Centrifugo => json!({
+                "sub": member.user, "exp": now + 86_400, "iat": now,
+                "channels": member.subs,
+            }),
+        };
         jsonwebtoken::encode(
             &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
             &claims,
@@ -66,6 +95,12 @@ impl Target {
 
     /// Sends `connect` and waits for `connected` (and the `sub` pushes of the subs claim).
     pub async fn authenticate(&self, conn: &mut WsConn, member: &Member) -> std::io::Result<()> {
+        if self.protocol == Protocol::Centrifugo {
+            // Server-side subscriptions are part of Centrifugo's connect reply.
+            let connect = json!({"id": 1, "connect": {"token": self.token(member)}});
+            conn.send_text(connect.to_string().as_bytes()).await?;
+            return reply(conn, 1, "connect").await;
+        }
         let connect = json!({"id": 1, "op": "connect", "token": self.token(member)});
         conn.send_text(connect.to_string().as_bytes()).await?;
         conn.expect(|p| p.starts_with(br#"{"type":"connected""#))
@@ -80,6 +115,12 @@ impl Target {
     pub async fn subscribe(&self, conn: &mut WsConn, member: &Member) -> std::io::Result<()> {
         for (i, channel) in member.channels.iter().enumerate() {
             let id = 10 + i as u64;
+            if self.protocol == Protocol::Centrifugo {
+                let command = json!({"id": id, "subscribe": {"channel": channel}});
+                conn.send_text(command.to_string().as_bytes()).await?;
+                reply(conn, id, "subscribe").await?;
+                continue;
+            }
             let command = json!({"id": id, "op": "subscribe", "channel": channel});
             conn.send_text(command.to_string().as_bytes()).await?;
             let prefix = format!(r#"{{"id":{id},"#);
@@ -101,6 +142,20 @@ impl Target {
         self.subscribe(&mut conn, member).await?;
         Ok(conn)
     }
+}
+
+/// Waits for a Centrifugo reply to command `id`, an error unless it carries `kind`.
+async fn reply(conn: &mut WsConn, id: u64, kind: &str) -> std::io::Result<()> {
+    let prefix = format!(r#"{{"id":{id},"#);
+    let reply = conn.expect(|p| p.starts_with(prefix.as_bytes())).await?;
+    let expected = format!(r#"{prefix}"{kind}":"#);
+    if !reply.starts_with(expected.as_bytes()) {
+        return Err(std::io::Error::other(format!(
+            "{kind} refused: {}",
+            String::from_utf8_lossy(&reply)
+        )));
+    }
+    Ok(())
 }
 
 /// Runs `f` for `items` with at most `limit` in flight, on the current thread; results keep
@@ -136,7 +191,12 @@ where
 }
 
 /// Reads a connection until `stop`, recording publications; answers pings.
-pub async fn read(mut conn: WsConn, stats: Rc<RefCell<Stats>>, stop: CancellationToken) {
+pub async fn read(
+    mut conn: WsConn,
+    protocol: Protocol,
+    stats: Rc<RefCell<Stats>>,
+    stop: CancellationToken,
+) {
     let mut seqs = Sequences::default();
     let cancelled = stop.cancelled();
     tokio::pin!(cancelled);
@@ -151,12 +211,33 @@ pub async fn read(mut conn: WsConn, stats: Rc<RefCell<Stats>>, stop: Cancellatio
         match frame.opcode {
             OP_TEXT => {
                 let payload = conn.payload(&frame);
-                if payload.starts_with(br#"{"type":"pub""#) {
-                    stats.borrow_mut().delivered(&mut seqs, payload);
-                } else if payload == br#"{"type":"ping"}"#
-                    && conn.send_text(br#"{"op":"pong"}"#).await.is_err()
-                {
-                    return;
+                let pings = match protocol {
+                    Protocol::Sidecast => {
+                        if payload.starts_with(br#"{"type":"pub""#) {
+                            stats.borrow_mut().delivered(&mut seqs, payload);
+                        }
+                        usize::from(payload == br#"{"type":"ping"}"#)
+                    }
+                    Protocol::Centrifugo => {
+                        let mut pings = 0;
+                        for message in payload.split(|b| *b == b'\n') {
+                            if message.starts_with(br#"{"push":"#) {
+                                stats.borrow_mut().delivered(&mut seqs, message);
+                            } else if message == b"{}" {
+                                pings += 1;
+                            }
+                        }
+                        pings
+                    }
+                };
+                let pong: &[u8] = match protocol {
+                    Protocol::Sidecast => br#"{"op":"pong"}"#,
+                    Protocol::Centrifugo => b"{}",
+                };
+                for _ in 0..pings {
+                    if conn.send_text(pong).await.is_err() {
+                        return;
+                    }
                 }
             }
             OP_CLOSE => {

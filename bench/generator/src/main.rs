@@ -27,8 +27,8 @@ use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand};
 
-use fleet::Target;
-use publisher::Sink;
+use fleet::{Protocol, Target};
+use publisher::{HttpApi, Sink};
 use scenario::Ctx;
 
 #[derive(Parser)]
@@ -54,9 +54,16 @@ struct Cli {
     /// Publish over one Control.PublishStream per publisher instead of a unary call each.
     #[arg(long, global = true)]
     publish_stream: bool,
-    /// Publish through a peer's `POST /publish?channel=` at this address instead of gRPC.
+    /// Publish through a peer's HTTP API at this address instead of gRPC: the Node peer's
+    /// `POST /publish?channel=`, or Centrifugo's `POST /api/publish` with --api-key.
     #[arg(long, global = true)]
     publish_http: Option<SocketAddr>,
+    /// Centrifugo's HTTP API key (with --publish-http).
+    #[arg(long, global = true)]
+    api_key: Option<String>,
+    /// The client protocol the server speaks.
+    #[arg(long, value_enum, default_value_t = Protocol::Sidecast, global = true)]
+    protocol: Protocol,
     /// The HS256 secret the server verifies tokens with.
     #[arg(long, default_value = "bench-secret", global = true)]
     secret: String,
@@ -262,6 +269,7 @@ fn main() -> anyhow::Result<()> {
             path: cli.path,
             secret: cli.secret,
             sources: cli.sources,
+            protocol: cli.protocol,
         };
         if let Scenario::Shard {
             first,
@@ -279,7 +287,10 @@ fn main() -> anyhow::Result<()> {
             return shard::serve(&target, share).await;
         }
         let sink = match cli.publish_http {
-            Some(addr) => Sink::Http(addr),
+            Some(addr) => match cli.api_key {
+                Some(key) => Sink::Http(addr, HttpApi::Centrifugo { key }),
+                None => Sink::Http(addr, HttpApi::NodeWs),
+            },
             None => {
                 let client =
                     sidecast::pb::control_client::ControlClient::connect(cli.grpc.clone()).await?;

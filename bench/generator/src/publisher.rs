@@ -20,12 +20,22 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::stats::{now_nanos, payload, Stats};
 
 /// Where publications go: sidecast's control API (one unary Publish each, or one
-/// PublishStream per publisher) or the peer's HTTP publish path.
+/// PublishStream per publisher) or a peer's HTTP publish API.
 #[derive(Clone)]
 pub enum Sink {
     Grpc(ControlClient<tonic::transport::Channel>),
     GrpcStream(ControlClient<tonic::transport::Channel>),
-    Http(std::net::SocketAddr),
+    Http(std::net::SocketAddr, HttpApi),
+}
+
+/// A peer's HTTP publish API, one request per publication on a kept-alive connection.
+#[derive(Clone)]
+pub enum HttpApi {
+    /// The Node `ws` peer: `POST /publish?channel=NAME` with the data as the body.
+    NodeWs,
+    /// Centrifugo's server API: `POST /api/publish` with `X-API-Key` and
+    /// `{"channel":NAME,"data":DATA}`; a refusal is a 200 whose body holds `"error"`.
+    Centrifugo { key: String },
 }
 
 pub enum Conn {
@@ -36,7 +46,7 @@ pub enum Conn {
         u64,
         Rc<std::cell::Cell<u64>>,
     ),
-    Http(TcpStream, Vec<u8>),
+    Http(TcpStream, Vec<u8>, HttpApi),
 }
 
 impl Sink {
@@ -64,10 +74,10 @@ impl Sink {
                 });
                 Conn::GrpcStream(tx, 0, failed)
             }
-            Sink::Http(addr) => {
+            Sink::Http(addr, api) => {
                 let stream = TcpStream::connect(addr).await?;
                 stream.set_nodelay(true)?;
-                Conn::Http(stream, Vec::with_capacity(512))
+                Conn::Http(stream, Vec::with_capacity(512), api.clone())
             }
         })
     }
@@ -100,7 +110,7 @@ impl Conn {
                     .await
                     .map_err(|_| anyhow::anyhow!("publish stream ended"))?;
             }
-            Conn::Http(stream, buf) => {
+            Conn::Http(stream, buf, HttpApi::NodeWs) => {
                 let head = format!(
                     "POST /publish?channel={channel} HTTP/1.1\r\nHost: peer\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
                     data.len()
@@ -108,12 +118,29 @@ impl Conn {
                 stream.write_all(&[head.as_bytes(), &data].concat()).await?;
                 read_http_response(stream, buf).await?;
             }
+            Conn::Http(stream, buf, HttpApi::Centrifugo { key }) => {
+                let body = [
+                    br#"{"channel":""#.as_slice(),
+                    channel.as_bytes(),
+                    br#"","data":"#,
+                    &data,
+                    b"}",
+                ]
+                .concat();
+                let head = format!(
+                    "POST /api/publish HTTP/1.1\r\nHost: peer\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                stream.write_all(&[head.as_bytes(), &body].concat()).await?;
+                read_http_response(stream, buf).await?;
+            }
         }
         Ok(())
     }
 }
 
-/// Reads one HTTP/1.1 response with a Content-Length body; errors unless 200.
+/// Reads one HTTP/1.1 response with a Content-Length body; errors unless 200 and the body
+/// names no error.
 async fn read_http_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
     buf.clear();
     let mut chunk = [0u8; 1024];
@@ -131,6 +158,12 @@ async fn read_http_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow
                 buf.extend_from_slice(&chunk[..n]);
             }
             anyhow::ensure!(head.starts_with("http/1.1 200"), "publish refused: {head}");
+            let body = &buf[end + 4..end + 4 + length];
+            anyhow::ensure!(
+                !body.windows(8).any(|w| w == br#""error":"#),
+                "publish refused: {}",
+                String::from_utf8_lossy(body)
+            );
             return Ok(());
         }
         let n = stream.read(&mut chunk).await?;

@@ -191,13 +191,18 @@ async fn reading_fleet(
     *ctx.shards.lock().await = started?;
     let stats = Rc::new(RefCell::new(Stats::default()));
     let stop = CancellationToken::new();
-    spawn_readers(conns?, &stats, &stop);
+    spawn_readers(ctx, conns?, &stats, &stop);
     Ok((stats, stop))
 }
 
-fn spawn_readers(conns: Vec<WsConn>, stats: &Rc<RefCell<Stats>>, stop: &CancellationToken) {
+fn spawn_readers(
+    ctx: &Ctx,
+    conns: Vec<WsConn>,
+    stats: &Rc<RefCell<Stats>>,
+    stop: &CancellationToken,
+) {
     for conn in conns {
-        tokio::task::spawn_local(read(conn, stats.clone(), stop.clone()));
+        tokio::task::spawn_local(read(conn, ctx.target.protocol, stats.clone(), stop.clone()));
     }
 }
 
@@ -416,7 +421,7 @@ pub async fn s1(ctx: &Ctx, connections: usize, hold: f64) -> anyhow::Result<()> 
     let subscribed = stage("subscribed to 2 channels", base);
     let stats = Rc::new(RefCell::new(Stats::default()));
     let stop = CancellationToken::new();
-    spawn_readers(conns, &stats, &stop);
+    spawn_readers(ctx, conns, &stats, &stop);
     let before = Snapshot::take(Some(&pid));
     tokio::time::sleep(Duration::from_secs_f64(hold)).await;
     let after = Snapshot::take(Some(&pid));
@@ -562,7 +567,12 @@ pub async fn s4(
     let mut readers: Vec<CancellationToken> = Vec::with_capacity(connections);
     for conn in conns {
         let token = stop.child_token();
-        tokio::task::spawn_local(read(conn, stats.clone(), token.clone()));
+        tokio::task::spawn_local(read(
+            conn,
+            ctx.target.protocol,
+            stats.clone(),
+            token.clone(),
+        ));
         readers.push(token);
     }
     let readers = Rc::new(RefCell::new(readers));
@@ -591,7 +601,12 @@ pub async fn s4(
                 match target.open(i, &member(i)).await {
                     Ok(conn) => {
                         let token = parent.child_token();
-                        tokio::task::spawn_local(read(conn, stats.clone(), token.clone()));
+                        tokio::task::spawn_local(read(
+                            conn,
+                            target.protocol,
+                            stats.clone(),
+                            token.clone(),
+                        ));
                         readers.borrow_mut()[i] = token;
                         *churned.borrow_mut() += 1;
                     }
@@ -679,7 +694,7 @@ pub async fn s5(
         let stalled: Vec<WsConn> = conns.drain(..slow).collect();
         let stats = Rc::new(RefCell::new(Stats::default()));
         let stop = CancellationToken::new();
-        spawn_readers(conns, &stats, &stop);
+        spawn_readers(ctx, conns, &stats, &stop);
         let base = rss_bytes(&pid);
         let peak = Rc::new(RefCell::new(base));
         let sampler = {

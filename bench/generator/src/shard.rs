@@ -90,7 +90,9 @@ impl Shards {
         for share in shares {
             let mut child = Command::new(&exe)
                 .args(["--ws", &ws.join(","), "--path", &target.path])
-                .args(["--secret", &target.secret, "--sources"])
+                .args(["--secret", &target.secret, "--protocol"])
+                .arg(target.protocol.name())
+                .arg("--sources")
                 .arg(target.sources.to_string())
                 .args(["shard", "--first", &share.first.to_string()])
                 .args([
@@ -180,7 +182,12 @@ pub async fn serve(target: &Target, share: Share) -> anyhow::Result<()> {
     match opened.into_iter().collect::<Result<Vec<_>, _>>() {
         Ok(conns) => {
             for conn in conns {
-                tokio::task::spawn_local(crate::fleet::read(conn, stats.clone(), stop.clone()));
+                tokio::task::spawn_local(crate::fleet::read(
+                    conn,
+                    target.protocol,
+                    stats.clone(),
+                    stop.clone(),
+                ));
             }
             println!("ready");
         }
