@@ -140,3 +140,35 @@ async fn generator_smoke_against_the_node_ws_peer() {
     let _ = peer.wait();
     assert!(out.contains("smoke: 1 passed, 0 failed"), "{out}");
 }
+
+/// bench/report.py turns a raw results file into BENCHMARKS.md's tables and the targets
+/// against the floor (measured last before each run) and against Centrifugo.
+#[test]
+fn the_report_prints_each_target_against_the_floor_and_the_peer() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let output = Command::new("python3")
+        .arg(format!("{root}/bench/report.py"))
+        .arg(format!(
+            "{root}/bench/results/2026-12-04-centrifugo-s3-s4.txt"
+        ))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for row in [
+        // The single-frame cost against the bare write of the floor run just before it.
+        "| S2 single-frame CPU per delivery, 1000 x 100/s | 7.78 µs = 1.15x floor | <= 1.25x | met | bare write 6.74 µs |",
+        // S3 ran after the first floor run, so that one is its floor.
+        "| S3 last of 10000 p99 at 10/s | 165 ms = 1.13x floor | <= 1.5x | met | floor's last frame p99 146 ms |",
+        "| S4 publications per CPU-second vs Centrifugo's batch API, 5000/s | 2.03x | >= 2x | met |",
+        "| S4 publications per CPU-second, stream vs unary, 5000/s | 1.19x | >= 5x | NOT met |",
+        "| S1 memory per idle connection vs Centrifugo | 3,726 B = 0.041x | <= 0.33x | met | 89,912 B |",
+        "| centrifugo (batch API) | 2000 | 10000 | 99,375 |",
+    ] {
+        assert!(stdout.contains(row), "missing {row:?} in:\n{stdout}");
+    }
+}

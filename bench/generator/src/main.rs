@@ -51,7 +51,8 @@ struct Cli {
     /// sidecast's control API; ignored with --publish-http.
     #[arg(long, default_value = "http://127.0.0.1:50051", global = true)]
     grpc: String,
-    /// Publish over one Control.PublishStream per publisher instead of a unary call each.
+    /// Publish over one Control.PublishStream per publisher instead of a unary call each
+    /// (against Centrifugo: through its batch API instead of one publish request each).
     #[arg(long, global = true)]
     publish_stream: bool,
     /// Publish through a peer's HTTP API at this address instead of gRPC: the Node peer's
@@ -288,7 +289,11 @@ fn main() -> anyhow::Result<()> {
         }
         let sink = match cli.publish_http {
             Some(addr) => match cli.api_key {
+                Some(key) if cli.publish_stream => Sink::HttpBatch(addr, key),
                 Some(key) => Sink::Http(addr, HttpApi::Centrifugo { key }),
+                None if cli.publish_stream => {
+                    anyhow::bail!("--publish-stream needs sidecast's control API or Centrifugo's (--api-key)")
+                }
                 None => Sink::Http(addr, HttpApi::NodeWs),
             },
             None => {

@@ -58,8 +58,9 @@ pub async fn publish_cost(
         let (mut published, mut errors, mut late) = (0u64, 0u64, 0u64);
         for task in tasks {
             let (sent, conn) = task.await?;
-            // Dropping the connection half-closes a stream; its last answers are still owed.
-            drop(conn);
+            // Dropping the connection half-closes a stream (its last answers are still owed);
+            // a batch publisher first sends what it still holds.
+            conn.finish().await;
             published += sent.published;
             errors += sent.errors;
             late += sent.late;

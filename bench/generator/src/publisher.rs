@@ -3,7 +3,8 @@
 //! per channel publishes in sequence (so per-channel sequence numbers match the order the
 //! server sees); channels run concurrently. With `--publish-stream` each publisher sends over
 //! one Control.PublishStream without waiting for answers (a failed answer fails the next
-//! publish).
+//! publish); against Centrifugo the same flag sends through its batch API, each request
+//! carrying whatever publications queued while the previous one was answered.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -26,7 +27,12 @@ pub enum Sink {
     Grpc(ControlClient<tonic::transport::Channel>),
     GrpcStream(ControlClient<tonic::transport::Channel>),
     Http(std::net::SocketAddr, HttpApi),
+    /// Centrifugo's `POST /api/batch` with this API key.
+    HttpBatch(std::net::SocketAddr, String),
 }
+
+/// The most publications one batch request carries.
+const BATCH_MAX: usize = 100;
 
 /// A peer's HTTP publish API, one request per publication on a kept-alive connection.
 #[derive(Clone)]
@@ -47,6 +53,12 @@ pub enum Conn {
         Rc<std::cell::Cell<u64>>,
     ),
     Http(TcpStream, Vec<u8>, HttpApi),
+    /// Publications for the batching task, the failures its replies reported, and the task.
+    HttpBatch(
+        mpsc::Sender<(String, Vec<u8>)>,
+        Rc<std::cell::Cell<u64>>,
+        tokio::task::JoinHandle<()>,
+    ),
 }
 
 impl Sink {
@@ -79,7 +91,62 @@ impl Sink {
                 stream.set_nodelay(true)?;
                 Conn::Http(stream, Vec::with_capacity(512), api.clone())
             }
+            Sink::HttpBatch(addr, key) => {
+                let stream = TcpStream::connect(addr).await?;
+                stream.set_nodelay(true)?;
+                let (tx, rx) = mpsc::channel(4 * BATCH_MAX);
+                let failed = Rc::new(std::cell::Cell::new(0));
+                let task =
+                    tokio::task::spawn_local(batches(stream, key.clone(), rx, failed.clone()));
+                Conn::HttpBatch(tx, failed, task)
+            }
         })
+    }
+}
+
+/// Sends what `rx` carries to Centrifugo's batch API, one request at a time, each with every
+/// publication queued meanwhile (at most BATCH_MAX); counts the replies that hold an error.
+async fn batches(
+    mut stream: TcpStream,
+    key: String,
+    mut rx: mpsc::Receiver<(String, Vec<u8>)>,
+    failed: Rc<std::cell::Cell<u64>>,
+) {
+    let mut buf = Vec::with_capacity(4096);
+    let mut queued = Vec::with_capacity(BATCH_MAX);
+    while rx.recv_many(&mut queued, BATCH_MAX).await > 0 {
+        let mut body = br#"{"commands":["#.to_vec();
+        for (i, (channel, data)) in queued.drain(..).enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(br#"{"publish":{"channel":""#);
+            body.extend_from_slice(channel.as_bytes());
+            body.extend_from_slice(br#"","data":"#);
+            body.extend_from_slice(&data);
+            body.extend_from_slice(b"}}");
+        }
+        body.extend_from_slice(b"]}");
+        let head = format!(
+            "POST /api/batch HTTP/1.1\r\nHost: peer\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let sent = stream.write_all(&[head.as_bytes(), &body].concat()).await;
+        let errors = match sent.map_err(anyhow::Error::from) {
+            Ok(()) => read_http_body(&mut stream, &mut buf)
+                .await
+                .map(|body| body.windows(8).filter(|w| w == br#""error":"#).count() as u64),
+            Err(e) => Err(e),
+        };
+        match errors {
+            Ok(0) => {}
+            Ok(n) => failed.set(failed.get() + n),
+            Err(e) => {
+                eprintln!("batch publish failed: {e}");
+                failed.set(failed.get() + 1);
+                return;
+            }
+        }
     }
 }
 
@@ -134,14 +201,43 @@ impl Conn {
                 stream.write_all(&[head.as_bytes(), &body].concat()).await?;
                 read_http_response(stream, buf).await?;
             }
+            Conn::HttpBatch(tx, failed, _) => {
+                anyhow::ensure!(failed.get() == 0, "{} publications failed", failed.get());
+                tx.send((channel.to_string(), data))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("batch publisher ended"))?;
+            }
         }
         Ok(())
+    }
+
+    /// Waits until every publication handed over has been sent and answered (a batch
+    /// publisher's queue), or only drops the connection (the others).
+    pub async fn finish(self) {
+        if let Conn::HttpBatch(tx, _, task) = self {
+            drop(tx);
+            let _ = task.await;
+        }
     }
 }
 
 /// Reads one HTTP/1.1 response with a Content-Length body; errors unless 200 and the body
 /// names no error.
 async fn read_http_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+    let body = read_http_body(stream, buf).await?;
+    anyhow::ensure!(
+        !body.windows(8).any(|w| w == br#""error":"#),
+        "publish refused: {}",
+        String::from_utf8_lossy(body)
+    );
+    Ok(())
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body; errors unless 200.
+async fn read_http_body<'a>(
+    stream: &mut TcpStream,
+    buf: &'a mut Vec<u8>,
+) -> anyhow::Result<&'a [u8]> {
     buf.clear();
     let mut chunk = [0u8; 1024];
     loop {
@@ -158,13 +254,7 @@ async fn read_http_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow
                 buf.extend_from_slice(&chunk[..n]);
             }
             anyhow::ensure!(head.starts_with("http/1.1 200"), "publish refused: {head}");
-            let body = &buf[end + 4..end + 4 + length];
-            anyhow::ensure!(
-                !body.windows(8).any(|w| w == br#""error":"#),
-                "publish refused: {}",
-                String::from_utf8_lossy(body)
-            );
-            return Ok(());
+            return Ok(&buf[end + 4..end + 4 + length]);
         }
         let n = stream.read(&mut chunk).await?;
         anyhow::ensure!(n > 0, "publish connection closed");
