@@ -7,6 +7,7 @@ import grpc from "@grpc/grpc-js";
 import { SidecastError } from "./errors.js";
 import { Consumer, type ConsumeOptions } from "./events.js";
 import { controlConstructor, type RawControl } from "./proto.js";
+import { Publisher, type PublisherOptions } from "./publisher.js";
 
 export interface TlsOptions {
   /** PEM CA certificate(s) that signed sidecast's `grpc_tls_cert_file`; the system's when absent. */
@@ -101,6 +102,12 @@ export class Sidecast {
     return this.call("Publish", { channel, data: encode(data), idempotencyKey: options.idempotencyKey ?? "" });
   }
 
+  /** A publisher over one Control.PublishStream, for many publications: each publish()
+   * resolves with its own result without waiting for the ones before it. */
+  publisher(options: PublisherOptions = {}): Publisher {
+    return new Publisher(this, { ...options, defaultTimeout: this.timeout });
+  }
+
   /** One publication into several channels; one result per channel, in order. */
   async broadcast(channels: string[], data: unknown): Promise<PublishResult[]> {
     const reply = await this.call<{ results: PublishResult[] }>("Broadcast", { channels, data: encode(data) });
@@ -190,6 +197,12 @@ export class Sidecast {
   openEvents(): grpc.ClientDuplexStream<unknown, unknown> {
     const events = this.raw.Events as (metadata: grpc.Metadata, options: grpc.CallOptions) => grpc.ClientDuplexStream<unknown, unknown>;
     return events.call(this.raw, this.metadata, {});
+  }
+
+  /** The bidirectional PublishStream, for the publisher. */
+  openPublishStream(): grpc.ClientDuplexStream<unknown, unknown> {
+    const publish = this.raw.PublishStream as (metadata: grpc.Metadata, options: grpc.CallOptions) => grpc.ClientDuplexStream<unknown, unknown>;
+    return publish.call(this.raw, this.metadata, {});
   }
 
   private call<T>(method: string, request: unknown): Promise<T> {
