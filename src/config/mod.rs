@@ -38,6 +38,9 @@ pub struct Config {
     pub ws_path: String,
     /// Browser Origins allowed to upgrade; empty allows any.
     pub allowed_origins: Vec<OriginPattern>,
+    /// The cookie whose value (a JWT) authenticates a `connect` without a token.
+    #[serde(deserialize_with = "nonempty")]
+    pub auth_cookie: Option<String>,
     /// PEM files: TLS on the WebSocket listener when both are set.
     #[serde(deserialize_with = "nonempty")]
     pub ws_tls_cert_file: Option<PathBuf>,
@@ -162,6 +165,7 @@ impl Default for Config {
             ws_addr: addr("0.0.0.0:8080"),
             ws_path: "/ws".into(),
             allowed_origins: Vec::new(),
+            auth_cookie: None,
             ws_tls_cert_file: None,
             ws_tls_key_file: None,
             grpc_tls_cert_file: None,

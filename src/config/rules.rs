@@ -105,6 +105,22 @@ impl Config {
                 format!("must be at most events_buffer ({})", self.events_buffer),
             ));
         }
+        if let Some(name) = &self.auth_cookie {
+            if !crate::wire::cookie::valid_name(name) {
+                return Err(invalid(
+                    "auth_cookie",
+                    "is not a cookie name (letters, digits and !#$%&'*+-.^_`|~)",
+                ));
+            }
+            // A browser sends the cookie with every request to our host, whichever site opened
+            // the socket: only the Origin check tells the app's pages from another site's.
+            if self.allowed_origins.is_empty() || self.allowed_origins.iter().any(|o| o.is_any()) {
+                return Err(invalid(
+                    "allowed_origins",
+                    "auth_cookie is set: list your app's origins (not \"*\"), or any site a visitor opens could connect with the visitor's cookie",
+                ));
+            }
+        }
         if !self.grpc_addr.ip().is_loopback() && self.api_key.is_none() {
             return Err(invalid(
                 "grpc_addr",

@@ -14,9 +14,10 @@ use super::position::Position;
 /// A command from the client.
 #[derive(Debug)]
 pub enum Command {
-    /// `subs`: positions to recover the token's server-side subscriptions from.
+    /// `subs`: positions to recover the token's server-side subscriptions from. Without a
+    /// token, the connection's session cookie (`auth_cookie`) stands in for it.
     Connect {
-        token: String,
+        token: Option<String>,
         subs: Vec<(String, Position)>,
     },
     Refresh {
@@ -117,7 +118,10 @@ pub fn decode(text: &[u8]) -> Result<Request, ProtocolError> {
     };
     let command = match op.as_str() {
         "connect" => Command::Connect {
-            token: field("token")?,
+            token: match fields.contains_key("token") {
+                true => Some(field("token")?),
+                false => None,
+            },
             subs: match fields.get("subs") {
                 Some(raw) => serde_json::from_str::<HashMap<String, &RawValue>>(raw.get())
                     .map_err(|_| bad("subs must be an object of positions".into()))?

@@ -7,7 +7,8 @@
 //! - `close` is the table of close codes; `channel` the rules of channel names and grant
 //!   patterns; `position` the stream positions and publications that recovery carries;
 //!   `json` the check every publication's data passes once; `origin` the upgrade's Origin rules;
-//!   `clip` how error messages quote what the caller sent.
+//!   `cookie` the session cookie's name and where its value is; `clip` how error messages
+//!   quote what the caller sent.
 //!
 //! docs/protocol.md is the specification these files follow.
 
@@ -15,6 +16,7 @@ pub mod channel;
 mod clip;
 pub mod close;
 pub mod command;
+pub mod cookie;
 mod error_code;
 pub mod frame;
 pub mod inbound;

@@ -49,6 +49,11 @@ impl OriginPattern {
         Ok(OriginPattern(text))
     }
 
+    /// True for `*`, which lets every origin in.
+    pub fn is_any(&self) -> bool {
+        self.0 == "*"
+    }
+
     fn matches(&self, origin: &str) -> bool {
         let pattern = self.0.as_str();
         if pattern == "*" {

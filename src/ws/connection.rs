@@ -30,6 +30,14 @@ use crate::ws::socket;
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
 
+/// What the upgrade request carried to authenticate with.
+pub struct Credentials {
+    /// `?token=`: the connection authenticates with it at once.
+    pub query_token: Option<String>,
+    /// The `auth_cookie`'s value: a `connect` without a token authenticates with it.
+    pub cookie: Option<Box<str>>,
+}
+
 /// Waits for the upgrade, then spawns the connection's own task on `tracker`: that task holds
 /// only the connection's state, not this function's arguments. `shutdown` asks the
 /// connection to close with 1001; `kill` ends it at once.
@@ -37,7 +45,7 @@ pub async fn run(
     upgrade: fastwebsockets::upgrade::UpgradeFut,
     node: Node,
     ticket: Ticket,
-    query_token: Option<String>,
+    credentials: Credentials,
     shutdown: CancellationToken,
     kill: CancellationToken,
     tracker: TaskTracker,
@@ -53,7 +61,7 @@ pub async fn run(
     let start = Start {
         node,
         ticket,
-        query_token,
+        credentials,
         shutdown,
         kill,
     };
@@ -84,7 +92,7 @@ pub async fn run(
 struct Start {
     node: Node,
     ticket: Ticket,
-    query_token: Option<String>,
+    credentials: Credentials,
     shutdown: CancellationToken,
     kill: CancellationToken,
 }
@@ -112,15 +120,15 @@ impl<F: Fill, W: AsyncWrite + Unpin> Connection<F, W> {
         let Start {
             node,
             ticket,
-            query_token,
+            credentials,
             shutdown,
             kill,
         } = start;
         let reader = Reader::new(read, node.config.max_message_size);
         let conn = kill.child_token();
-        let mut handler = Handler::new(node, Arc::new(outbox), conn.clone());
+        let mut handler = Handler::new(node, Arc::new(outbox), conn.clone(), credentials.cookie);
         tracing::debug!(client = %handler.id(), "websocket open");
-        if let Some(token) = query_token {
+        if let Some(token) = credentials.query_token {
             handler.connect(&token, &[]).await;
         }
         Connection {

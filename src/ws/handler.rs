@@ -36,6 +36,8 @@ pub(crate) struct Handler {
     /// Rpcs waiting for a backend's answer.
     rpcs: Arc<AtomicUsize>,
     commands: CommandRate,
+    /// The `auth_cookie`'s value from the upgrade, until a `connect` has used it.
+    cookie: Option<Box<str>>,
 }
 
 /// What a command answers when it succeeds: a reply to encode, or nothing (it was queued
@@ -50,7 +52,12 @@ type CommandResult = Result<Answer, CommandError>;
 // === impl Handler ===
 
 impl Handler {
-    pub(crate) fn new(node: Node, outbox: Arc<Outbox>, conn: CancellationToken) -> Handler {
+    pub(crate) fn new(
+        node: Node,
+        outbox: Arc<Outbox>,
+        conn: CancellationToken,
+        cookie: Option<Box<str>>,
+    ) -> Handler {
         let rate = node.config.max_commands_per_second;
         Handler {
             id: Arc::from(format!("{:032x}", rand::random::<u128>())),
@@ -61,6 +68,7 @@ impl Handler {
             conn,
             rpcs: Arc::new(AtomicUsize::new(0)),
             commands: CommandRate::new(rate),
+            cookie,
         }
     }
 
@@ -131,7 +139,17 @@ impl Handler {
     async fn handle(&mut self, Request { id, command }: Request) {
         if self.claims.is_none() {
             match command {
-                Command::Connect { token, subs } => self.connect(&token, &subs).await,
+                Command::Connect { token, subs } => {
+                    // A token given in the command wins over the session cookie.
+                    match token.or_else(|| self.cookie.take().map(String::from)) {
+                        Some(token) => self.connect(&token, &subs).await,
+                        // `decode` gives every connect an id.
+                        None => self.error(
+                            id.unwrap_or_default(),
+                            &CommandError::BadRequest("missing token".into()),
+                        ),
+                    }
+                }
                 _ => self.end(close::UNAUTHORIZED, "connect first"),
             }
             return;

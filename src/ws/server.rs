@@ -25,9 +25,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::node::Node;
-use crate::wire::{origin, SUBPROTOCOL};
+use crate::wire::{cookie, origin, SUBPROTOCOL};
 use crate::ws::admission::{Admission, Refusal, Ticket};
-use crate::ws::connection;
+use crate::ws::connection::{self, Credentials};
 
 /// Where connections' tasks are spawned and how they are stopped.
 #[derive(Clone)]
@@ -225,7 +225,13 @@ fn handle(
             &format!("bad WebSocket handshake: {problem}"),
         );
     }
-    let token = req.uri().query().and_then(query_token);
+    let credentials = Credentials {
+        query_token: req.uri().query().and_then(query_token),
+        cookie: node.config.auth_cookie.as_deref().and_then(|name| {
+            let headers = req.headers().get_all(hyper::header::COOKIE);
+            cookie::find(headers.iter().map(|v| v.as_bytes()), name).map(Box::from)
+        }),
+    };
     let Some(ticket) = slot.take() else {
         return plain(StatusCode::BAD_REQUEST, "one upgrade per connection");
     };
@@ -244,7 +250,7 @@ fn handle(
             upgrade,
             node,
             ticket,
-            token,
+            credentials,
             tasks.shutdown.clone(),
             tasks.kill.clone(),
             tasks.tracker.clone(),

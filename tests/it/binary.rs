@@ -82,6 +82,18 @@ fn invalid_configuration_exits_64_naming_the_key() {
             "allowed_origins",
         ),
         (vec!["--set", "drain_window=20s"], vec![], "drain_window"),
+        // Cookie sessions need the app's origins: a cross-site page could use the cookie.
+        (vec!["--set", "auth_cookie=sid"], vec![], "allowed_origins"),
+        (
+            vec!["--set", "auth_cookie=sid"],
+            vec![("SIDECAST_ALLOWED_ORIGINS", "*")],
+            "allowed_origins",
+        ),
+        (
+            vec!["--set", "auth_cookie=a b"],
+            vec![("SIDECAST_ALLOWED_ORIGINS", "https://app.example.com")],
+            "auth_cookie",
+        ),
         (
             vec!["--set", "ws_tls_cert_file=/x.pem"],
             vec![],

@@ -9,6 +9,7 @@ mod binary;
 mod cluster;
 mod cluster_faults;
 mod control;
+mod cookie;
 mod events;
 mod faults;
 mod history;

@@ -184,6 +184,19 @@ impl Client {
         }
     }
 
+    /// Opens with the request's own headers (a Cookie, an Origin).
+    pub async fn open_request(
+        request: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("websocket opens");
+        Client {
+            ws,
+            client_id: String::new(),
+        }
+    }
+
     /// Opens over a socket with a small receive buffer (for slow-consumer tests).
     pub async fn open_small_buffer(addr: SocketAddr, url: &str) -> Client {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();

@@ -34,9 +34,15 @@ export interface ClientOptions {
   /** `ws://host:8080/ws` or `wss://…`. */
   url: string;
   /** A token string; or use `getToken`, which can give a fresh one after 4001/4002 and for
-   * refreshes. One of the two is required. */
+   * refreshes. One of the two is required, unless `cookie` is set. */
   token?: string;
   getToken?: () => Promise<string>;
+  /** Authenticate with the app's session cookie, which the browser sends with the upgrade
+   * (the server's `auth_cookie`, docs/operations.md): no token needed. A token or getToken,
+   * when also given, wins. After the cookie expires (4002) or is refused (4001) the client
+   * reconnects with whatever cookie the app has set meanwhile; when the browser has none
+   * (logged out), it stops and emits `error`. */
+  cookie?: boolean;
   /** A WebSocket implementation; the global one by default (browsers, Node ≥ 22). */
   WebSocket?: WebSocketConstructor;
   backoff?: BackoffOptions;
@@ -108,8 +114,8 @@ export class Client extends Emitter<ClientEvents> {
 
   constructor(options: ClientOptions) {
     super();
-    if (!options.token && !options.getToken) {
-      throw new Error("sidecast: give a token or getToken");
+    if (!options.token && !options.getToken && !options.cookie) {
+      throw new Error("sidecast: give a token, getToken or cookie: true");
     }
     const WS =
       options.WebSocket ??
@@ -222,9 +228,10 @@ export class Client extends Emitter<ClientEvents> {
     if (!this.wanted) return;
     const generation = ++this.generation;
     this.setState("connecting");
-    let token: string;
+    // Without a token, `connect` goes without one and the server reads the session cookie.
+    let token: string | undefined;
     try {
-      token = await this.tokens.current();
+      if (this.options.token || this.options.getToken) token = await this.tokens.current();
     } catch (e) {
       if (generation !== this.generation) return;
       this.emit("error", e instanceof Error ? e : new Error(String(e)));
@@ -267,6 +274,14 @@ export class Client extends Emitter<ClientEvents> {
     try {
       m = JSON.parse(text);
     } catch {
+      return;
+    }
+    if (m.id === 1 && m.error && this._state === "connecting") {
+      // The connect was refused before any token check: in cookie mode, no session cookie.
+      const error = m.error as { code: ErrorCode; message: string };
+      this.wanted = false;
+      this.emit("error", new SidecastError(error.code, `connect refused: ${error.message} (is the session cookie set?)`));
+      this.ws?.close(1000);
       return;
     }
     if (typeof m.id === "number") {
@@ -366,7 +381,9 @@ export class Client extends Emitter<ClientEvents> {
       this.tokens.refused();
     }
     const canRetry =
-      this.wanted && (policy === "reconnect" || (policy === "new-token" && this.options.getToken !== undefined));
+      this.wanted &&
+      (policy === "reconnect" ||
+        (policy === "new-token" && (this.options.getToken !== undefined || this.options.cookie === true)));
     // Decided before the app hears of it: a connect() or disconnect() in its listener wins.
     if (!canRetry) this.wanted = false;
     const generation = this.generation;
