@@ -140,8 +140,10 @@ impl Handler {
         if self.claims.is_none() {
             match command {
                 Command::Connect { token, subs } => {
-                    // A token given in the command wins over the session cookie.
-                    match token.or_else(|| self.cookie.take().map(String::from)) {
+                    // A token given in the command wins over the session cookie, which is
+                    // not kept past the first connect either way.
+                    let cookie = self.cookie.take();
+                    match token.or_else(|| cookie.map(String::from)) {
                         Some(token) => self.connect(&token, &subs).await,
                         // `decode` gives every connect an id.
                         None => self.error(
