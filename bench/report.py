@@ -13,15 +13,17 @@ import sys
 
 FANOUT = re.compile(r"^fanout write\(2\).*?: (\d+) sockets x (\d+) rounds/s.*= ([\d.]+) us per write")
 LAST = re.compile(r"to the last frame p50 \d+ us, p99 (\d+) us")
+READ = re.compile(r"^receiver: .*= ([\d.]+) us per frame read")
 PINGPONG = re.compile(r"^pingpong: .*p99 (\d+) us")
 
 
 class Floor:
     """bench/floor's figures as the file gives them: per (sockets, rate) the µs per write and
-    the last frame's p99 in ms, and the cross-core ping-pong p99 in ms."""
+    the last frame's p99 in ms, the receiver's µs per frame read (floors measured before the
+    receiver printed it have none), and the cross-core ping-pong p99 in ms."""
 
     def __init__(self):
-        self.fanout, self.pingpong, self.pending = {}, None, None
+        self.fanout, self.reads, self.pingpong, self.pending = {}, {}, None, None
 
     def read(self, line):
         if m := FANOUT.match(line):
@@ -29,13 +31,15 @@ class Floor:
             self.fanout[self.pending] = (float(m[3]), None)
         elif self.pending and (m := LAST.search(line)):
             self.fanout[self.pending] = (self.fanout[self.pending][0], int(m[1]) / 1000)
+            if r := READ.match(line):
+                self.reads[self.pending] = float(r[1])
             self.pending = None
         elif m := PINGPONG.match(line):
             self.pingpong = int(m[1]) / 1000
 
     def snapshot(self):
         copy = Floor()
-        copy.fanout, copy.pingpong = dict(self.fanout), self.pingpong
+        copy.fanout, copy.reads, copy.pingpong = dict(self.fanout), dict(self.reads), self.pingpong
         return copy
 
 
@@ -164,6 +168,7 @@ def main(path):
         print(table([[r["peer"], r.get("phase_label", "s5"), r["slow"], f"{r['rss_peak_growth_bytes'] / 1048576:.1f}", ms(r["others_p99_ms"])] for r in s5],
                     ["server", "phase", "stalled subscribers", "RSS peak growth MiB", "others' p99 ms"]))
 
+    instrument(runs)
     targets(runs)
 
 
@@ -175,6 +180,24 @@ def sustained(r):
 def per_publication_us(r):
     """Server CPU-µs per publication of an S4 window (CPU per delivery times deliveries per publication)."""
     return r["server_cpu_s_per_million"] * r["received"] / max(r["published"], 1)
+
+
+def instrument(runs):
+    """The generator's own CPU per delivery beside the floor's receiver reading the same shape:
+    how far the instrument is from the cheapest possible reader of those frames."""
+    rows = []
+    for r in runs:
+        if not (r.get("pinned") and r.get("label") == "s2 pad=20" and r["deliveries_per_sec"]):
+            continue
+        read = r["floor"].reads.get((r["subscribers"], int(r["rate"])))
+        if read is None:
+            continue
+        own = r["generator_cpu"] / r["deliveries_per_sec"] * 1e6
+        rows.append([r["peer"], r["subscribers"], f"{r['rate']:g}", f"{own:.2f}", f"{read:.2f}", f"{own / read:.2f}x"])
+    if rows:
+        print("\n### the generator against the floor's receiver (pinned)\n")
+        print(table(rows, ["server", "subs", "pub/s", "generator CPU-µs / delivery",
+                           "floor's receiver µs / frame", "ratio"]))
 
 
 def targets(runs):

@@ -310,6 +310,7 @@ fn receive(addr: std::net::SocketAddr, n: usize, len: usize, warmup: u64) {
     let (mut first, mut last) = (Vec::new(), Vec::new());
     let (mut frames, mut lost_rounds) = (0u64, 0u64);
     let receiver_busy = core_jiffies(RECEIVER_CORE);
+    let receiving = std::time::Instant::now();
     let (mut open, mut ended) = (n, vec![false; n]);
     while open > 0 {
         // SAFETY: the kernel writes at most 1024 events into a buffer of 1024.
@@ -355,6 +356,9 @@ fn receive(addr: std::net::SocketAddr, n: usize, len: usize, warmup: u64) {
         }
     }
     let busy = busy_share(receiver_busy, core_jiffies(RECEIVER_CORE));
+    // What reading one frame costs the receiving core: the floor of a load generator's own
+    // cost per delivery (sidecast-bench reads each subscriber's frames the same way).
+    let per_frame_us = busy * receiving.elapsed().as_secs_f64() * 1e6 / frames.max(1) as f64;
     // SAFETY: closes the epoll descriptor this function created, once.
     unsafe { libc::close(epoll) };
     // Rounds that some socket never delivered whole (the sender prints how many it counted).
@@ -363,8 +367,8 @@ fn receive(addr: std::net::SocketAddr, n: usize, len: usize, warmup: u64) {
         .filter(|r| r.arrived != 0 && r.arrived < n)
         .count() as u64;
     println!(
-        "receiver: {frames} frames, core 1 busy {:.1}%; per round ({} complete, {lost_rounds} incomplete): \
-         time to the first frame {}, to the last frame {}",
+        "receiver: {frames} frames, core 1 busy {:.1}% = {per_frame_us:.2} us per frame read; per round ({} complete, \
+         {lost_rounds} incomplete): time to the first frame {}, to the last frame {}",
         busy * 100.0,
         last.len(),
         quantiles(&mut first),

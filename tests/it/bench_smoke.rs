@@ -171,4 +171,15 @@ fn the_report_prints_each_target_against_the_floor_and_the_peer() {
     ] {
         assert!(stdout.contains(row), "missing {row:?} in:\n{stdout}");
     }
+    // The generator's cost beside the floor's receiver, from the file whose floor prints it.
+    let output = Command::new("python3")
+        .arg(format!("{root}/bench/report.py"))
+        .arg(format!(
+            "{root}/bench/results/2026-12-04-generator-floor.txt"
+        ))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let row = "| sidecast | 1000 | 100 | 6.32 | 5.95 | 1.06x |";
+    assert!(stdout.contains(row), "missing {row:?} in:\n{stdout}");
 }
