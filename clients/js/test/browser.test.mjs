@@ -119,6 +119,38 @@ test("a page subscribes, receives, survives a restart and recovers", async () =>
   await page.screenshot({ path: join(shots, "browser.png") });
 });
 
+test("a page on the app's origin connects with its session cookie, without a token", async () => {
+  const origin = `http://127.0.0.1:${http.address().port}`;
+  // A node that takes the cookie `sid` from pages of this origin only.
+  const cookieNode = await startSidecast({
+    file: '[namespaces.h]\nhistory_size = 100\nhistory_ttl = "5m"\npublic = true\n',
+    settings: { auth_cookie: "sid", allowed_origins: origin },
+  });
+  const cookieBackend = control(cookieNode.grpc);
+  const context = await browser.newContext();
+  try {
+    // Cookies are per host, not per port: the browser sends it with the upgrade to the node.
+    await context.addCookies([
+      { name: "sid", value: token("cookie-page"), url: origin, httpOnly: true, sameSite: "Lax" },
+    ]);
+    const page = await context.newPage();
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(e.message));
+    const params = new URLSearchParams({ url: cookieNode.url, cookie: "1", channel: "h:cookie" });
+    await page.goto(`${origin}/?${params}`);
+    const events = () => page.evaluate(() => window.sidecastTest.events);
+    await until("subscribed", async () => (await events()).length === 1);
+    await cookieBackend.publish("h:cookie", { n: 1 });
+    await until("the publication", async () => (await page.evaluate(() => window.sidecastTest.received)).length === 1);
+    assert.equal(await page.textContent("#state"), "connected");
+    assert.deepEqual(errors, []);
+  } finally {
+    await context.close();
+    cookieBackend.close();
+    await cookieNode.kill();
+  }
+});
+
 test("the React binding subscribes while mounted and lets go on unmount", async () => {
   const page = await browser.newPage();
   const errors = [];
