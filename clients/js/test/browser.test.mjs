@@ -1,6 +1,7 @@
 // @sidecast/client in a real browser: Debian's Chromium, headless, driven by playwright-core
 // (no downloaded browser). The page loads the built SDK, subscribes, receives, survives a
-// node restart, and recovers what was published while its connection was down.
+// node restart, and recovers what was published while its connection was down; another
+// page connects with its session cookie instead of a token.
 
 import assert from "node:assert/strict";
 import { existsSync, mkdirSync, readFileSync } from "node:fs";
