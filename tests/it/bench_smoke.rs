@@ -145,20 +145,7 @@ async fn generator_smoke_against_the_node_ws_peer() {
 /// against the floor (measured last before each run) and against Centrifugo.
 #[test]
 fn the_report_prints_each_target_against_the_floor_and_the_peer() {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let output = Command::new("python3")
-        .arg(format!("{root}/bench/report.py"))
-        .arg(format!(
-            "{root}/bench/results/2026-12-04-centrifugo-s3-s4.txt"
-        ))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = report("2026-12-04-centrifugo-s3-s4.txt");
     for row in [
         // The single-frame cost against the bare write of the floor run just before it.
         "| S2 single-frame CPU per delivery, 1000 x 100/s | 7.78 µs = 1.15x floor | <= 1.25x | met | bare write 6.74 µs |",
@@ -172,14 +159,24 @@ fn the_report_prints_each_target_against_the_floor_and_the_peer() {
         assert!(stdout.contains(row), "missing {row:?} in:\n{stdout}");
     }
     // The generator's cost beside the floor's receiver, from the file whose floor prints it.
-    let output = Command::new("python3")
-        .arg(format!("{root}/bench/report.py"))
-        .arg(format!(
-            "{root}/bench/results/2026-12-04-generator-floor.txt"
-        ))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = report("2026-12-04-generator-floor.txt");
     let row = "| sidecast | 1000 | 100 | 6.32 | 5.95 | 1.06x |";
     assert!(stdout.contains(row), "missing {row:?} in:\n{stdout}");
+}
+
+/// `python3 bench/report.py bench/results/FILE`'s output; fails unless it exits 0.
+fn report(file: &str) -> String {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let output = Command::new("python3")
+        .arg(format!("{root}/bench/report.py"))
+        .arg(format!("{root}/bench/results/{file}"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
 }

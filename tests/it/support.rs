@@ -175,13 +175,7 @@ pub struct Client {
 
 impl Client {
     pub async fn open(url: &str) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("websocket opens");
-        Client {
-            ws,
-            client_id: String::new(),
-        }
+        Client::open_request(url.into_client_request().unwrap()).await
     }
 
     /// Opens with the request's own headers (a Cookie, an Origin).
