@@ -309,6 +309,11 @@ mod tests {
         assert!(err(None, &[("SIDECAST_MAX_PUBLICATION_SIZE", "1000000")])
             .contains("max_publication_size"));
         assert!(err(None, &[("SIDECAST_LOG_FORMAT", "xml")]).contains("log_format"));
+        assert!(err(None, &[("SIDECAST_EVENTS_SCOPE", "world")]).contains("events_scope"));
+        assert!(
+            err(None, &[("SIDECAST_EVENTS_SCOPE", "cluster")]).contains("needs a cluster"),
+            "cluster scope on the memory engine"
+        );
         assert!(
             err(None, &[("SIDECAST_ALLOWED_ORIGINS", "example.com")]).contains("allowed_origins")
         );

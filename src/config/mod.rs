@@ -125,6 +125,9 @@ pub struct Config {
     pub events_group_ttl: Duration,
     /// Event groups a node keeps at once (with or without members).
     pub events_max_groups: usize,
+    /// Whose events a node's event stream carries: its own connections' (`node`), or, on
+    /// Redis, every node's (`cluster`).
+    pub events_scope: EventsScope,
     /// How long a client's rpc waits for the backend's Reply.
     #[serde(with = "duration")]
     pub rpc_timeout: Duration,
@@ -207,6 +210,7 @@ impl Default for Config {
             events_ack_timeout: secs(30),
             events_group_ttl: secs(600),
             events_max_groups: 64,
+            events_scope: EventsScope::Node,
             rpc_timeout: secs(5),
             max_rpc_in_flight: 16,
             max_control_connections: 1024,
@@ -230,6 +234,16 @@ pub enum Engine {
     Memory,
     /// Addresses, each a shard.
     Redis(Vec<String>),
+}
+
+/// Whose events an event group receives (`events_scope`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventsScope {
+    /// The connections of the node the backend's stream is on.
+    Node,
+    /// Every node's connections, through a stream per group in Redis.
+    Cluster,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]

@@ -5,7 +5,9 @@ use jsonwebtoken::Algorithm;
 
 use super::layers::invalid;
 use super::values::{format_duration, redact};
-use super::{default_max_connections, is_hmac, Config, ConfigError, Engine, NamespaceOptions};
+use super::{
+    default_max_connections, is_hmac, Config, ConfigError, Engine, EventsScope, NamespaceOptions,
+};
 
 impl Config {
     /// Checks the rules between keys and fills in what is derived (max_connections 0, the
@@ -156,6 +158,12 @@ impl Config {
             ));
         }
         let Engine::Redis(addresses) = self.engine() else {
+            if self.events_scope == EventsScope::Cluster {
+                return Err(invalid(
+                    "events_scope",
+                    "`cluster` needs a cluster: set broker to one or more redis:// addresses",
+                ));
+            }
             return Ok(());
         };
         let mut seen = std::collections::HashSet::new();

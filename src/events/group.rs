@@ -164,6 +164,42 @@ impl Group {
             .collect()
     }
 
+    /// Buffers events numbered elsewhere (a cluster's shared stream, which bounds them
+    /// itself), in order and above every buffered number, and sends what members can take.
+    pub fn relay(&mut self, entries: Vec<(u64, Arc<Body>, bool)>, now: Instant) -> Out {
+        for (seq, body, redelivered) in entries {
+            self.next_seq = self.next_seq.max(seq + 1);
+            let size = body.size();
+            self.insert(seq, body, size);
+            if let Some(entry) = self.buffer.get_mut(&seq) {
+                entry.redelivered = redelivered;
+            }
+        }
+        self.pump(now)
+    }
+
+    /// Forgets every buffered event (another node now delivers the group's shared stream);
+    /// the members stay.
+    pub fn clear(&mut self) {
+        self.buffer.clear();
+        self.pending.clear();
+        self.bytes = 0;
+        self.affinity.clear();
+        for member in self.members.values_mut() {
+            member.in_flight = 0;
+        }
+    }
+
+    /// Whether `seq` is buffered (not yet acknowledged).
+    pub fn holds(&self, seq: u64) -> bool {
+        self.buffer.contains_key(&seq)
+    }
+
+    /// How many more events the buffer's event bound allows.
+    pub fn room(&self) -> usize {
+        self.limits.max_events.saturating_sub(self.buffer.len())
+    }
+
     /// Forgets acknowledged events, whoever held them.
     pub fn ack(&mut self, seqs: &[u64], now: Instant) -> Out {
         for seq in seqs {
@@ -534,5 +570,32 @@ mod tests {
         g.leave(1, t);
         assert!(!g.expired(t + Duration::from_secs(599)));
         assert!(g.expired(t + Duration::from_secs(600)));
+    }
+
+    #[test]
+    fn relayed_events_keep_their_numbers_and_a_clear_hands_nothing_back() {
+        let t = Instant::now();
+        let mut g = Group::new(BOUNDS, t);
+        g.join(1, 2, 0, Vec::new(), t);
+        let out = g.relay(
+            vec![
+                (7, body("a"), true),
+                (9, body("a"), false),
+                (12, body("b"), false),
+            ],
+            t,
+        );
+        let sent: Vec<(u64, bool)> = out.iter().map(|(_, e)| (e.seq, e.redelivered)).collect();
+        assert_eq!(sent, [(7, true), (9, false)], "numbers kept, window of 2");
+        assert!(g.holds(12) && !g.holds(8));
+        assert_eq!(g.room(), BOUNDS.max_events - 3);
+        assert_eq!(seqs(&g.ack(&[7], t), 1), [12]);
+        // Another node delivers the group now: nothing held here is sent again, and the
+        // member has its whole window for what comes next.
+        g.clear();
+        assert_eq!(g.buffered(), 0);
+        assert!(g.ack(&[9, 12], t).is_empty());
+        let out = g.relay(vec![(13, body("a"), false), (14, body("b"), false)], t);
+        assert_eq!(seqs(&out, 1), [13, 14]);
     }
 }

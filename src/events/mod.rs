@@ -10,10 +10,12 @@
 //! on a second channel of their own, so they can never take the events' room. A member
 //! that is removed stops at once: its [`Signal`] makes its stream end (with the reason)
 //! instead of handing out events already given to another member. `grpc::events` is the
-//! thin shell on the wire.
+//! thin shell on the wire. With `events_scope = "cluster"`, `relay` carries events through
+//! Redis instead, so that a group receives every node's.
 
 mod event;
 mod group;
+mod relay;
 mod rpc;
 
 use std::collections::HashMap;
@@ -29,8 +31,10 @@ use tokio::sync::{mpsc, oneshot, Notify};
 pub use event::{Body, Delivery, EventKind, Joined, ToMember, What};
 pub use group::MemberId;
 use group::{Bounds, Group};
+use relay::Relay;
+pub use relay::{Acked, LocalGroup, RelayEnds, KINDS as RELAYED_KINDS};
 
-use crate::config::Config;
+use crate::config::{Config, EventsScope};
 
 /// Set when a member is removed: its stream yields the reason (if any) and ends.
 #[derive(Default)]
@@ -114,6 +118,8 @@ struct Inner {
     node_id: Arc<str>,
     /// Woken by every acknowledgement, for the drain at shutdown.
     acked: Notify,
+    /// With `events_scope = "cluster"`: the way to and from the cluster's shared streams.
+    relay: Option<Relay>,
 }
 
 #[derive(Default)]
@@ -184,6 +190,8 @@ impl Events {
                 max_groups: config.events_max_groups,
                 node_id,
                 acked: Notify::new(),
+                relay: (config.events_scope == EventsScope::Cluster)
+                    .then(|| Relay::new(config.events_buffer)),
             }),
         }
     }
@@ -195,6 +203,7 @@ impl Events {
     /// True when some group receives this kind: callers skip building events nobody wants.
     pub fn wants(&self, kind: EventKind) -> bool {
         self.inner.wanted.load(Relaxed) & kind.bit() != 0
+            || self.inner.relay.as_ref().is_some_and(|r| r.wants(kind))
     }
 
     /// Hands an event to every group that wants it. Never waits.
@@ -211,6 +220,10 @@ impl Events {
             time_ms: unix_ms(),
             what,
         });
+        if let Some(relay) = &self.inner.relay {
+            relay.send(event_kind, body);
+            return;
+        }
         let now = Instant::now();
         let mut state = self.lock();
         let mut out = Vec::new();
@@ -276,6 +289,8 @@ impl Events {
         );
         self.update_wanted(&state);
         deliver(&mut state, out, now);
+        drop(state);
+        self.membership_changed();
         tracing::info!(member = id, "event stream member joined");
         Ok((
             id,
@@ -295,7 +310,13 @@ impl Events {
             return;
         };
         let out = match state.groups.get_mut(&name) {
-            Some(group) => group.ack(seqs, now),
+            Some(group) => {
+                if let Some(relay) = &self.inner.relay {
+                    let held = seqs.iter().copied().filter(|s| group.holds(*s)).collect();
+                    relay.acked(&name, held);
+                }
+                group.ack(seqs, now)
+            }
             None => return,
         };
         deliver(&mut state, out, now);
@@ -310,6 +331,7 @@ impl Events {
         remove_member(&mut state, member, None, now);
         drop(state);
         self.inner.acked.notify_waiters();
+        self.membership_changed();
     }
 
     /// Ends a member's stream with `error`; its events go to the others.
@@ -319,6 +341,7 @@ impl Events {
         remove_member(&mut state, member, Some(error), now);
         drop(state);
         self.inner.acked.notify_waiters();
+        self.membership_changed();
     }
 
     /// Drops members holding an event longer than events_ack_timeout, and forgets groups
@@ -352,20 +375,25 @@ impl Events {
         drop(state);
         if dropped {
             self.inner.acked.notify_waiters();
+            self.membership_changed();
         }
     }
 
-    /// Waits until every group with a member has nothing unacknowledged, or until `deadline`.
+    /// Waits until every group with a member has nothing unacknowledged (and, with the
+    /// cluster scope, every event of this node's connections is in Redis), or until
+    /// `deadline`.
     pub async fn drained(&self, deadline: tokio::time::Instant) -> bool {
         loop {
             let acked = self.inner.acked.notified();
             tokio::pin!(acked);
             acked.as_mut().enable();
-            let busy = self
-                .lock()
-                .groups
-                .values()
-                .any(|g| g.has_members() && g.buffered() > 0);
+            let unsent = self.inner.relay.as_ref().map_or(0, Relay::unsent);
+            let busy = unsent > 0
+                || self
+                    .lock()
+                    .groups
+                    .values()
+                    .any(|g| g.has_members() && g.buffered() > 0);
             if !busy {
                 return true;
             }
@@ -397,6 +425,15 @@ impl Events {
         self.update_wanted(&state);
         for (_, rpc) in state.rpcs.drain() {
             let _ = rpc.answer.send(RpcAnswer::Gone);
+        }
+        drop(state);
+        self.membership_changed();
+    }
+
+    /// Tells the cluster engine that local groups may have gained or lost their members.
+    fn membership_changed(&self) {
+        if let Some(relay) = &self.inner.relay {
+            relay.changed();
         }
     }
 

@@ -2,7 +2,7 @@
 //! packets (a veth link into a network namespace, taken down), and a node killed with
 //! SIGKILL.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 
 use serde_json::json;
 use sidecast::pb::{self, EventKind};
@@ -10,8 +10,7 @@ use sidecast::testkit::RedisServer;
 
 use crate::events::{disconnect, kind, Member};
 use crate::support::{
-    eventually, free_port, http_get, present_users, publish, token, Client, KillOnDrop, Netns,
-    TestServer, PATIENCE,
+    eventually, http_get, present_users, publish, Netns, NodeProcess, TestServer, PATIENCE,
 };
 
 /// `room:` keeps history, presence and join/leave; `lobby:` only announces join/leave.
@@ -144,39 +143,13 @@ async fn a_silent_partition_from_redis_is_detected_and_healed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_leaves_presence_and_its_leaves_come_once() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("rooms.toml");
-    std::fs::write(&file, ROOMS).unwrap();
     let settings = [
         ("broker", redis.url()),
         ("redis_presence_ttl", "3s".to_string()),
     ];
-    let survivor = {
-        let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        TestServer::start_with_file(Some(ROOMS), &settings).await
-    };
-    let (ws, grpc, admin) = (free_port(), free_port(), free_port());
-    let mut command = Command::new(env!("CARGO_BIN_EXE_sidecast"));
-    command
-        .arg("--config")
-        .arg(&file)
-        .args(["--ws-addr", &format!("127.0.0.1:{ws}")])
-        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
-        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-        .args(["--set", "token_hmac_secret=test-secret"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in &settings {
-        command.args(["--set", &format!("{k}={v}")]);
-    }
-    let mut doomed = KillOnDrop(Some(command.spawn().unwrap()));
-    let admin = format!("127.0.0.1:{admin}").parse().unwrap();
-    eventually("the doomed node is ready", || async move {
-        tokio::net::TcpStream::connect(admin).await.is_ok()
-            && http_get(admin, "/readyz").await.0 == 200
-    })
-    .await;
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let survivor = TestServer::start_with_file(Some(ROOMS), &settings).await;
+    let mut doomed = NodeProcess::start(ROOMS, &settings).await;
     eventually("the survivor is ready", || async {
         http_get(survivor.admin, "/readyz").await.0 == 200
     })
@@ -194,13 +167,8 @@ async fn a_killed_node_leaves_presence_and_its_leaves_come_once() {
     let mut watcher = survivor.user("w", grants.clone()).await;
     watcher.subscribe(2, "room:k").await;
     watcher.subscribe(3, "lobby:k").await;
-    let mut victim = Client::open(&format!("ws://127.0.0.1:{ws}/ws")).await;
-    victim
-        .send(json!({"id": 1, "op": "connect", "token": token("v", grants)}))
-        .await;
-    let connected = victim.recv().await;
-    assert_eq!(connected["type"], "connected");
-    let victim_id = connected["client"].as_str().unwrap().to_string();
+    let mut victim = doomed.user("v", grants).await;
+    let victim_id = victim.client_id.clone();
     victim.subscribe(2, "room:k").await;
     victim.subscribe(3, "lobby:k").await;
     for channel in ["room:k", "lobby:k"] {
@@ -219,9 +187,7 @@ async fn a_killed_node_leaves_presence_and_its_leaves_come_once() {
     let present = || present_users(&control, "room:k");
     eventually("both present", || async { present().await == ["v", "w"] }).await;
 
-    let mut child = doomed.0.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    doomed.kill();
 
     // Within redis_presence_ttl (and a refresh), the survivor clears the entry and the
     // leave comes, once.

@@ -7,6 +7,7 @@ mod bad_input;
 mod bench_smoke;
 mod binary;
 mod cluster;
+mod cluster_events;
 mod cluster_faults;
 mod control;
 mod cookie;

@@ -87,14 +87,7 @@ impl TestServer {
 
     /// Connects with the first-frame form and returns once `connected` arrived.
     pub async fn connect(&self, token: &str) -> Client {
-        let mut client = Client::open(&self.ws_url).await;
-        client
-            .send(json!({"id": 1, "op": "connect", "token": token}))
-            .await;
-        let connected = client.recv().await;
-        assert_eq!(connected["type"], "connected", "{connected}");
-        client.client_id = connected["client"].as_str().unwrap().to_string();
-        client
+        Client::open(&self.ws_url).await.authenticate(token).await
     }
 
     /// A connected client of `user` with the given extra claims (channels, publish, subs...).
@@ -105,14 +98,10 @@ impl TestServer {
     /// Like [`TestServer::user`], over a socket with a 4 KiB receive buffer: a client that
     /// stops reading soon leaves the server's frames queued.
     pub async fn user_small_buffer(&self, user: &str, claims: Value) -> Client {
-        let mut client = Client::open_small_buffer(self.ws_addr, &self.ws_url).await;
-        client
-            .send(json!({"id": 1, "op": "connect", "token": token(user, claims)}))
-            .await;
-        let connected = client.recv().await;
-        assert_eq!(connected["type"], "connected", "{connected}");
-        client.client_id = connected["client"].as_str().unwrap().to_string();
-        client
+        Client::open_small_buffer(self.ws_addr, &self.ws_url)
+            .await
+            .authenticate(&token(user, claims))
+            .await
     }
 
     /// Waits until the node holds no connection.
@@ -189,6 +178,16 @@ impl Client {
             ws,
             client_id: String::new(),
         }
+    }
+
+    /// Sends the first-frame `connect` and returns once `connected` arrived.
+    pub async fn authenticate(mut self, token: &str) -> Client {
+        self.send(json!({"id": 1, "op": "connect", "token": token}))
+            .await;
+        let connected = self.recv().await;
+        assert_eq!(connected["type"], "connected", "{connected}");
+        self.client_id = connected["client"].as_str().unwrap().to_string();
+        self
     }
 
     /// Opens over a socket with a small receive buffer (for slow-consumer tests).
@@ -441,6 +440,66 @@ impl Drop for KillOnDrop {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A node in a process of its own (so that a test can SIGKILL it), with `file` as its
+/// configuration file and `settings` as overrides; killed when dropped.
+pub struct NodeProcess {
+    pub child: KillOnDrop,
+    pub ws_url: String,
+    pub grpc_url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl NodeProcess {
+    /// Starts the node and waits until it is ready.
+    pub async fn start(file: &str, settings: &[(&str, &str)]) -> NodeProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, file).unwrap();
+        let (ws, grpc, admin) = (free_port(), free_port(), free_port());
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sidecast"));
+        command
+            .arg("--config")
+            .arg(&path)
+            .args(["--ws-addr", &format!("127.0.0.1:{ws}")])
+            .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+            .args(["--set", &format!("token_hmac_secret={SECRET}")])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for (k, v) in settings {
+            command.args(["--set", &format!("{k}={v}")]);
+        }
+        let child = KillOnDrop(Some(command.spawn().unwrap()));
+        let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+        eventually("the node process is ready", || async move {
+            TcpStream::connect(admin).await.is_ok() && http_get(admin, "/readyz").await.0 == 200
+        })
+        .await;
+        NodeProcess {
+            child,
+            ws_url: format!("ws://127.0.0.1:{ws}/ws"),
+            grpc_url: format!("http://127.0.0.1:{grpc}"),
+            _dir: dir,
+        }
+    }
+
+    /// SIGKILL, and reaped.
+    pub fn kill(&mut self) {
+        let mut child = self.child.0.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// A connected client of `user` with the given extra claims.
+    pub async fn user(&self, user: &str, claims: Value) -> Client {
+        Client::open(&self.ws_url)
+            .await
+            .authenticate(&token(user, claims))
+            .await
     }
 }
 

@@ -14,7 +14,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::envelope::{self, Envelope};
-use super::link::{BACKOFF, PING_INTERVAL};
+use super::link::{Backoff, PING_INTERVAL};
 use super::table::{Hold, Step};
 use super::{BrokerError, Inner, UNUSED_SWEEP};
 use crate::outbox::Flush;
@@ -105,7 +105,7 @@ impl Inner {
         let link = &self.links[feed.shard];
         let canary = self.keys.canary(&self.node, index);
         let timeout = self.config.redis_timeout;
-        let mut backoff = BACKOFF.0;
+        let mut backoff = Backoff::new();
         loop {
             let connected = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -119,11 +119,9 @@ impl Inner {
                         _ => format!("no answer within {timeout:?}"),
                     };
                     tracing::debug!(address = %link.address, %error, "pub/sub connection failed");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !backoff.wait(&stop).await {
+                        return;
                     }
-                    backoff = (backoff * 2).min(BACKOFF.1);
                     continue;
                 }
             };
@@ -169,7 +167,7 @@ impl Inner {
                 subscribed
             };
             if ready {
-                backoff = BACKOFF.0;
+                backoff.reset();
                 tracing::debug!(address = %link.address, feed = index, "pub/sub connected");
                 // The first canary (and heartbeat) at once, so that readiness does not
                 // wait for a tick.
@@ -216,11 +214,9 @@ impl Inner {
             *feed.sink.lock().expect("feed lock") = None;
             if !ready {
                 // The connection came up but its SUBSCRIBEs failed: not straight back.
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                if !backoff.wait(&stop).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(BACKOFF.1);
             }
         }
     }

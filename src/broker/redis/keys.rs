@@ -73,6 +73,17 @@ impl Keys {
         format!("{}:reply:{node}", self.prefix)
     }
 
+    /// The cluster's event groups: name → the kinds it wants (`events.lua`).
+    pub fn event_groups(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
+    /// A key of one event group, named as `events.lua` names it: `alive`, `stream`, `seq`,
+    /// `lost`, `cursor` or `lease`.
+    pub fn event_group(&self, group: &str, part: &str) -> String {
+        format!("{}:events:{group}:{part}", self.prefix)
+    }
+
     /// The topic on which a node checks that its pub/sub connection carries messages.
     pub fn canary(&self, node: &str, feed: usize) -> String {
         format!("{}:canary:{node}:{feed}", self.prefix)

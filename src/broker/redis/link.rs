@@ -31,7 +31,31 @@ pub struct Link {
 /// How often a connected link is pinged.
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 /// Reconnect backoff: from the first to the last, doubling.
-pub const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// The wait before the next retry: from the first of [`BACKOFF`], doubling up to its last,
+/// back to the first after a success.
+pub struct Backoff(Duration);
+
+impl Backoff {
+    pub fn new() -> Backoff {
+        Backoff(BACKOFF.0)
+    }
+
+    pub fn reset(&mut self) {
+        self.0 = BACKOFF.0;
+    }
+
+    /// Sleeps for the current wait, then doubles it; false when `stop` came first.
+    pub async fn wait(&mut self, stop: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep(self.0) => {}
+        }
+        self.0 = (self.0 * 2).min(BACKOFF.1);
+        true
+    }
+}
 
 impl Link {
     pub fn new(address: &str, timeout: Duration) -> Link {
@@ -104,7 +128,7 @@ impl Link {
 
     /// Keeps a connection up until `stop`.
     pub async fn supervise(&self, stop: CancellationToken) {
-        let mut backoff = BACKOFF.0;
+        let mut backoff = Backoff::new();
         loop {
             if !self.is_up() {
                 let config = AsyncConnectionConfig::new()
@@ -122,7 +146,7 @@ impl Link {
                         tracing::info!(address = %self.address, "connected to Redis");
                         self.down.store(false, Ordering::Relaxed);
                         *self.conn.lock().expect("link lock") = Some(conn);
-                        backoff = BACKOFF.0;
+                        backoff.reset();
                     }
                     failed => {
                         let error = match failed {
@@ -132,11 +156,9 @@ impl Link {
                         if !self.down.swap(true, Ordering::Relaxed) {
                             tracing::error!(address = %self.address, %error, "cannot reach Redis; retrying");
                         }
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = tokio::time::sleep(backoff) => {}
+                        if !backoff.wait(&stop).await {
+                            return;
                         }
-                        backoff = (backoff * 2).min(BACKOFF.1);
                         continue;
                     }
                 }

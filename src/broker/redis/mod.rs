@@ -16,6 +16,8 @@
 //! - **Presence** (`presence`): each node writes its subscribers with an expiry it
 //!   refreshes; a dead node's entries expire and the node that removes them announces the
 //!   `leave`, once.
+//! - **Event groups** (`events`, with `events_scope = "cluster"`): a stream per group on
+//!   the first address, written by every node, delivered by the node holding its lease.
 //! - **Readiness**: every address answers its pings and a canary publication comes back
 //!   through each pub/sub connection.
 //!
@@ -24,6 +26,8 @@
 
 mod cluster;
 mod envelope;
+mod event_entry;
+mod events;
 mod feed;
 mod keys;
 mod link;
@@ -88,6 +92,8 @@ struct Scripts {
     read: Script,
     presence: Script,
     reap: Script,
+    events: Script,
+    lease: Script,
 }
 
 /// How often each feed's canary is published; a feed whose canary has not come back for
@@ -136,6 +142,8 @@ impl RedisBroker {
                 read: Script::new(include_str!("read.lua")),
                 presence: Script::new(include_str!("presence.lua")),
                 reap: Script::new(include_str!("reap.lua")),
+                events: Script::new(include_str!("events.lua")),
+                lease: Script::new(include_str!("lease.lua")),
             },
         });
         let stop = CancellationToken::new();
@@ -154,6 +162,9 @@ impl RedisBroker {
         {
             let (inner, stop) = (inner.clone(), stop.clone());
             tokio::spawn(async move { inner.run_presence(stop).await });
+        }
+        if let Some(ends) = inner.hub.events().relay_take() {
+            inner.start_events(ends, &stop);
         }
         RedisBroker {
             inner,
