@@ -211,3 +211,46 @@ async fn an_overflow_while_no_member_reads_is_one_lost_range() {
         (8, "connect", late.client_id.as_str())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_restarts_empty_the_group_starts_anew_and_delivery_resumes() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let settings = [("broker", url.as_str()), ("events_scope", "cluster")];
+    let (a, b) = (node(&settings).await, node(&settings).await);
+    let mut audit = Member::join(&a, "audit", &[EventKind::Connect], 0).await;
+    delivered_by(&redis, "audit", &audit.joined.node_id).await;
+    let before = b.user("before", json!({})).await;
+    let event = audit.next_acked().await;
+    assert_eq!(
+        (event.seq, event.client.as_str()),
+        (1, before.client_id.as_str())
+    );
+
+    redis.stop();
+    let admin = a.admin;
+    eventually("not ready without Redis", || async move {
+        http_get(admin, "/readyz").await.0 == 503
+    })
+    .await;
+    redis.restart();
+    for server in [&a, &b] {
+        let admin = server.admin;
+        eventually("ready again", || async move {
+            http_get(admin, "/readyz").await.0 == 200
+        })
+        .await;
+    }
+    // Redis came back empty: the member's node registers the group again within a second,
+    // and it starts anew, numbered from 1.
+    eventually("the group is registered again", || async {
+        redis_get(&redis, &["HEXISTS", "sidecast:events", "audit"]) == redis::Value::Int(1)
+    })
+    .await;
+    let after = b.user("after", json!({})).await;
+    let event = audit.next_acked().await;
+    assert_eq!(
+        (event.seq, kind(&event), event.client.as_str()),
+        (1, "connect", after.client_id.as_str())
+    );
+}

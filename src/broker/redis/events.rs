@@ -329,7 +329,12 @@ impl Inner {
                 read = self.read_step(&mut conn, &group, &mut cursor, last, room) => read,
             };
             match read {
-                Ok((entries, top)) => {
+                Ok(None) => {
+                    tracing::warn!(%group, "the event group's numbering restarted (Redis lost its data): delivering it anew");
+                    events.relay_release(&group);
+                    (last, cursor) = (0, None);
+                }
+                Ok(Some((entries, top))) => {
                     backoff.reset();
                     last = last.max(top);
                     if entries.is_empty() {
@@ -351,7 +356,8 @@ impl Inner {
     }
 
     /// One read of up to `room` entries after `last`, and the highest id read; the cursor
-    /// moves past them first, so that a later holder marks them redelivered.
+    /// moves past them first, so that a later holder marks them redelivered. None when Redis
+    /// lost the group (its cursor is gone), whose numbering then starts again from 1.
     async fn read_step(
         &self,
         conn: &mut Option<MultiplexedConnection>,
@@ -359,7 +365,7 @@ impl Inner {
         cursor: &mut Option<u64>,
         last: u64,
         room: usize,
-    ) -> redis::RedisResult<(Vec<(u64, Arc<Body>, bool)>, u64)> {
+    ) -> redis::RedisResult<Option<(Vec<(u64, Arc<Body>, bool)>, u64)>> {
         let c = match conn {
             Some(c) => c,
             None => {
@@ -375,9 +381,12 @@ impl Inner {
             }
         };
         let cursor_key = self.keys.event_group(group, "cursor");
+        let stored = c.get::<_, Option<u64>>(&cursor_key).await?;
         let cursor = match cursor {
+            // The cursor outlives every entry read: without it, Redis lost the group.
+            Some(n) if *n > 0 && stored.is_none() => return Ok(None),
             Some(n) => n,
-            None => cursor.insert(c.get::<_, Option<u64>>(&cursor_key).await?.unwrap_or(0)),
+            None => cursor.insert(stored.unwrap_or(0)),
         };
         let stream = self.keys.event_group(group, "stream");
         let options = StreamReadOptions::default()
@@ -407,6 +416,6 @@ impl Inner {
             let () = c.set(&cursor_key, top).await?;
             *cursor = top;
         }
-        Ok((entries, top))
+        Ok(Some((entries, top)))
     }
 }
