@@ -80,6 +80,7 @@ pub struct Metrics {
     /// Frames queued to connections by fan-out.
     pub deliveries: Counter,
     pub slow_consumer_closes: Counter,
+    pub slow_consumer_drops: Counter,
     pub write_timeouts: Counter,
     /// Subscriptions ended with `unsub` 2500 (a cluster node lost a channel's continuity).
     pub resubscribes: Counter,
@@ -168,6 +169,10 @@ impl Metrics {
             "sidecast_slow_consumer_closes",
             "Connections closed with 4004 because their queue overflowed",
         );
+        let slow_consumer_drops = counter(
+            "sidecast_slow_consumer_drops",
+            "Publications dropped from full queues by slow_consumer = drop_oldest or conflate (each reported with a lost push)",
+        );
         let write_timeouts = counter(
             "sidecast_write_timeouts",
             "Connections dropped because a write took longer than write_timeout",
@@ -218,6 +223,7 @@ impl Metrics {
             publications,
             deliveries,
             slow_consumer_closes,
+            slow_consumer_drops,
             write_timeouts,
             resubscribes,
             messages_received,
@@ -231,6 +237,11 @@ impl Metrics {
             fanout,
             gauges,
         }
+    }
+
+    /// Publications a full queue dropped to make room (their policy keeps the connection).
+    pub fn record_dropped(&self, publications: usize) {
+        self.slow_consumer_drops.inc_by(publications as u64);
     }
 
     /// One fan-out: frames `queued` to subscribers, and queues it `overflowed` (each such

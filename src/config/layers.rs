@@ -311,6 +311,15 @@ mod tests {
         assert!(err(None, &[("SIDECAST_LOG_FORMAT", "xml")]).contains("log_format"));
         assert!(err(None, &[("SIDECAST_EVENTS_SCOPE", "world")]).contains("events_scope"));
         assert!(
+            err(Some("[namespaces.c]\nslow_consumer = \"conflate\""), &[])
+                .contains("namespaces.c.conflate_by")
+        );
+        assert!(err(Some("[namespaces.c]\nconflate_by = \"user\""), &[])
+            .contains("needs slow_consumer"));
+        assert!(
+            err(Some("[namespaces.c]\nslow_consumer = \"drop\""), &[]).contains("slow_consumer")
+        );
+        assert!(
             err(None, &[("SIDECAST_EVENTS_SCOPE", "cluster")]).contains("needs a cluster"),
             "cluster scope on the memory engine"
         );

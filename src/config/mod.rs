@@ -275,6 +275,26 @@ pub struct NamespaceOptions {
     pub public: bool,
     /// 0 for no limit.
     pub max_subscribers: usize,
+    /// What a subscriber's full queue does to the channel's publications.
+    pub slow_consumer: SlowConsumer,
+    /// With `slow_consumer = "conflate"`: the top-level field of a publication's data whose
+    /// value is its key; a queue keeps only the newest unwritten publication per key.
+    pub conflate_by: Option<String>,
+}
+
+/// `slow_consumer`: what happens when a subscriber's queue (`max_queue_bytes`) is full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowConsumer {
+    /// The connection closes with 4004.
+    #[default]
+    Disconnect,
+    /// The oldest queued publications of such channels make room, and the client is told
+    /// which it lost (a `lost` push).
+    DropOldest,
+    /// As `drop_oldest`, and a queued publication is replaced by a newer one with the same
+    /// `conflate_by` key.
+    Conflate,
 }
 
 impl Default for NamespaceOptions {
@@ -288,6 +308,8 @@ impl Default for NamespaceOptions {
             allow_client_publish: false,
             public: false,
             max_subscribers: 0,
+            slow_consumer: SlowConsumer::Disconnect,
+            conflate_by: None,
         }
     }
 }

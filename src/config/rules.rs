@@ -7,6 +7,7 @@ use super::layers::invalid;
 use super::values::{format_duration, redact};
 use super::{
     default_max_connections, is_hmac, Config, ConfigError, Engine, EventsScope, NamespaceOptions,
+    SlowConsumer,
 };
 
 impl Config {
@@ -142,9 +143,9 @@ impl Config {
                     "not a valid namespace name",
                 ));
             }
-            check_history(&format!("namespaces.{name}"), options)?;
+            check_namespace(&format!("namespaces.{name}"), options)?;
         }
-        check_history("channel_defaults", &self.channel_defaults)?;
+        check_namespace("channel_defaults", &self.channel_defaults)?;
         self.check_broker()?;
         self.check_token_keys()
     }
@@ -249,7 +250,29 @@ impl Config {
     }
 }
 
-fn check_history(table: &str, options: &NamespaceOptions) -> Result<(), ConfigError> {
+fn check_namespace(table: &str, options: &NamespaceOptions) -> Result<(), ConfigError> {
+    let conflating = options.slow_consumer == SlowConsumer::Conflate;
+    match &options.conflate_by {
+        None if conflating => {
+            return Err(invalid(
+                &format!("{table}.conflate_by"),
+                "must name the data's key field when slow_consumer is \"conflate\"",
+            ))
+        }
+        Some(_) if !conflating => {
+            return Err(invalid(
+                &format!("{table}.conflate_by"),
+                "needs slow_consumer = \"conflate\"",
+            ))
+        }
+        Some(field) if field.is_empty() => {
+            return Err(invalid(
+                &format!("{table}.conflate_by"),
+                "must not be empty",
+            ))
+        }
+        _ => {}
+    }
     if options.has_history() && options.history_ttl.is_zero() {
         return Err(invalid(
             &format!("{table}.history_ttl"),

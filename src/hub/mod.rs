@@ -19,10 +19,10 @@ use serde_json::value::RawValue;
 use subscribers::Subscribers;
 pub use subscribers::{ClientId, Fanout};
 
-use crate::config::{Config, NamespaceOptions};
+use crate::config::{Config, NamespaceOptions, SlowConsumer};
 use crate::events::{EventKind, Events, What};
 use crate::metrics::Metrics;
-use crate::outbox::{Flush, Outbox, Pacing};
+use crate::outbox::{Flush, Outbox, Pacing, Tag};
 use crate::wire::channel::Pattern;
 use crate::wire::message::ClientInfo;
 use crate::wire::{Close, ServerMessage};
@@ -158,7 +158,7 @@ impl Hub {
     pub fn relay(&self, channel: &str, frame: &bytes::Bytes) -> Flush {
         let mut flush = self.flush();
         if let Some(subscribers) = self.read().channels.get(channel).cloned() {
-            subscribers.lock().fan_out(frame, &mut flush);
+            subscribers.lock().fan_out(frame, None, &mut flush);
         }
         flush
     }
@@ -337,12 +337,32 @@ impl Hub {
                 offset,
             }
             .frame();
-            let counts = roster.fan_out(&frame, &mut flush);
+            let tag = self.tag(channel, data, offset);
+            let counts = roster.fan_out(&frame, tag.as_ref(), &mut flush);
             drop(roster);
             let metrics = &self.shared.metrics;
             metrics.record_fanout(counts.queued, counts.overflowed);
             return (counts, flush);
         }
+    }
+
+    /// A publication's [`Tag`] when its channel's `slow_consumer` policy is not
+    /// `disconnect`: its key is the `conflate_by` field's JSON text, when the data is an
+    /// object that has it.
+    fn tag(&self, channel: &str, data: &[u8], offset: Option<u64>) -> Option<Arc<Tag>> {
+        let options = self.options(channel);
+        if options.slow_consumer == SlowConsumer::Disconnect {
+            return None;
+        }
+        let key = options.conflate_by.as_deref().and_then(|field| {
+            let object: HashMap<String, &RawValue> = serde_json::from_slice(data).ok()?;
+            Some(Box::from(object.get(field)?.get().as_bytes()))
+        });
+        Some(Arc::new(Tag {
+            channel: Arc::from(channel),
+            offset: offset.unwrap_or(0),
+            key,
+        }))
     }
 
     /// The outboxes of a target's current connections, with their ids.

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use crate::config::NamespaceOptions;
-use crate::outbox::{Flush, Outbox, Push};
+use crate::outbox::{Flush, Outbox, Push, Tag};
 
 pub type ClientId = Arc<str>;
 
@@ -66,10 +66,12 @@ impl Subscribers {
 impl Roster {
     /// Queues one encoded frame to every subscriber; the sockets that were idle are added
     /// to `flush`, to be written once this lock is released.
-    pub fn fan_out(&self, frame: &Bytes, flush: &mut Flush) -> Fanout {
+    /// `tag`: the publication's, when its channel's `slow_consumer` policy lets a full queue
+    /// drop or replace it.
+    pub fn fan_out(&self, frame: &Bytes, tag: Option<&Arc<Tag>>, flush: &mut Flush) -> Fanout {
         let mut counts = Fanout::default();
         for sub in self.subscribers.values() {
-            match sub.outbox.push_later(frame.clone()) {
+            match sub.outbox.push_publication(frame.clone(), tag) {
                 Push::Deferred => {
                     flush.add(&sub.outbox);
                     counts.queued += 1;

@@ -117,7 +117,7 @@ impl Hub {
                     info: subscriber.info.as_deref(),
                 }
                 .frame();
-                ch.fan_out(&join, &mut flush);
+                ch.fan_out(&join, None, &mut flush);
             }
             let outbox = subscriber.outbox.clone();
             self.observe(Change::Subscription {
@@ -258,7 +258,7 @@ impl Hub {
                     info: sub.info.as_deref(),
                 }
                 .frame();
-                ch.fan_out(&leave, flush);
+                ch.fan_out(&leave, None, flush);
             }
         }
         let empty = ch.subscribers.is_empty();

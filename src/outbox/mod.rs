@@ -13,7 +13,10 @@
 //! under this outbox's lock and a frame leaves the queue only once written, so the queue
 //! holds every byte not yet written and a connection never holds more than `limit` bytes of
 //! frames. On overflow the queued frames are dropped and a close with 4004 is scheduled:
-//! the rest of the channel is never held back by one reader.
+//! the rest of the channel is never held back by one reader, unless the queue holds
+//! publications of channels whose `slow_consumer` policy keeps the connection (a [`Tag`]):
+//! then the oldest of those make room, and a `lost` push tells the client which. With
+//! `conflate`, a queued publication is replaced by a newer one with the same key.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -32,6 +35,7 @@ use tokio::net::TcpStream;
 
 use crate::metrics::Metrics;
 use crate::wire::close::{self, Close};
+use crate::wire::message::ServerMessage;
 
 mod flush;
 
@@ -52,6 +56,36 @@ pub enum Push {
     Closed,
 }
 
+/// A publication in subscribers' queues whose channel's `slow_consumer` policy lets it be
+/// dropped (or replaced) instead of closing the connection; one per fan-out, shared.
+#[derive(Debug)]
+pub struct Tag {
+    pub channel: Arc<str>,
+    /// 0 when the channel keeps no history.
+    pub offset: u64,
+    /// The `conflate_by` value (its JSON text), when the channel conflates and the data
+    /// has the field.
+    pub key: Option<Box<[u8]>>,
+}
+
+impl Tag {
+    fn replaces(&self, older: &Tag) -> bool {
+        self.key.is_some() && self.key == older.key && self.channel == older.channel
+    }
+}
+
+/// A frame waiting for the socket.
+struct Queued {
+    frame: Bytes,
+    tag: Option<Arc<Tag>>,
+}
+
+impl Queued {
+    fn plain(frame: Bytes) -> Queued {
+        Queued { frame, tag: None }
+    }
+}
+
 pub struct Outbox {
     state: Mutex<Queue>,
     /// The connection's task, woken when something is queued for it or a close scheduled.
@@ -63,7 +97,7 @@ pub struct Outbox {
 
 #[derive(Default)]
 struct Queue {
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<Queued>,
     /// Bytes in `frames` not yet written.
     queued: usize,
     close: Option<Close>,
@@ -136,27 +170,36 @@ impl Outbox {
 
     /// Writes or queues a frame without waiting. Never blocks on the socket.
     pub fn push(&self, frame: Bytes) -> Push {
-        self.push_with(frame, false)
+        self.push_with(frame, None, false)
     }
 
     /// Queues a frame for a fan-out: when this connection's socket is idle, nothing is
     /// written or woken and [`Push::Deferred`] asks the caller to add the outbox to a
     /// [`Flush`], which writes to many sockets from one task (or wakes their connections).
     pub fn push_later(&self, frame: Bytes) -> Push {
-        self.push_with(frame, true)
+        self.push_with(frame, None, true)
     }
 
-    fn push_with(&self, frame: Bytes, later: bool) -> Push {
+    /// [`Outbox::push_later`] for a publication, with its [`Tag`] when its channel's policy
+    /// lets it be dropped or replaced.
+    pub fn push_publication(&self, frame: Bytes, tag: Option<&Arc<Tag>>) -> Push {
+        self.push_with(frame, tag, true)
+    }
+
+    fn push_with(&self, frame: Bytes, tag: Option<&Arc<Tag>>, later: bool) -> Push {
         let mut state = self.state.lock().expect("outbox lock");
         if state.close.is_some() {
             return Push::Closed;
         }
-        if state.queued + frame.len() > self.limit {
+        if let Some(tag) = tag.filter(|t| t.key.is_some()) {
+            conflate(&mut state, tag);
+        }
+        if state.queued + frame.len() > self.limit && !self.make_room(&mut state, frame.len()) {
             // The rest of a frame already partly written must still go, or the close frame
             // would land inside it.
             let keep = usize::from(state.front_started);
             state.frames.truncate(keep);
-            state.queued = state.frames.front().map_or(0, Bytes::len);
+            state.queued = state.frames.front().map_or(0, |q| q.frame.len());
             state.close = Some(Close::new(close::SLOW_CONSUMER, "slow consumer"));
             drop(state);
             self.wake();
@@ -164,7 +207,10 @@ impl Outbox {
         }
         let was_empty = state.frames.is_empty();
         state.queued += frame.len();
-        state.frames.push_back(frame);
+        state.frames.push_back(Queued {
+            frame,
+            tag: tag.cloned(),
+        });
         if was_empty && state.direct.is_some() {
             if later {
                 return Push::Deferred;
@@ -199,9 +245,14 @@ impl Outbox {
             return false;
         };
         loop {
-            let offered = state.frames.iter().take(MAX_SLICES).map(Bytes::len).sum();
+            let offered = state
+                .frames
+                .iter()
+                .take(MAX_SLICES)
+                .map(|q| q.frame.len())
+                .sum();
             let result = match state.frames.len() {
-                1 => tcp.try_write(&state.frames[0]),
+                1 => tcp.try_write(&state.frames[0].frame),
                 _ => with_slices(&state.frames, |slices| tcp.try_write_vectored(slices)),
             };
             // An error (the peer is gone) leaves the frames queued: the drain meets the
@@ -225,7 +276,11 @@ impl Outbox {
         let mut left = written;
         let mut completed = 0;
         while left > 0 {
-            let first = state.frames.front_mut().expect("written bytes were queued");
+            let first = &mut state
+                .frames
+                .front_mut()
+                .expect("written bytes were queued")
+                .frame;
             if left >= first.len() {
                 left -= first.len();
                 state.frames.pop_front();
@@ -270,7 +325,7 @@ impl Outbox {
                 };
                 if let Some(frame) = close.map(|c| crate::wire::frame::close(c.code, &c.reason)) {
                     state.queued += frame.len();
-                    state.frames.push_back(frame);
+                    state.frames.push_back(Queued::plain(frame));
                     state.close_taken = true;
                     continue;
                 }
@@ -407,7 +462,103 @@ impl Outbox {
     #[cfg(test)]
     pub fn queued(&self) -> Vec<Bytes> {
         let state = self.state.lock().expect("outbox lock");
-        state.frames.iter().cloned().collect()
+        state.frames.iter().map(|q| q.frame.clone()).collect()
+    }
+
+    /// Drops the oldest tagged publications (never a frame partly written) until `need`
+    /// more bytes fit beside the `lost` pushes that name them, which take the first one's
+    /// place;
+    /// false, with nothing dropped, when they cannot make that room.
+    fn make_room(&self, state: &mut Queue, need: usize) -> bool {
+        let start = usize::from(state.front_started);
+        let mut dropped: Vec<usize> = Vec::new();
+        let mut lost: Vec<LostRange> = Vec::new();
+        let mut freed = 0;
+        // A `lost` push costs its channel's name and some 60 bytes of JSON and header.
+        let reserve =
+            |lost: &[LostRange]| -> usize { lost.iter().map(|r| r.channel.len() + 80).sum() };
+        for (i, queued) in state.frames.iter().enumerate().skip(start) {
+            if state.queued - freed + need + reserve(&lost) <= self.limit {
+                break;
+            }
+            let Some(tag) = &queued.tag else { continue };
+            freed += queued.frame.len();
+            dropped.push(i);
+            match lost.iter_mut().find(|r| r.channel == tag.channel) {
+                Some(range) => range.add(tag.offset),
+                None => lost.push(LostRange::new(tag)),
+            }
+        }
+        let frames: Vec<Bytes> = lost.iter().map(LostRange::frame).collect();
+        let added: usize = frames.iter().map(Bytes::len).sum();
+        if dropped.is_empty() || state.queued - freed + need + added > self.limit {
+            return false;
+        }
+        let mut index = 0;
+        let mut next = dropped.iter().peekable();
+        state.frames.retain(|_| {
+            let drop = next.peek().is_some_and(|&&d| d == index);
+            if drop {
+                next.next();
+            }
+            index += 1;
+            !drop
+        });
+        // Where the first dropped publication was: before everything that came after it.
+        for (at, frame) in frames.into_iter().enumerate() {
+            state.frames.insert(dropped[0] + at, Queued::plain(frame));
+        }
+        state.queued = state.queued - freed + added;
+        if let Some(metrics) = &self.metrics {
+            metrics.record_dropped(dropped.len());
+        }
+        true
+    }
+}
+
+/// The publications of one channel a [`Outbox::make_room`] dropped.
+struct LostRange {
+    channel: Arc<str>,
+    count: u64,
+    /// The lowest and highest offsets; (0, 0) without history.
+    offsets: (u64, u64),
+}
+
+impl LostRange {
+    fn new(tag: &Tag) -> LostRange {
+        LostRange {
+            channel: tag.channel.clone(),
+            count: 1,
+            offsets: (tag.offset, tag.offset),
+        }
+    }
+
+    fn add(&mut self, offset: u64) {
+        self.count += 1;
+        self.offsets = (self.offsets.0.min(offset), self.offsets.1.max(offset));
+    }
+
+    fn frame(&self) -> Bytes {
+        ServerMessage::Lost {
+            channel: &self.channel,
+            count: self.count,
+            offsets: (self.offsets.1 > 0).then_some(self.offsets),
+        }
+        .frame()
+    }
+}
+
+/// Removes the queued publication `tag` replaces (never a frame partly written).
+fn conflate(state: &mut Queue, tag: &Tag) {
+    let start = usize::from(state.front_started);
+    let older = state
+        .frames
+        .iter()
+        .skip(start)
+        .position(|q| q.tag.as_ref().is_some_and(|t| tag.replaces(t)));
+    if let Some(i) = older {
+        let old = state.frames.remove(start + i).expect("found");
+        state.queued -= old.frame.len();
     }
 }
 
@@ -415,11 +566,11 @@ impl Outbox {
 const MAX_SLICES: usize = 64;
 
 /// Calls `write` with the first frames as `IoSlice`s, built on the stack.
-fn with_slices<R>(frames: &VecDeque<Bytes>, write: impl FnOnce(&[IoSlice<'_>]) -> R) -> R {
+fn with_slices<R>(frames: &VecDeque<Queued>, write: impl FnOnce(&[IoSlice<'_>]) -> R) -> R {
     let mut slices = [IoSlice::new(&[]); MAX_SLICES];
     let mut count = 0;
-    for frame in frames.iter().take(MAX_SLICES) {
-        slices[count] = IoSlice::new(frame);
+    for queued in frames.iter().take(MAX_SLICES) {
+        slices[count] = IoSlice::new(&queued.frame);
         count += 1;
     }
     write(&slices[..count])

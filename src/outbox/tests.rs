@@ -180,3 +180,76 @@ proptest::proptest! {
         }
     }
 }
+
+fn tag(channel: &str, offset: u64, key: Option<&str>) -> Arc<Tag> {
+    Arc::new(Tag {
+        channel: Arc::from(channel),
+        offset,
+        key: key.map(|k| Box::from(k.as_bytes())),
+    })
+}
+
+fn lost_frame(channel: &str, count: u64, offsets: Option<(u64, u64)>) -> Bytes {
+    ServerMessage::Lost {
+        channel,
+        count,
+        offsets,
+    }
+    .frame()
+}
+
+#[test]
+fn a_full_queue_drops_its_oldest_tagged_publications_and_says_which() {
+    let outbox = Outbox::new(300);
+    let frame = |n: u8| Bytes::from(vec![n; 50]);
+    assert_eq!(
+        outbox.push(frame(0)),
+        Push::Queued,
+        "a reply: never dropped"
+    );
+    for offset in 1..=5 {
+        let pushed = outbox.push_publication(frame(offset as u8), Some(&tag("a", offset, None)));
+        assert_eq!(pushed, Push::Queued);
+    }
+    // 300 bytes queued: the next one makes room by dropping offsets 1 to 3 (two would not
+    // leave room for the lost push, which takes their place, behind the reply).
+    let pushed = outbox.push_publication(frame(6), Some(&tag("a", 6, None)));
+    assert_eq!(pushed, Push::Queued);
+    let queued = outbox.queued();
+    assert_eq!(queued[0], frame(0));
+    assert_eq!(queued[1], lost_frame("a", 3, Some((1, 3))));
+    assert_eq!(&queued[2..], &[frame(4), frame(5), frame(6)]);
+    assert!(outbox.held() <= 300);
+    assert!(!outbox.is_closing());
+}
+
+#[test]
+fn without_droppable_publications_a_full_queue_still_closes() {
+    let outbox = Outbox::new(100);
+    assert_eq!(outbox.push(Bytes::from(vec![1; 60])), Push::Queued);
+    let pushed = outbox.push_publication(Bytes::from(vec![2; 60]), Some(&tag("a", 0, None)));
+    assert_eq!(
+        pushed,
+        Push::Overflow,
+        "the reply cannot go and the new one is too big"
+    );
+    assert!(outbox.is_closing());
+}
+
+#[test]
+fn a_newer_publication_replaces_a_queued_one_with_the_same_key() {
+    let outbox = Outbox::new(1 << 20);
+    let frame = |n: u8| Bytes::from(vec![n; 10]);
+    outbox.push_publication(frame(1), Some(&tag("c", 1, Some("\"ann\""))));
+    outbox.push_publication(frame(2), Some(&tag("c", 2, Some("\"bob\""))));
+    outbox.push_publication(frame(3), Some(&tag("d", 3, Some("\"ann\""))));
+    outbox.push_publication(frame(4), Some(&tag("c", 4, Some("\"ann\""))));
+    outbox.push_publication(frame(5), Some(&tag("c", 5, None)));
+    outbox.push_publication(frame(6), Some(&tag("c", 6, None)));
+    assert_eq!(
+        outbox.queued(),
+        [frame(2), frame(3), frame(4), frame(5), frame(6)],
+        "ann's first cursor on c replaced; another channel's and keyless ones kept"
+    );
+    assert_eq!(outbox.held(), 50);
+}

@@ -140,6 +140,14 @@ pub enum ServerMessage<'a> {
         channel: &'a str,
         reason: UnsubReason,
     },
+    /// Publications of a channel dropped from a slow subscriber's queue
+    /// (`slow_consumer = "drop_oldest"` or `"conflate"`): how many, and the first and last
+    /// offsets when the channel keeps history.
+    Lost {
+        channel: &'a str,
+        count: u64,
+        offsets: Option<(u64, u64)>,
+    },
     /// Someone joined or left a channel with join_leave.
     JoinLeave {
         kind: Membership,
@@ -251,6 +259,21 @@ impl ServerMessage<'_> {
                 reason.resubscribe()
             )
             .into_bytes(),
+            ServerMessage::Lost {
+                channel,
+                count,
+                offsets,
+            } => {
+                let mut out = format!(
+                    r#"{{"type":"lost","channel":{},"count":{count}"#,
+                    json_string(channel)
+                );
+                if let Some((from, to)) = offsets {
+                    let _ = write!(out, r#","from":{from},"to":{to}"#);
+                }
+                out.push('}');
+                out.into_bytes()
+            }
             ServerMessage::JoinLeave {
                 kind,
                 channel,

@@ -19,6 +19,7 @@ mod limits;
 mod ops;
 mod publish_stream;
 mod pubsub;
+mod slow_consumers;
 mod soak;
 mod stops;
 mod support;

@@ -334,6 +334,12 @@ export class Client extends Emitter<ClientEvents> {
       }
       case "message":
         return this.emit("message", { data: m.data });
+      case "lost":
+        return this.subscriptions.get(channel)?.lost({
+          count: m.count as number,
+          from: m.from as number | undefined,
+          to: m.to as number | undefined,
+        });
     }
   }
 

@@ -37,6 +37,11 @@ export interface SubscriptionEvents extends Record<string, unknown> {
   /** Publications may have been missed and could not be recovered (the channel keeps no
    * history, keeps too little, or its stream started over): reload the app's state. */
   unrecovered: { channel: string; reason: "no_history" | "not_recovered" | "gap"; position?: Position };
+  /** The server dropped publications from this connection's full queue instead of closing
+   * it (a namespace with `slow_consumer = "drop_oldest"` or `"conflate"`): `count` of them,
+   * and on a channel with history the offsets `from` to `to`, which `history` can fetch. The
+   * publications after them follow with no gap reported. */
+  lost: { channel: string; count: number; from?: number; to?: number };
   /** The subscription ended: by the app (code 0), or by the server (`unsub` codes). */
   unsubscribed: { channel: string; code: number; reason: string };
   /** A subscribe the server refused; the subscription ends. */
@@ -161,6 +166,16 @@ export class Subscription extends Emitter<SubscriptionEvents> {
       return;
     }
     this.deliver(publication, last?.epoch);
+  }
+
+  /** @internal A `lost` push of this channel: the position moves past what was dropped. */
+  lost(lost: { count: number; from?: number; to?: number }): void {
+    if (this._state !== "subscribed") return;
+    const last = this._position;
+    if (lost.to !== undefined && last && lost.to > last.offset) {
+      this._position = { offset: lost.to, epoch: last.epoch };
+    }
+    this.emit("lost", { channel: this.channel, ...lost });
   }
 
   /** @internal The channel's current epoch, after a gap (see `publication`). */

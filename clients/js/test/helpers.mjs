@@ -60,6 +60,7 @@ async function tryStart({ file = "", settings = {} }) {
   const node = {
     url: `ws://127.0.0.1:${ports.ws}/ws`,
     grpc: `127.0.0.1:${ports.grpc}`,
+    admin: `http://127.0.0.1:${ports.admin}`,
     async start() {
       const c = spawn(bin, args, { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, SIDECAST_LOG: "warn" } });
       child = c;

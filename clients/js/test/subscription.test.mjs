@@ -66,3 +66,18 @@ test("a listener that unsubscribes during a resubscribe is obeyed", () => {
   s.attach({ recoverable: false });
   assert.equal(s.state, "unsubscribed");
 });
+
+test("a lost range moves the position past it: the next publication is no gap", () => {
+  const { s, host, seen, unrecovered } = subscription();
+  const lost = [];
+  s.on("lost", (e) => lost.push(e));
+  s.attach({ recoverable: true, offset: 10, epoch: "A" });
+  s.publication({ channel: "c", data: 1, offset: 11 });
+  s.lost({ count: 3, from: 12, to: 14 });
+  s.publication({ channel: "c", data: 2, offset: 15 });
+  assert.deepEqual(seen, [11, 15]);
+  assert.deepEqual(lost, [{ channel: "c", count: 3, from: 12, to: 14 }]);
+  assert.deepEqual(unrecovered, [], "what the server named is not a gap");
+  assert.equal(host.resyncs, 0);
+  assert.deepEqual(s.position, { offset: 15, epoch: "A" });
+});
