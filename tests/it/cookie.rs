@@ -6,7 +6,9 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use crate::support::{http_status, now, sign_hs256, token, Client, TestServer, SECRET};
+use crate::support::{
+    eventually, http_get, http_status, now, sign_hs256, token, Client, TestServer, SECRET,
+};
 
 const ORIGIN: &str = "https://app.example.com";
 
@@ -50,6 +52,43 @@ async fn a_connect_without_a_token_authenticates_with_the_session_cookie() {
     let publication = client.recv().await;
     assert_eq!(publication["type"], "pub");
     assert_eq!(publication["data"], json!({"n": 1}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cookie_session_on_a_cluster_node_receives_what_another_node_publishes() {
+    let redis = sidecast::testkit::RedisServer::start();
+    let url = redis.url();
+    let settings = [
+        ("auth_cookie", "sid"),
+        ("allowed_origins", ORIGIN),
+        ("broker", url.as_str()),
+    ];
+    let (a, b) = (
+        TestServer::start(&settings).await,
+        TestServer::start(&settings).await,
+    );
+    for server in [&a, &b] {
+        let admin = server.admin;
+        eventually("the node is ready", || async move {
+            http_get(admin, "/readyz").await.0 == 200
+        })
+        .await;
+    }
+    let cookie = format!("sid={}", token("alice", json!({"channels": ["news"]})));
+    let mut client = open(&a, &cookie).await;
+    client.send(json!({"id": 1, "op": "connect"})).await;
+    assert_eq!(client.recv().await["user"], "alice");
+    assert!(client.subscribe(2, "news").await.get("result").is_some());
+    b.grpc()
+        .await
+        .publish(crate::support::publish("news", r#"{"n":2}"#))
+        .await
+        .unwrap();
+    let publication = client.recv().await;
+    assert_eq!(
+        (publication["type"].as_str(), &publication["data"]),
+        (Some("pub"), &json!({"n": 2}))
+    );
 }
 
 #[tokio::test]

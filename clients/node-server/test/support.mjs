@@ -1,10 +1,30 @@
 // Test support: a real sidecast (started from this checkout's build by the client SDK's test
 // helpers) and real WebSocket clients of @sidecast/client.
 
+import { after, before } from "node:test";
+
 import WebSocket from "ws";
 
 import { Client } from "../../js/dist/index.js";
+import { Sidecast } from "../dist/index.js";
+import { startSidecast } from "../../js/test/helpers.mjs";
 export { PATIENCE, SECRET, next, startSidecast, until } from "../../js/test/helpers.mjs";
+
+/** A node with `file` as its configuration for the tests of one file, and a Sidecast on it
+ * (`ctx.node`, `ctx.sidecast` once the tests run); both stopped, and the clients closed, after. */
+export function nodeForTests(file) {
+  const ctx = {};
+  before(async () => {
+    ctx.node = await startSidecast({ file });
+    ctx.sidecast = new Sidecast({ address: ctx.node.grpc });
+  });
+  after(async () => {
+    closeAll();
+    ctx.sidecast.close();
+    await ctx.node.kill();
+  });
+  return ctx;
+}
 
 /** A connected @sidecast/client for `token` (or getToken); disconnected by `closeAll`. */
 const clients = [];

@@ -1,0 +1,109 @@
+// docs/recipes.md against a real node with the recipes' configuration: live cursors,
+// typing indicators, read positions (kept by the backend from its publish events) and a live
+// dashboard, each with @sidecast/client in the page and @sidecast/server in the backend.
+
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import { mintToken } from "../dist/index.js";
+import { Recorder, SECRET, client, next, nodeForTests } from "./support.mjs";
+
+const FILE = `
+[namespaces.cursors]
+allow_client_publish = true
+slow_consumer = "conflate"
+conflate_by = "user"
+
+[namespaces.typing]
+allow_client_publish = true
+slow_consumer = "conflate"
+conflate_by = "user"
+
+[namespaces.reads]
+allow_client_publish = true
+slow_consumer = "conflate"
+conflate_by = "user"
+
+[namespaces.dash]
+history_size = 1
+history_ttl = "1h"
+`;
+const CHANNELS = ["cursors:*", "typing:*", "reads:*", "dash:*"];
+
+const ctx = nodeForTests(FILE);
+
+async function connected(user) {
+  const token = await mintToken({ user, channels: CHANNELS, secret: SECRET });
+  const c = client(ctx.node.url, { token });
+  const up = next(c, "connected");
+  c.connect();
+  await up;
+  return c;
+}
+
+async function subscribed(c, channel) {
+  const sub = c.subscribe(channel);
+  await next(sub, "subscribed");
+  return sub;
+}
+
+test("live cursors: every move of the others, in order, with who moved", async () => {
+  const [ann, bob] = [await connected("ann"), await connected("bob")];
+  const cursors = await subscribed(bob, "cursors:doc1");
+  await subscribed(ann, "cursors:doc1");
+  const moves = [];
+  cursors.on("publication", ({ data }) => moves.push(data));
+  const last = next(cursors, "publication", ({ data }) => data.x === 30);
+  for (let x = 1; x <= 30; x++) await ann.publish("cursors:doc1", { user: "ann", x, y: 2 * x });
+  await last;
+  assert.deepEqual(moves.map((m) => [m.user, m.x]), Array.from({ length: 30 }, (_, i) => ["ann", i + 1]));
+});
+
+test("typing indicators: started, then stopped", async () => {
+  const [ann, bob] = [await connected("ann"), await connected("bob")];
+  const typing = await subscribed(bob, "typing:room1");
+  await subscribed(ann, "typing:room1");
+  const started = next(typing, "publication");
+  await ann.publish("typing:room1", { user: "ann", typing: true });
+  assert.deepEqual((await started).data, { user: "ann", typing: true });
+  const stopped = next(typing, "publication");
+  await ann.publish("typing:room1", { user: "ann", typing: false });
+  assert.deepEqual((await stopped).data, { user: "ann", typing: false });
+});
+
+test("read positions: the others see them, the backend keeps them with the verified user", async () => {
+  const saved = new Recorder();
+  const joined = new Recorder();
+  const consumer = ctx.sidecast.consume({
+    group: "reads",
+    kinds: ["publish"],
+    onJoined: (j) => joined.push(j),
+    onEvent: async (event) => {
+      if (event.kind === "publish" && event.channel.startsWith("reads:")) saved.push([event.user, event.data.upTo]);
+    },
+  });
+  try {
+    await joined.find("the consumer's join", () => true);
+    const [ann, bob] = [await connected("ann"), await connected("bob")];
+    const reads = await subscribed(bob, "reads:room1");
+    await subscribed(ann, "reads:room1");
+    const seen = next(reads, "publication");
+    await ann.publish("reads:room1", { user: "ann", upTo: 42 });
+    assert.deepEqual((await seen).data, { user: "ann", upTo: 42 });
+    assert.deepEqual(await saved.find("the saved position", () => true), ["ann", 42]);
+  } finally {
+    await consumer.stop();
+  }
+});
+
+test("a live dashboard: the latest figures on load, then every update", async () => {
+  await ctx.sidecast.publish("dash:sales", { total: 100 });
+  await ctx.sidecast.publish("dash:sales", { total: 120 });
+  const page = await connected("viewer");
+  const sales = await subscribed(page, "dash:sales");
+  const { publications } = await page.history("dash:sales", { limit: 1, reverse: true });
+  assert.deepEqual(publications.map((p) => p.data), [{ total: 120 }], "the latest on load");
+  const update = next(sales, "publication");
+  await ctx.sidecast.publish("dash:sales", { total: 150 });
+  assert.deepEqual((await update).data, { total: 150 });
+});
