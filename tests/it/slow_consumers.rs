@@ -3,9 +3,9 @@
 //! keeps only each key's newest publication in the queue.
 
 use serde_json::{json, Value};
-use sidecast::pb;
+use sidecast::pb::{self, control_client::ControlClient};
 
-use crate::support::{http_get, sample, Client, TestServer};
+use crate::support::{eventually, http_get, sample, Client, TestServer};
 
 const NAMESPACES: &str = r#"
 [namespaces.feed]
@@ -45,21 +45,21 @@ fn publication(channel: &str, data: Value) -> pb::PublishRequest {
     }
 }
 
-#[tokio::test]
-async fn drop_oldest_keeps_the_connection_and_names_every_publication_it_dropped() {
-    let server = server().await;
-    let mut grpc = server.grpc().await;
-    let mut client = stalled(&server, "feed:x").await;
+/// Publishes through `grpc` until `admin`'s node has dropped something from a full queue (the
+/// kernel's buffers fill first), then an end marker; how many came before the marker.
+async fn publish_until_dropped(
+    grpc: &mut ControlClient<tonic::transport::Channel>,
+    admin: std::net::SocketAddr,
+) -> u64 {
     let pad = "p".repeat(8000);
     let mut published = 0;
-    // Until the queue has dropped something (the kernel's buffers fill first).
     loop {
         for _ in 0..25 {
             published += 1;
             let data = json!({"n": published, "pad": pad});
             grpc.publish(publication("feed:x", data)).await.unwrap();
         }
-        let metrics = http_get(server.admin, "/metrics").await.1;
+        let metrics = http_get(admin, "/metrics").await.1;
         if sample(&metrics, "sidecast_slow_consumer_drops_total").unwrap_or(0.0) > 0.0 {
             break;
         }
@@ -68,8 +68,12 @@ async fn drop_oldest_keeps_the_connection_and_names_every_publication_it_dropped
     grpc.publish(publication("feed:x", json!({"end": true})))
         .await
         .unwrap();
+    published
+}
 
-    // Each offset arrives once, in order, or within exactly one lost range.
+/// Reads up to the end marker: each offset must arrive once, in order, or within exactly
+/// one `lost` range. The next offset expected, and how many ranges came.
+async fn read_to_the_end(client: &mut Client) -> (u64, u64) {
     let mut next = 1;
     let mut ranges = 0;
     loop {
@@ -79,7 +83,7 @@ async fn drop_oldest_keeps_the_connection_and_names_every_publication_it_dropped
                 assert_eq!(message["offset"], next, "{}", message["data"]["n"]);
                 next += 1;
                 if message["data"]["end"] == true {
-                    break;
+                    return (next, ranges);
                 }
             }
             Some("lost") => {
@@ -94,6 +98,15 @@ async fn drop_oldest_keeps_the_connection_and_names_every_publication_it_dropped
             _ => panic!("unexpected {message}"),
         }
     }
+}
+
+#[tokio::test]
+async fn drop_oldest_keeps_the_connection_and_names_every_publication_it_dropped() {
+    let server = server().await;
+    let mut grpc = server.grpc().await;
+    let mut client = stalled(&server, "feed:x").await;
+    let published = publish_until_dropped(&mut grpc, server.admin).await;
+    let (next, ranges) = read_to_the_end(&mut client).await;
     assert!(ranges > 0, "the queue dropped publications and said so");
     assert_eq!(next, published + 2, "every offset accounted for");
     // Still connected.
@@ -101,6 +114,32 @@ async fn drop_oldest_keeps_the_connection_and_names_every_publication_it_dropped
         .await
         .unwrap();
     assert_eq!(client.recv().await["data"]["after"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_the_node_of_a_slow_subscriber_drops_and_names_the_same_way() {
+    let redis = sidecast::testkit::RedisServer::start();
+    let url = redis.url();
+    let settings = [
+        ("max_queue_bytes", "131072"),
+        ("max_publication_size", "16384"),
+        ("broker", url.as_str()),
+    ];
+    let a = TestServer::start_with_file(Some(NAMESPACES), &settings).await;
+    let b = TestServer::start_with_file(Some(NAMESPACES), &settings).await;
+    for server in [&a, &b] {
+        let admin = server.admin;
+        eventually("the node is ready", || async move {
+            http_get(admin, "/readyz").await.0 == 200
+        })
+        .await;
+    }
+    let mut client = stalled(&a, "feed:x").await;
+    // Published on the other node: the subscriber's node fans it out from Redis.
+    let published = publish_until_dropped(&mut b.grpc().await, a.admin).await;
+    let (next, ranges) = read_to_the_end(&mut client).await;
+    assert!(ranges > 0);
+    assert_eq!(next, published + 2, "every offset accounted for");
 }
 
 #[tokio::test]
