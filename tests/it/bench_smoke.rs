@@ -26,10 +26,15 @@ fn smoke(args: &[String]) -> String {
 
 /// `sidecast-bench ARGS smoke SMOKE_ARGS`; fails unless it exits 0.
 fn smoke_with(args: &[String], smoke_args: &[&str]) -> String {
+    run_scenario(args, "smoke", smoke_args)
+}
+
+/// `sidecast-bench ARGS SCENARIO SCENARIO_ARGS`; fails unless it exits 0.
+fn run_scenario(args: &[String], scenario: &str, scenario_args: &[&str]) -> String {
     let output = Command::new(generator())
         .args(args)
-        .arg("smoke")
-        .args(smoke_args)
+        .arg(scenario)
+        .args(scenario_args)
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -66,6 +71,42 @@ async fn generator_smoke_against_sidecast() {
     // Frames per socket write, read from /metrics around the window.
     assert!(out.contains(" frames per write"), "{out}");
     assert!(!out.contains(r#""frames_per_write":null"#), "{out}");
+}
+
+/// The live-cursors scenario against a node with its configuration (bench/cursors.toml):
+/// moves published from the sockets reach everyone, slow readers included, with no close.
+#[tokio::test]
+async fn the_cursors_scenario_runs_against_its_configuration() {
+    let file = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/cursors.toml"))
+        .unwrap();
+    let server = TestServer::start_with_file(Some(&file), &[]).await;
+    let args = to(&server);
+    let scenario = [
+        "--users",
+        "5",
+        "--moves",
+        "20",
+        "--slow-percent",
+        "20",
+        "--seconds",
+        "2",
+    ];
+    let out = tokio::task::spawn_blocking(move || run_scenario(&args, "cursors", &scenario))
+        .await
+        .unwrap();
+    let result: serde_json::Value = out
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .map(|r| serde_json::from_str(r).unwrap())
+        .unwrap_or_else(|| panic!("no RESULT in {out}"));
+    assert_eq!(result["closes"], 0, "{out}");
+    assert_eq!(result["slow"], 1, "{out}");
+    assert!(result["published"].as_u64().unwrap() > 0, "{out}");
+    assert!(result["slow_received"].as_u64().unwrap() > 0, "{out}");
+    assert!(
+        result["received"].as_u64().unwrap() > result["slow_received"].as_u64().unwrap(),
+        "{out}"
+    );
 }
 
 /// `--processes 3`: two shard processes hold two thirds of the subscribers; every delivery

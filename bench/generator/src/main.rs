@@ -11,6 +11,7 @@
 //! ~20,000 sockets here: S2, S3 and the smoke run spread more connections over several
 //! processes with `--processes` (shard.rs).
 
+mod cursors;
 mod events;
 mod fleet;
 mod probe;
@@ -169,6 +170,20 @@ enum Scenario {
         seconds: f64,
         #[arg(long, default_value_t = 1000)]
         pad: usize,
+    },
+    /// Live cursors: every user of one room publishes its cursor from its socket into a
+    /// `conflate` namespace (run with BENCH_SERVER_CONFIG=bench/cursors.toml); a share of the
+    /// users read only a tenth of each second.
+    Cursors {
+        #[arg(long, default_value_t = 200)]
+        users: usize,
+        /// Cursor moves each user publishes per second.
+        #[arg(long, default_value_t = 30.0)]
+        moves: f64,
+        #[arg(long, default_value_t = 1.0)]
+        slow_percent: f64,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
     },
     /// Soak: a full fleet for a long time with reconnect churn and recovery, publications on
     /// many channels with history and presence, heartbeats and an event group; samples the
@@ -354,6 +369,12 @@ fn main() -> anyhow::Result<()> {
                 seconds,
                 pad,
             } => scenario::s5(&ctx, subscribers, slow_percent, rate, seconds, pad).await,
+            Scenario::Cursors {
+                users,
+                moves,
+                slow_percent,
+                seconds,
+            } => cursors::cursors(&ctx, users, moves, slow_percent, seconds).await,
             Scenario::S6 { rate, seconds } => events::s6(&ctx, rate, seconds).await,
             Scenario::PublishCost {
                 publishers,

@@ -150,12 +150,12 @@ impl Window {
     }
 }
 
-fn members(n: usize, f: impl Fn(usize) -> Member) -> Vec<Member> {
+pub(crate) fn members(n: usize, f: impl Fn(usize) -> Member) -> Vec<Member> {
     (0..n).map(f).collect()
 }
 
 /// Opens every member's connection; fails on the first refusal.
-async fn open_all(ctx: &Ctx, members: &[Member]) -> anyhow::Result<Vec<WsConn>> {
+pub(crate) async fn open_all(ctx: &Ctx, members: &[Member]) -> anyhow::Result<Vec<WsConn>> {
     let target = ctx.target.clone();
     let items: Vec<(usize, Member)> = members.iter().cloned().enumerate().collect();
     let results = in_batches(items, SETUP_CONCURRENCY, move |(i, m)| {
