@@ -440,7 +440,7 @@ impl Collector for ScrapeGauges {
             ),
             (
                 "sidecast_events_lost",
-                "Events dropped because a group's buffer was full.",
+                "Events dropped because a group's buffer was full, or (events_scope = cluster) this node's queue to Redis.",
                 g.events_lost,
             ),
         ];

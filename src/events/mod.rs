@@ -129,7 +129,8 @@ struct Registry {
     next_member: MemberId,
     rpcs: HashMap<String, PendingRpc>,
     closed: bool,
-    /// Events sent to members, and dropped by full buffers, since the start.
+    /// Events sent to members, and dropped by full buffers, since the start (with the cluster
+    /// scope, `Stats::lost` adds what the queue to Redis refused).
     delivered: u64,
     lost: u64,
 }
@@ -410,7 +411,7 @@ impl Events {
             members: state.members.len(),
             buffered: state.groups.values().map(Group::buffered).sum(),
             delivered: state.delivered,
-            lost: state.lost,
+            lost: state.lost + self.inner.relay.as_ref().map_or(0, Relay::refused),
         }
     }
 

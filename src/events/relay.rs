@@ -36,6 +36,8 @@ pub(super) struct Relay {
     dropped: [AtomicU64; 6],
     /// Events queued and not yet in Redis.
     unsent: AtomicUsize,
+    /// Events the queue refused since the start (for /metrics).
+    refused: AtomicU64,
     acks: mpsc::UnboundedSender<Acked>,
     /// Woken when a local group gains its first member or loses its last.
     changed: Arc<Notify>,
@@ -75,6 +77,7 @@ impl Relay {
             outgoing,
             dropped: Default::default(),
             unsent: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
             acks,
             changed: changed.clone(),
             ends: Mutex::new(Some(RelayEnds {
@@ -97,6 +100,7 @@ impl Relay {
         if self.outgoing.try_send(body).is_err() {
             self.unsent.fetch_sub(1, AcqRel);
             self.dropped[kind as usize].fetch_add(1, Relaxed);
+            self.refused.fetch_add(1, Relaxed);
         }
     }
 
@@ -115,6 +119,10 @@ impl Relay {
 
     pub(super) fn unsent(&self) -> usize {
         self.unsent.load(Acquire)
+    }
+
+    pub(super) fn refused(&self) -> u64 {
+        self.refused.load(Relaxed)
     }
 }
 
@@ -141,13 +149,6 @@ impl Events {
     /// Takes the counts of events dropped before reaching Redis, by [`KINDS`].
     pub fn relay_take_dropped(&self) -> [u64; 5] {
         KINDS.map(|k| self.relay().dropped[k as usize].swap(0, Relaxed))
-    }
-
-    /// Gives back counts that could not be reported (Redis did not answer).
-    pub fn relay_restore_dropped(&self, counts: [u64; 5]) {
-        for (k, n) in KINDS.iter().zip(counts) {
-            self.relay().dropped[*k as usize].fetch_add(n, Relaxed);
-        }
     }
 
     /// `n` queued events are in Redis now.

@@ -41,6 +41,22 @@ fn redis_get(redis: &RedisServer, command: &[&str]) -> redis::Value {
     cmd.query(&mut conn).unwrap()
 }
 
+/// Two nodes with cluster-wide event groups of 4 events (`events_buffer`), and `extra`.
+async fn small_buffer_nodes(
+    redis: &RedisServer,
+    extra: &[(&str, &str)],
+) -> (TestServer, TestServer) {
+    let url = redis.url();
+    let mut settings = vec![
+        ("broker", url.as_str()),
+        ("events_scope", "cluster"),
+        ("events_buffer", "4"),
+        ("events_window", "4"),
+    ];
+    settings.extend_from_slice(extra);
+    (node(&settings).await, node(&settings).await)
+}
+
 /// Waits until `node` delivers the group's stream (it holds the lease).
 async fn delivered_by(redis: &RedisServer, group: &str, node: &str) {
     let lease = format!("sidecast:events:{group}:lease");
@@ -155,14 +171,7 @@ async fn the_group_moves_with_its_unacknowledged_events_when_its_node_is_killed(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overflow_while_no_member_reads_is_one_lost_range() {
     let redis = RedisServer::start();
-    let url = redis.url();
-    let settings = [
-        ("broker", url.as_str()),
-        ("events_scope", "cluster"),
-        ("events_buffer", "4"),
-        ("events_window", "4"),
-    ];
-    let (a, b) = (node(&settings).await, node(&settings).await);
+    let (a, b) = small_buffer_nodes(&redis, &[]).await;
     let member = Member::join(&a, "audit", &[EventKind::Connect], 0).await;
     delivered_by(&redis, "audit", &member.joined.node_id).await;
     // The member leaves: its node gives the lease up, the group stays (events_group_ttl).
@@ -253,4 +262,116 @@ async fn after_redis_restarts_empty_the_group_starts_anew_and_delivery_resumes()
         (event.seq, kind(&event), event.client.as_str()),
         (1, "connect", after.client_id.as_str())
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_a_node_cannot_get_to_redis_in_time_are_counted_and_named_by_lost_events() {
+    const CLIENTS: usize = 10;
+    let redis = RedisServer::start();
+    let (a, b) = small_buffer_nodes(&redis, &[("redis_timeout", "300ms")]).await;
+    let mut audit = Member::join(&a, "audit", &[EventKind::Connect], 0).await;
+    delivered_by(&redis, "audit", &audit.joined.node_id).await;
+
+    // Redis holds every client's commands for 3 s: b's queue to Redis (events_buffer, 4)
+    // fills and refuses the rest, which it counts.
+    let _ = redis_get(&redis, &["CLIENT", "PAUSE", "3000", "ALL"]);
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        clients.push(b.user(&format!("u{i}"), json!({})).await);
+    }
+    let ids: std::collections::BTreeSet<String> =
+        clients.iter().map(|c| c.client_id.clone()).collect();
+
+    // Once Redis answers again: every connect is delivered or named by a `lost` event. The
+    // ranges name what b's queue refused, and what the group's stream (events_buffer) then
+    // had no room for: the refused range and its `lost` entry come in one batch with the
+    // queued events.
+    let mut delivered = std::collections::BTreeSet::new();
+    let mut named = 0;
+    while delivered.len() as u64 + named < CLIENTS as u64 {
+        let event = audit.next_acked().await;
+        match &event.kind {
+            Some(pb::event::Kind::Lost(lost)) => named += lost.last_seq - lost.first_seq + 1,
+            _ => {
+                assert_eq!(kind(&event), "connect");
+                assert!(ids.contains(&event.client), "{event:?}");
+                assert!(delivered.insert(event.client.clone()), "twice: {event:?}");
+            }
+        }
+    }
+    assert_eq!(
+        delivered.len() as u64 + named,
+        CLIENTS as u64,
+        "nothing silent"
+    );
+    let metrics = http_get(b.admin, "/metrics").await.1;
+    let refused = crate::support::sample(&metrics, "sidecast_events_lost_total").unwrap();
+    assert!(refused >= 1.0, "the queue refused some: {refused}");
+    assert!(named as f64 >= refused, "{named} named, {refused} refused");
+    // Nothing more: a later connect is the next event.
+    let late = b.user("late", json!({})).await;
+    let next = audit.next_acked().await;
+    assert_eq!(next.client, late.client_id, "{next:?}");
+}
+
+/// The append script applies each node's batch number once: the retry of a call whose
+/// answer timed out, but which ran, adds nothing.
+#[test]
+fn a_batch_sent_twice_is_appended_once() {
+    let redis = RedisServer::start();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let script = redis::Script::new(include_str!("../../src/broker/redis/events.lua"));
+    let _: () = redis::cmd("HSET")
+        .arg("sc:events")
+        .arg("audit")
+        .arg(1)
+        .query(&mut conn)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("sc:events:audit:alive")
+        .arg(1)
+        .query(&mut conn)
+        .unwrap();
+    let append = |conn: &mut redis::Connection, batch: u64| -> i64 {
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key("sc:events")
+            .arg("append")
+            .arg("sc")
+            .arg(100)
+            .arg(0)
+            .arg("node-1")
+            .arg(batch);
+        for dropped in [2, 0, 0, 0, 0] {
+            invocation.arg(dropped);
+        }
+        invocation
+            .arg(1)
+            .arg(4)
+            .arg("k")
+            .arg("connect")
+            .arg("c")
+            .arg("c1")
+            .arg("u")
+            .arg("u1")
+            .arg("t")
+            .arg(1);
+        invocation.invoke(conn).unwrap()
+    };
+    let xlen = |conn: &mut redis::Connection| -> i64 {
+        redis::cmd("XLEN")
+            .arg("sc:events:audit:stream")
+            .query(conn)
+            .unwrap()
+    };
+    assert_eq!(append(&mut conn, 1), 1, "one group");
+    // The two dropped connects' lost entry, then the event.
+    assert_eq!(xlen(&mut conn), 2);
+    assert_eq!(append(&mut conn, 1), -1, "the same batch again: skipped");
+    assert_eq!(xlen(&mut conn), 2);
+    assert_eq!(append(&mut conn, 2), 1, "the next batch");
+    assert_eq!(xlen(&mut conn), 4, "its lost entry for two, and its event");
 }

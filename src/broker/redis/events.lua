@@ -3,9 +3,12 @@
 -- event that does not fit is dropped, and so is every later one until there is room for a
 -- `lost` entry naming the range (after acknowledgements), exactly as one node's groups do.
 -- KEYS: the registry (group -> kinds). ARGV: mode, prefix, max, now_ms, then
---   'append': five counts of events the node dropped before Redis (connect, disconnect,
---     subscribe, unsubscribe, publish), then per event: its kind bit, its field count, its
---     fields and values. Groups whose `alive` key expired are forgotten first.
+--   'append': the node and its batch's number (each node numbers its batches 1, 2...
+--     and sends them in order; a number already applied is skipped: the retry of a call that
+--     timed out but ran), five counts of events the node dropped before Redis
+--     (connect, disconnect, subscribe, unsubscribe, publish), then per event: its kind bit,
+--     its field count, its fields and values. Groups whose `alive` key expired are
+--     forgotten first.
 --   'ack': a group, then the acknowledged sequence numbers.
 local mode, prefix, max, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 
@@ -45,6 +48,13 @@ if mode == 'ack' then
   return 0
 end
 
+local applied = prefix .. ':events-applied'
+if tonumber(ARGV[6]) <= tonumber(redis.call('HGET', applied, ARGV[5]) or '0') then
+  return -1
+end
+redis.call('HSET', applied, ARGV[5], ARGV[6])
+redis.call('PEXPIRE', applied, 86400000)
+
 local groups = {}
 local listed = redis.call('HGETALL', KEYS[1])
 for i = 1, #listed, 2 do
@@ -61,7 +71,7 @@ for _, group in ipairs(groups) do
   local dropped = 0
   for k = 0, 4 do
     if bit.band(group[2], bit.lshift(1, k)) ~= 0 then
-      dropped = dropped + tonumber(ARGV[5 + k])
+      dropped = dropped + tonumber(ARGV[7 + k])
     end
   end
   if dropped > 0 then
@@ -69,7 +79,7 @@ for _, group in ipairs(groups) do
   end
 end
 
-local i = 10
+local i = 12
 while i <= #ARGV do
   local kind, count = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
   local fields = {}

@@ -65,11 +65,14 @@ impl Inner {
         tokio::spawn(async move { inner.tend_groups(changed, token).await });
     }
 
-    /// Appends this node's events, in order; a batch Redis did not take is retried (after a
-    /// timeout it may have been taken: its events can then appear twice).
+    /// Appends this node's events, in order. A batch Redis did not answer is sent again as it
+    /// was (the same events and drop counts, under the same number), and the script skips a
+    /// number it already applied: a call that timed out but ran is not applied twice.
     async fn write_events(&self, mut outgoing: mpsc::Receiver<Arc<Body>>, stop: CancellationToken) {
         let events = self.hub.events();
         let mut batch = Vec::with_capacity(BATCH);
+        let mut dropped = [0; 5];
+        let mut id = 0u64;
         let mut backoff = Backoff::new();
         loop {
             if batch.is_empty() {
@@ -77,16 +80,16 @@ impl Inner {
                     _ = stop.cancelled() => return,
                     n = outgoing.recv_many(&mut batch, BATCH) => if n == 0 { return },
                 }
+                dropped = events.relay_take_dropped();
+                id += 1;
             }
-            let dropped = events.relay_take_dropped();
-            match self.append_events(&batch, dropped).await {
+            match self.append_events(id, &batch, dropped).await {
                 Ok(()) => {
                     events.relay_appended(batch.len());
                     batch.clear();
                     backoff.reset();
                 }
                 Err(e) => {
-                    events.relay_restore_dropped(dropped);
                     tracing::warn!(error = %e, events = batch.len(), "events not written to Redis; retrying");
                     if !backoff.wait(&stop).await {
                         return;
@@ -98,6 +101,7 @@ impl Inner {
 
     async fn append_events(
         &self,
+        id: u64,
         batch: &[Arc<Body>],
         dropped: [u64; 5],
     ) -> Result<(), BrokerError> {
@@ -107,7 +111,9 @@ impl Inner {
             .arg("append")
             .arg(&self.config.redis_prefix)
             .arg(self.config.events_buffer)
-            .arg(self.now_ms());
+            .arg(self.now_ms())
+            .arg(&*self.node)
+            .arg(id);
         for count in dropped {
             invocation.arg(count);
         }
