@@ -38,6 +38,11 @@ fn run_scenario(args: &[String], scenario: &str, scenario_args: &[&str]) -> Stri
         .stdin(Stdio::null())
         .output()
         .unwrap();
+    succeeded(output)
+}
+
+/// A finished command's standard output; fails, showing both outputs, unless it exited 0.
+fn succeeded(output: std::process::Output) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
@@ -213,11 +218,5 @@ fn report(file: &str) -> String {
         .arg(format!("{root}/bench/results/{file}"))
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    succeeded(output)
 }

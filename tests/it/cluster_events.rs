@@ -20,13 +20,7 @@ const KINDS: &[EventKind] = &[
 ];
 
 async fn node(settings: &[(&str, &str)]) -> TestServer {
-    let server = TestServer::start_with_file(Some(ROOMS), settings).await;
-    let admin = server.admin;
-    eventually("the node is ready", || async move {
-        http_get(admin, "/readyz").await.0 == 200
-    })
-    .await;
-    server
+    TestServer::start_ready(Some(ROOMS), settings).await
 }
 
 fn redis_get(redis: &RedisServer, command: &[&str]) -> redis::Value {

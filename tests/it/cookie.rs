@@ -6,9 +6,7 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use crate::support::{
-    eventually, http_get, http_status, now, sign_hs256, token, Client, TestServer, SECRET,
-};
+use crate::support::{http_status, now, sign_hs256, token, Client, TestServer, SECRET};
 
 const ORIGIN: &str = "https://app.example.com";
 
@@ -64,16 +62,9 @@ async fn a_cookie_session_on_a_cluster_node_receives_what_another_node_publishes
         ("broker", url.as_str()),
     ];
     let (a, b) = (
-        TestServer::start(&settings).await,
-        TestServer::start(&settings).await,
+        TestServer::start_ready(None, &settings).await,
+        TestServer::start_ready(None, &settings).await,
     );
-    for server in [&a, &b] {
-        let admin = server.admin;
-        eventually("the node is ready", || async move {
-            http_get(admin, "/readyz").await.0 == 200
-        })
-        .await;
-    }
     let cookie = format!("sid={}", token("alice", json!({"channels": ["news"]})));
     let mut client = open(&a, &cookie).await;
     client.send(json!({"id": 1, "op": "connect"})).await;

@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 use sidecast::pb::{self, control_client::ControlClient};
 
-use crate::support::{eventually, http_get, sample, Client, TestServer};
+use crate::support::{http_get, sample, Client, TestServer};
 
 const NAMESPACES: &str = r#"
 [namespaces.feed]
@@ -125,15 +125,8 @@ async fn on_a_cluster_the_node_of_a_slow_subscriber_drops_and_names_the_same_way
         ("max_publication_size", "16384"),
         ("broker", url.as_str()),
     ];
-    let a = TestServer::start_with_file(Some(NAMESPACES), &settings).await;
-    let b = TestServer::start_with_file(Some(NAMESPACES), &settings).await;
-    for server in [&a, &b] {
-        let admin = server.admin;
-        eventually("the node is ready", || async move {
-            http_get(admin, "/readyz").await.0 == 200
-        })
-        .await;
-    }
+    let a = TestServer::start_ready(Some(NAMESPACES), &settings).await;
+    let b = TestServer::start_ready(Some(NAMESPACES), &settings).await;
     let mut client = stalled(&a, "feed:x").await;
     // Published on the other node: the subscriber's node fans it out from Redis.
     let published = publish_until_dropped(&mut b.grpc().await, a.admin).await;

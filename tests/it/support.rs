@@ -45,6 +45,18 @@ impl TestServer {
         TestServer::start_config(config).await
     }
 
+    /// [`TestServer::start_with_file`], then waits until /readyz answers 200 (a node on Redis
+    /// is ready once its engine carries publications).
+    pub async fn start_ready(file: Option<&str>, settings: &[(&str, &str)]) -> TestServer {
+        let server = TestServer::start_with_file(file, settings).await;
+        let admin = server.admin;
+        eventually("the node is ready", || async move {
+            http_get(admin, "/readyz").await.0 == 200
+        })
+        .await;
+        server
+    }
+
     pub async fn start_config(config: Config) -> TestServer {
         TestServer::start_config_on(config, "127.0.0.1").await
     }
