@@ -36,6 +36,8 @@ pub struct Config {
     /// The WebSocket listener.
     pub ws_addr: SocketAddr,
     pub ws_path: String,
+    /// The Server-Sent Events transport's path on the same listener; empty turns it off.
+    pub sse_path: String,
     /// Browser Origins allowed to upgrade; empty allows any.
     pub allowed_origins: Vec<OriginPattern>,
     /// The cookie whose value (a JWT) authenticates a `connect` without a token.
@@ -167,6 +169,7 @@ impl Default for Config {
         Config {
             ws_addr: addr("0.0.0.0:8080"),
             ws_path: "/ws".into(),
+            sse_path: "/sse".into(),
             allowed_origins: Vec::new(),
             auth_cookie: None,
             ws_tls_cert_file: None,

@@ -17,6 +17,15 @@ impl Config {
         if !self.ws_path.starts_with('/') {
             return Err(invalid("ws_path", "must start with '/'"));
         }
+        if !self.sse_path.is_empty() && !self.sse_path.starts_with('/') {
+            return Err(invalid(
+                "sse_path",
+                "must start with '/' (or be empty: no SSE)",
+            ));
+        }
+        if self.sse_path == self.ws_path {
+            return Err(invalid("sse_path", "must differ from ws_path"));
+        }
         if self.max_connections == 0 {
             self.max_connections = default_max_connections();
         }

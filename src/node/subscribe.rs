@@ -37,12 +37,36 @@ impl Node {
         if self.hub.is_subscribed(conn.id, channel) {
             return Err(HubError::AlreadySubscribed.into());
         }
-        if !self.may_subscribe(conn.claims, channel) {
+        self.check_client_subscribe(conn.claims, channel)?;
+        self.subscribe(conn.id, channel, since, Some(id)).await
+    }
+
+    /// A subscription the client asked for when it opened its stream (the SSE transport's
+    /// `channel` parameters): the same checks as `client_subscribe`, announced with a
+    /// `sub` push, and revoked by a refresh like the client's own.
+    pub async fn client_subscribe_at_open(
+        &self,
+        conn: Conn<'_>,
+        channel: &str,
+        since: Option<&Position>,
+    ) -> Result<(), NodeError> {
+        if self.hub.is_subscribed(conn.id, channel) {
+            return Err(HubError::AlreadySubscribed.into());
+        }
+        self.check_client_subscribe(conn.claims, channel)?;
+        self.subscribe_as(conn.id, channel, since, SubscribedBy::Client, None)
+            .await
+    }
+
+    /// Whether a client may subscribe to `channel` itself: a valid name, and a grant.
+    pub fn check_client_subscribe(&self, claims: &Claims, channel: &str) -> Result<(), NodeError> {
+        Node::check_channel(channel)?;
+        if !self.may_subscribe(claims, channel) {
             return Err(NodeError::Forbidden(
                 "no permission to subscribe to this channel",
             ));
         }
-        self.subscribe(conn.id, channel, since, Some(id)).await
+        Ok(())
     }
 
     /// Subscribes one connection. `reply_to`: the client's command id (a client's own
@@ -55,11 +79,24 @@ impl Node {
         since: Option<&Position>,
         reply_to: Option<u64>,
     ) -> Result<(), NodeError> {
-        Node::check_channel(channel)?;
         let by = match reply_to {
             Some(_) => SubscribedBy::Client,
             None => SubscribedBy::Server,
         };
+        self.subscribe_as(conn, channel, since, by, reply_to).await
+    }
+
+    /// Subscribes one connection, answered with the reply to `reply_to` or else a `sub`
+    /// push.
+    async fn subscribe_as(
+        &self,
+        conn: &ClientId,
+        channel: &str,
+        since: Option<&Position>,
+        by: SubscribedBy,
+        reply_to: Option<u64>,
+    ) -> Result<(), NodeError> {
+        Node::check_channel(channel)?;
         let budget = self.recovery_budget(conn);
         let hub = &self.hub;
         let flush = self

@@ -123,11 +123,7 @@ pub fn decode(text: &[u8]) -> Result<Request, ProtocolError> {
                 false => None,
             },
             subs: match fields.get("subs") {
-                Some(raw) => serde_json::from_str::<HashMap<String, &RawValue>>(raw.get())
-                    .map_err(|_| bad("subs must be an object of positions".into()))?
-                    .into_iter()
-                    .map(|(channel, raw)| Ok((channel, position(raw).map_err(bad)?)))
-                    .collect::<Result<_, ProtocolError>>()?,
+                Some(raw) => positions(raw.get()).map_err(bad)?,
                 None => Vec::new(),
             },
         },
@@ -183,6 +179,16 @@ pub fn decode(text: &[u8]) -> Result<Request, ProtocolError> {
         id: Some(id),
         command,
     })
+}
+
+/// `{"channel":{"offset":17,"epoch":"..."},…}`: `connect`'s `subs`, and the SSE transport's
+/// `Last-Event-ID`.
+pub fn positions(text: &str) -> Result<Vec<(String, Position)>, String> {
+    serde_json::from_str::<HashMap<String, &RawValue>>(text)
+        .map_err(|_| "subs must be an object of positions".to_string())?
+        .into_iter()
+        .map(|(channel, raw)| Ok((channel, position(raw)?)))
+        .collect()
 }
 
 /// `{"offset":17,"epoch":"..."}`.

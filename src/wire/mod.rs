@@ -7,7 +7,8 @@
 //! - `close` is the table of close codes; `channel` the rules of channel names and grant
 //!   patterns; `position` the stream positions and publications that recovery carries;
 //!   `json` the check every publication's data passes once; `origin` the upgrade's Origin rules;
-//!   `cookie` the session cookie's name and where its value is; `clip` how error messages
+//!   `cookie` the session cookie's name and where its value is; `sse` the events the SSE
+//!   transport makes of server frames; `clip` how error messages
 //!   quote what the caller sent.
 //!
 //! docs/protocol.md is the specification these files follow.
@@ -24,6 +25,7 @@ pub mod json;
 pub mod message;
 pub mod origin;
 pub mod position;
+pub mod sse;
 
 pub use clip::clip;
 pub use close::Close;

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -22,11 +22,13 @@ use crate::outbox::Outbox;
 use crate::wire::close::{self, Close};
 use crate::wire::frame;
 use crate::wire::inbound::{Frame, OpCode};
+use crate::wire::Position;
 use crate::ws::admission::Ticket;
 use crate::ws::clock::{unix_now, Clock, CLOSE_HANDSHAKE_TIMEOUT};
 use crate::ws::handler::Handler;
 use crate::ws::reader::{AnyRead, Fill, ReadError, Reader};
 use crate::ws::socket;
+use crate::ws::sse::Commands;
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
 
@@ -36,6 +38,10 @@ pub struct Credentials {
     pub query_token: Option<String>,
     /// The `auth_cookie`'s value: a `connect` without a token authenticates with it.
     pub cookie: Option<Box<str>>,
+    /// Positions to recover the token's `subs` and `channels` from.
+    pub positions: Vec<(String, Position)>,
+    /// Subscriptions asked for when the stream opened (SSE), made after the connect.
+    pub channels: Vec<String>,
 }
 
 /// Waits for the upgrade, then spawns the connection's own task on `tracker`: that task holds
@@ -88,6 +94,29 @@ pub async fn run(
     }
 }
 
+/// An SSE stream's connection (`sse::open` made its parts): it reads the commands POSTed
+/// to the stream and writes its frames into the pipe that the stream's body reads.
+pub async fn run_sse(
+    commands: Commands,
+    pipe: DuplexStream,
+    node: Node,
+    ticket: Ticket,
+    credentials: Credentials,
+    shutdown: CancellationToken,
+    kill: CancellationToken,
+) {
+    let outbox = Outbox::new(node.config.max_queue_bytes).with_metrics(node.metrics.clone());
+    let start = Start {
+        node,
+        ticket,
+        credentials,
+        shutdown,
+        kill,
+    };
+    let mut connection = Connection::start(commands, pipe, outbox, start).await;
+    connection.run().await;
+}
+
 /// What a connection starts from.
 struct Start {
     node: Node,
@@ -127,9 +156,17 @@ impl<F: Fill, W: AsyncWrite + Unpin> Connection<F, W> {
         let reader = Reader::new(read, node.config.max_message_size);
         let conn = kill.child_token();
         let mut handler = Handler::new(node, Arc::new(outbox), conn.clone(), credentials.cookie);
-        tracing::debug!(client = %handler.id(), "websocket open");
+        tracing::debug!(client = %handler.id(), "connection open");
         if let Some(token) = credentials.query_token {
-            handler.connect(&token, &[]).await;
+            handler.connect(&token, &credentials.positions).await;
+            for channel in &credentials.channels {
+                let since = credentials
+                    .positions
+                    .iter()
+                    .find(|(c, _)| c == channel)
+                    .map(|(_, p)| p);
+                handler.subscribe_at_open(channel, since).await;
+            }
         }
         Connection {
             handler,

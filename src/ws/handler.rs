@@ -224,6 +224,22 @@ impl Handler {
         self.claims = Some(claims);
     }
 
+    /// A subscription asked for when the stream opened, once connected; like a `subs`
+    /// claim entry, one that cannot be made now (the channel full, already subscribed) is
+    /// skipped.
+    pub(crate) async fn subscribe_at_open(&mut self, channel: &str, since: Option<&Position>) {
+        if self.claims.is_none() {
+            return;
+        }
+        let made = self
+            .node
+            .client_subscribe_at_open(self.conn(), channel, since)
+            .await;
+        if let Err(e) = made {
+            tracing::debug!(%channel, error = %e, "subscription asked at open not made");
+        }
+    }
+
     fn refresh(&mut self, id: Option<u64>, token: &str) {
         let claims = match self.node.verifier.verify(token, unix_now()) {
             Ok(claims) => claims,

@@ -18,6 +18,7 @@ mod reader;
 mod rpc;
 pub mod server;
 mod socket;
+pub mod sse;
 
 pub use clock::unix_now;
 pub use footprint::connection_state_sizes;

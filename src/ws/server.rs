@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use hyper::{Request, Response, StatusCode};
@@ -28,6 +28,10 @@ use crate::node::Node;
 use crate::wire::{cookie, origin, SUBPROTOCOL};
 use crate::ws::admission::{Admission, Refusal, Ticket};
 use crate::ws::connection::{self, Credentials};
+use crate::ws::sse::{self, Sessions, SseBody};
+
+/// A response: a plain answer (or the upgrade's), or an SSE stream.
+type Body = Either<Full<Bytes>, SseBody>;
 
 /// Where connections' tasks are spawned and how they are stopped.
 #[derive(Clone)]
@@ -48,6 +52,7 @@ pub async fn serve(
     tasks: Tasks,
     stop: CancellationToken,
 ) {
+    let sessions = Sessions::default();
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -87,6 +92,7 @@ pub async fn serve(
         let tls = tls.clone();
         let tasks_for_conn = tasks.clone();
         let stop = stop.clone();
+        let sessions = sessions.clone();
         tasks.tracker.spawn(
             async move {
                 let header_read_timeout = node.config.header_read_timeout;
@@ -95,13 +101,19 @@ pub async fn serve(
                     let tasks = tasks_for_conn.clone();
                     let admission = admission.clone();
                     let ticket = ticket.clone();
+                    let sessions = sessions.clone();
                     async move {
+                        if is_sse_post(&req, &node) {
+                            let response = post_command(req, &sessions, &node).await;
+                            return Ok::<_, Infallible>(response.map(Either::Left));
+                        }
                         let upgrade = Upgrade {
                             peer,
                             admission: &admission,
                             ticket: &ticket,
+                            sessions: &sessions,
                         };
-                        Ok::<_, Infallible>(handle(req, upgrade, node, tasks))
+                        Ok(handle(req, upgrade, node, tasks))
                     }
                 });
                 // Bounded headers: more is answered 431. Every answer but the upgrade closes
@@ -157,6 +169,7 @@ struct Upgrade<'a> {
     peer: SocketAddr,
     admission: &'a Admission,
     ticket: &'a std::sync::Mutex<Option<Ticket>>,
+    sessions: &'a Sessions,
 }
 
 fn handle(
@@ -164,27 +177,31 @@ fn handle(
     upgrade: Upgrade<'_>,
     node: Node,
     tasks: Tasks,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
     let Upgrade {
         peer,
         admission,
         ticket,
+        sessions,
     } = upgrade;
-    if req.uri().path() != node.config.ws_path {
+    let is_sse = is_sse(&req, &node);
+    if req.uri().path() != node.config.ws_path && !is_sse {
         return plain(StatusCode::NOT_FOUND, "not found");
     }
-    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+    if !is_sse && !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return plain(
             StatusCode::UPGRADE_REQUIRED,
             "this endpoint speaks WebSocket only",
         );
     }
-    let origin = req
-        .headers()
-        .get(hyper::header::ORIGIN)
-        .map(|v| v.to_str().unwrap_or("(not text)"));
-    if !origin::allowed(&node.config.allowed_origins, origin) {
+    if !origin_allowed(&req, &node) {
         return plain(StatusCode::FORBIDDEN, "origin not allowed");
+    }
+    let cors = req.headers().get(hyper::header::ORIGIN).cloned();
+    if is_sse && req.method() == hyper::Method::OPTIONS {
+        let mut response = sse::preflight();
+        sse::allow_origin(&mut response, cors.as_ref());
+        return response.map(Either::Left);
     }
     // Every X-Forwarded-For line, in order: a proxy may add a line of its own rather than
     // append to the client's.
@@ -210,6 +227,13 @@ fn handle(
             .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     }
+    if is_sse {
+        let Some(ticket) = slot.take() else {
+            return plain(StatusCode::BAD_REQUEST, "one stream per connection");
+        };
+        drop(slot);
+        return open_sse(&req, node, ticket, tasks, sessions, cors.as_ref());
+    }
     let protocol = match offered_protocol(&req) {
         Ok(protocol) => protocol,
         Err(()) => {
@@ -226,11 +250,15 @@ fn handle(
         );
     }
     let credentials = Credentials {
-        query_token: req.uri().query().and_then(query_token),
+        query_token: sse::query_values(req.uri().query().unwrap_or(""), "token")
+            .into_iter()
+            .next(),
         cookie: node.config.auth_cookie.as_deref().and_then(|name| {
             let headers = req.headers().get_all(hyper::header::COOKIE);
             cookie::find(headers.iter().map(|v| v.as_bytes()), name).map(Box::from)
         }),
+        positions: Vec::new(),
+        channels: Vec::new(),
     };
     let Some(ticket) = slot.take() else {
         return plain(StatusCode::BAD_REQUEST, "one upgrade per connection");
@@ -257,13 +285,86 @@ fn handle(
         )
         .in_current_span(),
     );
-    let mut response = response.map(|_| Full::new(Bytes::new()));
+    let mut response = response.map(|_| Either::Left(Full::new(Bytes::new())));
     if protocol {
         response.headers_mut().insert(
             SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static(SUBPROTOCOL),
         );
     }
+    response
+}
+
+/// Opens an SSE stream (`sse::open` checks it) and spawns its connection.
+fn open_sse(
+    req: &Request<Incoming>,
+    node: Node,
+    ticket: Ticket,
+    tasks: Tasks,
+    sessions: &Sessions,
+    cors: Option<&HeaderValue>,
+) -> Response<Body> {
+    if req.method() != hyper::Method::GET {
+        return plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the stream is opened with GET; commands are POSTed",
+        );
+    }
+    let opened = match sse::open(req, &node, sessions) {
+        Ok(opened) => opened,
+        Err(refused) => {
+            let mut refusal = refused.response();
+            sse::allow_origin(&mut refusal, cors);
+            return refusal.map(Either::Left);
+        }
+    };
+    tasks.tracker.spawn(
+        connection::run_sse(
+            opened.commands,
+            opened.pipe,
+            node,
+            ticket,
+            opened.credentials,
+            tasks.shutdown.clone(),
+            tasks.kill.clone(),
+        )
+        .in_current_span(),
+    );
+    let mut response = opened.response;
+    sse::allow_origin(&mut response, cors);
+    response.map(Either::Right)
+}
+
+fn is_sse<B>(req: &Request<B>, node: &Node) -> bool {
+    !node.config.sse_path.is_empty() && req.uri().path() == node.config.sse_path
+}
+
+fn is_sse_post<B>(req: &Request<B>, node: &Node) -> bool {
+    is_sse(req, node) && req.method() == hyper::Method::POST
+}
+
+fn origin_allowed<B>(req: &Request<B>, node: &Node) -> bool {
+    let origin = req
+        .headers()
+        .get(hyper::header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    origin::allowed(&node.config.allowed_origins, origin)
+}
+
+/// A command POSTed to an SSE stream, under the same Origin rule as the stream.
+async fn post_command(
+    req: Request<Incoming>,
+    sessions: &Sessions,
+    node: &Node,
+) -> Response<Full<Bytes>> {
+    if !origin_allowed(&req, node) {
+        let mut response = Response::new(Full::new(Bytes::from("origin not allowed\n")));
+        *response.status_mut() = StatusCode::FORBIDDEN;
+        return response;
+    }
+    let cors = req.headers().get(hyper::header::ORIGIN).cloned();
+    let mut response = sse::post(req, sessions, node).await;
+    sse::allow_origin(&mut response, cors.as_ref());
     response
 }
 
@@ -344,54 +445,13 @@ fn offered_protocol<B>(req: &Request<B>) -> Result<bool, ()> {
     }
 }
 
-fn query_token(query: &str) -> Option<String> {
-    query
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(k, _)| *k == "token")
-        .and_then(|(_, v)| percent_decode(v))
-        .filter(|v| !v.is_empty())
-}
-
-/// Decodes `%XX` escapes (a JWT needs none, but clients may escape anyway); None if malformed.
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 /// An answer other than the upgrade; the connection closes after it, so a socket never
 /// stays open (and holding a place) between requests.
-fn plain(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+fn plain(status: StatusCode, body: &str) -> Response<Body> {
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(format!("{body}\n")))));
     *response.status_mut() = status;
     response
         .headers_mut()
         .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn query_tokens() {
-        assert_eq!(query_token("a=1&token=x.y.z").as_deref(), Some("x.y.z"));
-        assert_eq!(query_token("token=a%2Eb").as_deref(), Some("a.b"));
-        assert_eq!(query_token("token=").as_deref(), None);
-        assert_eq!(query_token("token=%zz").as_deref(), None);
-        assert_eq!(query_token("other=1").as_deref(), None);
-    }
 }

@@ -21,6 +21,7 @@ mod publish_stream;
 mod pubsub;
 mod slow_consumers;
 mod soak;
+mod sse;
 mod stops;
 mod support;
 mod tls;
