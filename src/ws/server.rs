@@ -228,11 +228,7 @@ fn handle(
         return response;
     }
     if is_sse {
-        let Some(ticket) = slot.take() else {
-            return plain(StatusCode::BAD_REQUEST, "one stream per connection");
-        };
-        drop(slot);
-        return open_sse(&req, node, ticket, tasks, sessions, cors.as_ref());
+        return open_sse(&req, node, &mut slot, tasks, sessions, cors.as_ref());
     }
     let protocol = match offered_protocol(&req) {
         Ok(protocol) => protocol,
@@ -299,7 +295,7 @@ fn handle(
 fn open_sse(
     req: &Request<Incoming>,
     node: Node,
-    ticket: Ticket,
+    slot: &mut Option<Ticket>,
     tasks: Tasks,
     sessions: &Sessions,
     cors: Option<&HeaderValue>,
@@ -310,6 +306,7 @@ fn open_sse(
             "the stream is opened with GET; commands are POSTed",
         );
     }
+    // A refused request leaves the socket its place: the next request on it may succeed.
     let opened = match sse::open(req, &node, sessions) {
         Ok(opened) => opened,
         Err(refused) => {
@@ -317,6 +314,9 @@ fn open_sse(
             sse::allow_origin(&mut refusal, cors);
             return refusal.map(Either::Left);
         }
+    };
+    let Some(ticket) = slot.take() else {
+        return plain(StatusCode::BAD_REQUEST, "one stream per connection");
     };
     tasks.tracker.spawn(
         connection::run_sse(

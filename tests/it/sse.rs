@@ -421,6 +421,33 @@ async fn refusals_come_before_the_stream_with_a_status_and_a_close_code() {
             assert_eq!(body["reason"], reason);
         }
     }
+    // A refused request leaves its connection usable: the next request on it opens.
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    for (auth, status) in [("Bearer x.y.z", 401), (good.as_str(), 200)] {
+        let request = hyper::Request::get("/sse")
+            .header("host", "sidecast.test")
+            .header("authorization", auth)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = tokio::time::timeout(PATIENCE, sender.send_request(request))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.status(), status);
+        if status == 401 {
+            response.into_body().collect().await.unwrap();
+            tokio::time::timeout(PATIENCE, sender.ready())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+
     // The token in the query, as for a WebSocket.
     let query = format!("/sse?token={}", good.trim_start_matches("Bearer "));
     assert_eq!(request(addr, "GET", &query, &[], "").await.status(), 200);
@@ -570,4 +597,77 @@ async fn on_redis_a_stream_opened_with_the_cookie_recovers_on_another_node() {
         .map(|p| &p["data"])
         .collect();
     assert_eq!(data, [&json!({"n": 2}), &json!({"n": 3})]);
+}
+
+/// Writes `bytes` on a connection of its own and reads the answer's status line and body.
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = tokio::time::timeout(PATIENCE, tcp.read(&mut chunk))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(n > 0, "no answer");
+        answer.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&answer).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.parse().unwrap())
+                })
+                .unwrap_or(0);
+            if answer.len() >= end + 4 + length {
+                break end;
+            }
+        }
+    };
+    let text = String::from_utf8_lossy(&answer).to_string();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (
+        status,
+        serde_json::from_str(&text[head_end + 4..]).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn posts_without_a_session_not_utf8_or_too_slow_are_refused() {
+    let server = TestServer::start(&[("header_read_timeout", "300ms")]).await;
+    let addr = server.ws_addr;
+    let auth = bearer(&token("hal", json!({})));
+    let mut stream = open(addr, "/sse", &[("authorization", &auth)]).await;
+    let (session, _) = stream.start().await;
+
+    let (status, body) = raw(
+        addr,
+        b"POST /sse HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+    )
+    .await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (400, Some("missing session"))
+    );
+
+    let mut not_utf8 =
+        format!("POST /sse?session={session} HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n")
+            .into_bytes();
+    not_utf8.extend_from_slice(&[0x7B, 0xFF, 0x7D]);
+    let (status, body) = raw(addr, &not_utf8).await;
+    assert_eq!((status, body["code"].as_u64()), (400, Some(1007)));
+
+    // A body announced and never sent.
+    let slow =
+        format!("POST /sse?session={session} HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n{{");
+    let (status, _) = raw(addr, slow.as_bytes()).await;
+    assert_eq!(status, 408);
+
+    // None of them reached the connection.
+    assert_eq!(post(addr, &session, r#"{"id":3,"op":"ping"}"#).await, 202);
+    assert_eq!(stream.message().await, json!({"id": 3, "result": {}}));
 }

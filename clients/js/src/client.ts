@@ -6,6 +6,7 @@
 import { backoffDelay, type BackoffOptions } from "./backoff.js";
 import { afterClose } from "./codes.js";
 import { Emitter } from "./emitter.js";
+import { SseSocket } from "./sse.js";
 import { SidecastError, type ErrorCode } from "./errors.js";
 import { Tokens } from "./tokens.js";
 import {
@@ -45,6 +46,16 @@ export interface ClientOptions {
   cookie?: boolean;
   /** A WebSocket implementation; the global one by default (browsers, Node ≥ 22). */
   WebSocket?: WebSocketConstructor;
+  /** The transports to try, in order (default both): after `sseAfter` WebSocket attempts
+   * in a row that fail before the socket opens (a proxy that blocks WebSockets), the
+   * client goes on over Server-Sent Events (docs/protocol.md §14) until disconnect(). */
+  transports?: Transport[];
+  /** The SSE endpoint; by default `url` with http(s) for ws(s) and `/sse` for a final `/ws`. */
+  sseUrl?: string;
+  /** WebSocket attempts that fail before opening, in a row, before the SSE fallback (default 2). */
+  sseAfter?: number;
+  /** A fetch implementation for SSE; the global one by default. */
+  fetch?: typeof fetch;
   backoff?: BackoffOptions;
   /** How long a call waits for its reply, in ms (default 10000). */
   timeout?: number;
@@ -54,6 +65,8 @@ export interface ClientOptions {
 }
 
 export type ConnectionState = "disconnected" | "connecting" | "connected";
+
+export type Transport = "websocket" | "sse";
 
 export interface ClientEvents extends Record<string, unknown> {
   state: { state: ConnectionState };
@@ -90,8 +103,13 @@ const OPEN = 1;
 
 export class Client extends Emitter<ClientEvents> {
   private readonly options: ClientOptions;
-  private readonly WS: WebSocketConstructor;
+  private readonly WS: WebSocketConstructor | undefined;
   private ws: WebSocketLike | null = null;
+  private readonly transports: Transport[];
+  private readonly sseUrl: string | undefined;
+  private transportIndex = 0;
+  /** WebSocket attempts in a row that failed before the socket opened. */
+  private wsFailures = 0;
   private _state: ConnectionState = "disconnected";
   /** The app asked to be connected (connect() without a later disconnect()). */
   private wanted = false;
@@ -120,8 +138,13 @@ export class Client extends Emitter<ClientEvents> {
     const WS =
       options.WebSocket ??
       (globalThis as unknown as { WebSocket?: WebSocketConstructor }).WebSocket;
-    if (!WS) {
-      throw new Error("sidecast: no global WebSocket here: pass one in options.WebSocket");
+    this.sseUrl = options.sseUrl ?? sseUrlOf(options.url);
+    const canSse = this.sseUrl !== undefined && (options.fetch ?? globalThis.fetch) !== undefined;
+    this.transports = (options.transports ?? ["websocket", "sse"]).filter((t) =>
+      t === "websocket" ? WS !== undefined : canSse,
+    );
+    if (this.transports.length === 0) {
+      throw new Error("sidecast: no transport: pass options.WebSocket, or a fetch and an sseUrl");
     }
     this.options = options;
     this.WS = WS;
@@ -136,11 +159,18 @@ export class Client extends Emitter<ClientEvents> {
     return this._state;
   }
 
+  /** The transport of the current (or next) connection. */
+  get transport(): Transport {
+    return this.transports[this.transportIndex];
+  }
+
   /** Connects, and keeps reconnecting until disconnect() or a close that forbids it. */
   connect(): void {
     if (this.wanted) return;
     this.wanted = true;
     this.attempt = 0;
+    this.transportIndex = 0;
+    this.wsFailures = 0;
     void this.open();
   }
 
@@ -240,10 +270,12 @@ export class Client extends Emitter<ClientEvents> {
     }
     // disconnect(), or another open(), came meanwhile.
     if (!this.wanted || generation !== this.generation) return;
-    const ws = new this.WS(this.options.url, "sidecast.v1");
+    const ws = this.socket();
     this.ws = ws;
+    let opened = false;
     ws.onopen = () => {
       if (this.ws !== ws) return;
+      opened = true;
       // Positions of the server-side subscriptions, to recover them (docs/protocol.md §2).
       const subs: Record<string, Position> = {};
       for (const s of this.subscriptions.values()) {
@@ -264,8 +296,26 @@ export class Client extends Emitter<ClientEvents> {
     ws.onclose = (event) => {
       if (this.ws !== ws) return;
       this.ws = null;
+      if (this.transport === "websocket") this.countWebSocket(opened);
       this.onClose(event.code, event.reason);
     };
+  }
+
+  private socket(): WebSocketLike {
+    if (this.transport === "sse") {
+      const fetchFn = this.options.fetch ?? globalThis.fetch.bind(globalThis);
+      return new SseSocket(this.sseUrl as string, this.options.cookie === true, fetchFn);
+    }
+    return new (this.WS as WebSocketConstructor)(this.options.url, "sidecast.v1");
+  }
+
+  /** After `sseAfter` WebSocket attempts in a row that never opened, the next transport. */
+  private countWebSocket(opened: boolean): void {
+    this.wsFailures = opened ? 0 : this.wsFailures + 1;
+    if (this.wsFailures >= (this.options.sseAfter ?? 2) && this.transportIndex + 1 < this.transports.length) {
+      this.transportIndex += 1;
+      this.attempt = 0;
+    }
   }
 
   private onMessage(text: string): void {
@@ -562,4 +612,19 @@ export class Client extends Emitter<ClientEvents> {
     }
     return new Promise((resolve, reject) => this.command(command, limit, resolve, reject));
   }
+}
+
+/** `ws://host/ws` → `http://host/sse`; undefined when `url` does not end in `/ws`. */
+function sseUrlOf(url: string): string | undefined {
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch {
+    return undefined;
+  }
+  if (!parsed.pathname.endsWith("/ws")) return undefined;
+  parsed.protocol = parsed.protocol === "wss:" ? "https:" : "http:";
+  parsed.pathname = parsed.pathname.slice(0, -"/ws".length) + "/sse";
+  parsed.search = "";
+  return parsed.toString();
 }

@@ -5,6 +5,7 @@ export type {
   ClientEvents,
   ClientOptions,
   ConnectionState,
+  Transport,
   WebSocketConstructor,
   WebSocketLike,
 } from "./client.js";

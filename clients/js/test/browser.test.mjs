@@ -16,7 +16,7 @@ import { chromium } from "playwright-core";
 import WebSocket from "ws";
 
 import { Client } from "../dist/index.js";
-import { control, startSidecast, token, until } from "./helpers.mjs";
+import { blockingProxy, control, startSidecast, token, until } from "./helpers.mjs";
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const here = fileURLToPath(new URL(".", import.meta.url));
@@ -149,6 +149,44 @@ test("a page on the app's origin connects with its session cookie, without a tok
     await context.close();
     cookieBackend.close();
     await cookieNode.kill();
+  }
+});
+
+test("behind a proxy that blocks WebSockets a page goes on over SSE, and recovers", async () => {
+  // The proxy is another origin than the page's: the stream and the commands are CORS
+  // requests (with a preflight for the Authorization header).
+  const proxy = await blockingProxy(node.url);
+  try {
+    const page = await browser.newPage();
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(e.message));
+    const params = new URLSearchParams({ url: proxy.url, token: token("sse-page"), channel: "h:sse" });
+    await page.goto(`http://127.0.0.1:${http.address().port}/?${params}`);
+    const received = () => page.evaluate(() => window.sidecastTest.received);
+    const events = () => page.evaluate(() => window.sidecastTest.events);
+    await until("subscribed", async () => (await events()).length === 1);
+    assert.equal(await page.evaluate(() => window.sidecastTest.client.transport), "sse");
+    assert.ok(proxy.upgrades >= 2);
+    await backend.publish("h:sse", { n: 1 });
+    await until("the first publication", async () => (await received()).length === 1);
+    // A call from the page: a POST whose reply comes on the stream.
+    const stats = await page.evaluate(() => window.sidecastTest.client.presenceStats("h:sse").catch((e) => e.code));
+    assert.equal(stats, "not_available");
+    // The backend drops the connection while publishing on: the page reconnects over SSE
+    // and recovers, nothing lost, nothing twice.
+    const publishing = (async () => {
+      for (let n = 2; n <= 8; n++) await backend.publish("h:sse", { n });
+    })();
+    await backend.disconnect("sse-page", 4006);
+    await publishing;
+    await until("all eight", async () => (await received()).length >= 8);
+    assert.deepEqual(await received(), [1, 2, 3, 4, 5, 6, 7, 8]);
+    assert.ok((await events()).some((e) => e.resumed));
+    assert.equal(await page.textContent("#state"), "connected");
+    assert.deepEqual(errors, []);
+    await page.close();
+  } finally {
+    proxy.close();
   }
 });
 

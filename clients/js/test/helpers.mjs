@@ -3,6 +3,7 @@
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
 import { mkdtempSync, writeFileSync } from "node:fs";
+import { createServer as createHttpServer, request as httpRequest } from "node:http";
 import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -151,6 +152,37 @@ export async function startRedis() {
     }
   });
   return redis;
+}
+
+/** An HTTP proxy on loopback in front of the node at `target` (its ws URL) that refuses
+ * every WebSocket upgrade with 403 and forwards everything else as it streams, as some
+ * corporate proxies do. `url` is the node's ws URL through it; `upgrades` counts refusals. */
+export async function blockingProxy(target) {
+  const upstream = new URL(target);
+  const proxy = { upgrades: 0 };
+  const server = createHttpServer((req, res) => {
+    const forward = httpRequest(
+      { host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers: req.headers },
+      (answer) => {
+        res.writeHead(answer.statusCode, answer.headers);
+        answer.pipe(res);
+      },
+    );
+    forward.on("error", () => res.destroy());
+    res.on("close", () => forward.destroy());
+    req.pipe(forward);
+  });
+  server.on("upgrade", (req, socket) => {
+    proxy.upgrades += 1;
+    socket.end("HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  proxy.url = `ws://127.0.0.1:${server.address().port}/ws`;
+  proxy.close = () => {
+    server.closeAllConnections();
+    server.close();
+  };
+  return proxy;
 }
 
 /** Polls `check` until it holds, failing after PATIENCE. */
