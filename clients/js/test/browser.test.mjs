@@ -50,6 +50,26 @@ before(async () => {
       res.end('<!doctype html><div id="root"></div><script type="module" src="/react-app.js"></script>');
       return;
     }
+    if (path === "/eventsource") {
+      // docs/protocol.md section 14's plain EventSource client, as written there, with the
+      // node's address in front of its paths.
+      res.writeHead(200, { "content-type": "text/html" });
+      res.end(`<!doctype html><script>
+        const params = new URLSearchParams(location.search);
+        const base = params.get("base");
+        const token = params.get("token");
+        window.messages = [];
+        const es = new EventSource(base + "/sse?channel=h:es&token=" + token);
+        let session;
+        es.addEventListener("session", (e) => { session = JSON.parse(e.data).session; });
+        es.onmessage = (e) => {
+          const message = JSON.parse(e.data);
+          window.messages.push(message);
+          if (message.type === "ping") fetch(base + "/sse?session=" + session, { method: "POST", body: '{"op":"pong"}' });
+        };
+      </script>`);
+      return;
+    }
     if (path === "/react-app.js") {
       res.writeHead(200, { "content-type": "text/javascript" }).end(reactApp);
       return;
@@ -188,6 +208,34 @@ test("behind a proxy that blocks WebSockets a page goes on over SSE, and recover
   } finally {
     proxy.close();
   }
+});
+
+test("a plain EventSource reads the stream and recovers by itself through Last-Event-ID", async () => {
+  const page = await browser.newPage();
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(e.message));
+  const base = node.url.replace("ws://", "http://").replace(/\/ws$/, "");
+  const params = new URLSearchParams({ base, token: token("es-page") });
+  await page.goto(`http://127.0.0.1:${http.address().port}/eventsource?${params}`);
+  const messages = () => page.evaluate(() => window.messages);
+  const pubs = async () => (await messages()).filter((m) => m.type === "pub").map((m) => m.data.n);
+  await until("subscribed", async () => (await messages()).some((m) => m.type === "sub"));
+  await backend.publish("h:es", { n: 1 });
+  await until("the first publication", async () => (await pubs()).length === 1);
+  // The stream ends (a backend's 4006); the browser reconnects on its own a second later,
+  // sending the last event id, and the `sub` push brings back what was published meanwhile.
+  await backend.disconnect("es-page", 4006);
+  await backend.publish("h:es", { n: 2 });
+  await backend.publish("h:es", { n: 3 });
+  await until("resubscribed", async () => (await messages()).filter((m) => m.type === "sub").length === 2);
+  const sub = (await messages()).filter((m) => m.type === "sub")[1];
+  assert.equal(sub.recovered, true);
+  assert.deepEqual(sub.publications.map((p) => p.data.n), [2, 3]);
+  await backend.publish("h:es", { n: 4 });
+  await until("live again", async () => (await pubs()).includes(4));
+  assert.deepEqual(await pubs(), [1, 4]);
+  assert.deepEqual(errors, []);
+  await page.close();
 });
 
 test("the React binding subscribes while mounted and lets go on unmount", async () => {
