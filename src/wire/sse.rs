@@ -181,10 +181,10 @@ fn head(buf: &[u8]) -> Option<(u8, usize, usize)> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::frame;
+    use super::super::message::ServerMessage;
+    use super::super::position::Attach;
     use super::*;
-    use crate::wire::frame;
-    use crate::wire::message::ServerMessage;
-    use crate::wire::position::Attach;
 
     fn translate(frames: &[bytes::Bytes]) -> String {
         let mut translator = Translator::default();
@@ -257,6 +257,37 @@ mod tests {
                 r#"{"room:1":{"epoch":"e1","offset":8}}"#,
             ]
         );
+    }
+
+    proptest::proptest! {
+        /// However the socket's bytes are cut, the events are the same.
+        #[test]
+        fn any_cut_gives_the_same_events(
+            texts in proptest::collection::vec("[ -~\n\r]{0,300}", 1..6),
+            cuts in proptest::collection::vec(1usize..200, 1..20),
+        ) {
+            let frames: Vec<bytes::Bytes> = texts.iter().map(|t| frame::text(t.as_bytes())).collect();
+            let whole: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+            let mut one = Translator::default();
+            let mut expected = BytesMut::new();
+            one.feed(&whole, &mut expected);
+            let mut cut = Translator::default();
+            let mut got = BytesMut::new();
+            let mut rest = &whole[..];
+            for size in cuts.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (head, tail) = rest.split_at((*size).min(rest.len()));
+                cut.feed(head, &mut got);
+                rest = tail;
+            }
+            proptest::prop_assert_eq!(&got[..], &expected[..]);
+            // One event per frame, none of whose lines holds a line break.
+            let text = String::from_utf8(expected.to_vec()).unwrap();
+            proptest::prop_assert_eq!(text.matches("\n\n").count(), frames.len());
+            proptest::prop_assert!(!text.contains('\r'));
+        }
     }
 
     #[test]
