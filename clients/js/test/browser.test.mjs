@@ -172,7 +172,7 @@ test("a page on the app's origin connects with its session cookie, without a tok
   }
 });
 
-test("behind a proxy that blocks WebSockets a page goes on over SSE, and recovers", async () => {
+test("behind a proxy that blocks WebSockets a page goes on over SSE, survives a restart and recovers", async () => {
   // The proxy is another origin than the page's: the stream and the commands are CORS
   // requests (with a preflight for the Authorization header).
   const proxy = await blockingProxy(node.url);
@@ -192,6 +192,11 @@ test("behind a proxy that blocks WebSockets a page goes on over SSE, and recover
     // A call from the page: a POST whose reply comes on the stream.
     const stats = await page.evaluate(() => window.sidecastTest.client.presenceStats("h:sse").catch((e) => e.code));
     assert.equal(stats, "not_available");
+    // The node restarts: the page comes back over SSE, told its gap could not be recovered
+    // (the memory engine starts a new stream).
+    await node.restart();
+    await until("resubscribed after the restart", async () => (await events()).some((e) => e.resumed));
+    assert.ok((await events()).some((e) => e.name === "unrecovered"));
     // The backend drops the connection while publishing on: the page reconnects over SSE
     // and recovers, nothing lost, nothing twice.
     const publishing = (async () => {
@@ -201,7 +206,7 @@ test("behind a proxy that blocks WebSockets a page goes on over SSE, and recover
     await publishing;
     await until("all eight", async () => (await received()).length >= 8);
     assert.deepEqual(await received(), [1, 2, 3, 4, 5, 6, 7, 8]);
-    assert.ok((await events()).some((e) => e.resumed));
+    assert.equal(await page.evaluate(() => window.sidecastTest.client.transport), "sse");
     assert.equal(await page.textContent("#state"), "connected");
     assert.deepEqual(errors, []);
     await page.close();

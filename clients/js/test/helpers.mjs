@@ -166,6 +166,10 @@ export async function blockingProxy(target) {
       (answer) => {
         res.writeHead(answer.statusCode, answer.headers);
         answer.pipe(res);
+        // The node went away mid-answer: the client's connection ends too.
+        answer.on("close", () => {
+          if (!answer.complete) res.destroy();
+        });
       },
     );
     forward.on("error", () => res.destroy());
