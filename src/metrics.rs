@@ -48,6 +48,7 @@ pub const GRPC_METHODS: &[&str] = &[
     "/sidecast.v1.Control/Info",
     "/sidecast.v1.Control/History",
     "/sidecast.v1.Control/HistoryRemove",
+    "/sidecast.v1.Control/Receipt",
     "/sidecast.v1.Control/Events",
     "/sidecast.v1.Control/Reply",
     "/grpc.health.v1.Health/Check",
@@ -81,6 +82,8 @@ pub struct Metrics {
     pub deliveries: Counter,
     pub slow_consumer_closes: Counter,
     pub slow_consumer_drops: Counter,
+    /// Delivery receipts forgotten before they expired (max_pending_receipts).
+    pub receipts_forgotten: Counter,
     pub write_timeouts: Counter,
     /// Subscriptions ended with `unsub` 2500 (a cluster node lost a channel's continuity).
     pub resubscribes: Counter,
@@ -173,6 +176,10 @@ impl Metrics {
             "sidecast_slow_consumer_drops",
             "Publications dropped from full queues by slow_consumer = drop_oldest or conflate (each reported with a lost push)",
         );
+        let receipts_forgotten = counter(
+            "sidecast_receipts_forgotten",
+            "Delivery receipts forgotten before they expired, to stay within max_pending_receipts",
+        );
         let write_timeouts = counter(
             "sidecast_write_timeouts",
             "Connections dropped because a write took longer than write_timeout",
@@ -224,6 +231,7 @@ impl Metrics {
             deliveries,
             slow_consumer_closes,
             slow_consumer_drops,
+            receipts_forgotten,
             write_timeouts,
             resubscribes,
             messages_received,

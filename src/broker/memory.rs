@@ -172,6 +172,7 @@ impl MemoryBroker {
             return attach(Attach {
                 position: None,
                 recovery: since.map(|_| Recovery::Impossible),
+                receipts: false,
             });
         };
         let retention = retention(self.config.channel_options(channel));
@@ -184,6 +185,7 @@ impl MemoryBroker {
         attach(Attach {
             position: Some(history.position()),
             recovery,
+            receipts: false,
         })
     }
 

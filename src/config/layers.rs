@@ -316,6 +316,11 @@ mod tests {
         );
         assert!(err(Some("[namespaces.c]\nconflate_by = \"user\""), &[])
             .contains("needs slow_consumer"));
+        let receipts = err(Some("[namespaces.r]\nreceipts = true"), &[]);
+        assert!(receipts.contains("namespaces.r.receipts") && receipts.contains("history_size"));
+        assert!(
+            err(None, &[("SIDECAST_MAX_PENDING_RECEIPTS", "0")]).contains("max_pending_receipts")
+        );
         assert!(
             err(Some("[namespaces.c]\nslow_consumer = \"drop\""), &[]).contains("slow_consumer")
         );

@@ -135,6 +135,9 @@ pub struct Config {
     pub rpc_timeout: Duration,
     /// Rpcs one connection may have waiting at once.
     pub max_rpc_in_flight: usize,
+    /// Publications whose delivery receipts this node keeps at once; past it the oldest
+    /// is forgotten.
+    pub max_pending_receipts: usize,
     /// Connections the control API (gRPC) holds at once; past it, new ones are closed.
     pub max_control_connections: usize,
     /// How often the control API pings each connection (HTTP/2 PING), and how long the
@@ -216,6 +219,7 @@ impl Default for Config {
             events_scope: EventsScope::Node,
             rpc_timeout: secs(5),
             max_rpc_in_flight: 16,
+            max_pending_receipts: 10_000,
             max_control_connections: 1024,
             grpc_keepalive_interval: secs(30),
             grpc_keepalive_timeout: secs(10),
@@ -283,6 +287,12 @@ pub struct NamespaceOptions {
     /// With `slow_consumer = "conflate"`: the top-level field of a publication's data whose
     /// value is its key; a queue keeps only the newest unwritten publication per key.
     pub conflate_by: Option<String>,
+    /// Subscribers acknowledge what they handled, and each publication's delivery receipt
+    /// can be asked for; needs history (a publication is named by its offset).
+    pub receipts: bool,
+    /// How long after a publication its acknowledgements count.
+    #[serde(with = "duration")]
+    pub receipt_timeout: Duration,
 }
 
 /// `slow_consumer`: what happens when a subscriber's queue (`max_queue_bytes`) is full.
@@ -313,6 +323,8 @@ impl Default for NamespaceOptions {
             max_subscribers: 0,
             slow_consumer: SlowConsumer::Disconnect,
             conflate_by: None,
+            receipts: false,
+            receipt_timeout: Duration::from_secs(10),
         }
     }
 }

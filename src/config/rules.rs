@@ -40,6 +40,7 @@ impl Config {
             ("events_window", self.events_window),
             ("events_max_groups", self.events_max_groups),
             ("max_rpc_in_flight", self.max_rpc_in_flight),
+            ("max_pending_receipts", self.max_pending_receipts),
             ("max_control_connections", self.max_control_connections),
             ("redis_pubsub_connections", self.redis_pubsub_connections),
         ] {
@@ -286,6 +287,18 @@ fn check_namespace(table: &str, options: &NamespaceOptions) -> Result<(), Config
         return Err(invalid(
             &format!("{table}.history_ttl"),
             "must be set when history_size is",
+        ));
+    }
+    if options.receipts && !options.has_history() {
+        return Err(invalid(
+            &format!("{table}.receipts"),
+            "needs history_size: a receipt names a publication by its offset",
+        ));
+    }
+    if options.receipts && options.receipt_timeout.is_zero() {
+        return Err(invalid(
+            &format!("{table}.receipt_timeout"),
+            "must be greater than 0",
         ));
     }
     if options.has_history() && options.history_meta_ttl < options.history_ttl {

@@ -33,6 +33,8 @@ pub enum ApiError {
     NoPublication,
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("no receipt of offset {offset} on channel {}: never published with receipts, expired or forgotten", crate::wire::clip(.channel))]
+    NoReceipt { channel: String, offset: u64 },
 }
 
 impl From<ApiError> for Status {
@@ -52,7 +54,7 @@ impl From<ApiError> for Status {
             }
             ApiError::Events(EventsError::TooManyGroups(_)) => Code::ResourceExhausted,
             ApiError::Stream(_) => Code::Cancelled,
-            ApiError::UnknownRpc(_) => Code::NotFound,
+            ApiError::UnknownRpc(_) | ApiError::NoReceipt { .. } => Code::NotFound,
             ApiError::Node(node) => node_code(node),
         };
         Status::new(code, e.to_string())
@@ -77,6 +79,7 @@ fn node_code(e: &NodeError) -> Code {
         NodeError::PageTooLarge(_) => Code::ResourceExhausted,
         NodeError::PresenceDisabled(_)
         | NodeError::HistoryDisabled(_)
+        | NodeError::ReceiptsDisabled(_)
         | NodeError::EpochChanged(_) => Code::FailedPrecondition,
         NodeError::Engine(BrokerError::Unavailable(_)) => Code::Unavailable,
         // Reached only through a client's connection, never by the control API.

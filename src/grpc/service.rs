@@ -205,6 +205,25 @@ impl Control for ControlService {
     }
 
     #[tracing::instrument(skip_all)]
+    async fn receipt(&self, request: Request<pb::ReceiptRequest>) -> Reply<pb::ReceiptResponse> {
+        let req = request.into_inner();
+        let Some(receipt) = self.node.receipt(&req.channel, req.offset).await? else {
+            let missing = ApiError::NoReceipt {
+                channel: req.channel,
+                offset: req.offset,
+            };
+            return Err(missing.into());
+        };
+        Ok(Response::new(pb::ReceiptResponse {
+            delivered: receipt.delivered,
+            acknowledged: receipt.acknowledged,
+            missing_users: receipt.missing,
+            missing_more: receipt.missing_more,
+            complete: receipt.complete,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
     async fn channels(&self, request: Request<pb::ChannelsRequest>) -> Reply<pb::ChannelsResponse> {
         let req = request.into_inner();
         let pattern = match req.pattern.as_str() {

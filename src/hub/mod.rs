@@ -8,6 +8,7 @@
 //! order is the index, then one channel; a channel lock is never held while the index's is
 //! taken.
 
+mod receipts;
 mod subscribers;
 mod subscription;
 
@@ -16,6 +17,8 @@ use std::sync::{Arc, RwLock};
 
 use serde_json::value::RawValue;
 
+pub use receipts::Receipt;
+use receipts::Receipts;
 use subscribers::Subscribers;
 pub use subscribers::{ClientId, Fanout};
 
@@ -98,6 +101,8 @@ struct Shared {
     events: Events,
     /// Set once by an engine that records membership (see [`Change`]).
     observer: std::sync::OnceLock<Observer>,
+    /// Delivery receipts of `receipts` channels (a leaf lock).
+    receipts: std::sync::Mutex<Receipts>,
 }
 
 /// Who is connected and subscribed where.
@@ -131,6 +136,7 @@ impl Hub {
         Hub {
             shared: Arc::new(Shared {
                 index: RwLock::new(Index::default()),
+                receipts: std::sync::Mutex::new(Receipts::new(config.max_pending_receipts)),
                 config,
                 metrics,
                 pacing: Arc::new(Pacing::default()),
@@ -323,6 +329,18 @@ impl Hub {
     /// released.
     pub fn deliver(&self, channel: &str, data: &[u8], offset: Option<u64>) -> (Fanout, Flush) {
         let mut flush = self.flush();
+        // Tallied before it is queued: an acknowledgement can come back before this returns.
+        let receipt = offset.filter(|_| self.options(channel).receipts);
+        if let Some(offset) = receipt {
+            let timeout = self.options(channel).receipt_timeout;
+            let forgotten =
+                self.receipts()
+                    .published(channel, offset, std::time::Instant::now(), timeout);
+            self.shared
+                .metrics
+                .receipts_forgotten
+                .inc_by(forgotten as u64);
+        }
         loop {
             let Some(subscribers) = self.read().channels.get(channel).cloned() else {
                 return (Fanout::default(), flush);
@@ -340,10 +358,56 @@ impl Hub {
             let tag = self.tag(channel, data, offset);
             let counts = roster.fan_out(&frame, tag.as_ref(), &mut flush);
             drop(roster);
+            if let Some(offset) = receipt {
+                self.receipts().delivered(channel, offset, counts.queued);
+            }
             let metrics = &self.shared.metrics;
             metrics.record_fanout(counts.queued, counts.overflowed);
             return (counts, flush);
         }
+    }
+
+    fn receipts(&self) -> std::sync::MutexGuard<'_, Receipts> {
+        self.shared.receipts.lock().expect("receipts lock")
+    }
+
+    /// A subscription of a `receipts` channel starts, its first offset `from`; `recovered`
+    /// are the offsets it was given from history.
+    pub fn reading(
+        &self,
+        id: &str,
+        channel: &str,
+        from: u64,
+        recovered: impl Iterator<Item = u64>,
+    ) {
+        let (id, user) = {
+            let state = self.read();
+            let Some((id, client)) = state.clients.get_key_value(id) else {
+                return;
+            };
+            (id.clone(), client.user.clone())
+        };
+        let now = std::time::Instant::now();
+        self.receipts()
+            .reading(&id, &user, channel, from, recovered, now);
+    }
+
+    /// A connection acknowledges every publication of `channel` up to `offset`; false when
+    /// it is not reading the channel with receipts.
+    pub fn ack(&self, id: &str, channel: &str, offset: u64) -> bool {
+        let now = std::time::Instant::now();
+        self.receipts().ack(id, channel, offset, now)
+    }
+
+    /// This node's receipt of a publication, if it tallied it.
+    pub fn receipt(&self, channel: &str, offset: u64) -> Option<Receipt> {
+        let now = std::time::Instant::now();
+        self.receipts().receipt(channel, offset, now)
+    }
+
+    /// Forgets the receipts that expired.
+    pub fn expire_receipts(&self) {
+        self.receipts().expire(std::time::Instant::now());
     }
 
     /// A publication's [`Tag`] when its channel's `slow_consumer` policy is not

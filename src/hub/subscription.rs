@@ -242,6 +242,10 @@ impl Hub {
     fn detach_into(&self, id: &str, channel: &Arc<Subscribers>, flush: &mut Flush) {
         let mut ch = channel.lock();
         if let Some(sub) = ch.subscribers.remove(id) {
+            if channel.options.receipts {
+                let now = std::time::Instant::now();
+                self.receipts().left(id, &channel.name, now);
+            }
             self.observe(Change::Subscription {
                 joined: false,
                 channel: &channel.name,

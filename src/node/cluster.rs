@@ -12,6 +12,7 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use super::{Node, NodeError, Subscribed, Target};
+use crate::hub::Receipt;
 use crate::wire::channel::Pattern;
 
 /// An order to the other nodes, as JSON between them.
@@ -39,6 +40,10 @@ enum Order {
     Channels {
         pattern: Option<String>,
     },
+    Receipt {
+        channel: String,
+        offset: u64,
+    },
     Info,
 }
 
@@ -50,6 +55,7 @@ enum Answer {
     Subscribed(u32, u32, u32),
     Channels(Vec<(String, usize)>),
     Info(NodeCounts),
+    Receipt(Option<Receipt>),
     /// The order could not be carried out there.
     Failed(String),
 }
@@ -183,6 +189,29 @@ impl Node {
         Ok(all.into_iter().collect())
     }
 
+    /// A publication's delivery receipt, added up over the nodes that tallied it; None
+    /// when none did (never published, expired, or forgotten).
+    pub async fn receipt(&self, channel: &str, offset: u64) -> Result<Option<Receipt>, NodeError> {
+        Node::check_channel(channel)?;
+        if !self.config.channel_options(channel).receipts {
+            return Err(NodeError::ReceiptsDisabled(channel.to_string()));
+        }
+        let mut receipt = self.hub.receipt(channel, offset);
+        let order = Order::Receipt {
+            channel: channel.to_string(),
+            offset,
+        };
+        for answer in self.ask(&order).await? {
+            if let Answer::Receipt(Some(other)) = answer {
+                match receipt.as_mut() {
+                    Some(receipt) => receipt.merge(other),
+                    None => receipt = Some(other),
+                }
+            }
+        }
+        Ok(receipt)
+    }
+
     /// Every live node's counts, this node's first.
     pub async fn cluster_info(&self) -> Result<Vec<NodeCounts>, NodeError> {
         let mut nodes = vec![self.counts()];
@@ -251,6 +280,9 @@ impl Node {
             Order::Channels { pattern } => {
                 let pattern = pattern.and_then(|p| Pattern::parse(&p).ok());
                 Ok(Answer::Channels(self.local_channels(pattern.as_ref())))
+            }
+            Order::Receipt { channel, offset } => {
+                Ok(Answer::Receipt(self.hub.receipt(&channel, offset)))
             }
             Order::Info => Ok(Answer::Info(self.counts())),
         };

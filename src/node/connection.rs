@@ -109,6 +109,18 @@ impl Node {
         Ok((code, disconnected))
     }
 
+    /// A client acknowledges every publication of a `receipts` channel up to `offset`.
+    pub fn ack(&self, id: &ClientId, channel: &str, offset: u64) -> Result<(), NodeError> {
+        Node::check_channel(channel)?;
+        if !self.config.channel_options(channel).receipts {
+            return Err(NodeError::ReceiptsDisabled(channel.to_string()));
+        }
+        if !self.hub.ack(id, channel, offset) {
+            return Err(NodeError::Forbidden("subscribe to the channel first"));
+        }
+        Ok(())
+    }
+
     /// Every connection's outbox, for the drain at shutdown.
     pub fn all_connections(&self) -> Vec<Arc<Outbox>> {
         self.hub.all_connections()

@@ -32,6 +32,8 @@ pub enum NodeError {
     PresenceDisabled(String),
     #[error("history is not enabled for channel {0:?}")]
     HistoryDisabled(String),
+    #[error("receipts are not enabled for channel {0:?}")]
+    ReceiptsDisabled(String),
     #[error("the stream of channel {0:?} has a new epoch: that position is gone")]
     EpochChanged(String),
     #[error("limit must be at most max_recovery ({0})")]

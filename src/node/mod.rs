@@ -98,6 +98,7 @@ impl Node {
     /// Periodic housekeeping: the engine forgets expired positions and idempotency keys.
     pub fn sweep(&self) {
         self.broker.sweep();
+        self.hub.expire_receipts();
     }
 
     /// A channel name, checked.

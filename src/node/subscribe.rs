@@ -10,7 +10,7 @@ use crate::auth::Claims;
 use crate::hub::{HubError, SubscribedBy};
 use crate::wire::channel::granted;
 use crate::wire::message::UnsubReason;
-use crate::wire::{Position, ServerMessage};
+use crate::wire::{Position, Recovery, ServerMessage};
 
 use super::{ClientId, Conn, Node, NodeError, Target};
 
@@ -99,9 +99,11 @@ impl Node {
         Node::check_channel(channel)?;
         let budget = self.recovery_budget(conn);
         let hub = &self.hub;
+        let receipts = self.config.channel_options(channel).receipts;
         let flush = self
             .broker
-            .subscribe(channel, since, budget, |attach| {
+            .subscribe(channel, since, budget, |mut attach| {
+                attach.receipts = receipts;
                 let first = match reply_to {
                     Some(id) => ServerMessage::Subscribed {
                         id,
@@ -112,7 +114,19 @@ impl Node {
                         attach: &attach,
                     },
                 };
-                hub.subscribe(conn, channel, by, first.frame())
+                let flush = hub.subscribe(conn, channel, by, first.frame())?;
+                if let (true, Some(position)) = (receipts, &attach.position) {
+                    // Still under the engine's lock: no publication comes in between.
+                    let (from, recovered) = match (&attach.recovery, since) {
+                        (Some(Recovery::Complete(publications)), Some(since)) => (
+                            since.offset + 1,
+                            publications.iter().map(|p| p.offset).collect(),
+                        ),
+                        _ => (position.offset + 1, Vec::new()),
+                    };
+                    hub.reading(conn, channel, from, recovered.into_iter());
+                }
+                Ok::<_, crate::hub::HubError>(flush)
             })
             .await??;
         flush.run();

@@ -51,6 +51,11 @@ pub enum Command {
         method: String,
         data: Box<RawValue>,
     },
+    /// Every publication of the channel up to `offset` is handled (`receipts` channels).
+    Ack {
+        channel: String,
+        offset: u64,
+    },
     Ping,
     Pong,
 }
@@ -99,6 +104,12 @@ pub fn decode(text: &[u8]) -> Result<Request, ProtocolError> {
                         ProtocolError::Unanswerable("refresh without id needs a token")
                     })?,
                 },
+            }),
+            Some("ack") => Ok(Request {
+                id: None,
+                command: ack(&fields).map_err(|_| {
+                    ProtocolError::Unanswerable("ack without id needs a channel and an offset")
+                })?,
             }),
             _ => Err(ProtocolError::Unanswerable("missing id")),
         };
@@ -171,6 +182,7 @@ pub fn decode(text: &[u8]) -> Result<Request, ProtocolError> {
                 None => RawValue::from_string("null".into()).expect("null is JSON"),
             },
         },
+        "ack" => ack(&fields).map_err(bad)?,
         "ping" => Command::Ping,
         "pong" => Command::Pong,
         other => return Err(bad(format!("unknown op {other:?}"))),
@@ -179,6 +191,16 @@ pub fn decode(text: &[u8]) -> Result<Request, ProtocolError> {
         id: Some(id),
         command,
     })
+}
+
+/// `ack`'s fields: a channel, and an offset.
+fn ack(fields: &HashMap<String, &RawValue>) -> Result<Command, String> {
+    let channel = string_field(fields, "channel")?;
+    let offset = fields
+        .get("offset")
+        .and_then(|raw| serde_json::from_str::<u64>(raw.get()).ok())
+        .ok_or_else(|| "ack needs an offset (a non-negative integer)".to_string())?;
+    Ok(Command::Ack { channel, offset })
 }
 
 /// `{"channel":{"offset":17,"epoch":"..."},…}`: `connect`'s `subs`, and the SSE transport's

@@ -327,6 +327,9 @@ fn subscription_fields(out: &mut String, attach: &Attach) {
             );
         }
     }
+    if attach.receipts {
+        out.push_str(r#","receipts":true"#);
+    }
     match &attach.recovery {
         None => {}
         Some(Recovery::Impossible) => out.push_str(r#","recovered":false,"publications":[]"#),
@@ -433,6 +436,7 @@ mod tests {
         let attach = Attach {
             position: Some(position.clone()),
             recovery: Some(Recovery::Complete(publications.to_vec())),
+            receipts: false,
         };
         let info = RawValue::from_string(r#"{"n":1}"#.into()).unwrap();
         let clients = [ClientInfo {

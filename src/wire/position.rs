@@ -55,4 +55,6 @@ pub struct Attach {
     pub position: Option<Position>,
     /// What was missed since the position the client gave, if it gave one.
     pub recovery: Option<Recovery>,
+    /// The channel's namespace asks for acknowledgements (`receipts`).
+    pub receipts: bool,
 }

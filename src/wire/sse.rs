@@ -224,6 +224,7 @@ mod tests {
                 epoch: Arc::from("e1"),
             }),
             recovery: None,
+            receipts: false,
         };
         let sub = ServerMessage::Sub {
             channel: "room:1",

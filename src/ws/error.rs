@@ -53,6 +53,10 @@ fn node_reply(e: &NodeError) -> (ErrorCode, String) {
             let message = "history is not enabled for this channel";
             return (ErrorCode::NotAvailable, message.into());
         }
+        NodeError::ReceiptsDisabled(_) => {
+            let message = "receipts are not enabled for this channel";
+            return (ErrorCode::NotAvailable, message.into());
+        }
         NodeError::EpochChanged(_) => {
             let message = "the channel's stream has a new epoch: that position is gone";
             return (ErrorCode::UnrecoverablePosition, message.into());

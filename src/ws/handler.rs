@@ -159,6 +159,10 @@ impl Handler {
         match (id, command) {
             (_, Command::Pong) => self.live.pong(),
             (id, Command::Refresh { token }) => self.refresh(id, &token),
+            // Without an id, nothing answers: a wrong acknowledgement is dropped.
+            (None, Command::Ack { channel, offset }) => {
+                let _ = self.node.ack(&self.id, &channel, offset);
+            }
             (Some(id), command) => self.handle_connected(id, command).await,
             (None, _) => self.end(close::BAD_REQUEST, "missing id"),
         }
@@ -184,6 +188,11 @@ impl Handler {
             Command::Presence { channel } => self.presence(id, &channel).await,
             Command::PresenceStats { channel } => self.presence_stats(id, &channel).await,
             Command::Rpc { method, data } => self.rpc(id, &method, &data),
+            Command::Ack { channel, offset } => self
+                .node
+                .ack(&self.id, &channel, offset)
+                .map(|()| Answer::Done)
+                .map_err(CommandError::from),
             Command::Ping => Ok(Answer::Done),
             Command::Pong | Command::Refresh { .. } => unreachable!("handled before"),
         };

@@ -19,6 +19,7 @@ mod limits;
 mod ops;
 mod publish_stream;
 mod pubsub;
+mod receipts;
 mod slow_consumers;
 mod soak;
 mod sse;

@@ -15,6 +15,7 @@ import {
   type ClientInfo,
   type Position,
   type Publication,
+  type SubscribeOptions,
   type SubscriptionHost,
 } from "./subscription.js";
 
@@ -128,6 +129,9 @@ export class Client extends Emitter<ClientEvents> {
     leave: (s) => this.leave(s),
     forward: (p) => this.emit("publication", p),
     resync: (s) => this.resync(s),
+    ack: (s, offset) => {
+      if (this._state === "connected") this.send({ op: "ack", channel: s.channel, offset });
+    },
   };
 
   constructor(options: ClientOptions) {
@@ -192,10 +196,10 @@ export class Client extends Emitter<ClientEvents> {
 
   /** Subscribes to a channel (or returns the existing subscription). The subscription is
    * made now if connected, and again after every reconnect, recovering what was missed. */
-  subscribe(channel: string): Subscription {
+  subscribe(channel: string, options: SubscribeOptions = {}): Subscription {
     const existing = this.subscriptions.get(channel);
     if (existing && existing.state !== "unsubscribed") return existing;
-    const subscription = new Subscription(channel, false, this.host);
+    const subscription = new Subscription(channel, false, this.host, options);
     this.subscriptions.set(channel, subscription);
     if (this._state === "connected") this.sendSubscribe(subscription);
     return subscription;

@@ -14,6 +14,7 @@ export type {
   ClientInfo,
   Position,
   Publication,
+  SubscribeOptions,
   SubscriptionEvents,
   SubscriptionState,
 } from "./subscription.js";

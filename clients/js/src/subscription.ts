@@ -56,6 +56,14 @@ export interface AttachResult {
   epoch?: string;
   recovered?: boolean;
   publications?: { offset: number; data: unknown }[];
+  /** The channel's namespace asks for acknowledgements (delivery receipts). */
+  receipts?: boolean;
+}
+
+export interface SubscribeOptions {
+  /** On a channel with receipts, acknowledge with `subscription.ack()` instead of after
+   * the `publication` listeners return (for handling that finishes later). */
+  manualAck?: boolean;
 }
 
 /** What a subscription needs of its client. */
@@ -65,6 +73,8 @@ export interface SubscriptionHost {
   forward(publication: Publication): void;
   /** The channel's stream changed under a live subscription: learn its epoch. */
   resync(subscription: Subscription): void;
+  /** Acknowledges every publication of the channel up to `offset` (delivery receipts). */
+  ack(subscription: Subscription, offset: number): void;
 }
 
 export class Subscription extends Emitter<SubscriptionEvents> {
@@ -73,12 +83,19 @@ export class Subscription extends Emitter<SubscriptionEvents> {
   private _state: SubscriptionState = "subscribing";
   private _position?: Position;
   private attached = false;
+  /** The server asks this channel's subscribers to acknowledge. */
+  private receipts = false;
+  /** The highest offset handled (and to be acknowledged), and the epoch it belongs to. */
+  private handled = 0;
+  private handledEpoch: string | undefined;
+  private ackQueued = false;
 
   /** @internal */
   constructor(
     channel: string,
     serverSide: boolean,
     private readonly host: SubscriptionHost,
+    private readonly options: SubscribeOptions = {},
   ) {
     super();
     this.channel = channel;
@@ -105,6 +122,13 @@ export class Subscription extends Emitter<SubscriptionEvents> {
     return this.host.leave(this);
   }
 
+  /** On a channel with receipts (`manualAck`): every publication up to `offset` (by
+   * default the last one delivered) is handled; the server counts it acknowledged. */
+  ack(offset?: number): void {
+    const upTo = offset ?? this._position?.offset;
+    if (upTo !== undefined) this.handledUpTo(upTo);
+  }
+
   /** @internal The server made this subscription too (the token's `subs` claim). */
   markServerSide(): void {
     this._serverSide = true;
@@ -118,6 +142,12 @@ export class Subscription extends Emitter<SubscriptionEvents> {
     this.attached = true;
     const previous = this._position;
     let recovered = !resumed;
+    this.receipts = result.receipts === true;
+    if (this.receipts && result.epoch !== this.handledEpoch) {
+      // A new stream: what was handled in the old one is not in it.
+      this.handled = 0;
+      this.handledEpoch = result.epoch;
+    }
     if (result.recoverable && result.epoch !== undefined && result.offset !== undefined) {
       if (result.recovered) {
         for (const p of result.publications ?? []) {
@@ -141,6 +171,8 @@ export class Subscription extends Emitter<SubscriptionEvents> {
     }
     // A listener above may have ended the subscription.
     if ((this._state as SubscriptionState) === "unsubscribed") return;
+    // An acknowledgement the previous connection may not have carried goes again.
+    if (this.receipts && resumed && this.handled > 0) this.host.ack(this, this.handled);
     this.setState("subscribed");
     this.emit("subscribed", {
       channel: this.channel,
@@ -197,6 +229,22 @@ export class Subscription extends Emitter<SubscriptionEvents> {
   private emitPublication(publication: Publication): void {
     this.emit("publication", publication);
     this.host.forward(publication);
+    // Handled once the listeners have returned.
+    if (this.receipts && !this.options.manualAck && publication.offset !== undefined) {
+      this.handledUpTo(publication.offset);
+    }
+  }
+
+  /** Acknowledges up to `offset`, once for everything handled in the same task. */
+  private handledUpTo(offset: number): void {
+    if (!this.receipts || offset <= this.handled) return;
+    this.handled = offset;
+    if (this.ackQueued) return;
+    this.ackQueued = true;
+    queueMicrotask(() => {
+      this.ackQueued = false;
+      if (this._state === "subscribed") this.host.ack(this, this.handled);
+    });
   }
 
   /** @internal The connection ended: the subscription waits for the next one. */

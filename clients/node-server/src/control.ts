@@ -57,6 +57,14 @@ export interface HistoryPage {
   epoch: string;
 }
 
+export interface Receipt {
+  delivered: number;
+  acknowledged: number;
+  missingUsers: string[];
+  missingMore: number;
+  complete: boolean;
+}
+
 export interface NodeStats {
   nodeId: string;
   uptimeSeconds: number;
@@ -175,6 +183,13 @@ export class Sidecast {
 
   async historyRemove(channel: string): Promise<void> {
     await this.call("HistoryRemove", { channel });
+  }
+
+  /** A publication's delivery receipt (a namespace with `receipts`): deliveries, how many
+   * were acknowledged by the deadline, and the users who did not acknowledge (at most 100,
+   * the rest counted in `missingMore`); `complete` once the deadline has passed. */
+  async receipt(channel: string, offset: number): Promise<Receipt> {
+    return this.call("Receipt", { channel, offset });
   }
 
   /** Answers a client rpc by its id, with data or an error. `consume` does this for you. */

@@ -1,5 +1,5 @@
 export { Sidecast } from "./control.js";
-export type { HistoryPage, Info, NodeStats, Presence, PublishResult, SidecastOptions, Target, TlsOptions } from "./control.js";
+export type { HistoryPage, Info, NodeStats, Presence, PublishResult, Receipt, SidecastOptions, Target, TlsOptions } from "./control.js";
 export { Consumer } from "./events.js";
 export { Publisher } from "./publisher.js";
 export type { PublisherOptions } from "./publisher.js";

@@ -103,6 +103,7 @@ impl Inner {
             return Attached::Done(attach(Attach {
                 position: None,
                 recovery: since.map(|_| Recovery::Impossible),
+                receipts: false,
             }));
         };
         let mut flush = self.hub.flush();
@@ -141,6 +142,7 @@ impl Inner {
                     epoch: read.position.epoch.clone(),
                 }),
                 recovery,
+                receipts: false,
             }))
         };
         drop(entry);

@@ -1248,6 +1248,140 @@ func (x *PresenceStatsResponse) GetNumUsers() uint32 {
 	return 0
 }
 
+type ReceiptRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Channel string                 `protobuf:"bytes,1,opt,name=channel,proto3" json:"channel,omitempty"`
+	// The publication's offset (PublishResponse.offset).
+	Offset        uint64 `protobuf:"varint,2,opt,name=offset,proto3" json:"offset,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReceiptRequest) Reset() {
+	*x = ReceiptRequest{}
+	mi := &file_sidecast_v1_control_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReceiptRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReceiptRequest) ProtoMessage() {}
+
+func (x *ReceiptRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_sidecast_v1_control_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReceiptRequest.ProtoReflect.Descriptor instead.
+func (*ReceiptRequest) Descriptor() ([]byte, []int) {
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *ReceiptRequest) GetChannel() string {
+	if x != nil {
+		return x.Channel
+	}
+	return ""
+}
+
+func (x *ReceiptRequest) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+type ReceiptResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Deliveries to subscriptions, live or recovered.
+	Delivered uint32 `protobuf:"varint,1,opt,name=delivered,proto3" json:"delivered,omitempty"`
+	// Of those, acknowledged by the deadline (receipt_timeout after the publication).
+	Acknowledged uint32 `protobuf:"varint,2,opt,name=acknowledged,proto3" json:"acknowledged,omitempty"`
+	// Users with a delivery not acknowledged (by the deadline, once complete): at most 100.
+	MissingUsers []string `protobuf:"bytes,3,rep,name=missing_users,json=missingUsers,proto3" json:"missing_users,omitempty"`
+	// Missing deliveries beyond that list.
+	MissingMore uint32 `protobuf:"varint,4,opt,name=missing_more,json=missingMore,proto3" json:"missing_more,omitempty"`
+	// The deadline has passed on every node that tallied it: the counts are final.
+	Complete      bool `protobuf:"varint,5,opt,name=complete,proto3" json:"complete,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReceiptResponse) Reset() {
+	*x = ReceiptResponse{}
+	mi := &file_sidecast_v1_control_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReceiptResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReceiptResponse) ProtoMessage() {}
+
+func (x *ReceiptResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_sidecast_v1_control_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReceiptResponse.ProtoReflect.Descriptor instead.
+func (*ReceiptResponse) Descriptor() ([]byte, []int) {
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *ReceiptResponse) GetDelivered() uint32 {
+	if x != nil {
+		return x.Delivered
+	}
+	return 0
+}
+
+func (x *ReceiptResponse) GetAcknowledged() uint32 {
+	if x != nil {
+		return x.Acknowledged
+	}
+	return 0
+}
+
+func (x *ReceiptResponse) GetMissingUsers() []string {
+	if x != nil {
+		return x.MissingUsers
+	}
+	return nil
+}
+
+func (x *ReceiptResponse) GetMissingMore() uint32 {
+	if x != nil {
+		return x.MissingMore
+	}
+	return 0
+}
+
+func (x *ReceiptResponse) GetComplete() bool {
+	if x != nil {
+		return x.Complete
+	}
+	return false
+}
+
 type ChannelsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// A channel pattern ("chat:*"), or empty for every channel.
@@ -1258,7 +1392,7 @@ type ChannelsRequest struct {
 
 func (x *ChannelsRequest) Reset() {
 	*x = ChannelsRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[21]
+	mi := &file_sidecast_v1_control_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1270,7 +1404,7 @@ func (x *ChannelsRequest) String() string {
 func (*ChannelsRequest) ProtoMessage() {}
 
 func (x *ChannelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[21]
+	mi := &file_sidecast_v1_control_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1283,7 +1417,7 @@ func (x *ChannelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChannelsRequest.ProtoReflect.Descriptor instead.
 func (*ChannelsRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{21}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ChannelsRequest) GetPattern() string {
@@ -1303,7 +1437,7 @@ type ChannelInfo struct {
 
 func (x *ChannelInfo) Reset() {
 	*x = ChannelInfo{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[22]
+	mi := &file_sidecast_v1_control_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1315,7 +1449,7 @@ func (x *ChannelInfo) String() string {
 func (*ChannelInfo) ProtoMessage() {}
 
 func (x *ChannelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[22]
+	mi := &file_sidecast_v1_control_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1328,7 +1462,7 @@ func (x *ChannelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChannelInfo.ProtoReflect.Descriptor instead.
 func (*ChannelInfo) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{22}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ChannelInfo) GetChannel() string {
@@ -1354,7 +1488,7 @@ type ChannelsResponse struct {
 
 func (x *ChannelsResponse) Reset() {
 	*x = ChannelsResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[23]
+	mi := &file_sidecast_v1_control_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1366,7 +1500,7 @@ func (x *ChannelsResponse) String() string {
 func (*ChannelsResponse) ProtoMessage() {}
 
 func (x *ChannelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[23]
+	mi := &file_sidecast_v1_control_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1379,7 +1513,7 @@ func (x *ChannelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChannelsResponse.ProtoReflect.Descriptor instead.
 func (*ChannelsResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{23}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ChannelsResponse) GetChannels() []*ChannelInfo {
@@ -1397,7 +1531,7 @@ type InfoRequest struct {
 
 func (x *InfoRequest) Reset() {
 	*x = InfoRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[24]
+	mi := &file_sidecast_v1_control_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1409,7 +1543,7 @@ func (x *InfoRequest) String() string {
 func (*InfoRequest) ProtoMessage() {}
 
 func (x *InfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[24]
+	mi := &file_sidecast_v1_control_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1422,7 +1556,7 @@ func (x *InfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoRequest.ProtoReflect.Descriptor instead.
 func (*InfoRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{24}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{26}
 }
 
 type InfoResponse struct {
@@ -1442,7 +1576,7 @@ type InfoResponse struct {
 
 func (x *InfoResponse) Reset() {
 	*x = InfoResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[25]
+	mi := &file_sidecast_v1_control_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1454,7 +1588,7 @@ func (x *InfoResponse) String() string {
 func (*InfoResponse) ProtoMessage() {}
 
 func (x *InfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[25]
+	mi := &file_sidecast_v1_control_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1467,7 +1601,7 @@ func (x *InfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoResponse.ProtoReflect.Descriptor instead.
 func (*InfoResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{25}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *InfoResponse) GetNodeId() string {
@@ -1540,7 +1674,7 @@ type NodeInfo struct {
 
 func (x *NodeInfo) Reset() {
 	*x = NodeInfo{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[26]
+	mi := &file_sidecast_v1_control_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1552,7 +1686,7 @@ func (x *NodeInfo) String() string {
 func (*NodeInfo) ProtoMessage() {}
 
 func (x *NodeInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[26]
+	mi := &file_sidecast_v1_control_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1565,7 +1699,7 @@ func (x *NodeInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeInfo.ProtoReflect.Descriptor instead.
 func (*NodeInfo) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{26}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *NodeInfo) GetNodeId() string {
@@ -1621,7 +1755,7 @@ type StreamPosition struct {
 
 func (x *StreamPosition) Reset() {
 	*x = StreamPosition{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[27]
+	mi := &file_sidecast_v1_control_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1633,7 +1767,7 @@ func (x *StreamPosition) String() string {
 func (*StreamPosition) ProtoMessage() {}
 
 func (x *StreamPosition) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[27]
+	mi := &file_sidecast_v1_control_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1646,7 +1780,7 @@ func (x *StreamPosition) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamPosition.ProtoReflect.Descriptor instead.
 func (*StreamPosition) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{27}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *StreamPosition) GetOffset() uint64 {
@@ -1680,7 +1814,7 @@ type HistoryRequest struct {
 
 func (x *HistoryRequest) Reset() {
 	*x = HistoryRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[28]
+	mi := &file_sidecast_v1_control_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1692,7 +1826,7 @@ func (x *HistoryRequest) String() string {
 func (*HistoryRequest) ProtoMessage() {}
 
 func (x *HistoryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[28]
+	mi := &file_sidecast_v1_control_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1705,7 +1839,7 @@ func (x *HistoryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryRequest.ProtoReflect.Descriptor instead.
 func (*HistoryRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{28}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *HistoryRequest) GetChannel() string {
@@ -1747,7 +1881,7 @@ type Publication struct {
 
 func (x *Publication) Reset() {
 	*x = Publication{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[29]
+	mi := &file_sidecast_v1_control_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1759,7 +1893,7 @@ func (x *Publication) String() string {
 func (*Publication) ProtoMessage() {}
 
 func (x *Publication) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[29]
+	mi := &file_sidecast_v1_control_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1772,7 +1906,7 @@ func (x *Publication) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Publication.ProtoReflect.Descriptor instead.
 func (*Publication) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{29}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Publication) GetOffset() uint64 {
@@ -1800,7 +1934,7 @@ type HistoryResponse struct {
 
 func (x *HistoryResponse) Reset() {
 	*x = HistoryResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[30]
+	mi := &file_sidecast_v1_control_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1812,7 +1946,7 @@ func (x *HistoryResponse) String() string {
 func (*HistoryResponse) ProtoMessage() {}
 
 func (x *HistoryResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[30]
+	mi := &file_sidecast_v1_control_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1825,7 +1959,7 @@ func (x *HistoryResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryResponse.ProtoReflect.Descriptor instead.
 func (*HistoryResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{30}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *HistoryResponse) GetPublications() []*Publication {
@@ -1858,7 +1992,7 @@ type HistoryRemoveRequest struct {
 
 func (x *HistoryRemoveRequest) Reset() {
 	*x = HistoryRemoveRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[31]
+	mi := &file_sidecast_v1_control_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1870,7 +2004,7 @@ func (x *HistoryRemoveRequest) String() string {
 func (*HistoryRemoveRequest) ProtoMessage() {}
 
 func (x *HistoryRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[31]
+	mi := &file_sidecast_v1_control_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1883,7 +2017,7 @@ func (x *HistoryRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryRemoveRequest.ProtoReflect.Descriptor instead.
 func (*HistoryRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{31}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *HistoryRemoveRequest) GetChannel() string {
@@ -1901,7 +2035,7 @@ type HistoryRemoveResponse struct {
 
 func (x *HistoryRemoveResponse) Reset() {
 	*x = HistoryRemoveResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[32]
+	mi := &file_sidecast_v1_control_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1913,7 +2047,7 @@ func (x *HistoryRemoveResponse) String() string {
 func (*HistoryRemoveResponse) ProtoMessage() {}
 
 func (x *HistoryRemoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[32]
+	mi := &file_sidecast_v1_control_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1926,7 +2060,7 @@ func (x *HistoryRemoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryRemoveResponse.ProtoReflect.Descriptor instead.
 func (*HistoryRemoveResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{32}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{34}
 }
 
 type EventsRequest struct {
@@ -1942,7 +2076,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[33]
+	mi := &file_sidecast_v1_control_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1954,7 +2088,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[33]
+	mi := &file_sidecast_v1_control_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1967,7 +2101,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{33}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *EventsRequest) GetRequest() isEventsRequest_Request {
@@ -2029,7 +2163,7 @@ type Join struct {
 
 func (x *Join) Reset() {
 	*x = Join{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[34]
+	mi := &file_sidecast_v1_control_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2041,7 +2175,7 @@ func (x *Join) String() string {
 func (*Join) ProtoMessage() {}
 
 func (x *Join) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[34]
+	mi := &file_sidecast_v1_control_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2054,7 +2188,7 @@ func (x *Join) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Join.ProtoReflect.Descriptor instead.
 func (*Join) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{34}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *Join) GetGroup() string {
@@ -2095,7 +2229,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[35]
+	mi := &file_sidecast_v1_control_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2107,7 +2241,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[35]
+	mi := &file_sidecast_v1_control_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2120,7 +2254,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{35}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *Ack) GetSeqs() []uint64 {
@@ -2143,7 +2277,7 @@ type EventsResponse struct {
 
 func (x *EventsResponse) Reset() {
 	*x = EventsResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[36]
+	mi := &file_sidecast_v1_control_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2155,7 +2289,7 @@ func (x *EventsResponse) String() string {
 func (*EventsResponse) ProtoMessage() {}
 
 func (x *EventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[36]
+	mi := &file_sidecast_v1_control_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2168,7 +2302,7 @@ func (x *EventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsResponse.ProtoReflect.Descriptor instead.
 func (*EventsResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{36}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *EventsResponse) GetResponse() isEventsResponse_Response {
@@ -2231,7 +2365,7 @@ type Joined struct {
 
 func (x *Joined) Reset() {
 	*x = Joined{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[37]
+	mi := &file_sidecast_v1_control_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2243,7 +2377,7 @@ func (x *Joined) String() string {
 func (*Joined) ProtoMessage() {}
 
 func (x *Joined) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[37]
+	mi := &file_sidecast_v1_control_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2256,7 +2390,7 @@ func (x *Joined) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Joined.ProtoReflect.Descriptor instead.
 func (*Joined) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{37}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *Joined) GetMember() string {
@@ -2322,7 +2456,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[38]
+	mi := &file_sidecast_v1_control_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2334,7 +2468,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[38]
+	mi := &file_sidecast_v1_control_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2347,7 +2481,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{38}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Event) GetSeq() uint64 {
@@ -2513,7 +2647,7 @@ type ConnectEvent struct {
 
 func (x *ConnectEvent) Reset() {
 	*x = ConnectEvent{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[39]
+	mi := &file_sidecast_v1_control_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2525,7 +2659,7 @@ func (x *ConnectEvent) String() string {
 func (*ConnectEvent) ProtoMessage() {}
 
 func (x *ConnectEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[39]
+	mi := &file_sidecast_v1_control_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2538,7 +2672,7 @@ func (x *ConnectEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectEvent.ProtoReflect.Descriptor instead.
 func (*ConnectEvent) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{39}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ConnectEvent) GetMeta() []byte {
@@ -2566,7 +2700,7 @@ type DisconnectEvent struct {
 
 func (x *DisconnectEvent) Reset() {
 	*x = DisconnectEvent{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[40]
+	mi := &file_sidecast_v1_control_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2578,7 +2712,7 @@ func (x *DisconnectEvent) String() string {
 func (*DisconnectEvent) ProtoMessage() {}
 
 func (x *DisconnectEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[40]
+	mi := &file_sidecast_v1_control_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2591,7 +2725,7 @@ func (x *DisconnectEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisconnectEvent.ProtoReflect.Descriptor instead.
 func (*DisconnectEvent) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{40}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *DisconnectEvent) GetCode() uint32 {
@@ -2619,7 +2753,7 @@ type SubscribeEvent struct {
 
 func (x *SubscribeEvent) Reset() {
 	*x = SubscribeEvent{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[41]
+	mi := &file_sidecast_v1_control_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2631,7 +2765,7 @@ func (x *SubscribeEvent) String() string {
 func (*SubscribeEvent) ProtoMessage() {}
 
 func (x *SubscribeEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[41]
+	mi := &file_sidecast_v1_control_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2644,7 +2778,7 @@ func (x *SubscribeEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeEvent.ProtoReflect.Descriptor instead.
 func (*SubscribeEvent) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{41}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *SubscribeEvent) GetChannel() string {
@@ -2675,7 +2809,7 @@ type UnsubscribeEvent struct {
 
 func (x *UnsubscribeEvent) Reset() {
 	*x = UnsubscribeEvent{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[42]
+	mi := &file_sidecast_v1_control_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2687,7 +2821,7 @@ func (x *UnsubscribeEvent) String() string {
 func (*UnsubscribeEvent) ProtoMessage() {}
 
 func (x *UnsubscribeEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[42]
+	mi := &file_sidecast_v1_control_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2700,7 +2834,7 @@ func (x *UnsubscribeEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnsubscribeEvent.ProtoReflect.Descriptor instead.
 func (*UnsubscribeEvent) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{42}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *UnsubscribeEvent) GetChannel() string {
@@ -2731,7 +2865,7 @@ type PublishEvent struct {
 
 func (x *PublishEvent) Reset() {
 	*x = PublishEvent{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[43]
+	mi := &file_sidecast_v1_control_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2743,7 +2877,7 @@ func (x *PublishEvent) String() string {
 func (*PublishEvent) ProtoMessage() {}
 
 func (x *PublishEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[43]
+	mi := &file_sidecast_v1_control_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2756,7 +2890,7 @@ func (x *PublishEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishEvent.ProtoReflect.Descriptor instead.
 func (*PublishEvent) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{43}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *PublishEvent) GetChannel() string {
@@ -2800,7 +2934,7 @@ type RpcEvent struct {
 
 func (x *RpcEvent) Reset() {
 	*x = RpcEvent{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[44]
+	mi := &file_sidecast_v1_control_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2812,7 +2946,7 @@ func (x *RpcEvent) String() string {
 func (*RpcEvent) ProtoMessage() {}
 
 func (x *RpcEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[44]
+	mi := &file_sidecast_v1_control_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2825,7 +2959,7 @@ func (x *RpcEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RpcEvent.ProtoReflect.Descriptor instead.
 func (*RpcEvent) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{44}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *RpcEvent) GetRpcId() string {
@@ -2860,7 +2994,7 @@ type LostEvent struct {
 
 func (x *LostEvent) Reset() {
 	*x = LostEvent{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[45]
+	mi := &file_sidecast_v1_control_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2872,7 +3006,7 @@ func (x *LostEvent) String() string {
 func (*LostEvent) ProtoMessage() {}
 
 func (x *LostEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[45]
+	mi := &file_sidecast_v1_control_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2885,7 +3019,7 @@ func (x *LostEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LostEvent.ProtoReflect.Descriptor instead.
 func (*LostEvent) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{45}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *LostEvent) GetFirstSeq() uint64 {
@@ -2916,7 +3050,7 @@ type ReplyRequest struct {
 
 func (x *ReplyRequest) Reset() {
 	*x = ReplyRequest{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[46]
+	mi := &file_sidecast_v1_control_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2928,7 +3062,7 @@ func (x *ReplyRequest) String() string {
 func (*ReplyRequest) ProtoMessage() {}
 
 func (x *ReplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[46]
+	mi := &file_sidecast_v1_control_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2941,7 +3075,7 @@ func (x *ReplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplyRequest.ProtoReflect.Descriptor instead.
 func (*ReplyRequest) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{46}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ReplyRequest) GetRpcId() string {
@@ -3004,7 +3138,7 @@ type RpcError struct {
 
 func (x *RpcError) Reset() {
 	*x = RpcError{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[47]
+	mi := &file_sidecast_v1_control_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3016,7 +3150,7 @@ func (x *RpcError) String() string {
 func (*RpcError) ProtoMessage() {}
 
 func (x *RpcError) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[47]
+	mi := &file_sidecast_v1_control_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3029,7 +3163,7 @@ func (x *RpcError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RpcError.ProtoReflect.Descriptor instead.
 func (*RpcError) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{47}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *RpcError) GetCode() uint32 {
@@ -3054,7 +3188,7 @@ type ReplyResponse struct {
 
 func (x *ReplyResponse) Reset() {
 	*x = ReplyResponse{}
-	mi := &file_sidecast_v1_control_proto_msgTypes[48]
+	mi := &file_sidecast_v1_control_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3066,7 +3200,7 @@ func (x *ReplyResponse) String() string {
 func (*ReplyResponse) ProtoMessage() {}
 
 func (x *ReplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sidecast_v1_control_proto_msgTypes[48]
+	mi := &file_sidecast_v1_control_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3079,7 +3213,7 @@ func (x *ReplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplyResponse.ProtoReflect.Descriptor instead.
 func (*ReplyResponse) Descriptor() ([]byte, []int) {
-	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{48}
+	return file_sidecast_v1_control_proto_rawDescGZIP(), []int{50}
 }
 
 var File_sidecast_v1_control_proto protoreflect.FileDescriptor
@@ -3154,7 +3288,16 @@ const file_sidecast_v1_control_proto_rawDesc = "" +
 	"\x15PresenceStatsResponse\x12\x1f\n" +
 	"\vnum_clients\x18\x01 \x01(\rR\n" +
 	"numClients\x12\x1b\n" +
-	"\tnum_users\x18\x02 \x01(\rR\bnumUsers\"+\n" +
+	"\tnum_users\x18\x02 \x01(\rR\bnumUsers\"B\n" +
+	"\x0eReceiptRequest\x12\x18\n" +
+	"\achannel\x18\x01 \x01(\tR\achannel\x12\x16\n" +
+	"\x06offset\x18\x02 \x01(\x04R\x06offset\"\xb7\x01\n" +
+	"\x0fReceiptResponse\x12\x1c\n" +
+	"\tdelivered\x18\x01 \x01(\rR\tdelivered\x12\"\n" +
+	"\facknowledged\x18\x02 \x01(\rR\facknowledged\x12#\n" +
+	"\rmissing_users\x18\x03 \x03(\tR\fmissingUsers\x12!\n" +
+	"\fmissing_more\x18\x04 \x01(\rR\vmissingMore\x12\x1a\n" +
+	"\bcomplete\x18\x05 \x01(\bR\bcomplete\"+\n" +
 	"\x0fChannelsRequest\x12\x18\n" +
 	"\apattern\x18\x01 \x01(\tR\apattern\"I\n" +
 	"\vChannelInfo\x12\x18\n" +
@@ -3278,7 +3421,7 @@ const file_sidecast_v1_control_proto_rawDesc = "" +
 	"\x14EVENT_KIND_SUBSCRIBE\x10\x03\x12\x1a\n" +
 	"\x16EVENT_KIND_UNSUBSCRIBE\x10\x04\x12\x16\n" +
 	"\x12EVENT_KIND_PUBLISH\x10\x05\x12\x12\n" +
-	"\x0eEVENT_KIND_RPC\x10\x062\xed\b\n" +
+	"\x0eEVENT_KIND_RPC\x10\x062\xb3\t\n" +
 	"\aControl\x12D\n" +
 	"\aPublish\x12\x1b.sidecast.v1.PublishRequest\x1a\x1c.sidecast.v1.PublishResponse\x12Z\n" +
 	"\rPublishStream\x12!.sidecast.v1.PublishStreamRequest\x1a\".sidecast.v1.PublishStreamResponse(\x010\x01\x12J\n" +
@@ -3293,7 +3436,8 @@ const file_sidecast_v1_control_proto_rawDesc = "" +
 	"\bChannels\x12\x1c.sidecast.v1.ChannelsRequest\x1a\x1d.sidecast.v1.ChannelsResponse\x12;\n" +
 	"\x04Info\x12\x18.sidecast.v1.InfoRequest\x1a\x19.sidecast.v1.InfoResponse\x12D\n" +
 	"\aHistory\x12\x1b.sidecast.v1.HistoryRequest\x1a\x1c.sidecast.v1.HistoryResponse\x12V\n" +
-	"\rHistoryRemove\x12!.sidecast.v1.HistoryRemoveRequest\x1a\".sidecast.v1.HistoryRemoveResponse\x12E\n" +
+	"\rHistoryRemove\x12!.sidecast.v1.HistoryRemoveRequest\x1a\".sidecast.v1.HistoryRemoveResponse\x12D\n" +
+	"\aReceipt\x12\x1b.sidecast.v1.ReceiptRequest\x1a\x1c.sidecast.v1.ReceiptResponse\x12E\n" +
 	"\x06Events\x12\x1a.sidecast.v1.EventsRequest\x1a\x1b.sidecast.v1.EventsResponse(\x010\x01\x12>\n" +
 	"\x05Reply\x12\x19.sidecast.v1.ReplyRequest\x1a\x1a.sidecast.v1.ReplyResponseb\x06proto3"
 
@@ -3310,7 +3454,7 @@ func file_sidecast_v1_control_proto_rawDescGZIP() []byte {
 }
 
 var file_sidecast_v1_control_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_sidecast_v1_control_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
+var file_sidecast_v1_control_proto_msgTypes = make([]protoimpl.MessageInfo, 51)
 var file_sidecast_v1_control_proto_goTypes = []any{
 	(EventKind)(0),                // 0: sidecast.v1.EventKind
 	(*Target)(nil),                // 1: sidecast.v1.Target
@@ -3334,34 +3478,36 @@ var file_sidecast_v1_control_proto_goTypes = []any{
 	(*PresenceResponse)(nil),      // 19: sidecast.v1.PresenceResponse
 	(*PresenceStatsRequest)(nil),  // 20: sidecast.v1.PresenceStatsRequest
 	(*PresenceStatsResponse)(nil), // 21: sidecast.v1.PresenceStatsResponse
-	(*ChannelsRequest)(nil),       // 22: sidecast.v1.ChannelsRequest
-	(*ChannelInfo)(nil),           // 23: sidecast.v1.ChannelInfo
-	(*ChannelsResponse)(nil),      // 24: sidecast.v1.ChannelsResponse
-	(*InfoRequest)(nil),           // 25: sidecast.v1.InfoRequest
-	(*InfoResponse)(nil),          // 26: sidecast.v1.InfoResponse
-	(*NodeInfo)(nil),              // 27: sidecast.v1.NodeInfo
-	(*StreamPosition)(nil),        // 28: sidecast.v1.StreamPosition
-	(*HistoryRequest)(nil),        // 29: sidecast.v1.HistoryRequest
-	(*Publication)(nil),           // 30: sidecast.v1.Publication
-	(*HistoryResponse)(nil),       // 31: sidecast.v1.HistoryResponse
-	(*HistoryRemoveRequest)(nil),  // 32: sidecast.v1.HistoryRemoveRequest
-	(*HistoryRemoveResponse)(nil), // 33: sidecast.v1.HistoryRemoveResponse
-	(*EventsRequest)(nil),         // 34: sidecast.v1.EventsRequest
-	(*Join)(nil),                  // 35: sidecast.v1.Join
-	(*Ack)(nil),                   // 36: sidecast.v1.Ack
-	(*EventsResponse)(nil),        // 37: sidecast.v1.EventsResponse
-	(*Joined)(nil),                // 38: sidecast.v1.Joined
-	(*Event)(nil),                 // 39: sidecast.v1.Event
-	(*ConnectEvent)(nil),          // 40: sidecast.v1.ConnectEvent
-	(*DisconnectEvent)(nil),       // 41: sidecast.v1.DisconnectEvent
-	(*SubscribeEvent)(nil),        // 42: sidecast.v1.SubscribeEvent
-	(*UnsubscribeEvent)(nil),      // 43: sidecast.v1.UnsubscribeEvent
-	(*PublishEvent)(nil),          // 44: sidecast.v1.PublishEvent
-	(*RpcEvent)(nil),              // 45: sidecast.v1.RpcEvent
-	(*LostEvent)(nil),             // 46: sidecast.v1.LostEvent
-	(*ReplyRequest)(nil),          // 47: sidecast.v1.ReplyRequest
-	(*RpcError)(nil),              // 48: sidecast.v1.RpcError
-	(*ReplyResponse)(nil),         // 49: sidecast.v1.ReplyResponse
+	(*ReceiptRequest)(nil),        // 22: sidecast.v1.ReceiptRequest
+	(*ReceiptResponse)(nil),       // 23: sidecast.v1.ReceiptResponse
+	(*ChannelsRequest)(nil),       // 24: sidecast.v1.ChannelsRequest
+	(*ChannelInfo)(nil),           // 25: sidecast.v1.ChannelInfo
+	(*ChannelsResponse)(nil),      // 26: sidecast.v1.ChannelsResponse
+	(*InfoRequest)(nil),           // 27: sidecast.v1.InfoRequest
+	(*InfoResponse)(nil),          // 28: sidecast.v1.InfoResponse
+	(*NodeInfo)(nil),              // 29: sidecast.v1.NodeInfo
+	(*StreamPosition)(nil),        // 30: sidecast.v1.StreamPosition
+	(*HistoryRequest)(nil),        // 31: sidecast.v1.HistoryRequest
+	(*Publication)(nil),           // 32: sidecast.v1.Publication
+	(*HistoryResponse)(nil),       // 33: sidecast.v1.HistoryResponse
+	(*HistoryRemoveRequest)(nil),  // 34: sidecast.v1.HistoryRemoveRequest
+	(*HistoryRemoveResponse)(nil), // 35: sidecast.v1.HistoryRemoveResponse
+	(*EventsRequest)(nil),         // 36: sidecast.v1.EventsRequest
+	(*Join)(nil),                  // 37: sidecast.v1.Join
+	(*Ack)(nil),                   // 38: sidecast.v1.Ack
+	(*EventsResponse)(nil),        // 39: sidecast.v1.EventsResponse
+	(*Joined)(nil),                // 40: sidecast.v1.Joined
+	(*Event)(nil),                 // 41: sidecast.v1.Event
+	(*ConnectEvent)(nil),          // 42: sidecast.v1.ConnectEvent
+	(*DisconnectEvent)(nil),       // 43: sidecast.v1.DisconnectEvent
+	(*SubscribeEvent)(nil),        // 44: sidecast.v1.SubscribeEvent
+	(*UnsubscribeEvent)(nil),      // 45: sidecast.v1.UnsubscribeEvent
+	(*PublishEvent)(nil),          // 46: sidecast.v1.PublishEvent
+	(*RpcEvent)(nil),              // 47: sidecast.v1.RpcEvent
+	(*LostEvent)(nil),             // 48: sidecast.v1.LostEvent
+	(*ReplyRequest)(nil),          // 49: sidecast.v1.ReplyRequest
+	(*RpcError)(nil),              // 50: sidecast.v1.RpcError
+	(*ReplyResponse)(nil),         // 51: sidecast.v1.ReplyResponse
 }
 var file_sidecast_v1_control_proto_depIdxs = []int32{
 	2,  // 0: sidecast.v1.PublishStreamRequest.publication:type_name -> sidecast.v1.PublishRequest
@@ -3373,23 +3519,23 @@ var file_sidecast_v1_control_proto_depIdxs = []int32{
 	1,  // 6: sidecast.v1.DisconnectRequest.target:type_name -> sidecast.v1.Target
 	1,  // 7: sidecast.v1.SendRequest.target:type_name -> sidecast.v1.Target
 	18, // 8: sidecast.v1.PresenceResponse.clients:type_name -> sidecast.v1.ClientInfo
-	23, // 9: sidecast.v1.ChannelsResponse.channels:type_name -> sidecast.v1.ChannelInfo
-	27, // 10: sidecast.v1.InfoResponse.nodes:type_name -> sidecast.v1.NodeInfo
-	28, // 11: sidecast.v1.HistoryRequest.since:type_name -> sidecast.v1.StreamPosition
-	30, // 12: sidecast.v1.HistoryResponse.publications:type_name -> sidecast.v1.Publication
-	35, // 13: sidecast.v1.EventsRequest.join:type_name -> sidecast.v1.Join
-	36, // 14: sidecast.v1.EventsRequest.ack:type_name -> sidecast.v1.Ack
+	25, // 9: sidecast.v1.ChannelsResponse.channels:type_name -> sidecast.v1.ChannelInfo
+	29, // 10: sidecast.v1.InfoResponse.nodes:type_name -> sidecast.v1.NodeInfo
+	30, // 11: sidecast.v1.HistoryRequest.since:type_name -> sidecast.v1.StreamPosition
+	32, // 12: sidecast.v1.HistoryResponse.publications:type_name -> sidecast.v1.Publication
+	37, // 13: sidecast.v1.EventsRequest.join:type_name -> sidecast.v1.Join
+	38, // 14: sidecast.v1.EventsRequest.ack:type_name -> sidecast.v1.Ack
 	0,  // 15: sidecast.v1.Join.kinds:type_name -> sidecast.v1.EventKind
-	38, // 16: sidecast.v1.EventsResponse.joined:type_name -> sidecast.v1.Joined
-	39, // 17: sidecast.v1.EventsResponse.event:type_name -> sidecast.v1.Event
-	40, // 18: sidecast.v1.Event.connect:type_name -> sidecast.v1.ConnectEvent
-	41, // 19: sidecast.v1.Event.disconnect:type_name -> sidecast.v1.DisconnectEvent
-	42, // 20: sidecast.v1.Event.subscribe:type_name -> sidecast.v1.SubscribeEvent
-	43, // 21: sidecast.v1.Event.unsubscribe:type_name -> sidecast.v1.UnsubscribeEvent
-	44, // 22: sidecast.v1.Event.publish:type_name -> sidecast.v1.PublishEvent
-	45, // 23: sidecast.v1.Event.rpc:type_name -> sidecast.v1.RpcEvent
-	46, // 24: sidecast.v1.Event.lost:type_name -> sidecast.v1.LostEvent
-	48, // 25: sidecast.v1.ReplyRequest.error:type_name -> sidecast.v1.RpcError
+	40, // 16: sidecast.v1.EventsResponse.joined:type_name -> sidecast.v1.Joined
+	41, // 17: sidecast.v1.EventsResponse.event:type_name -> sidecast.v1.Event
+	42, // 18: sidecast.v1.Event.connect:type_name -> sidecast.v1.ConnectEvent
+	43, // 19: sidecast.v1.Event.disconnect:type_name -> sidecast.v1.DisconnectEvent
+	44, // 20: sidecast.v1.Event.subscribe:type_name -> sidecast.v1.SubscribeEvent
+	45, // 21: sidecast.v1.Event.unsubscribe:type_name -> sidecast.v1.UnsubscribeEvent
+	46, // 22: sidecast.v1.Event.publish:type_name -> sidecast.v1.PublishEvent
+	47, // 23: sidecast.v1.Event.rpc:type_name -> sidecast.v1.RpcEvent
+	48, // 24: sidecast.v1.Event.lost:type_name -> sidecast.v1.LostEvent
+	50, // 25: sidecast.v1.ReplyRequest.error:type_name -> sidecast.v1.RpcError
 	2,  // 26: sidecast.v1.Control.Publish:input_type -> sidecast.v1.PublishRequest
 	4,  // 27: sidecast.v1.Control.PublishStream:input_type -> sidecast.v1.PublishStreamRequest
 	7,  // 28: sidecast.v1.Control.Broadcast:input_type -> sidecast.v1.BroadcastRequest
@@ -3399,29 +3545,31 @@ var file_sidecast_v1_control_proto_depIdxs = []int32{
 	15, // 32: sidecast.v1.Control.Send:input_type -> sidecast.v1.SendRequest
 	17, // 33: sidecast.v1.Control.Presence:input_type -> sidecast.v1.PresenceRequest
 	20, // 34: sidecast.v1.Control.PresenceStats:input_type -> sidecast.v1.PresenceStatsRequest
-	22, // 35: sidecast.v1.Control.Channels:input_type -> sidecast.v1.ChannelsRequest
-	25, // 36: sidecast.v1.Control.Info:input_type -> sidecast.v1.InfoRequest
-	29, // 37: sidecast.v1.Control.History:input_type -> sidecast.v1.HistoryRequest
-	32, // 38: sidecast.v1.Control.HistoryRemove:input_type -> sidecast.v1.HistoryRemoveRequest
-	34, // 39: sidecast.v1.Control.Events:input_type -> sidecast.v1.EventsRequest
-	47, // 40: sidecast.v1.Control.Reply:input_type -> sidecast.v1.ReplyRequest
-	3,  // 41: sidecast.v1.Control.Publish:output_type -> sidecast.v1.PublishResponse
-	5,  // 42: sidecast.v1.Control.PublishStream:output_type -> sidecast.v1.PublishStreamResponse
-	8,  // 43: sidecast.v1.Control.Broadcast:output_type -> sidecast.v1.BroadcastResponse
-	10, // 44: sidecast.v1.Control.Subscribe:output_type -> sidecast.v1.SubscribeResponse
-	12, // 45: sidecast.v1.Control.Unsubscribe:output_type -> sidecast.v1.UnsubscribeResponse
-	14, // 46: sidecast.v1.Control.Disconnect:output_type -> sidecast.v1.DisconnectResponse
-	16, // 47: sidecast.v1.Control.Send:output_type -> sidecast.v1.SendResponse
-	19, // 48: sidecast.v1.Control.Presence:output_type -> sidecast.v1.PresenceResponse
-	21, // 49: sidecast.v1.Control.PresenceStats:output_type -> sidecast.v1.PresenceStatsResponse
-	24, // 50: sidecast.v1.Control.Channels:output_type -> sidecast.v1.ChannelsResponse
-	26, // 51: sidecast.v1.Control.Info:output_type -> sidecast.v1.InfoResponse
-	31, // 52: sidecast.v1.Control.History:output_type -> sidecast.v1.HistoryResponse
-	33, // 53: sidecast.v1.Control.HistoryRemove:output_type -> sidecast.v1.HistoryRemoveResponse
-	37, // 54: sidecast.v1.Control.Events:output_type -> sidecast.v1.EventsResponse
-	49, // 55: sidecast.v1.Control.Reply:output_type -> sidecast.v1.ReplyResponse
-	41, // [41:56] is the sub-list for method output_type
-	26, // [26:41] is the sub-list for method input_type
+	24, // 35: sidecast.v1.Control.Channels:input_type -> sidecast.v1.ChannelsRequest
+	27, // 36: sidecast.v1.Control.Info:input_type -> sidecast.v1.InfoRequest
+	31, // 37: sidecast.v1.Control.History:input_type -> sidecast.v1.HistoryRequest
+	34, // 38: sidecast.v1.Control.HistoryRemove:input_type -> sidecast.v1.HistoryRemoveRequest
+	22, // 39: sidecast.v1.Control.Receipt:input_type -> sidecast.v1.ReceiptRequest
+	36, // 40: sidecast.v1.Control.Events:input_type -> sidecast.v1.EventsRequest
+	49, // 41: sidecast.v1.Control.Reply:input_type -> sidecast.v1.ReplyRequest
+	3,  // 42: sidecast.v1.Control.Publish:output_type -> sidecast.v1.PublishResponse
+	5,  // 43: sidecast.v1.Control.PublishStream:output_type -> sidecast.v1.PublishStreamResponse
+	8,  // 44: sidecast.v1.Control.Broadcast:output_type -> sidecast.v1.BroadcastResponse
+	10, // 45: sidecast.v1.Control.Subscribe:output_type -> sidecast.v1.SubscribeResponse
+	12, // 46: sidecast.v1.Control.Unsubscribe:output_type -> sidecast.v1.UnsubscribeResponse
+	14, // 47: sidecast.v1.Control.Disconnect:output_type -> sidecast.v1.DisconnectResponse
+	16, // 48: sidecast.v1.Control.Send:output_type -> sidecast.v1.SendResponse
+	19, // 49: sidecast.v1.Control.Presence:output_type -> sidecast.v1.PresenceResponse
+	21, // 50: sidecast.v1.Control.PresenceStats:output_type -> sidecast.v1.PresenceStatsResponse
+	26, // 51: sidecast.v1.Control.Channels:output_type -> sidecast.v1.ChannelsResponse
+	28, // 52: sidecast.v1.Control.Info:output_type -> sidecast.v1.InfoResponse
+	33, // 53: sidecast.v1.Control.History:output_type -> sidecast.v1.HistoryResponse
+	35, // 54: sidecast.v1.Control.HistoryRemove:output_type -> sidecast.v1.HistoryRemoveResponse
+	23, // 55: sidecast.v1.Control.Receipt:output_type -> sidecast.v1.ReceiptResponse
+	39, // 56: sidecast.v1.Control.Events:output_type -> sidecast.v1.EventsResponse
+	51, // 57: sidecast.v1.Control.Reply:output_type -> sidecast.v1.ReplyResponse
+	42, // [42:58] is the sub-list for method output_type
+	26, // [26:42] is the sub-list for method input_type
 	26, // [26:26] is the sub-list for extension type_name
 	26, // [26:26] is the sub-list for extension extendee
 	0,  // [0:26] is the sub-list for field type_name
@@ -3440,15 +3588,15 @@ func file_sidecast_v1_control_proto_init() {
 		(*PublishStreamResponse_Published)(nil),
 		(*PublishStreamResponse_Error)(nil),
 	}
-	file_sidecast_v1_control_proto_msgTypes[33].OneofWrappers = []any{
+	file_sidecast_v1_control_proto_msgTypes[35].OneofWrappers = []any{
 		(*EventsRequest_Join)(nil),
 		(*EventsRequest_Ack)(nil),
 	}
-	file_sidecast_v1_control_proto_msgTypes[36].OneofWrappers = []any{
+	file_sidecast_v1_control_proto_msgTypes[38].OneofWrappers = []any{
 		(*EventsResponse_Joined)(nil),
 		(*EventsResponse_Event)(nil),
 	}
-	file_sidecast_v1_control_proto_msgTypes[38].OneofWrappers = []any{
+	file_sidecast_v1_control_proto_msgTypes[40].OneofWrappers = []any{
 		(*Event_Connect)(nil),
 		(*Event_Disconnect)(nil),
 		(*Event_Subscribe)(nil),
@@ -3457,7 +3605,7 @@ func file_sidecast_v1_control_proto_init() {
 		(*Event_Rpc)(nil),
 		(*Event_Lost)(nil),
 	}
-	file_sidecast_v1_control_proto_msgTypes[46].OneofWrappers = []any{
+	file_sidecast_v1_control_proto_msgTypes[48].OneofWrappers = []any{
 		(*ReplyRequest_Data)(nil),
 		(*ReplyRequest_Error)(nil),
 	}
@@ -3467,7 +3615,7 @@ func file_sidecast_v1_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_sidecast_v1_control_proto_rawDesc), len(file_sidecast_v1_control_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   49,
+			NumMessages:   51,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -36,6 +36,7 @@ const (
 	Control_Info_FullMethodName          = "/sidecast.v1.Control/Info"
 	Control_History_FullMethodName       = "/sidecast.v1.Control/History"
 	Control_HistoryRemove_FullMethodName = "/sidecast.v1.Control/HistoryRemove"
+	Control_Receipt_FullMethodName       = "/sidecast.v1.Control/Receipt"
 	Control_Events_FullMethodName        = "/sidecast.v1.Control/Events"
 	Control_Reply_FullMethodName         = "/sidecast.v1.Control/Reply"
 )
@@ -78,6 +79,10 @@ type ControlClient interface {
 	History(ctx context.Context, in *HistoryRequest, opts ...grpc.CallOption) (*HistoryResponse, error)
 	// Drops a channel's kept publications; its position (offset and epoch) stays.
 	HistoryRemove(ctx context.Context, in *HistoryRemoveRequest, opts ...grpc.CallOption) (*HistoryRemoveResponse, error)
+	// A publication's delivery receipt (namespaces with receipts), added up over the nodes:
+	// how many subscriptions were given it, how many acknowledged it by its deadline, and who
+	// did not. NOT_FOUND when no node tallied it (or it expired).
+	Receipt(ctx context.Context, in *ReceiptRequest, opts ...grpc.CallOption) (*ReceiptResponse, error)
 	// The backend event stream (docs/backend.md). The first request joins a group, with the
 	// kinds of events it wants; later requests acknowledge events by sequence number. Delivery
 	// is at-least-once per group: unacknowledged events are redelivered.
@@ -228,6 +233,16 @@ func (c *controlClient) HistoryRemove(ctx context.Context, in *HistoryRemoveRequ
 	return out, nil
 }
 
+func (c *controlClient) Receipt(ctx context.Context, in *ReceiptRequest, opts ...grpc.CallOption) (*ReceiptResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReceiptResponse)
+	err := c.cc.Invoke(ctx, Control_Receipt_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *controlClient) Events(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[EventsRequest, EventsResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	stream, err := c.cc.NewStream(ctx, &Control_ServiceDesc.Streams[1], Control_Events_FullMethodName, cOpts...)
@@ -289,6 +304,10 @@ type ControlServer interface {
 	History(context.Context, *HistoryRequest) (*HistoryResponse, error)
 	// Drops a channel's kept publications; its position (offset and epoch) stays.
 	HistoryRemove(context.Context, *HistoryRemoveRequest) (*HistoryRemoveResponse, error)
+	// A publication's delivery receipt (namespaces with receipts), added up over the nodes:
+	// how many subscriptions were given it, how many acknowledged it by its deadline, and who
+	// did not. NOT_FOUND when no node tallied it (or it expired).
+	Receipt(context.Context, *ReceiptRequest) (*ReceiptResponse, error)
 	// The backend event stream (docs/backend.md). The first request joins a group, with the
 	// kinds of events it wants; later requests acknowledge events by sequence number. Delivery
 	// is at-least-once per group: unacknowledged events are redelivered.
@@ -344,6 +363,9 @@ func (UnimplementedControlServer) History(context.Context, *HistoryRequest) (*Hi
 }
 func (UnimplementedControlServer) HistoryRemove(context.Context, *HistoryRemoveRequest) (*HistoryRemoveResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method HistoryRemove not implemented")
+}
+func (UnimplementedControlServer) Receipt(context.Context, *ReceiptRequest) (*ReceiptResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Receipt not implemented")
 }
 func (UnimplementedControlServer) Events(grpc.BidiStreamingServer[EventsRequest, EventsResponse]) error {
 	return status.Error(codes.Unimplemented, "method Events not implemented")
@@ -595,6 +617,24 @@ func _Control_HistoryRemove_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_Receipt_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReceiptRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).Receipt(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_Receipt_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).Receipt(ctx, req.(*ReceiptRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Control_Events_Handler(srv interface{}, stream grpc.ServerStream) error {
 	return srv.(ControlServer).Events(&grpc.GenericServerStream[EventsRequest, EventsResponse]{ServerStream: stream})
 }
@@ -674,6 +714,10 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "HistoryRemove",
 			Handler:    _Control_HistoryRemove_Handler,
+		},
+		{
+			MethodName: "Receipt",
+			Handler:    _Control_Receipt_Handler,
 		},
 		{
 			MethodName: "Reply",
