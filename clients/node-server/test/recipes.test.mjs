@@ -1,12 +1,12 @@
 // docs/recipes.md against a real node with the recipes' configuration: live cursors,
-// typing indicators, read positions (kept by the backend from its publish events) and a live
-// dashboard, each with @sidecast/client in the page and @sidecast/server in the backend.
+// typing indicators, read positions (kept by the backend from its publish events), delivery
+// receipts and a live dashboard, each with @sidecast/client in the page and @sidecast/server in the backend.
 
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { mintToken } from "../dist/index.js";
-import { Recorder, SECRET, client, next, nodeForTests } from "./support.mjs";
+import { Recorder, SECRET, client, next, nodeForTests, until } from "./support.mjs";
 
 const FILE = `
 [namespaces.cursors]
@@ -27,8 +27,14 @@ conflate_by = "user"
 [namespaces.dash]
 history_size = 1
 history_ttl = "1h"
+
+[namespaces.orders]
+history_size = 100
+history_ttl = "1h"
+receipts = true
+receipt_timeout = "1s"
 `;
-const CHANNELS = ["cursors:*", "typing:*", "reads:*", "dash:*"];
+const CHANNELS = ["cursors:*", "typing:*", "reads:*", "dash:*", "orders:*"];
 
 const ctx = nodeForTests(FILE);
 
@@ -41,8 +47,8 @@ async function connected(user) {
   return c;
 }
 
-async function subscribed(c, channel) {
-  const sub = c.subscribe(channel);
+async function subscribed(c, channel, options) {
+  const sub = c.subscribe(channel, options);
   await next(sub, "subscribed");
   return sub;
 }
@@ -94,6 +100,22 @@ test("read positions: the others see them, the backend keeps them with the verif
   } finally {
     await consumer.stop();
   }
+});
+
+test("delivery receipts: the backend learns who handled an update, and who did not", async () => {
+  const [ann, bob] = [await connected("ann"), await connected("bob")];
+  const shown = [];
+  const orders = await subscribed(ann, "orders:7");
+  orders.on("publication", ({ data }) => shown.push(data.status));
+  // bob's page receives but never gets to handle it: its acknowledgement is never sent.
+  await subscribed(bob, "orders:7", { manualAck: true });
+  const { offset } = await ctx.sidecast.publish("orders:7", { status: "shipped" });
+  await until("ann's page shows it", () => shown.length === 1);
+  let receipt;
+  await until("the deadline", async () => (receipt = await ctx.sidecast.receipt("orders:7", offset)).complete);
+  assert.equal(receipt.delivered, 2);
+  assert.equal(receipt.acknowledged, 1);
+  assert.deepEqual(receipt.missingUsers, ["bob"]);
 });
 
 test("a live dashboard: the latest figures on load, then every update", async () => {
