@@ -329,18 +329,6 @@ impl Hub {
     /// released.
     pub fn deliver(&self, channel: &str, data: &[u8], offset: Option<u64>) -> (Fanout, Flush) {
         let mut flush = self.flush();
-        // Tallied before it is queued: an acknowledgement can come back before this returns.
-        let receipt = offset.filter(|_| self.options(channel).receipts);
-        if let Some(offset) = receipt {
-            let timeout = self.options(channel).receipt_timeout;
-            let forgotten =
-                self.receipts()
-                    .published(channel, offset, std::time::Instant::now(), timeout);
-            self.shared
-                .metrics
-                .receipts_forgotten
-                .inc_by(forgotten as u64);
-        }
         loop {
             let Some(subscribers) = self.read().channels.get(channel).cloned() else {
                 return (Fanout::default(), flush);
@@ -355,7 +343,20 @@ impl Hub {
                 offset,
             }
             .frame();
-            let tag = self.tag(channel, data, offset);
+            let options = &subscribers.options;
+            let tag = tag(channel, options, data, offset);
+            // Tallied before it is queued: an acknowledgement can come back before this
+            // returns.
+            let receipt = offset.filter(|_| options.receipts);
+            if let Some(offset) = receipt {
+                let now = std::time::Instant::now();
+                let timeout = options.receipt_timeout;
+                let forgotten = self.receipts().published(channel, offset, now, timeout);
+                self.shared
+                    .metrics
+                    .receipts_forgotten
+                    .inc_by(forgotten as u64);
+            }
             let counts = roster.fan_out(&frame, tag.as_ref(), &mut flush);
             drop(roster);
             if let Some(offset) = receipt {
@@ -408,25 +409,6 @@ impl Hub {
     /// Forgets the receipts that expired.
     pub fn expire_receipts(&self) {
         self.receipts().expire(std::time::Instant::now());
-    }
-
-    /// A publication's [`Tag`] when its channel's `slow_consumer` policy is not
-    /// `disconnect`: its key is the `conflate_by` field's JSON text, when the data is an
-    /// object that has it.
-    fn tag(&self, channel: &str, data: &[u8], offset: Option<u64>) -> Option<Arc<Tag>> {
-        let options = self.options(channel);
-        if options.slow_consumer == SlowConsumer::Disconnect {
-            return None;
-        }
-        let key = options.conflate_by.as_deref().and_then(|field| {
-            let object: HashMap<String, &RawValue> = serde_json::from_slice(data).ok()?;
-            Some(Box::from(object.get(field)?.get().as_bytes()))
-        });
-        Some(Arc::new(Tag {
-            channel: Arc::from(channel),
-            offset: offset.unwrap_or(0),
-            key,
-        }))
     }
 
     /// The outboxes of a target's current connections, with their ids.
@@ -529,4 +511,26 @@ impl Hub {
             subscriptions: state.clients.values().map(|c| c.subs.len()).sum(),
         }
     }
+}
+
+/// A publication's [`Tag`] when its channel's `slow_consumer` policy is not `disconnect`:
+/// its key is the `conflate_by` field's JSON text, when the data is an object that has it.
+fn tag(
+    channel: &str,
+    options: &NamespaceOptions,
+    data: &[u8],
+    offset: Option<u64>,
+) -> Option<Arc<Tag>> {
+    if options.slow_consumer == SlowConsumer::Disconnect {
+        return None;
+    }
+    let key = options.conflate_by.as_deref().and_then(|field| {
+        let object: HashMap<String, &RawValue> = serde_json::from_slice(data).ok()?;
+        Some(Box::from(object.get(field)?.get().as_bytes()))
+    });
+    Some(Arc::new(Tag {
+        channel: Arc::from(channel),
+        offset: offset.unwrap_or(0),
+        key,
+    }))
 }
