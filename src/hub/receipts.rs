@@ -420,6 +420,13 @@ mod tests {
         r.reading(&arc("c6"), &arc("eve"), "ch", 3, std::iter::empty(), t0);
         assert!(r.ack("c6", "ch", 2, t0));
         assert_eq!(r.receipt("ch", 2, t0).unwrap().acknowledged, 1);
+        // Acknowledging ahead of what it was given counts nothing, then or later.
+        r.reading(&arc("c7"), &arc("fay"), "ch", 3, std::iter::empty(), t0);
+        assert!(r.ack("c7", "ch", 10, t0));
+        r.published("ch", 3, t0, T);
+        r.delivered("ch", 3, 1);
+        assert!(r.ack("c7", "ch", 10, t0));
+        assert_eq!(r.receipt("ch", 3, t0).unwrap().acknowledged, 0);
         // A subscription that starts after a publication was neither given nor owes it.
         r.reading(&arc("c3"), &arc("bob"), "ch", 2, std::iter::empty(), t0);
         assert!(r.receipt("ch", 1, t0).unwrap().missing.is_empty());
