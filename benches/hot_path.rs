@@ -105,7 +105,7 @@ fn hub_fan_out(bencher: Bencher, subscribers: usize) {
             }
         })
         .bench_local_refs(|_| {
-            let (counts, flush) = hub.deliver("room:1", b"{\"n\":1}", None);
+            let (counts, flush) = hub.deliver("room:1", b"{\"n\":1}", None, None);
             flush.run();
             counts
         });

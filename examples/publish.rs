@@ -21,6 +21,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         channel,
         data: data.into_bytes(),
         idempotency_key: String::new(),
+        ..Default::default()
     });
     if let Ok(key) = std::env::var("API_KEY") {
         request

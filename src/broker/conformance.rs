@@ -132,7 +132,7 @@ async fn publish_is_atomic_per_channel_and_keys_deduplicate() {
                     let mut offsets = Vec::new();
                     for i in 0..25 {
                         let data = format!("{i}");
-                        let published = f.broker.publish("h:1", data.as_bytes(), None).await;
+                        let published = f.broker.publish("h:1", data.as_bytes(), None, None).await;
                         offsets.push(published.unwrap().offset);
                     }
                     offsets
@@ -150,8 +150,16 @@ async fn publish_is_atomic_per_channel_and_keys_deduplicate() {
             "{engine}: one offset each"
         );
         eventually(engine, || async { offsets(&outbox).len() >= 100 }).await;
-        let first = f.broker.publish("h:1", b"1", Some("k")).await.unwrap();
-        let again = f.broker.publish("h:1", b"2", Some("k")).await.unwrap();
+        let first = f
+            .broker
+            .publish("h:1", b"1", Some("k"), None)
+            .await
+            .unwrap();
+        let again = f
+            .broker
+            .publish("h:1", b"2", Some("k"), None)
+            .await
+            .unwrap();
         assert_eq!(
             (&first.offset, &first.epoch),
             (&again.offset, &again.epoch),
@@ -168,7 +176,11 @@ async fn publish_is_atomic_per_channel_and_keys_deduplicate() {
             (1..=101).collect::<Vec<_>>(),
             "{engine}: delivered once each, in offset order"
         );
-        let plain = f.broker.publish("plain", b"1", Some("k")).await.unwrap();
+        let plain = f
+            .broker
+            .publish("plain", b"1", Some("k"), None)
+            .await
+            .unwrap();
         assert_eq!((plain.offset, plain.epoch.as_str()), (0, ""), "{engine}");
     }
 }
@@ -178,7 +190,7 @@ async fn positions_keep_their_epoch_and_recovery_is_all_or_nothing() {
     for (engine, f) in fixtures().await {
         for i in 0..5 {
             f.broker
-                .publish("h:r", format!("{i}").as_bytes(), None)
+                .publish("h:r", format!("{i}").as_bytes(), None, None)
                 .await
                 .unwrap();
         }
@@ -261,7 +273,7 @@ async fn a_subscription_sees_every_publication_once_across_its_start() {
             tokio::spawn(async move {
                 for i in 0..200 {
                     f.broker
-                        .publish("g:g", format!("{i}").as_bytes(), None)
+                        .publish("g:g", format!("{i}").as_bytes(), None, None)
                         .await
                         .unwrap();
                 }
@@ -302,7 +314,7 @@ async fn history_pages_and_removal() {
     for (engine, f) in fixtures().await {
         for i in 1..=12 {
             f.broker
-                .publish("h:p", format!("{i}").as_bytes(), None)
+                .publish("h:p", format!("{i}").as_bytes(), None, None)
                 .await
                 .unwrap();
         }

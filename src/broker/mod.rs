@@ -159,18 +159,21 @@ impl Broker {
         }
     }
 
-    /// Publishes `data` (validated JSON) to `channel` (rules 1 and 2).
+    /// Publishes `data` (validated JSON) to `channel` (rules 1 and 2); with `receipt`, the
+    /// nodes that deliver it tally its delivery receipt with that deadline.
     pub async fn publish(
         &self,
         channel: &str,
         data: &[u8],
         idempotency_key: Option<&str>,
+        receipt: Option<std::time::Duration>,
     ) -> Result<Published, BrokerError> {
         match self {
             Broker::Memory(memory) => {
-                Ok(memory.publish(channel, data, idempotency_key, Instant::now()))
+                let now = Instant::now();
+                Ok(memory.publish(channel, data, idempotency_key, receipt, now))
             }
-            Broker::Redis(redis) => redis.publish(channel, data, idempotency_key).await,
+            Broker::Redis(redis) => redis.publish(channel, data, idempotency_key, receipt).await,
         }
     }
 

@@ -75,7 +75,8 @@ fn node_code(e: &NodeError) -> Code {
         | NodeError::NoChannels
         | NodeError::Code(_)
         | NodeError::Limit(_)
-        | NodeError::KeyTooLong(_) => Code::InvalidArgument,
+        | NodeError::KeyTooLong(_)
+        | NodeError::ReceiptDeadline(_) => Code::InvalidArgument,
         NodeError::PageTooLarge(_) => Code::ResourceExhausted,
         NodeError::PresenceDisabled(_)
         | NodeError::HistoryDisabled(_)

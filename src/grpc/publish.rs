@@ -92,8 +92,9 @@ async fn publish(
 ) -> Result<pb::PublishResponse, Status> {
     let publication = publication.ok_or(ApiError::NoPublication)?;
     let key = Some(publication.idempotency_key.as_str()).filter(|k| !k.is_empty());
+    let receipt = super::service::with_receipt(&publication);
     let published = node
-        .publish(&publication.channel, &publication.data, key)
+        .publish(&publication.channel, &publication.data, key, receipt)
         .await?;
     Ok(super::service::published_pb(published))
 }

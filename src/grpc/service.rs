@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::broker::Published;
 use crate::events::RpcAnswer;
-use crate::node::{Asker, Node, Target};
+use crate::node::{Asker, Node, Target, WithReceipt};
 use crate::pb;
 use crate::pb::control_server::Control;
 use crate::wire::channel::Pattern;
@@ -35,6 +35,15 @@ fn target(target: Option<pb::Target>) -> Result<Target, ApiError> {
             Ok(Target::Client(client))
         }
         _ => Err(ApiError::EmptyTarget),
+    }
+}
+
+/// What a PublishRequest asks of its delivery receipt.
+pub(super) fn with_receipt(req: &pb::PublishRequest) -> WithReceipt {
+    match (req.receipt, req.receipt_timeout_ms) {
+        (false, _) => WithReceipt::No,
+        (true, 0) => WithReceipt::Default,
+        (true, ms) => WithReceipt::Within(std::time::Duration::from_millis(u64::from(ms))),
     }
 }
 
@@ -94,7 +103,11 @@ impl Control for ControlService {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
         let req = request.into_inner();
         let key = Some(req.idempotency_key.as_str()).filter(|k| !k.is_empty());
-        let published = self.node.publish(&req.channel, &req.data, key).await?;
+        let receipt = with_receipt(&req);
+        let published = self
+            .node
+            .publish(&req.channel, &req.data, key, receipt)
+            .await?;
         Ok(Response::new(published_pb(published)))
     }
 

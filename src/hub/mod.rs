@@ -6,7 +6,7 @@
 //! a plain `Mutex`/`RwLock`, queues frames with a non-blocking push, and returns the
 //! sockets to write as a [`Flush`] for the caller to run once every lock is released. Lock
 //! order is the index, then one channel; a channel lock is never held while the index's is
-//! taken.
+//! taken. `receipts` tallies delivery receipts behind a lock of its own, taken last.
 
 mod receipts;
 mod subscribers;
@@ -327,7 +327,13 @@ impl Hub {
     /// (and not at all where the channel has none here). The engine calls this in the
     /// channel's publication order and runs the returned [`Flush`] once its own locks are
     /// released.
-    pub fn deliver(&self, channel: &str, data: &[u8], offset: Option<u64>) -> (Fanout, Flush) {
+    pub fn deliver(
+        &self,
+        channel: &str,
+        data: &[u8],
+        offset: Option<u64>,
+        receipt: Option<std::time::Duration>,
+    ) -> (Fanout, Flush) {
         let mut flush = self.flush();
         loop {
             let Some(subscribers) = self.read().channels.get(channel).cloned() else {
@@ -347,10 +353,9 @@ impl Hub {
             let tag = tag(channel, options, data, offset);
             // Tallied before it is queued: an acknowledgement can come back before this
             // returns.
-            let receipt = offset.filter(|_| options.receipts);
-            if let Some(offset) = receipt {
+            let tallied = offset.zip(receipt).filter(|_| options.receipts);
+            if let Some((offset, timeout)) = tallied {
                 let now = std::time::Instant::now();
-                let timeout = options.receipt_timeout;
                 let forgotten = self.receipts().published(channel, offset, now, timeout);
                 self.shared
                     .metrics
@@ -359,7 +364,7 @@ impl Hub {
             }
             let counts = roster.fan_out(&frame, tag.as_ref(), &mut flush);
             drop(roster);
-            if let Some(offset) = receipt {
+            if let Some((offset, _)) = tallied {
                 self.receipts().delivered(channel, offset, counts.queued);
             }
             let metrics = &self.shared.metrics;
@@ -381,16 +386,18 @@ impl Hub {
         from: u64,
         recovered: impl Iterator<Item = u64>,
     ) {
-        let (id, user) = {
-            let state = self.read();
-            let Some((id, client)) = state.clients.get_key_value(id) else {
-                return;
-            };
-            (id.clone(), client.user.clone())
+        // Under the index's lock: an unsubscribe either comes after (and its `left` finds
+        // the reader) or before (and there is no reader to make).
+        let state = self.read();
+        let Some((id, client)) = state.clients.get_key_value(id) else {
+            return;
         };
+        if !client.subs.contains_key(channel) {
+            return;
+        }
         let now = std::time::Instant::now();
         self.receipts()
-            .reading(&id, &user, channel, from, recovered, now);
+            .reading(id, &client.user, channel, from, recovered, now);
     }
 
     /// A connection acknowledges every publication of `channel` up to `offset`; false when

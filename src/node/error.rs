@@ -34,6 +34,8 @@ pub enum NodeError {
     HistoryDisabled(String),
     #[error("receipts are not enabled for channel {0:?}")]
     ReceiptsDisabled(String),
+    #[error("receipt_timeout_ms must be at most {0} s")]
+    ReceiptDeadline(u64),
     #[error("the stream of channel {0:?} has a new epoch: that position is gone")]
     EpochChanged(String),
     #[error("limit must be at most max_recovery ({0})")]

@@ -30,6 +30,7 @@ use std::time::Instant;
 
 pub use cluster::NodeCounts;
 pub use error::NodeError;
+pub use publish::{WithReceipt, MAX_RECEIPT_DEADLINE};
 pub use query::{Asker, Info};
 pub use subscribe::Subscribed;
 

@@ -4,6 +4,8 @@
 //! which appends it where the channel keeps history and delivers it to the hub (see
 //! `broker`'s contract); a client's publication is also reported to the backends.
 
+use std::time::Duration;
+
 use serde_json::value::RawValue;
 
 use crate::broker::Published;
@@ -15,22 +17,40 @@ use super::{Conn, Node, NodeError};
 /// Longest Publish idempotency_key: keys are remembered for idempotency_window.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 
+/// The longest deadline a Publish may give its delivery receipt.
+pub const MAX_RECEIPT_DEADLINE: Duration = Duration::from_secs(3600);
+
+/// Whether a Publish asks for its delivery receipt, and with which deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WithReceipt {
+    No,
+    /// The namespace's `receipt_timeout`.
+    Default,
+    Within(Duration),
+}
+
 impl Node {
     /// Publishes `data` (checked here: size and JSON) to `channel`. With an `idempotency_key`
     /// seen for this channel within idempotency_window, returns the first result and
-    /// publishes nothing.
+    /// publishes nothing. With `receipt`, its delivery receipt is tallied with that deadline
+    /// (None: the namespace's receipt_timeout) on every node that delivers it.
     pub async fn publish(
         &self,
         channel: &str,
         data: &[u8],
         idempotency_key: Option<&str>,
+        receipt: WithReceipt,
     ) -> Result<Published, NodeError> {
         Node::check_channel(channel)?;
         self.check_data(data)?;
+        let receipt = self.receipt_deadline(channel, receipt)?;
         if idempotency_key.is_some_and(|key| key.len() > MAX_IDEMPOTENCY_KEY) {
             return Err(NodeError::KeyTooLong(MAX_IDEMPOTENCY_KEY));
         }
-        Ok(self.broker.publish(channel, data, idempotency_key).await?)
+        Ok(self
+            .broker
+            .publish(channel, data, idempotency_key, receipt)
+            .await?)
     }
 
     /// Publishes the same data to every channel, in order; stops at the first failure.
@@ -48,7 +68,7 @@ impl Node {
         self.check_data(data)?;
         let mut results = Vec::with_capacity(channels.len());
         for channel in channels {
-            results.push(self.broker.publish(channel, data, None).await?);
+            results.push(self.broker.publish(channel, data, None, None).await?);
         }
         Ok(results)
     }
@@ -74,7 +94,7 @@ impl Node {
                 "no permission to publish to this channel",
             ));
         }
-        let published = self.broker.publish(channel, data, None).await?;
+        let published = self.broker.publish(channel, data, None, None).await?;
         if self.events.wants(EventKind::Publish) {
             let publish = What::Publish {
                 channel: channel.to_string(),
@@ -85,5 +105,26 @@ impl Node {
             self.events.emit(conn.id, &conn.claims.user, publish);
         }
         Ok(published)
+    }
+
+    /// The deadline of a publication's receipt, checked: the namespace must have receipts.
+    fn receipt_deadline(
+        &self,
+        channel: &str,
+        receipt: WithReceipt,
+    ) -> Result<Option<Duration>, NodeError> {
+        let options = self.config.channel_options(channel);
+        let deadline = match receipt {
+            WithReceipt::No => return Ok(None),
+            WithReceipt::Default => options.receipt_timeout,
+            WithReceipt::Within(deadline) => deadline,
+        };
+        if !options.receipts {
+            return Err(NodeError::ReceiptsDisabled(channel.to_string()));
+        }
+        if deadline.is_zero() || deadline > MAX_RECEIPT_DEADLINE {
+            return Err(NodeError::ReceiptDeadline(MAX_RECEIPT_DEADLINE.as_secs()));
+        }
+        Ok(Some(deadline))
     }
 }

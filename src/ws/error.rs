@@ -63,6 +63,7 @@ fn node_reply(e: &NodeError) -> (ErrorCode, String) {
         }
         NodeError::Json(_)
         | NodeError::KeyTooLong(_)
+        | NodeError::ReceiptDeadline(_)
         | NodeError::NoChannels
         | NodeError::Limit(_)
         | NodeError::Code(_) => ErrorCode::BadRequest,

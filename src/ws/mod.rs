@@ -5,7 +5,8 @@
 //! outbox through `socket`, or any other stream), keeps the deadlines of `clock`, and hands
 //! each message to its `handler`, which decodes the command, calls the node, and replies;
 //! `error` maps what fails to the reply's code, `rate` bounds the command rate, `rpc` waits
-//! for a backend's answer. The wire format itself is `crate::wire`.
+//! for a backend's answer. `sse` serves the same connections over Server-Sent Events, for
+//! clients whose network blocks WebSockets. The wire format itself is `crate::wire`.
 
 pub mod admission;
 mod clock;

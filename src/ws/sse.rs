@@ -114,9 +114,8 @@ pub fn open(req: &Request<Incoming>, node: &Node, sessions: &Sessions) -> Result
             Refused::new(StatusCode::BAD_REQUEST, close::BAD_REQUEST, &reason)
         })?,
     };
-    let mut channels = query_values(query, "channel");
-    channels.dedup();
-    if channels.len() > node.config.max_subscriptions {
+    let asked = query_values(query, "channel");
+    if asked.len() > node.config.max_subscriptions {
         let reason = format!(
             "more than max_subscriptions ({}) channels",
             node.config.max_subscriptions
@@ -126,6 +125,12 @@ pub fn open(req: &Request<Incoming>, node: &Node, sessions: &Sessions) -> Result
             close::BAD_REQUEST,
             &reason,
         ));
+    }
+    let mut channels: Vec<String> = Vec::with_capacity(asked.len());
+    for channel in asked {
+        if !channels.contains(&channel) {
+            channels.push(channel);
+        }
     }
     for channel in &channels {
         if let Err(e) = node.check_client_subscribe(&claims, channel) {

@@ -160,6 +160,7 @@ async fn slow_consumer_is_closed_4004_while_a_fast_one_gets_everything() {
                 channel: "firehose".into(),
                 data: data.into_bytes(),
                 idempotency_key: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -625,6 +625,7 @@ async fn an_idempotency_key_holds_across_nodes() {
         channel: "room:idem".into(),
         data: data.as_bytes().to_vec(),
         idempotency_key: "order-17".into(),
+        ..Default::default()
     };
     let first = a
         .grpc()

@@ -339,6 +339,7 @@ async fn invalid_arguments_say_what_is_wrong() {
         channel: "ok".into(),
         data: b"\"\xff\"".to_vec(),
         idempotency_key: String::new(),
+        ..Default::default()
     };
     let err = grpc.publish(not_utf8).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);

@@ -268,6 +268,7 @@ async fn idempotent_publish_publishes_once() {
         channel: "h:i".into(),
         data: data.as_bytes().to_vec(),
         idempotency_key: "order-42".into(),
+        ..Default::default()
     };
     let long = pb::PublishRequest {
         idempotency_key: "k".repeat(257),

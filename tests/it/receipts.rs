@@ -1,7 +1,7 @@
 //! Delivery receipts: in a namespace with `receipts`, subscribers acknowledge what they
-//! handled (`ack`, cumulative), and Control.Receipt tells the backend how many subscriptions
-//! were given a publication, how many acknowledged it by its deadline, and who did not; on
-//! one node and across a cluster, live and recovered.
+//! handled (`ack`, cumulative), and for a publication made with `receipt` Control.Receipt
+//! tells the backend how many subscriptions were given it, how many acknowledged it by its
+//! deadline, and who did not; on one node and across a cluster, live and recovered.
 
 use serde_json::{json, Value};
 use sidecast::pb;
@@ -18,6 +18,14 @@ async fn reader(server: &TestServer, user: &str) -> Client {
     let reply = client.subscribe(1, "r:room").await;
     assert_eq!(reply["result"]["receipts"], true, "{reply}");
     client
+}
+
+/// A Publish whose delivery receipt is tallied.
+fn tallied(channel: &str, data: &str) -> pb::PublishRequest {
+    pb::PublishRequest {
+        receipt: true,
+        ..publish(channel, data)
+    }
 }
 
 async fn next_pub(client: &mut Client) -> Value {
@@ -50,7 +58,7 @@ async fn receipts_count_acknowledgements_by_the_deadline_and_name_who_did_not() 
     let mut cy = reader(&server, "cy").await;
     let mut grpc = server.grpc().await;
     let offset = grpc
-        .publish(publish("r:room", r#"{"text":"hi"}"#))
+        .publish(tallied("r:room", r#"{"text":"hi"}"#))
         .await
         .unwrap()
         .into_inner()
@@ -109,7 +117,7 @@ async fn a_publication_recovered_after_a_reconnect_is_acknowledged_like_a_live_o
     let _eli = reader(&server, "eli").await;
     let mut dee = reader(&server, "dee").await;
     let mut grpc = server.grpc().await;
-    grpc.publish(publish("r:room", r#"{"n":1}"#)).await.unwrap();
+    grpc.publish(tallied("r:room", r#"{"n":1}"#)).await.unwrap();
     let first = next_pub(&mut dee).await;
     let epoch = {
         let history = dee
@@ -129,7 +137,7 @@ async fn a_publication_recovered_after_a_reconnect_is_acknowledged_like_a_live_o
     .await;
     // Published while dee is away: only her recovery delivers it.
     let offset = grpc
-        .publish(publish("r:room", r#"{"n":2}"#))
+        .publish(tallied("r:room", r#"{"n":2}"#))
         .await
         .unwrap()
         .into_inner()
@@ -242,7 +250,7 @@ async fn on_redis_a_receipt_adds_up_every_node() {
     let offset = a
         .grpc()
         .await
-        .publish(publish("r:room", r#"{"n":1}"#))
+        .publish(tallied("r:room", r#"{"n":1}"#))
         .await
         .unwrap()
         .into_inner()
@@ -272,7 +280,7 @@ async fn past_max_pending_receipts_the_oldest_is_forgotten_and_counted() {
     let mut offsets = Vec::new();
     for n in 1..=3 {
         let published = grpc
-            .publish(publish("r:room", &format!(r#"{{"n":{n}}}"#)))
+            .publish(tallied("r:room", &format!(r#"{{"n":{n}}}"#)))
             .await
             .unwrap();
         offsets.push(published.into_inner().offset);
@@ -291,4 +299,50 @@ async fn past_max_pending_receipts_the_oldest_is_forgotten_and_counted() {
         crate::support::sample(&metrics, "sidecast_receipts_forgotten_total"),
         Some(1.0)
     );
+}
+
+#[tokio::test]
+async fn only_publications_made_with_receipt_are_tallied_each_with_its_deadline() {
+    let server = TestServer::start_with_file(Some(RECEIPTS), &[]).await;
+    let mut jo = reader(&server, "jo").await;
+    let mut grpc = server.grpc().await;
+    let plain = grpc
+        .publish(publish("r:room", "1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .offset;
+    // A deadline of its own, shorter than the namespace's second.
+    let quick = pb::PublishRequest {
+        receipt_timeout_ms: 50,
+        ..tallied("r:room", "2")
+    };
+    let quick = grpc.publish(quick).await.unwrap().into_inner().offset;
+    assert_eq!(next_pub(&mut jo).await["offset"], plain);
+    assert_eq!(next_pub(&mut jo).await["offset"], quick);
+    let untallied = grpc
+        .receipt(pb::ReceiptRequest {
+            channel: "r:room".into(),
+            offset: plain,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(untallied.code(), Code::NotFound);
+    let done = wait_complete(&server, "r:room", quick).await;
+    assert_eq!((done.delivered, done.acknowledged), (1, 0));
+    assert_eq!(done.missing_users, ["jo"]);
+
+    let refused = [
+        (tallied("h:plain", "1"), Code::FailedPrecondition),
+        (
+            pb::PublishRequest {
+                receipt_timeout_ms: 3_600_001,
+                ..tallied("r:room", "1")
+            },
+            Code::InvalidArgument,
+        ),
+    ];
+    for (request, code) in refused {
+        assert_eq!(grpc.publish(request).await.unwrap_err().code(), code);
+    }
 }

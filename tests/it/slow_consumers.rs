@@ -42,6 +42,7 @@ fn publication(channel: &str, data: Value) -> pb::PublishRequest {
         channel: channel.into(),
         data: data.to_string().into_bytes(),
         idempotency_key: String::new(),
+        ..Default::default()
     }
 }
 

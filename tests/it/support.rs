@@ -385,6 +385,7 @@ pub fn publish(channel: &str, data: &str) -> sidecast::pb::PublishRequest {
         channel: channel.into(),
         data: data.as_bytes().to_vec(),
         idempotency_key: String::new(),
+        ..Default::default()
     }
 }
 

@@ -159,6 +159,7 @@ impl Conn {
                         channel: channel.to_string(),
                         data,
                         idempotency_key: String::new(),
+                        ..Default::default()
                     })
                     .await?;
             }
@@ -170,6 +171,7 @@ impl Conn {
                         channel: channel.to_string(),
                         data,
                         idempotency_key: String::new(),
+                        ..Default::default()
                     }),
                 };
                 *next_id += 1;

@@ -660,6 +660,7 @@ async fn publish(
             channel: format!("soak:{channel}"),
             data: format!(r#"{{"n":{n}}}"#).into_bytes(),
             idempotency_key: String::new(),
+            ..Default::default()
         };
         let answer = within(client.publish(request)).await;
         let mut t = tally.borrow_mut();

@@ -244,7 +244,7 @@ export function control(address) {
       ),
     );
   return {
-    publish: (channel, data) => unary("Publish")({ channel, data: Buffer.from(JSON.stringify(data)) }),
+    publish: (channel, data, extra = {}) => unary("Publish")({ channel, data: Buffer.from(JSON.stringify(data)), ...extra }),
     disconnect: (user, code, reason = "") => unary("Disconnect")({ target: { user }, code, reason }),
     receipt: (channel, offset) => unary("Receipt")({ channel, offset }),
     close: () => client.close(),

@@ -1,6 +1,7 @@
 // Delivery receipts through the SDK: on a channel whose namespace has `receipts`, the client
 // acknowledges each publication once the app's listeners have returned (or when the app says
-// so, with manualAck), also after a reconnect, and the backend's Control.Receipt counts it.
+// so, with manualAck), also after a reconnect, and Control.Receipt counts it for a
+// publication made with `receipt`.
 
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
@@ -34,7 +35,7 @@ test("a publication is acknowledged once its listeners return, and the backend s
   await next(room, "subscribed");
   const handled = [];
   room.on("publication", (p) => handled.push(p.offset));
-  const { offset } = await backend.publish("r:auto", { text: "hi" });
+  const { offset } = await backend.publish("r:auto", { text: "hi" }, { receipt: true });
   await until("handled", () => handled.length === 1);
   await until("acknowledged", async () => (await backend.receipt("r:auto", offset)).acknowledged === 1);
   const receipt = await backend.receipt("r:auto", offset);
@@ -48,8 +49,8 @@ test("with manualAck nothing is acknowledged until the app says so", async () =>
   client.connect();
   const room = client.subscribe("r:manual", { manualAck: true });
   await next(room, "subscribed");
-  const first = await backend.publish("r:manual", { n: 1 });
-  const second = await backend.publish("r:manual", { n: 2 });
+  const first = await backend.publish("r:manual", { n: 1 }, { receipt: true });
+  const second = await backend.publish("r:manual", { n: 2 }, { receipt: true });
   await until("both delivered", () => room.position?.offset === second.offset);
   // A round trip: anything the client sent before it has been handled.
   await client.presenceStats("r:manual").catch(() => {});
@@ -77,7 +78,7 @@ test("publications made while it reconnects are acknowledged, recovered or live"
   const resumed = next(room, "subscribed", (e) => e.resumed);
   await backend.disconnect("cal", 4006);
   const offsets = [];
-  for (let n = 1; n <= 3; n++) offsets.push((await backend.publish("r:away", { n })).offset);
+  for (let n = 1; n <= 3; n++) offsets.push((await backend.publish("r:away", { n }, { receipt: true })).offset);
   await resumed;
   await until("all three", () => handled.length === 3);
   for (const offset of offsets) {

@@ -106,8 +106,20 @@ export class Sidecast {
   /** Publishes `data` (any JSON value; a Uint8Array is sent as already-encoded JSON). With an
    * idempotency key, a retry of the same publication returns the first result and publishes
    * nothing again. */
-  async publish(channel: string, data: unknown, options: { idempotencyKey?: string } = {}): Promise<PublishResult> {
-    return this.call("Publish", { channel, data: encode(data), idempotencyKey: options.idempotencyKey ?? "" });
+  /** `receipt`: tally the publication's delivery receipt (a namespace with `receipts`),
+   * for `receipt()`; `receiptTimeoutMs`: its deadline, instead of the namespace's. */
+  async publish(
+    channel: string,
+    data: unknown,
+    options: { idempotencyKey?: string; receipt?: boolean; receiptTimeoutMs?: number } = {},
+  ): Promise<PublishResult> {
+    return this.call("Publish", {
+      channel,
+      data: encode(data),
+      idempotencyKey: options.idempotencyKey ?? "",
+      receipt: options.receipt ?? false,
+      receiptTimeoutMs: options.receiptTimeoutMs ?? 0,
+    });
   }
 
   /** A publisher over one Control.PublishStream, for many publications: each publish()

@@ -109,7 +109,7 @@ test("delivery receipts: the backend learns who handled an update, and who did n
   orders.on("publication", ({ data }) => shown.push(data.status));
   // bob's page receives but never gets to handle it: its acknowledgement is never sent.
   await subscribed(bob, "orders:7", { manualAck: true });
-  const { offset } = await ctx.sidecast.publish("orders:7", { status: "shipped" });
+  const { offset } = await ctx.sidecast.publish("orders:7", { status: "shipped" }, { receipt: true });
   await until("ann's page shows it", () => shown.length === 1);
   let receipt;
   await until("the deadline", async () => (receipt = await ctx.sidecast.receipt("orders:7", offset)).complete);

@@ -2,7 +2,8 @@
 //! `publish.lua`) or a membership change (a `join`/`leave` to relay).
 //!
 //! A publication is `p<offset>:<epoch>:<data>` (offset 0 and an empty epoch where the
-//! channel keeps no history); a membership change is `m` and a JSON object.
+//! channel keeps no history), or `r<ms>,<offset>:<epoch>:<data>` for one whose delivery
+//! receipts are tallied, with that deadline; a membership change is `m` and a JSON object.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +14,8 @@ pub enum Envelope<'a> {
         offset: u64,
         epoch: &'a str,
         data: &'a [u8],
+        /// The deadline of its delivery receipts, when they are tallied.
+        receipt: Option<std::time::Duration>,
     },
     Membership(Member),
 }
@@ -45,21 +48,42 @@ impl Member {
 /// None for a message no node of this version sends.
 pub fn decode(payload: &[u8]) -> Option<Envelope<'_>> {
     match payload.split_first()? {
-        (b'p', rest) => {
-            let colon = rest.iter().position(|&b| b == b':')?;
-            let offset = std::str::from_utf8(&rest[..colon]).ok()?.parse().ok()?;
-            let rest = &rest[colon + 1..];
-            let colon = rest.iter().position(|&b| b == b':')?;
-            let epoch = std::str::from_utf8(&rest[..colon]).ok()?;
-            Some(Envelope::Publication {
-                offset,
-                epoch,
-                data: &rest[colon + 1..],
-            })
+        (b'r', rest) => {
+            let comma = rest.iter().position(|&b| b == b',')?;
+            let ms: u64 = std::str::from_utf8(&rest[..comma]).ok()?.parse().ok()?;
+            let mut publication = decode_publication(&rest[comma + 1..])?;
+            if let Envelope::Publication { receipt, .. } = &mut publication {
+                *receipt = Some(std::time::Duration::from_millis(ms));
+            }
+            Some(publication)
         }
+        (b'p', rest) => decode_publication(rest),
         (b'm', rest) => serde_json::from_slice(rest).ok().map(Envelope::Membership),
         _ => None,
     }
+}
+
+/// The head of a publication's envelope: `p`, or `r<ms>,` when its receipts are tallied.
+pub fn publication_head(receipt: Option<std::time::Duration>) -> String {
+    match receipt {
+        None => "p".to_string(),
+        Some(deadline) => format!("r{},", deadline.as_millis()),
+    }
+}
+
+/// `<offset>:<epoch>:<data>`.
+fn decode_publication(rest: &[u8]) -> Option<Envelope<'_>> {
+    let colon = rest.iter().position(|&b| b == b':')?;
+    let offset = std::str::from_utf8(&rest[..colon]).ok()?.parse().ok()?;
+    let rest = &rest[colon + 1..];
+    let colon = rest.iter().position(|&b| b == b':')?;
+    let epoch = std::str::from_utf8(&rest[..colon]).ok()?;
+    Some(Envelope::Publication {
+        offset,
+        epoch,
+        data: &rest[colon + 1..],
+        receipt: None,
+    })
 }
 
 #[cfg(test)]
@@ -73,15 +97,28 @@ mod tests {
             Some(Envelope::Publication {
                 offset: 12,
                 epoch: "00ab",
-                data: b"{\"a\":\"x:y\"}"
+                data: b"{\"a\":\"x:y\"}",
+                receipt: None,
             })
+        ));
+        let head = publication_head(Some(std::time::Duration::from_millis(1500)));
+        let tallied = format!("{head}7:e:{{}}");
+        assert!(matches!(
+            decode(tallied.as_bytes()),
+            Some(Envelope::Publication {
+                offset: 7,
+                epoch: "e",
+                data: b"{}",
+                receipt: Some(d),
+            }) if d.as_millis() == 1500
         ));
         assert!(matches!(
             decode(b"p0::1"),
             Some(Envelope::Publication {
                 offset: 0,
                 epoch: "",
-                data: b"1"
+                data: b"1",
+                receipt: None,
             })
         ));
         let member = Member {
@@ -96,7 +133,19 @@ mod tests {
             panic!()
         };
         assert_eq!(back.info.unwrap().get(), "{\"x\":1}");
-        for bad in [&b""[..], b"p", b"px:e:1", b"p1", b"p1:e", b"m{", b"z1"] {
+        for bad in [
+            &b""[..],
+            b"p",
+            b"px:e:1",
+            b"p1",
+            b"p1:e",
+            b"m{",
+            b"z1",
+            b"r",
+            b"r10",
+            b"rx,1:e:1",
+            b"r10,1:e",
+        ] {
             assert!(decode(bad).is_none(), "{bad:?}");
         }
     }

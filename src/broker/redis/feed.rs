@@ -280,7 +280,8 @@ impl Inner {
                 offset,
                 epoch,
                 data,
-            }) => self.arrived(channel, offset, epoch, data, flush),
+                receipt,
+            }) => self.arrived(channel, offset, epoch, data, receipt, flush),
             Some(Envelope::Membership(member)) => {
                 if *member.node == *self.node || !self.options(channel).join_leave {
                     return;
@@ -306,19 +307,27 @@ impl Inner {
 
     /// A publication from the topic: to the hub through the frontier; the sockets to write
     /// join `flush`, which runs once the entry's lock is released.
-    fn arrived(&self, channel: &str, offset: u64, epoch: &str, data: &[u8], flush: &mut Flush) {
+    fn arrived(
+        &self,
+        channel: &str,
+        offset: u64,
+        epoch: &str,
+        data: &[u8],
+        receipt: Option<std::time::Duration>,
+        flush: &mut Flush,
+    ) {
         let Some(entry) = self.table.get(channel) else {
             return;
         };
         let mut entry = entry.lock().expect("entry lock");
         if offset == 0 {
             // Without history there are no offsets to order or recover: as it comes.
-            flush.extend(self.hub.deliver(channel, data, None).1);
+            flush.extend(self.hub.deliver(channel, data, None, None).1);
             return;
         }
         match entry.arrive(epoch, offset) {
             Step::Deliver => {
-                let (counts, delivered) = self.hub.deliver(channel, data, Some(offset));
+                let (counts, delivered) = self.hub.deliver(channel, data, Some(offset), receipt);
                 entry.last = (offset, counts.queued);
                 flush.extend(delivered);
             }

@@ -178,8 +178,11 @@ impl RedisBroker {
         channel: &str,
         data: &[u8],
         idempotency_key: Option<&str>,
+        receipt: Option<Duration>,
     ) -> Result<Published, BrokerError> {
-        self.inner.publish(channel, data, idempotency_key).await
+        self.inner
+            .publish(channel, data, idempotency_key, receipt)
+            .await
     }
 
     pub async fn subscribe<R>(
@@ -294,6 +297,7 @@ impl Inner {
         channel: &str,
         data: &[u8],
         idempotency_key: Option<&str>,
+        receipt: Option<Duration>,
     ) -> Result<Published, BrokerError> {
         let start = Instant::now();
         let options = self.options(channel);
@@ -311,7 +315,8 @@ impl Inner {
             .arg(self.config.idempotency_window.as_millis() as u64)
             .arg(keys.topic(channel))
             .arg(if options.has_history() { "1" } else { "0" })
-            .arg(if idempotency_key.is_some() { "1" } else { "0" });
+            .arg(if idempotency_key.is_some() { "1" } else { "0" })
+            .arg(envelope::publication_head(receipt));
         let reply: String = self
             .link(channel)
             .call(|mut c| async move { invocation.invoke_async(&mut c).await })
@@ -334,7 +339,8 @@ impl Inner {
                 let mut entry = entry.lock().expect("entry lock");
                 match entry.published(epoch, offset) {
                     Step::Deliver => {
-                        let (counts, flush) = self.hub.deliver(channel, data, Some(offset));
+                        let (counts, flush) =
+                            self.hub.deliver(channel, data, Some(offset), receipt);
                         entry.last = (offset, counts.queued);
                         drop(entry);
                         flush.run();

@@ -1,7 +1,8 @@
 -- One publication of a channel, as one step: the idempotency key, the next offset in the
 -- channel's epoch, the append to the bounded stream, and the PUBLISH to every node.
 -- KEYS: meta, stream, seen. ARGV: data, history_size, history_ttl_ms, meta_ttl_ms,
--- fresh_epoch, window_ms, topic, has_history ('1'/'0'), keyed ('1'/'0').
+-- fresh_epoch, window_ms, topic, has_history ('1'/'0'), keyed ('1'/'0'), the envelope's
+-- head ('p', or 'r<deadline_ms>,' for a publication whose receipts are tallied).
 -- Returns 'n<offset>:<epoch>' (offset 0 and no epoch without history), or 's' and the first
 -- result for a key seen within the window (nothing published).
 local meta, stream, seen = KEYS[1], KEYS[2], KEYS[3]
@@ -27,7 +28,7 @@ if ARGV[8] == '1' then
   redis.call('PEXPIRE', stream, ARGV[3])
 end
 local result = offset .. ':' .. epoch
-redis.call('PUBLISH', ARGV[7], 'p' .. result .. ':' .. ARGV[1])
+redis.call('PUBLISH', ARGV[7], ARGV[10] .. result .. ':' .. ARGV[1])
 if keyed and tonumber(ARGV[6]) > 0 then
   redis.call('SET', seen, result, 'PX', ARGV[6])
 end

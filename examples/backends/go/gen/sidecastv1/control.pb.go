@@ -178,8 +178,14 @@ type PublishRequest struct {
 	// When set (at most 256 bytes), a second Publish with the same key to the same channel
 	// within idempotency_window returns the first result and publishes nothing.
 	IdempotencyKey string `protobuf:"bytes,3,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Tally this publication's delivery receipt (a namespace with receipts; else
+	// FAILED_PRECONDITION), for Control.Receipt.
+	Receipt bool `protobuf:"varint,4,opt,name=receipt,proto3" json:"receipt,omitempty"`
+	// With receipt: acknowledgements count until this many ms after it reaches each node; 0
+	// for the namespace's receipt_timeout. At most 3,600,000 (else INVALID_ARGUMENT).
+	ReceiptTimeoutMs uint32 `protobuf:"varint,5,opt,name=receipt_timeout_ms,json=receiptTimeoutMs,proto3" json:"receipt_timeout_ms,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *PublishRequest) Reset() {
@@ -231,6 +237,20 @@ func (x *PublishRequest) GetIdempotencyKey() string {
 		return x.IdempotencyKey
 	}
 	return ""
+}
+
+func (x *PublishRequest) GetReceipt() bool {
+	if x != nil {
+		return x.Receipt
+	}
+	return false
+}
+
+func (x *PublishRequest) GetReceiptTimeoutMs() uint32 {
+	if x != nil {
+		return x.ReceiptTimeoutMs
+	}
+	return 0
 }
 
 type PublishResponse struct {
@@ -3224,11 +3244,13 @@ const file_sidecast_v1_control_proto_rawDesc = "" +
 	"\x06Target\x12\x14\n" +
 	"\x04user\x18\x01 \x01(\tH\x00R\x04user\x12\x18\n" +
 	"\x06client\x18\x02 \x01(\tH\x00R\x06clientB\b\n" +
-	"\x06target\"g\n" +
+	"\x06target\"\xaf\x01\n" +
 	"\x0ePublishRequest\x12\x18\n" +
 	"\achannel\x18\x01 \x01(\tR\achannel\x12\x12\n" +
 	"\x04data\x18\x02 \x01(\fR\x04data\x12'\n" +
-	"\x0fidempotency_key\x18\x03 \x01(\tR\x0eidempotencyKey\"]\n" +
+	"\x0fidempotency_key\x18\x03 \x01(\tR\x0eidempotencyKey\x12\x18\n" +
+	"\areceipt\x18\x04 \x01(\bR\areceipt\x12,\n" +
+	"\x12receipt_timeout_ms\x18\x05 \x01(\rR\x10receiptTimeoutMs\"]\n" +
 	"\x0fPublishResponse\x12\x16\n" +
 	"\x06offset\x18\x01 \x01(\x04R\x06offset\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\tR\x05epoch\x12\x1c\n" +
