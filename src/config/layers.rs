@@ -318,6 +318,8 @@ mod tests {
             .contains("needs slow_consumer"));
         let receipts = err(Some("[namespaces.r]\nreceipts = true"), &[]);
         assert!(receipts.contains("namespaces.r.receipts") && receipts.contains("history_size"));
+        let long = "[namespaces.r]\nhistory_size = 1\nhistory_ttl = \"1m\"\nreceipts = true\nreceipt_timeout = \"2h\"";
+        assert!(err(Some(long), &[]).contains("namespaces.r.receipt_timeout"));
         assert!(
             err(None, &[("SIDECAST_MAX_PENDING_RECEIPTS", "0")]).contains("max_pending_receipts")
         );

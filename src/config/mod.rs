@@ -25,6 +25,10 @@ pub use values::{format_duration, parse_duration, redact, Secret};
 use crate::wire::origin::OriginPattern;
 use values::{duration, nets, nonempty};
 
+/// The longest deadline of a publication's delivery receipt (`receipt_timeout`, and a
+/// Publish's `receipt_timeout_ms`).
+pub const MAX_RECEIPT_DEADLINE: Duration = Duration::from_secs(3600);
+
 /// Exit code for a configuration error (EX_USAGE from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
 

@@ -295,10 +295,13 @@ fn check_namespace(table: &str, options: &NamespaceOptions) -> Result<(), Config
             "needs history_size: a receipt names a publication by its offset",
         ));
     }
-    if options.receipts && options.receipt_timeout.is_zero() {
+    if options.receipts
+        && (options.receipt_timeout.is_zero()
+            || options.receipt_timeout > super::MAX_RECEIPT_DEADLINE)
+    {
         return Err(invalid(
             &format!("{table}.receipt_timeout"),
-            "must be greater than 0",
+            "must be greater than 0 and at most 1h",
         ));
     }
     if options.has_history() && options.history_meta_ttl < options.history_ttl {

@@ -8,7 +8,7 @@
 //! offset and its last acknowledged one. A tally is frozen once its deadline has passed: its
 //! list of users who did not acknowledge is made then, before any later acknowledgement.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,8 +55,10 @@ impl Receipt {
 
 pub struct Receipts {
     channels: HashMap<Arc<str>, Channel>,
-    /// Every tally by age, for expiry and the bound.
-    order: VecDeque<(Arc<str>, u64)>,
+    /// Every tally by when it expires (then by a sequence number), for expiry and the
+    /// bound: deadlines differ per publication, so offsets do not tell.
+    order: BTreeMap<(Instant, u64), (Arc<str>, u64)>,
+    sequence: u64,
     max: usize,
 }
 
@@ -64,8 +66,8 @@ pub struct Receipts {
 struct Channel {
     tallies: BTreeMap<u64, Tally>,
     readers: HashMap<Arc<str>, Reader>,
-    /// Tallies at or below this offset are frozen.
-    frozen_upto: u64,
+    /// The tallies not frozen yet, by deadline.
+    due: BTreeSet<(Instant, u64)>,
 }
 
 struct Reader {
@@ -74,11 +76,12 @@ struct Reader {
     from: u64,
     /// Every offset up to this one is acknowledged.
     acked: u64,
+    /// The newest offset it was given by a recovery (0: none).
+    recovered: u64,
 }
 
 struct Tally {
     deadline: Instant,
-    expires: Instant,
     delivered: u32,
     acked: u32,
     /// Users whose delivery was not acknowledged: those who left before acknowledging, then
@@ -86,6 +89,8 @@ struct Tally {
     missing: Vec<Arc<str>>,
     missing_more: u32,
     frozen: bool,
+    /// Its key in `Receipts::order`.
+    order: (Instant, u64),
 }
 
 impl Receipts {
@@ -93,7 +98,8 @@ impl Receipts {
     pub fn new(max: usize) -> Receipts {
         Receipts {
             channels: HashMap::new(),
-            order: VecDeque::new(),
+            order: BTreeMap::new(),
+            sequence: 0,
             max,
         }
     }
@@ -119,22 +125,28 @@ impl Receipts {
             Some((name, _)) => name.clone(),
             None => Arc::from(channel),
         };
+        self.sequence += 1;
+        let order = (now + timeout * 2, self.sequence);
         let tally = Tally {
             deadline: now + timeout,
-            expires: now + timeout * 2,
             delivered: 0,
             acked: 0,
             missing: Vec::new(),
             missing_more: 0,
             frozen: false,
+            order,
         };
         let entry = self.channels.entry(name.clone()).or_default();
-        if entry.tallies.insert(offset, tally).is_none() {
-            self.order.push_back((name, offset));
+        entry.due.insert((tally.deadline, offset));
+        // The same offset again: a new epoch of the channel replaces the old tally.
+        if let Some(old) = entry.tallies.insert(offset, tally) {
+            entry.due.remove(&(old.deadline, offset));
+            self.order.remove(&old.order);
         }
+        self.order.insert(order, (name, offset));
         let mut forgotten = 0;
         while self.order.len() > self.max {
-            self.forget_oldest();
+            self.forget_first();
             forgotten += 1;
         }
         forgotten
@@ -164,7 +176,9 @@ impl Receipts {
         };
         let entry = self.channels.entry(name).or_default();
         freeze_due(entry, now);
+        let mut newest = 0;
         for offset in recovered {
+            newest = newest.max(offset);
             if let Some(tally) = entry.tallies.get_mut(&offset) {
                 if !tally.frozen {
                     tally.delivered += 1;
@@ -177,6 +191,7 @@ impl Receipts {
             user: user.clone(),
             from,
             acked: 0,
+            recovered: newest,
         };
         entry.readers.insert(client.clone(), reader);
     }
@@ -191,24 +206,33 @@ impl Receipts {
         let Some(reader) = entry.readers.get_mut(client) else {
             return false;
         };
+        // Nothing above the newest tally can be counted yet: a client acknowledging ahead
+        // (up to u64::MAX) moves no further than that.
+        let newest = entry.tallies.keys().next_back().copied().unwrap_or(0);
+        let offset = offset.min(newest);
         if offset <= reader.acked {
             return true;
         }
         let start = reader.acked + 1;
         reader.acked = offset;
         let user = reader.user.clone();
-        let from = reader.from;
+        let (from, recovered) = (reader.from, reader.recovered);
         for (&at, tally) in entry.tallies.range_mut(start..=offset) {
             if tally.frozen {
                 continue;
             }
-            // A user who left before acknowledging, and acknowledges here.
-            let owed = tally.missing.iter().position(|u| *u == user);
-            if let Some(i) = owed {
+            // A user who left (another connection) before acknowledging, and now
+            // acknowledges what came back to them: before `from` (what the old connection
+            // could not carry), or in this subscription's recovery.
+            let owed = at < from || at <= recovered;
+            let returned = owed
+                .then(|| tally.missing.iter().position(|u| *u == user))
+                .flatten();
+            if let Some(i) = returned {
                 tally.missing.swap_remove(i);
             }
-            // Before `from` this subscription was not given it: only what its user owed.
-            if at >= from || owed.is_some() {
+            // Before `from` this subscription was not given it: it counts only for its user.
+            if at >= from || returned.is_some() {
                 tally.acked += 1;
             }
         }
@@ -224,7 +248,10 @@ impl Receipts {
         let Some(reader) = entry.readers.remove(client) else {
             return;
         };
-        let start = reader.acked.max(reader.from.saturating_sub(1)) + 1;
+        let start = reader
+            .acked
+            .max(reader.from.saturating_sub(1))
+            .saturating_add(1);
         for (_, tally) in entry.tallies.range_mut(start..) {
             if !tally.frozen {
                 add_missing(tally, &reader.user);
@@ -260,25 +287,24 @@ impl Receipts {
 
     /// Forgets what expired.
     pub fn expire(&mut self, now: Instant) {
-        while let Some((channel, offset)) = self.order.front() {
-            let expired = self
-                .channels
-                .get(channel)
-                .and_then(|c| c.tallies.get(offset))
-                .is_none_or(|t| t.expires <= now);
-            if !expired {
-                break;
-            }
-            self.forget_oldest();
+        while self
+            .order
+            .first_key_value()
+            .is_some_and(|((expires, _), _)| *expires <= now)
+        {
+            self.forget_first();
         }
     }
 
-    fn forget_oldest(&mut self) {
-        let Some((channel, offset)) = self.order.pop_front() else {
+    /// Forgets the tally that expires first.
+    fn forget_first(&mut self) {
+        let Some((_, (channel, offset))) = self.order.pop_first() else {
             return;
         };
         if let Some(entry) = self.channels.get_mut(&channel) {
-            entry.tallies.remove(&offset);
+            if let Some(tally) = entry.tallies.remove(&offset) {
+                entry.due.remove(&(tally.deadline, offset));
+            }
             if entry.readers.is_empty() && entry.tallies.is_empty() {
                 self.channels.remove(&channel);
             }
@@ -295,16 +321,16 @@ fn freeze_due(entry: &mut Channel, now: Instant) {
     let Channel {
         tallies,
         readers,
-        frozen_upto,
+        due,
     } = entry;
-    for (&offset, tally) in tallies.range_mut(*frozen_upto + 1..) {
-        if tally.deadline > now {
+    while let Some(&(deadline, offset)) = due.first() {
+        if deadline > now {
             break;
         }
-        *frozen_upto = offset;
-        if tally.frozen {
+        due.pop_first();
+        let Some(tally) = tallies.get_mut(&offset) else {
             continue;
-        }
+        };
         tally.frozen = true;
         if tally.acked >= tally.delivered && tally.missing.is_empty() {
             continue;
@@ -425,11 +451,55 @@ mod tests {
         assert!(r.ack("c7", "ch", 10, t0));
         r.published("ch", 3, t0, T);
         r.delivered("ch", 3, 1);
-        assert!(r.ack("c7", "ch", 10, t0));
         assert_eq!(r.receipt("ch", 3, t0).unwrap().acknowledged, 0);
+        // Up to u64::MAX, then leaving: no overflow, and the user owes what came after.
+        assert!(r.ack("c7", "ch", u64::MAX, t0));
+        r.published("ch", 4, t0, T);
+        r.delivered("ch", 4, 1);
+        r.left("c7", "ch", t0);
+        assert!(r
+            .receipt("ch", 4, t0)
+            .unwrap()
+            .missing
+            .contains(&"fay".to_string()));
         // A subscription that starts after a publication was neither given nor owes it.
         r.reading(&arc("c3"), &arc("bob"), "ch", 2, std::iter::empty(), t0);
         assert!(r.receipt("ch", 1, t0).unwrap().missing.is_empty());
+    }
+
+    #[test]
+    fn each_publication_keeps_its_own_deadline() {
+        let t0 = Instant::now();
+        let mut r = Receipts::new(100);
+        r.reading(&arc("c1"), &arc("ann"), "ch", 1, std::iter::empty(), t0);
+        r.published("ch", 1, t0, Duration::from_secs(3600));
+        r.published("ch", 2, t0, Duration::from_secs(1));
+        let later = t0 + Duration::from_secs(2);
+        assert!(r.receipt("ch", 2, later).unwrap().complete);
+        assert!(!r.receipt("ch", 1, later).unwrap().complete);
+        // A late acknowledgement counts for the open one only.
+        assert!(r.ack("c1", "ch", 2, later));
+        assert_eq!(r.receipt("ch", 2, later).unwrap().acknowledged, 0);
+        assert_eq!(r.receipt("ch", 1, later).unwrap().acknowledged, 1);
+        // The short one expires first.
+        r.expire(t0 + Duration::from_secs(3));
+        assert!(r.receipt("ch", 2, later).is_none());
+        assert!(r.receipt("ch", 1, later).is_some());
+    }
+
+    #[test]
+    fn a_user_with_two_connections_owes_each_delivery() {
+        let t0 = Instant::now();
+        let mut r = Receipts::new(100);
+        r.reading(&arc("tab1"), &arc("uma"), "ch", 1, std::iter::empty(), t0);
+        r.reading(&arc("tab2"), &arc("uma"), "ch", 1, std::iter::empty(), t0);
+        r.published("ch", 1, t0, T);
+        r.delivered("ch", 1, 2);
+        r.left("tab1", "ch", t0);
+        assert!(r.ack("tab2", "ch", 1, t0));
+        let receipt = r.receipt("ch", 1, t0).unwrap();
+        assert_eq!((receipt.delivered, receipt.acknowledged), (2, 1));
+        assert_eq!(receipt.missing, ["uma"]);
     }
 
     #[test]

@@ -17,8 +17,7 @@ use super::{Conn, Node, NodeError};
 /// Longest Publish idempotency_key: keys are remembered for idempotency_window.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 
-/// The longest deadline a Publish may give its delivery receipt.
-pub const MAX_RECEIPT_DEADLINE: Duration = Duration::from_secs(3600);
+pub use crate::config::MAX_RECEIPT_DEADLINE;
 
 /// Whether a Publish asks for its delivery receipt, and with which deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,7 @@ use crate::ws::clock::{unix_now, Clock, CLOSE_HANDSHAKE_TIMEOUT};
 use crate::ws::handler::Handler;
 use crate::ws::reader::{AnyRead, Fill, ReadError, Reader};
 use crate::ws::socket;
-use crate::ws::sse::Commands;
+use crate::ws::sse;
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
 
@@ -97,15 +97,22 @@ pub async fn run(
 /// An SSE stream's connection (`sse::open` made its parts): it reads the commands POSTed
 /// to the stream and writes its frames into the pipe that the stream's body reads.
 pub async fn run_sse(
-    commands: Commands,
-    pipe: DuplexStream,
+    parts: sse::Parts,
     node: Node,
     ticket: Ticket,
-    credentials: Credentials,
     shutdown: CancellationToken,
     kill: CancellationToken,
 ) {
+    let sse::Parts {
+        commands,
+        pipe,
+        credentials,
+        gone,
+        hangup,
+    } = parts;
     let outbox = Outbox::new(node.config.max_queue_bytes).with_metrics(node.metrics.clone());
+    let grace = node.config.write_timeout;
+    let (stopping, killed) = (shutdown.clone(), kill.clone());
     let start = Start {
         node,
         ticket,
@@ -115,6 +122,23 @@ pub async fn run_sse(
     };
     let mut connection = Connection::start(commands, pipe, outbox, start).await;
     connection.run().await;
+    // Its place and its session go now.
+    drop(connection);
+    // The socket belongs to the HTTP connection, which waits for the client to take the
+    // rest of the stream: a client whose window stays shut would keep it for good. It gets
+    // write_timeout to take the rest, and as long again to take the last bytes; then the
+    // HTTP connection ends and the socket with it.
+    // A stopping server ends its HTTP connections itself.
+    let linger = async {
+        let _ = timeout(grace, gone.cancelled()).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        () = linger => {}
+        () = stopping.cancelled() => {}
+        () = killed.cancelled() => {}
+    }
+    hangup.cancel();
 }
 
 /// What a connection starts from.

@@ -93,6 +93,10 @@ pub async fn serve(
         let tasks_for_conn = tasks.clone();
         let stop = stop.clone();
         let sessions = sessions.clone();
+        // Ends the HTTP connection, and so drops its socket: an SSE stream's connection
+        // does so when the client has taken nothing for too long (see `connection::run_sse`).
+        let hangup = CancellationToken::new();
+        let hangup_here = hangup.clone();
         tasks.tracker.spawn(
             async move {
                 let header_read_timeout = node.config.header_read_timeout;
@@ -102,6 +106,7 @@ pub async fn serve(
                     let admission = admission.clone();
                     let ticket = ticket.clone();
                     let sessions = sessions.clone();
+                    let hangup = hangup.clone();
                     async move {
                         if is_sse_post(&req, &node) {
                             let response = post_command(req, &sessions, &node).await;
@@ -112,6 +117,7 @@ pub async fn serve(
                             admission: &admission,
                             ticket: &ticket,
                             sessions: &sessions,
+                            hangup: &hangup,
                         };
                         Ok(handle(req, upgrade, node, tasks))
                     }
@@ -157,6 +163,7 @@ pub async fn serve(
                 tokio::select! {
                     _ = served => {}
                     _ = stop.cancelled() => {}
+                    _ = hangup_here.cancelled() => {}
                 }
             }
             .instrument(tracing::debug_span!("ws", %peer)),
@@ -170,6 +177,7 @@ struct Upgrade<'a> {
     admission: &'a Admission,
     ticket: &'a std::sync::Mutex<Option<Ticket>>,
     sessions: &'a Sessions,
+    hangup: &'a CancellationToken,
 }
 
 fn handle(
@@ -183,6 +191,7 @@ fn handle(
         admission,
         ticket,
         sessions,
+        hangup,
     } = upgrade;
     let is_sse = is_sse(&req, &node);
     if req.uri().path() != node.config.ws_path && !is_sse {
@@ -228,7 +237,12 @@ fn handle(
         return response;
     }
     if is_sse {
-        return open_sse(&req, node, &mut slot, tasks, sessions, cors.as_ref());
+        let stream = Stream {
+            sessions,
+            hangup,
+            cors: cors.as_ref(),
+        };
+        return open_sse(&req, node, &mut slot, tasks, stream);
     }
     let protocol = match offered_protocol(&req) {
         Ok(protocol) => protocol,
@@ -291,14 +305,20 @@ fn handle(
     response
 }
 
+/// What an SSE stream is opened with besides the request.
+struct Stream<'a> {
+    sessions: &'a Sessions,
+    hangup: &'a CancellationToken,
+    cors: Option<&'a HeaderValue>,
+}
+
 /// Opens an SSE stream (`sse::open` checks it) and spawns its connection.
 fn open_sse(
     req: &Request<Incoming>,
     node: Node,
     slot: &mut Option<Ticket>,
     tasks: Tasks,
-    sessions: &Sessions,
-    cors: Option<&HeaderValue>,
+    stream: Stream<'_>,
 ) -> Response<Body> {
     if req.method() != hyper::Method::GET {
         return plain(
@@ -307,6 +327,11 @@ fn open_sse(
         );
     }
     // A refused request leaves the socket its place: the next request on it may succeed.
+    let Stream {
+        sessions,
+        hangup,
+        cors,
+    } = stream;
     let opened = match sse::open(req, &node, sessions) {
         Ok(opened) => opened,
         Err(refused) => {
@@ -320,11 +345,12 @@ fn open_sse(
     };
     tasks.tracker.spawn(
         connection::run_sse(
-            opened.commands,
-            opened.pipe,
+            sse::Parts {
+                hangup: hangup.clone(),
+                ..opened.parts
+            },
             node,
             ticket,
-            opened.credentials,
             tasks.shutdown.clone(),
             tasks.kill.clone(),
         )

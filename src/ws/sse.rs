@@ -70,12 +70,21 @@ impl Drop for Entry {
     }
 }
 
-/// What an accepted `GET` starts: the response, and the connection's two ends.
+/// What an accepted `GET` starts: the response, and its connection's parts.
 pub struct Opened {
     pub response: Response<SseBody>,
+    pub parts: Parts,
+}
+
+/// What an SSE stream's connection runs with.
+pub struct Parts {
     pub commands: Commands,
     pub pipe: DuplexStream,
     pub credentials: Credentials,
+    /// Cancelled once the response's body is gone (sent, or the client left).
+    pub gone: CancellationToken,
+    /// Ends the HTTP connection that carries the stream (set by the listener).
+    pub hangup: CancellationToken,
 }
 
 /// Checks a `GET` of the stream and opens it; a refusal is the answer to send instead.
@@ -165,7 +174,7 @@ pub fn open(req: &Request<Incoming>, node: &Node, sessions: &Sessions) -> Result
         read,
         translator: Translator::default(),
         head: Some(Bytes::from(head)),
-        _gone: gone.drop_guard(),
+        _gone: gone.clone().drop_guard(),
     };
     let mut response = Response::new(body);
     let headers = response.headers_mut();
@@ -179,13 +188,17 @@ pub fn open(req: &Request<Incoming>, node: &Node, sessions: &Sessions) -> Result
     headers.insert(CONNECTION, HeaderValue::from_static("close"));
     Ok(Opened {
         response,
-        commands,
-        pipe,
-        credentials: Credentials {
-            query_token: Some(token),
-            cookie: None,
-            positions,
-            channels,
+        parts: Parts {
+            commands,
+            pipe,
+            credentials: Credentials {
+                query_token: Some(token),
+                cookie: None,
+                positions,
+                channels,
+            },
+            gone,
+            hangup: CancellationToken::new(),
         },
     })
 }
@@ -308,9 +321,10 @@ fn refusal(status: StatusCode, code: u16, reason: &str) -> Response<Full<Bytes>>
     let body = serde_json::json!({"code": code, "reason": reason}).to_string();
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    // As every answer but an upgrade or a stream: the socket does not outlive it.
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
     response
 }
 

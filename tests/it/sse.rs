@@ -422,32 +422,16 @@ async fn refusals_come_before_the_stream_with_a_status_and_a_close_code() {
             assert_eq!(body["reason"], reason);
         }
     }
-    // A refused request leaves its connection usable: the next request on it opens.
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    for (auth, status) in [("Bearer x.y.z", 401), (good.as_str(), 200)] {
-        let request = hyper::Request::get("/sse")
-            .header("host", "sidecast.test")
-            .header("authorization", auth)
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let response = tokio::time::timeout(PATIENCE, sender.send_request(request))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(response.status(), status);
-        if status == 401 {
-            response.into_body().collect().await.unwrap();
-            tokio::time::timeout(PATIENCE, sender.ready())
-                .await
-                .unwrap()
-                .unwrap();
-        }
-    }
+    // A refusal closes its connection, as every answer but an upgrade or a stream does.
+    let refused = request(
+        addr,
+        "GET",
+        "/sse",
+        &[("authorization", "Bearer x.y.z")],
+        "",
+    )
+    .await;
+    assert_eq!(refused.headers()["connection"], "close");
 
     // The token in the query, as for a WebSocket.
     let query = format!("/sse?token={}", good.trim_start_matches("Bearer "));
@@ -671,4 +655,67 @@ async fn posts_without_a_session_not_utf8_or_too_slow_are_refused() {
     // None of them reached the connection.
     assert_eq!(post(addr, &session, r#"{"id":3,"op":"ping"}"#).await, 202);
     assert_eq!(stream.message().await, json!({"id": 3, "result": {}}));
+}
+
+/// Open descriptors of a process.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_loses_its_socket_not_only_its_connection() {
+    use tokio::io::AsyncWriteExt;
+    let node = crate::support::NodeProcess::start(
+        "[namespaces.f]\npublic = true\n",
+        &[
+            ("write_timeout", "300ms"),
+            ("socket_send_buffer", "16384"),
+            ("header_read_timeout", "60s"),
+        ],
+    )
+    .await;
+    let pid = node.child.0.as_ref().unwrap().id();
+    let addr: SocketAddr = node.ws_url["ws://".len()..node.ws_url.len() - "/ws".len()]
+        .parse()
+        .unwrap();
+    let mut grpc = sidecast::pb::control_client::ControlClient::connect(node.grpc_url.clone())
+        .await
+        .unwrap();
+    // A client that sends its request and never reads, with a small receive buffer.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(addr).await.unwrap();
+    let get = format!(
+        "GET /sse?channel=f:x&token={} HTTP/1.1\r\nHost: x\r\n\r\n",
+        token("kim", json!({}))
+    );
+    tcp.write_all(get.as_bytes()).await.unwrap();
+    let grpc_for_check = grpc.clone();
+    eventually("the stream is open", || {
+        let mut grpc = grpc_for_check.clone();
+        async move {
+            grpc.info(pb::InfoRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .connections
+                == 1
+        }
+    })
+    .await;
+    let open = descriptors(pid);
+    let pad = "x".repeat(4000);
+    for n in 0..400 {
+        grpc.publish(publish("f:x", &format!(r#"{{"n":{n},"pad":"{pad}"}}"#)))
+            .await
+            .unwrap();
+    }
+    // Its connection ends (write_timeout), then its socket is closed too.
+    eventually("the stalled stream's socket is closed", || async move {
+        descriptors(pid) < open
+    })
+    .await;
+    drop(tcp);
 }

@@ -47,9 +47,9 @@ export interface ClientOptions {
   cookie?: boolean;
   /** A WebSocket implementation; the global one by default (browsers, Node ≥ 22). */
   WebSocket?: WebSocketConstructor;
-  /** The transports to try, in order (default both): after `sseAfter` WebSocket attempts
-   * in a row that fail before the socket opens (a proxy that blocks WebSockets), the
-   * client goes on over Server-Sent Events (docs/protocol.md §14) until disconnect(). */
+  /** The transports to try, in order (default both): after `sseAfter` attempts in a row
+   * that fail before the transport opens (a proxy that blocks WebSockets), the client goes
+   * on with the next one (Server-Sent Events, docs/protocol.md §14), and round again. */
   transports?: Transport[];
   /** The SSE endpoint; by default `url` with http(s) for ws(s) and `/sse` for a final `/ws`. */
   sseUrl?: string;
@@ -109,8 +109,8 @@ export class Client extends Emitter<ClientEvents> {
   private readonly transports: Transport[];
   private readonly sseUrl: string | undefined;
   private transportIndex = 0;
-  /** WebSocket attempts in a row that failed before the socket opened. */
-  private wsFailures = 0;
+  /** Attempts in a row whose transport failed before it opened. */
+  private failures = 0;
   private _state: ConnectionState = "disconnected";
   /** The app asked to be connected (connect() without a later disconnect()). */
   private wanted = false;
@@ -174,7 +174,7 @@ export class Client extends Emitter<ClientEvents> {
     this.wanted = true;
     this.attempt = 0;
     this.transportIndex = 0;
-    this.wsFailures = 0;
+    this.failures = 0;
     void this.open();
   }
 
@@ -300,7 +300,7 @@ export class Client extends Emitter<ClientEvents> {
     ws.onclose = (event) => {
       if (this.ws !== ws) return;
       this.ws = null;
-      if (this.transport === "websocket") this.countWebSocket(opened);
+      this.countAttempt(ws instanceof SseSocket ? ws.established : opened);
       this.onClose(event.code, event.reason);
     };
   }
@@ -313,12 +313,14 @@ export class Client extends Emitter<ClientEvents> {
     return new (this.WS as WebSocketConstructor)(this.options.url, "sidecast.v1");
   }
 
-  /** After `sseAfter` WebSocket attempts in a row that never opened, the next transport. */
-  private countWebSocket(opened: boolean): void {
-    this.wsFailures = opened ? 0 : this.wsFailures + 1;
-    if (this.wsFailures >= (this.options.sseAfter ?? 2) && this.transportIndex + 1 < this.transports.length) {
-      this.transportIndex += 1;
-      this.attempt = 0;
+  /** After `sseAfter` attempts in a row that never opened, the next transport (and after
+   * the last, the first again: an outage also fails every attempt, and must not leave the
+   * client on SSE for good, or on an endpoint the server has turned off). */
+  private countAttempt(opened: boolean): void {
+    this.failures = opened ? 0 : this.failures + 1;
+    if (this.failures >= (this.options.sseAfter ?? 2) && this.transports.length > 1) {
+      this.transportIndex = (this.transportIndex + 1) % this.transports.length;
+      this.failures = 0;
     }
   }
 

@@ -21,6 +21,8 @@ export class SseSocket implements WebSocketLike {
 
   private readonly abort = new AbortController();
   private session: string | null = null;
+  /** The stream was accepted (its `session` event came): the transport works. */
+  established = false;
   /** Commands not yet POSTed, in order; the stream's session key comes first. */
   private readonly outbox: string[] = [];
   private posting = false;
@@ -118,6 +120,7 @@ export class SseSocket implements WebSocketLike {
     const payload = data.join("\n");
     if (name === "session") {
       this.session = (JSON.parse(payload) as { session: string }).session;
+      this.established = true;
       void this.post();
     } else if (name === "close") {
       const close = JSON.parse(payload) as CloseData;

@@ -191,6 +191,9 @@ export class Subscription extends Emitter<SubscriptionEvents> {
     const last = this._position;
     if (offset !== undefined && last && offset !== last.offset + 1) {
       this.emit("unrecovered", { channel: this.channel, reason: "gap", position: { ...last } });
+      // A new stream: what was handled in the old one is not in it.
+      this.handled = 0;
+      this.handledEpoch = undefined;
       // The new epoch is learnt from the server; the offset is this publication's.
       this._position = { offset, epoch: last.epoch };
       this.host.resync(this);
@@ -213,6 +216,7 @@ export class Subscription extends Emitter<SubscriptionEvents> {
   /** @internal The channel's current epoch, after a gap (see `publication`). */
   resynced(epoch: string): void {
     if (this._position) this._position = { offset: this._position.offset, epoch };
+    this.handledEpoch ??= epoch;
   }
 
   private deliver(publication: Publication, epoch: string | undefined): void {
