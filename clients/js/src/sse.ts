@@ -157,7 +157,12 @@ export class SseSocket implements WebSocketLike {
           continue;
         }
         this.outbox.shift();
-        if (response.status === 404) return this.finish(1006, "the stream's session is gone");
+        if (response.status === 404) {
+          // The connection ended: its stream carries the close event, which wins if it
+          // comes within a second.
+          setTimeout(() => this.finish(1006, "the stream's session is gone"), 1000);
+          return;
+        }
         if (!response.ok) {
           const refused = (await response.json().catch(() => ({}))) as CloseData;
           return this.finish(refused.code ?? 1006, refused.reason ?? `HTTP ${response.status}`);

@@ -123,22 +123,3 @@ test("over SSE a cookie client without a cookie stops and says why, as over a We
     await cookieNode.kill();
   }
 });
-
-test("after an outage fails both transports the client goes round to the WebSocket again", async () => {
-  // Nothing listens on this port: every attempt of either transport fails before opening.
-  const dead = await startSidecast({});
-  const url = dead.url;
-  await dead.kill();
-  const client = new Client({ url, token: token("vic"), WebSocket, backoff: fast });
-  const seen = [];
-  const poll = setInterval(() => {
-    if (seen.at(-1) !== client.transport) seen.push(client.transport);
-  }, 5);
-  client.connect();
-  try {
-    await until("websocket, sse, websocket", () => seen.join(",").startsWith("websocket,sse,websocket"));
-  } finally {
-    clearInterval(poll);
-    client.disconnect();
-  }
-});
