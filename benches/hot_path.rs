@@ -40,6 +40,7 @@ fn encode_pub_frame(bencher: Bencher, size: usize) {
             channel: divan::black_box("chat:lobby"),
             data: divan::black_box(data.as_bytes()),
             offset: Some(17),
+            trace: None,
         }
         .frame()
     });
@@ -105,7 +106,7 @@ fn hub_fan_out(bencher: Bencher, subscribers: usize) {
             }
         })
         .bench_local_refs(|_| {
-            let (counts, flush) = hub.deliver("room:1", b"{\"n\":1}", None, None);
+            let (counts, flush) = hub.deliver("room:1", b"{\"n\":1}", None, None, None);
             flush.run();
             counts
         });

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 /// Core modules (files or directories under src/) and what they must not import.
 const CORE: &[&str] = &[
-    "hub", "broker", "outbox", "events", "node", "auth", "config", "metrics", "tls",
+    "hub", "broker", "outbox", "events", "node", "auth", "config", "metrics", "tls", "trace",
 ];
 const EDGES: &[&str] = &["ws", "grpc", "admin", "run", "pb"];
 

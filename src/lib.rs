@@ -10,7 +10,8 @@
 //!   boundary: history, offsets, idempotency, presence, delivery to the hub; in memory or
 //!   on Redis), `outbox` (a connection's
 //!   bounded queue, and how a fan-out's sockets are written), `events` (the backend event
-//!   stream's groups), `auth`, `config`, `metrics`, `tls`.
+//!   stream's groups), `auth`, `config`, `metrics`, `tls`, `trace` (the spans of traced
+//!   publications, and their export).
 //! - **wire**: `wire`, the vocabulary of protocol v1 (frames, close codes, commands, server
 //!   messages, channel names), importing nothing of ours.
 //!
@@ -47,6 +48,7 @@ mod run;
 #[doc(hidden)]
 pub mod testkit;
 pub mod tls;
+pub mod trace;
 pub mod wire;
 pub mod ws;
 

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use sidecast::auth::{mint_hs256, MintClaims};
 use sidecast::config::{Config, LogFormat, Secret, EXIT_CONFIG};
+use sidecast::trace::Exporter;
 use sidecast::{run, Listeners, RunError};
 
 /// mimalloc returns freed pages to the system: the buffers of a burst of connection
@@ -116,10 +117,33 @@ fn main() -> ExitCode {
         Some(Command::Health { ready }) => return health(&config, *ready),
         _ => {}
     }
-    if let Err(message) = init_tracing(config.log_format) {
-        eprintln!("sidecast: configuration error: {message}");
-        return ExitCode::from(EXIT_CONFIG as u8);
-    }
+    let serving = matches!(cli.command, None | Some(Command::Serve));
+    // The node's runtime comes first: the span exporter, when configured, runs on it.
+    let runtime = if serving {
+        match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => Some(runtime),
+            Err(e) => {
+                eprintln!("sidecast: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let otlp = runtime
+        .as_ref()
+        .map(|r| (config.otlp_endpoint.as_str(), r.handle()))
+        .filter(|(endpoint, _)| !endpoint.is_empty());
+    let exporter = match init_tracing(config.log_format, otlp) {
+        Ok(exporter) => exporter,
+        Err(message) => {
+            eprintln!("sidecast: configuration error: {message}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
     if !config.token().has_key() {
         if let Err(e) = use_dev_secret(&mut config) {
             eprintln!("sidecast: development secret: {e:#}");
@@ -127,7 +151,14 @@ fn main() -> ExitCode {
         }
     }
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(config),
+        Command::Serve => {
+            let runtime = runtime.expect("made for serving");
+            let code = serve(&runtime, config);
+            if let Some(exporter) = exporter {
+                exporter.stop();
+            }
+            code
+        }
         Command::Config { .. } | Command::Health { .. } => unreachable!("handled above"),
         Command::Token {
             user,
@@ -243,24 +274,47 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
     Config::load(cli.config.as_deref(), &overrides).map_err(|e| e.to_string())
 }
 
-/// Sets up logging; an invalid filter in SIDECAST_LOG or RUST_LOG is a configuration error.
-fn init_tracing(format: LogFormat) -> Result<(), String> {
+/// Sets up logging, and the export of traced publications' spans when `otlp` (the
+/// endpoint and the runtime whose task sends them) is given; an invalid filter in
+/// SIDECAST_LOG or RUST_LOG is a configuration error.
+fn init_tracing(
+    format: LogFormat,
+    otlp: Option<(&str, &tokio::runtime::Handle)>,
+) -> Result<Option<Exporter>, String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let (var, filter) = match (std::env::var("SIDECAST_LOG"), std::env::var("RUST_LOG")) {
         (Ok(f), _) => ("SIDECAST_LOG", f),
         (_, Ok(f)) => ("RUST_LOG", f),
         _ => ("default", "info".to_string()),
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .map_err(|e| format!("invalid log filter in {var} ({filter:?}): {e}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(())
+        .map_err(|e| format!("invalid log filter in {var} ({filter:?}): {e}"))?
+        // The spans of traced publications are for the exporter, never the log.
+        .add_directive(
+            format!("{}=off", sidecast::trace::TARGET)
+                .parse()
+                .expect("a directive"),
+        );
+    let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let log = match format {
+        LogFormat::Text => log.with_filter(filter).boxed(),
+        LogFormat::Json => log.json().with_filter(filter).boxed(),
+    };
+    let Some((endpoint, runtime)) = otlp else {
+        tracing_subscriber::registry().with(log).init();
+        return Ok(None);
+    };
+    let _inside = runtime.enter();
+    let (exporter, export) = Exporter::start(endpoint, SPAN_BATCH_DELAY)?;
+    tracing_subscriber::registry().with(log).with(export).init();
+    Ok(Some(exporter))
 }
+
+/// How often the spans of traced publications are sent to the collector.
+const SPAN_BATCH_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Development mode: with no token key configured, tokens are checked against a random
 /// secret kept in dev_secret_file (made on first use), so `sidecast token` can mint them.
@@ -345,17 +399,7 @@ fn token(
     ))
 }
 
-fn serve(config: Config) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("sidecast: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+fn serve(runtime: &tokio::runtime::Runtime, config: Config) -> ExitCode {
     runtime.block_on(async move {
         let listeners = match Listeners::bind(&config).await {
             Ok(listeners) => listeners,

@@ -132,7 +132,10 @@ async fn publish_is_atomic_per_channel_and_keys_deduplicate() {
                     let mut offsets = Vec::new();
                     for i in 0..25 {
                         let data = format!("{i}");
-                        let published = f.broker.publish("h:1", data.as_bytes(), None, None).await;
+                        let published = f
+                            .broker
+                            .publish("h:1", data.as_bytes(), None, None, None)
+                            .await;
                         offsets.push(published.unwrap().offset);
                     }
                     offsets
@@ -152,12 +155,12 @@ async fn publish_is_atomic_per_channel_and_keys_deduplicate() {
         eventually(engine, || async { offsets(&outbox).len() >= 100 }).await;
         let first = f
             .broker
-            .publish("h:1", b"1", Some("k"), None)
+            .publish("h:1", b"1", Some("k"), None, None)
             .await
             .unwrap();
         let again = f
             .broker
-            .publish("h:1", b"2", Some("k"), None)
+            .publish("h:1", b"2", Some("k"), None, None)
             .await
             .unwrap();
         assert_eq!(
@@ -178,7 +181,7 @@ async fn publish_is_atomic_per_channel_and_keys_deduplicate() {
         );
         let plain = f
             .broker
-            .publish("plain", b"1", Some("k"), None)
+            .publish("plain", b"1", Some("k"), None, None)
             .await
             .unwrap();
         assert_eq!((plain.offset, plain.epoch.as_str()), (0, ""), "{engine}");
@@ -190,7 +193,7 @@ async fn positions_keep_their_epoch_and_recovery_is_all_or_nothing() {
     for (engine, f) in fixtures().await {
         for i in 0..5 {
             f.broker
-                .publish("h:r", format!("{i}").as_bytes(), None, None)
+                .publish("h:r", format!("{i}").as_bytes(), None, None, None)
                 .await
                 .unwrap();
         }
@@ -273,7 +276,7 @@ async fn a_subscription_sees_every_publication_once_across_its_start() {
             tokio::spawn(async move {
                 for i in 0..200 {
                     f.broker
-                        .publish("g:g", format!("{i}").as_bytes(), None, None)
+                        .publish("g:g", format!("{i}").as_bytes(), None, None, None)
                         .await
                         .unwrap();
                 }
@@ -314,7 +317,7 @@ async fn history_pages_and_removal() {
     for (engine, f) in fixtures().await {
         for i in 1..=12 {
             f.broker
-                .publish("h:p", format!("{i}").as_bytes(), None, None)
+                .publish("h:p", format!("{i}").as_bytes(), None, None, None)
                 .await
                 .unwrap();
         }

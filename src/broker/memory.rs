@@ -20,7 +20,7 @@ use bytes::Bytes;
 use crate::config::{Config, NamespaceOptions};
 use crate::hub::Hub;
 use crate::wire::message::ClientInfo;
-use crate::wire::{Attach, Position, Publication, Recovery};
+use crate::wire::{Attach, Position, Publication, Recovery, TraceParent};
 
 use super::history::{History, Retention};
 use super::Published;
@@ -104,11 +104,12 @@ impl MemoryBroker {
         data: &[u8],
         idempotency_key: Option<&str>,
         receipt: Option<std::time::Duration>,
+        trace: Option<&TraceParent>,
         now: Instant,
     ) -> Published {
         let start = Instant::now();
         let Some(record) = self.record(channel, now, true, idempotency_key.is_some()) else {
-            let (counts, flush) = self.hub.deliver(channel, data, None, None);
+            let (counts, flush) = self.hub.deliver(channel, data, None, None, trace);
             self.hub.metrics().record_publication(start.elapsed());
             flush.run();
             return Published {
@@ -128,7 +129,9 @@ impl MemoryBroker {
             Some(history) => {
                 let offset = history.append(Bytes::copy_from_slice(data), now, retention);
                 let epoch = history.position().epoch.to_string();
-                let (counts, flush) = self.hub.deliver(channel, data, Some(offset), receipt);
+                let (counts, flush) = self
+                    .hub
+                    .deliver(channel, data, Some(offset), receipt, trace);
                 let published = Published {
                     offset,
                     epoch,
@@ -137,7 +140,7 @@ impl MemoryBroker {
                 (published, flush)
             }
             None => {
-                let (counts, flush) = self.hub.deliver(channel, data, None, None);
+                let (counts, flush) = self.hub.deliver(channel, data, None, None, trace);
                 let published = Published {
                     offset: 0,
                     epoch: String::new(),
@@ -278,8 +281,8 @@ mod tests {
     fn sweep_forgets_expired_histories_but_never_one_in_use() {
         let b = broker();
         let t = Instant::now();
-        b.publish("h:x", b"1", None, None, t);
-        b.publish("plain", b"1", None, None, t);
+        b.publish("h:x", b"1", None, None, None, t);
+        b.publish("plain", b"1", None, None, None, t);
         assert_eq!(b.sweep(t), 1, "only channels with history have a record");
         // Publications expire after history_ttl; the position stays.
         assert_eq!(b.sweep(t + Duration::from_secs(61)), 1);
@@ -293,7 +296,7 @@ mod tests {
         assert_eq!(b.sweep(lost), 1, "a record someone holds stays");
         drop(held);
         assert_eq!(b.sweep(lost), 0, "an expired position is forgotten");
-        let fresh = b.publish("h:x", b"2", None, None, lost);
+        let fresh = b.publish("h:x", b"2", None, None, None, lost);
         assert_eq!(fresh.offset, 1, "and the channel starts over");
         assert_ne!(fresh.epoch, position.epoch.to_string(), "in a new epoch");
     }
@@ -302,23 +305,38 @@ mod tests {
     fn idempotency_keys_expire_with_the_window_and_are_per_channel() {
         let b = broker();
         let t = Instant::now();
-        let first = b.publish("h:k", b"1", Some("key"), None, t);
+        let first = b.publish("h:k", b"1", Some("key"), None, None, t);
         assert_eq!(
-            b.publish("h:k", b"2", Some("key"), None, t + Duration::from_secs(299)),
+            b.publish(
+                "h:k",
+                b"2",
+                Some("key"),
+                None,
+                None,
+                t + Duration::from_secs(299)
+            ),
             first
         );
         assert_eq!(
-            b.publish("h:other", b"1", Some("key"), None, t).offset,
+            b.publish("h:other", b"1", Some("key"), None, None, t)
+                .offset,
             1,
             "another channel, another key space"
         );
-        let later = b.publish("h:k", b"3", Some("key"), None, t + Duration::from_secs(300));
+        let later = b.publish(
+            "h:k",
+            b"3",
+            Some("key"),
+            None,
+            None,
+            t + Duration::from_secs(300),
+        );
         assert_eq!(
             later.offset, 2,
             "after idempotency_window the key is forgotten"
         );
         // A channel without history keeps its keys only as long as the window.
-        b.publish("plain", b"1", Some("key"), None, t);
+        b.publish("plain", b"1", Some("key"), None, None, t);
         assert!(b.record("plain", t, false, true).is_some());
         assert_eq!(
             b.sweep(t + Duration::from_secs(600)),

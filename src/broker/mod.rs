@@ -67,8 +67,10 @@ pub use redis::{Order, RedisBroker};
 
 use crate::config::{Config, Engine};
 use crate::hub::Hub;
+use crate::trace;
 use crate::wire::message::ClientInfo;
-use crate::wire::{Attach, Position, Publication};
+use crate::wire::{Attach, Position, Publication, TraceParent};
+use tracing::Instrument;
 
 /// What a publish returns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -160,20 +162,46 @@ impl Broker {
     }
 
     /// Publishes `data` (validated JSON) to `channel` (rules 1 and 2); with `receipt`, the
-    /// nodes that deliver it tally its delivery receipt with that deadline.
+    /// nodes that deliver it tally its delivery receipt with that deadline; with `trace`, it
+    /// is traced on every node that delivers it.
     pub async fn publish(
         &self,
         channel: &str,
         data: &[u8],
         idempotency_key: Option<&str>,
         receipt: Option<std::time::Duration>,
+        trace: Option<&TraceParent>,
     ) -> Result<Published, BrokerError> {
+        let Some(parent) = trace else {
+            return match self {
+                Broker::Memory(memory) => {
+                    let now = Instant::now();
+                    Ok(memory.publish(channel, data, idempotency_key, receipt, None, now))
+                }
+                Broker::Redis(redis) => {
+                    (redis.publish(channel, data, idempotency_key, receipt, None)).await
+                }
+            };
+        };
+        // A traced publication: the engine's span, and the traceparent of the hops after it.
+        let span = trace::engine(self.name(), channel);
+        let next = trace::handed_on(&span, parent);
         match self {
-            Broker::Memory(memory) => {
+            Broker::Memory(memory) => span.in_scope(|| {
                 let now = Instant::now();
-                Ok(memory.publish(channel, data, idempotency_key, receipt, now))
+                Ok(memory.publish(channel, data, idempotency_key, receipt, Some(&next), now))
+            }),
+            Broker::Redis(redis) => {
+                let publish = redis.publish(channel, data, idempotency_key, receipt, Some(&next));
+                publish.instrument(span).await
             }
-            Broker::Redis(redis) => redis.publish(channel, data, idempotency_key, receipt).await,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Broker::Memory(_) => "memory",
+            Broker::Redis(_) => "redis",
         }
     }
 

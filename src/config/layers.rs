@@ -309,6 +309,9 @@ mod tests {
         assert!(err(None, &[("SIDECAST_MAX_PUBLICATION_SIZE", "1000000")])
             .contains("max_publication_size"));
         assert!(err(None, &[("SIDECAST_LOG_FORMAT", "xml")]).contains("log_format"));
+        assert!(
+            err(None, &[("SIDECAST_OTLP_ENDPOINT", "127.0.0.1:4317")]).contains("otlp_endpoint")
+        );
         assert!(err(None, &[("SIDECAST_EVENTS_SCOPE", "world")]).contains("events_scope"));
         assert!(
             err(Some("[namespaces.c]\nslow_consumer = \"conflate\""), &[])

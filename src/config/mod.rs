@@ -151,6 +151,9 @@ pub struct Config {
     #[serde(with = "duration")]
     pub grpc_keepalive_timeout: Duration,
     pub log_format: LogFormat,
+    /// Where the spans of traced publications are exported (OTLP over gRPC, e.g.
+    /// `http://127.0.0.1:4317`); empty exports none.
+    pub otlp_endpoint: String,
     /// The engine: `memory` (this node alone), or one or more `redis://` addresses
     /// separated by commas (channels spread over them by consistent hashing).
     pub broker: String,
@@ -228,6 +231,7 @@ impl Default for Config {
             grpc_keepalive_interval: secs(30),
             grpc_keepalive_timeout: secs(10),
             log_format: LogFormat::Text,
+            otlp_endpoint: String::new(),
             broker: "memory".into(),
             redis_timeout: secs(2),
             redis_presence_ttl: secs(30),
@@ -297,6 +301,8 @@ pub struct NamespaceOptions {
     /// How long after a publication its acknowledgements count.
     #[serde(with = "duration")]
     pub receipt_timeout: Duration,
+    /// A traced publication's `pub` push carries its trace id (`trace`).
+    pub trace_ids: bool,
 }
 
 /// `slow_consumer`: what happens when a subscriber's queue (`max_queue_bytes`) is full.
@@ -329,6 +335,7 @@ impl Default for NamespaceOptions {
             conflate_by: None,
             receipts: false,
             receipt_timeout: Duration::from_secs(10),
+            trace_ids: false,
         }
     }
 }

@@ -26,6 +26,13 @@ impl Config {
         if self.sse_path == self.ws_path {
             return Err(invalid("sse_path", "must differ from ws_path"));
         }
+        let otlp = &self.otlp_endpoint;
+        if !otlp.is_empty() && !otlp.starts_with("http://") && !otlp.starts_with("https://") {
+            return Err(invalid(
+                "otlp_endpoint",
+                "must be an http:// or https:// address (or empty: no export)",
+            ));
+        }
         if self.max_connections == 0 {
             self.max_connections = default_max_connections();
         }

@@ -31,6 +31,8 @@ pub enum ApiError {
     MessageTooLong { size: usize, max: usize },
     #[error("missing publication")]
     NoPublication,
+    #[error(transparent)]
+    TraceParent(#[from] crate::wire::traceparent::BadTraceParent),
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("no receipt of offset {offset} on channel {}: never published with receipts, expired or forgotten", crate::wire::clip(.channel))]
@@ -44,6 +46,7 @@ impl From<ApiError> for Status {
             | ApiError::EmptyTarget
             | ApiError::NoResult
             | ApiError::NoPublication
+            | ApiError::TraceParent(_)
             | ApiError::MessageTooLong { .. }
             | ApiError::Events(
                 EventsError::JoinFirst | EventsError::JoinTwice | EventsError::BadJoin(_),

@@ -3,6 +3,9 @@
 //! answers stops being read itself (HTTP/2 flow control does the rest): the stream holds at
 //! most `ANSWERS` answers and one request at a time. A failed publication is an answer with
 //! its status, never the end of the stream.
+//!
+//! Both Publish and PublishStream make each publication through [`one`]: with a
+//! `traceparent` (the request's field, else the call's metadata) it is traced (`crate::trace`).
 
 use std::pin::Pin;
 
@@ -11,11 +14,16 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataMap;
 use tonic::{Status, Streaming};
+use tracing::Instrument;
 
-use crate::node::Node;
+use crate::broker::Published;
+use crate::node::{Node, WithReceipt};
 use crate::pb;
 use crate::pb::publish_stream_response::Result as Answer;
+use crate::trace;
+use crate::wire::TraceParent;
 
 use super::error::ApiError;
 
@@ -30,12 +38,13 @@ pub type PublishStream =
 pub fn open(
     node: Node,
     inbound: Streaming<pb::PublishStreamRequest>,
+    inherited: Option<TraceParent>,
     closing: CancellationToken,
 ) -> PublishStream {
     let (answers, out) = mpsc::channel(ANSWERS);
     let (end, ended) = oneshot::channel();
     tokio::spawn(async move {
-        if let Some(status) = serve(node, inbound, answers, closing).await {
+        if let Some(status) = serve(node, inbound, inherited, answers, closing).await {
             let _ = end.send(status);
         }
     });
@@ -49,6 +58,7 @@ pub fn open(
 async fn serve(
     node: Node,
     mut inbound: Streaming<pb::PublishStreamRequest>,
+    inherited: Option<TraceParent>,
     answers: mpsc::Sender<pb::PublishStreamResponse>,
     closing: CancellationToken,
 ) -> Option<Status> {
@@ -68,13 +78,15 @@ async fn serve(
         };
         let answer = pb::PublishStreamResponse {
             id: request.id,
-            result: Some(match publish(&node, request.publication).await {
-                Ok(published) => Answer::Published(published),
-                Err(status) => Answer::Error(pb::PublishError {
-                    code: status.code() as i32,
-                    message: status.message().to_string(),
-                }),
-            }),
+            result: Some(
+                match publication(&node, request.publication, inherited).await {
+                    Ok(published) => Answer::Published(published),
+                    Err(status) => Answer::Error(pb::PublishError {
+                        code: status.code() as i32,
+                        message: status.message().to_string(),
+                    }),
+                },
+            ),
         };
         tokio::select! {
             sent = answers.send(answer) => if sent.is_err() { return None },
@@ -85,16 +97,69 @@ async fn serve(
     }
 }
 
-/// One publication, as the unary Publish makes it.
-async fn publish(
+async fn publication(
     node: &Node,
     publication: Option<pb::PublishRequest>,
+    inherited: Option<TraceParent>,
 ) -> Result<pb::PublishResponse, Status> {
     let publication = publication.ok_or(ApiError::NoPublication)?;
-    let key = Some(publication.idempotency_key.as_str()).filter(|k| !k.is_empty());
-    let receipt = super::service::with_receipt(&publication);
-    let published = node
-        .publish(&publication.channel, &publication.data, key, receipt)
-        .await?;
-    Ok(super::service::published_pb(published))
+    one(node, publication, inherited).await
+}
+
+/// One publication, in the caller's trace when it names one (its own `traceparent`, else
+/// the call's metadata, `inherited`).
+pub(super) async fn one(
+    node: &Node,
+    req: pb::PublishRequest,
+    inherited: Option<TraceParent>,
+) -> Result<pb::PublishResponse, Status> {
+    let trace = match req.traceparent.as_str() {
+        "" => inherited,
+        text => Some(TraceParent::parse(text).map_err(ApiError::from)?),
+    };
+    let key = Some(req.idempotency_key.as_str()).filter(|k| !k.is_empty());
+    let receipt = with_receipt(&req);
+    let publish = node.publish(&req.channel, &req.data, key, receipt, trace.as_ref());
+    let published = match &trace {
+        Some(parent) => {
+            publish
+                .instrument(trace::publish(&req.channel, parent))
+                .await
+        }
+        None => publish.await,
+    }?;
+    Ok(published_pb(published, trace.as_ref()))
+}
+
+/// The call's `traceparent` metadata (W3C Trace Context, as OpenTelemetry's gRPC
+/// instrumentation sends it).
+pub(super) fn traceparent(metadata: &MetadataMap) -> Result<Option<TraceParent>, ApiError> {
+    let Some(value) = metadata.get("traceparent") else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| crate::wire::traceparent::BadTraceParent::Shape)?;
+    Ok(Some(TraceParent::parse(text)?))
+}
+
+/// What a PublishRequest asks of its delivery receipt.
+fn with_receipt(req: &pb::PublishRequest) -> WithReceipt {
+    match (req.receipt, req.receipt_timeout_ms) {
+        (false, _) => WithReceipt::No,
+        (true, 0) => WithReceipt::Default,
+        (true, ms) => WithReceipt::Within(std::time::Duration::from_millis(u64::from(ms))),
+    }
+}
+
+pub(super) fn published_pb(
+    published: Published,
+    trace: Option<&TraceParent>,
+) -> pb::PublishResponse {
+    pb::PublishResponse {
+        offset: published.offset,
+        epoch: published.epoch,
+        delivered: published.delivered,
+        trace_id: trace.map(|t| t.trace_id.to_string()).unwrap_or_default(),
+    }
 }

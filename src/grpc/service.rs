@@ -5,9 +5,8 @@
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::broker::Published;
 use crate::events::RpcAnswer;
-use crate::node::{Asker, Node, Target, WithReceipt};
+use crate::node::{Asker, Node, Target};
 use crate::pb;
 use crate::pb::control_server::Control;
 use crate::wire::channel::Pattern;
@@ -35,23 +34,6 @@ fn target(target: Option<pb::Target>) -> Result<Target, ApiError> {
             Ok(Target::Client(client))
         }
         _ => Err(ApiError::EmptyTarget),
-    }
-}
-
-/// What a PublishRequest asks of its delivery receipt.
-pub(super) fn with_receipt(req: &pb::PublishRequest) -> WithReceipt {
-    match (req.receipt, req.receipt_timeout_ms) {
-        (false, _) => WithReceipt::No,
-        (true, 0) => WithReceipt::Default,
-        (true, ms) => WithReceipt::Within(std::time::Duration::from_millis(u64::from(ms))),
-    }
-}
-
-pub(super) fn published_pb(published: Published) -> pb::PublishResponse {
-    pb::PublishResponse {
-        offset: published.offset,
-        epoch: published.epoch,
-        delivered: published.delivered,
     }
 }
 
@@ -101,14 +83,9 @@ impl Control for ControlService {
 
     #[tracing::instrument(skip_all, fields(channel = %request.get_ref().channel))]
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
-        let req = request.into_inner();
-        let key = Some(req.idempotency_key.as_str()).filter(|k| !k.is_empty());
-        let receipt = with_receipt(&req);
-        let published = self
-            .node
-            .publish(&req.channel, &req.data, key, receipt)
-            .await?;
-        Ok(Response::new(published_pb(published)))
+        let inherited = super::publish::traceparent(request.metadata())?;
+        let published = super::publish::one(&self.node, request.into_inner(), inherited).await?;
+        Ok(Response::new(published))
     }
 
     #[tracing::instrument(skip_all)]
@@ -116,9 +93,11 @@ impl Control for ControlService {
         &self,
         request: Request<Streaming<pb::PublishStreamRequest>>,
     ) -> Reply<Self::PublishStreamStream> {
+        let inherited = super::publish::traceparent(request.metadata())?;
         let stream = super::publish::open(
             self.node.clone(),
             request.into_inner(),
+            inherited,
             self.closing.clone(),
         );
         Ok(Response::new(stream))
@@ -132,7 +111,10 @@ impl Control for ControlService {
         let req = request.into_inner();
         let results = self.node.broadcast(&req.channels, &req.data).await?;
         Ok(Response::new(pb::BroadcastResponse {
-            results: results.into_iter().map(published_pb).collect(),
+            results: results
+                .into_iter()
+                .map(|p| super::publish::published_pb(p, None))
+                .collect(),
         }))
     }
 
@@ -233,6 +215,7 @@ impl Control for ControlService {
             missing_users: receipt.missing,
             missing_more: receipt.missing_more,
             complete: receipt.complete,
+            trace_id: receipt.trace_id.unwrap_or_default(),
         }))
     }
 

@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{Flush, Outbox, Pacing, Tag};
 use crate::wire::channel::Pattern;
 use crate::wire::message::ClientInfo;
-use crate::wire::{Close, ServerMessage};
+use crate::wire::{Close, ServerMessage, TraceParent};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HubError {
@@ -326,13 +326,15 @@ impl Hub {
     /// Queues a publication to every subscriber of `channel` on this node, encoded once
     /// (and not at all where the channel has none here). The engine calls this in the
     /// channel's publication order and runs the returned [`Flush`] once its own locks are
-    /// released.
+    /// released. A traced publication's `fanout` and `writes` spans are children of the
+    /// span `trace` names.
     pub fn deliver(
         &self,
         channel: &str,
         data: &[u8],
         offset: Option<u64>,
         receipt: Option<std::time::Duration>,
+        trace: Option<&TraceParent>,
     ) -> (Fanout, Flush) {
         let mut flush = self.flush();
         loop {
@@ -343,26 +345,39 @@ impl Hub {
             if roster.removed {
                 continue;
             }
+            let options = &subscribers.options;
+            let trace_id = trace.map(|t| &t.trace_id);
             let frame = ServerMessage::Pub {
                 channel,
                 data,
                 offset,
+                trace: trace_id.filter(|_| options.trace_ids),
             }
             .frame();
-            let options = &subscribers.options;
             let tag = tag(channel, options, data, offset);
             // Tallied before it is queued: an acknowledgement can come back before this
             // returns.
             let tallied = offset.zip(receipt).filter(|_| options.receipts);
             if let Some((offset, timeout)) = tallied {
                 let now = std::time::Instant::now();
-                let forgotten = self.receipts().published(channel, offset, now, timeout);
+                let forgotten =
+                    self.receipts()
+                        .published(channel, offset, now, timeout, trace_id.copied());
                 self.shared
                     .metrics
                     .receipts_forgotten
                     .inc_by(forgotten as u64);
             }
-            let counts = roster.fan_out(&frame, tag.as_ref(), &mut flush);
+            let fanout = trace.map(|t| crate::trace::fanout(channel, offset, t));
+            let counts = match &fanout {
+                None => roster.fan_out(&frame, tag.as_ref(), &mut flush),
+                Some(span) => span.in_scope(|| {
+                    let counts = roster.fan_out(&frame, tag.as_ref(), &mut flush);
+                    span.record("subscribers", counts.queued);
+                    flush.traced(crate::trace::writes());
+                    counts
+                }),
+            };
             drop(roster);
             if let Some((offset, _)) = tallied {
                 self.receipts().delivered(channel, offset, counts.queued);

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::wire::TraceId;
+
 /// The most users a receipt names; the rest are counted.
 pub const MISSING_LISTED: usize = 100;
 
@@ -31,6 +33,9 @@ pub struct Receipt {
     pub missing_more: u32,
     /// The deadline has passed: the counts are final.
     pub complete: bool,
+    /// The trace id the publication carried (a Publish's `traceparent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 impl Receipt {
@@ -50,6 +55,9 @@ impl Receipt {
             }
         }
         self.missing_more += other.missing_more;
+        if self.trace_id.is_none() {
+            self.trace_id = other.trace_id;
+        }
     }
 }
 
@@ -91,6 +99,7 @@ struct Tally {
     frozen: bool,
     /// Its key in `Receipts::order`.
     order: (Instant, u64),
+    trace: Option<TraceId>,
 }
 
 impl Receipts {
@@ -119,6 +128,7 @@ impl Receipts {
         offset: u64,
         now: Instant,
         timeout: Duration,
+        trace: Option<TraceId>,
     ) -> usize {
         self.expire(now);
         let name: Arc<str> = match self.channels.get_key_value(channel) {
@@ -135,6 +145,7 @@ impl Receipts {
             missing_more: 0,
             frozen: false,
             order,
+            trace,
         };
         let entry = self.channels.entry(name.clone()).or_default();
         entry.due.insert((tally.deadline, offset));
@@ -282,6 +293,7 @@ impl Receipts {
             missing,
             missing_more,
             complete: tally.frozen,
+            trace_id: tally.trace.map(|t| t.to_string()),
         })
     }
 
@@ -382,9 +394,9 @@ mod tests {
         for (client, user) in [("c1", "ann"), ("c2", "bob"), ("c3", "cy")] {
             r.reading(&arc(client), &arc(user), "ch", 1, std::iter::empty(), t0);
         }
-        r.published("ch", 1, t0, T);
+        r.published("ch", 1, t0, T, None);
         r.delivered("ch", 1, 3);
-        r.published("ch", 2, t0, T);
+        r.published("ch", 2, t0, T, None);
         r.delivered("ch", 2, 3);
         // ann handled both at once; bob only the first; cy nothing, then leaves.
         assert!(r.ack("c1", "ch", 2, t0));
@@ -420,7 +432,7 @@ mod tests {
         let t0 = Instant::now();
         let mut r = Receipts::new(100);
         r.reading(&arc("c1"), &arc("ann"), "ch", 1, std::iter::empty(), t0);
-        r.published("ch", 1, t0, T);
+        r.published("ch", 1, t0, T, None);
         r.delivered("ch", 1, 1);
         // ann leaves without acknowledging: missing; she comes back, recovers and acks.
         r.left("c1", "ch", t0);
@@ -434,7 +446,7 @@ mod tests {
         // next one, whose subscription starts after it.
         r.left("c2", "ch", t0);
         r.reading(&arc("c4"), &arc("dan"), "ch", 1, std::iter::empty(), t0);
-        r.published("ch", 2, t0, T);
+        r.published("ch", 2, t0, T, None);
         r.delivered("ch", 2, 1);
         r.left("c4", "ch", t0);
         r.reading(&arc("c5"), &arc("dan"), "ch", 3, std::iter::empty(), t0);
@@ -449,12 +461,12 @@ mod tests {
         // Acknowledging ahead of what it was given counts nothing, then or later.
         r.reading(&arc("c7"), &arc("fay"), "ch", 3, std::iter::empty(), t0);
         assert!(r.ack("c7", "ch", 10, t0));
-        r.published("ch", 3, t0, T);
+        r.published("ch", 3, t0, T, None);
         r.delivered("ch", 3, 1);
         assert_eq!(r.receipt("ch", 3, t0).unwrap().acknowledged, 0);
         // Up to u64::MAX, then leaving: no overflow, and the user owes what came after.
         assert!(r.ack("c7", "ch", u64::MAX, t0));
-        r.published("ch", 4, t0, T);
+        r.published("ch", 4, t0, T, None);
         r.delivered("ch", 4, 1);
         r.left("c7", "ch", t0);
         assert!(r
@@ -472,8 +484,8 @@ mod tests {
         let t0 = Instant::now();
         let mut r = Receipts::new(100);
         r.reading(&arc("c1"), &arc("ann"), "ch", 1, std::iter::empty(), t0);
-        r.published("ch", 1, t0, Duration::from_secs(3600));
-        r.published("ch", 2, t0, Duration::from_secs(1));
+        r.published("ch", 1, t0, Duration::from_secs(3600), None);
+        r.published("ch", 2, t0, Duration::from_secs(1), None);
         let later = t0 + Duration::from_secs(2);
         assert!(r.receipt("ch", 2, later).unwrap().complete);
         assert!(!r.receipt("ch", 1, later).unwrap().complete);
@@ -493,7 +505,7 @@ mod tests {
         let mut r = Receipts::new(100);
         r.reading(&arc("tab1"), &arc("uma"), "ch", 1, std::iter::empty(), t0);
         r.reading(&arc("tab2"), &arc("uma"), "ch", 1, std::iter::empty(), t0);
-        r.published("ch", 1, t0, T);
+        r.published("ch", 1, t0, T, None);
         r.delivered("ch", 1, 2);
         r.left("tab1", "ch", t0);
         assert!(r.ack("tab2", "ch", 1, t0));
@@ -507,7 +519,7 @@ mod tests {
         let t0 = Instant::now();
         let mut r = Receipts::new(3);
         for offset in 1..=5 {
-            r.published("ch", offset, t0, T);
+            r.published("ch", offset, t0, T, None);
         }
         assert_eq!(r.len(), 3);
         assert!(r.receipt("ch", 2, t0).is_none());

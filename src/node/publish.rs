@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 use crate::broker::Published;
 use crate::events::{EventKind, What};
 use crate::wire::channel::granted;
+use crate::wire::TraceParent;
 
 use super::{Conn, Node, NodeError};
 
@@ -32,13 +33,15 @@ impl Node {
     /// Publishes `data` (checked here: size and JSON) to `channel`. With an `idempotency_key`
     /// seen for this channel within idempotency_window, returns the first result and
     /// publishes nothing. With `receipt`, its delivery receipt is tallied with that deadline
-    /// (None: the namespace's receipt_timeout) on every node that delivers it.
+    /// (None: the namespace's receipt_timeout) on every node that delivers it. With `trace`,
+    /// the publication is part of that trace on every node (`crate::trace`).
     pub async fn publish(
         &self,
         channel: &str,
         data: &[u8],
         idempotency_key: Option<&str>,
         receipt: WithReceipt,
+        trace: Option<&TraceParent>,
     ) -> Result<Published, NodeError> {
         Node::check_channel(channel)?;
         self.check_data(data)?;
@@ -48,7 +51,7 @@ impl Node {
         }
         Ok(self
             .broker
-            .publish(channel, data, idempotency_key, receipt)
+            .publish(channel, data, idempotency_key, receipt, trace)
             .await?)
     }
 
@@ -67,7 +70,7 @@ impl Node {
         self.check_data(data)?;
         let mut results = Vec::with_capacity(channels.len());
         for channel in channels {
-            results.push(self.broker.publish(channel, data, None, None).await?);
+            results.push(self.broker.publish(channel, data, None, None, None).await?);
         }
         Ok(results)
     }
@@ -93,7 +96,7 @@ impl Node {
                 "no permission to publish to this channel",
             ));
         }
-        let published = self.broker.publish(channel, data, None, None).await?;
+        let published = self.broker.publish(channel, data, None, None, None).await?;
         if self.events.wants(EventKind::Publish) {
             let publish = What::Publish {
                 channel: channel.to_string(),

@@ -12,6 +12,8 @@ use std::sync::atomic::{
 use std::sync::Arc;
 use std::time::Instant;
 
+use tracing::Instrument;
+
 use super::Outbox;
 
 /// The outboxes a fan-out left to write ([`Push::Deferred`](super::Push::Deferred)). Their frames wait until it
@@ -20,6 +22,8 @@ use super::Outbox;
 pub struct Flush {
     outboxes: Vec<Arc<Outbox>>,
     pacing: Arc<Pacing>,
+    /// A traced publication's `writes` span: open until every socket is written.
+    span: Option<tracing::Span>,
 }
 
 impl Flush {
@@ -40,7 +44,13 @@ impl Flush {
         Flush {
             outboxes: Vec::new(),
             pacing,
+            span: None,
         }
+    }
+
+    /// Writes inside `span` (the first one given, when flushes are merged).
+    pub fn traced(&mut self, span: tracing::Span) {
+        self.span.get_or_insert(span);
     }
 
     pub fn add(&mut self, outbox: &Arc<Outbox>) {
@@ -51,6 +61,9 @@ impl Flush {
     /// socket once (frames queued behind a deferred one go out in the same write).
     pub fn extend(&mut self, other: Flush) {
         self.outboxes.extend(other.outboxes);
+        if let Some(span) = other.span {
+            self.traced(span);
+        }
     }
 
     /// Writes to every socket (see `Flush::INLINE`); called once every lock is released.
@@ -84,10 +97,14 @@ impl Flush {
         }
         let runtime = tokio::runtime::Handle::try_current();
         let outboxes = self.outboxes;
-        match (
-            Self::route(outboxes.len(), behind, runtime.is_ok()),
-            runtime,
-        ) {
+        let route = Self::route(outboxes.len(), behind, runtime.is_ok());
+        let span = self.span;
+        if let Some(span) = &span {
+            span.record("sockets", outboxes.len());
+            span.record("route", route.name());
+        }
+        let _writing = span.as_ref().map(|span| span.enter());
+        match (route, runtime) {
             (Route::Wake, _) => outboxes.iter().for_each(|outbox| outbox.wake()),
             (Route::Task, Ok(runtime)) => {
                 // The first few at once: the first subscribers do not wait for a task switch.
@@ -95,13 +112,17 @@ impl Flush {
                     .iter()
                     .for_each(|outbox| outbox.flush());
                 let running = Flushing::start(self.pacing);
-                runtime.spawn(async move {
+                let rest = async move {
                     let _running = running;
                     for chunk in outboxes[Self::INLINE..].chunks(Self::CHUNK) {
                         chunk.iter().for_each(|outbox| outbox.flush());
                         tokio::task::yield_now().await;
                     }
-                });
+                };
+                match &span {
+                    Some(span) => runtime.spawn(rest.instrument(span.clone())),
+                    None => runtime.spawn(rest),
+                };
             }
             (Route::Inline | Route::Task, _) => outboxes.iter().for_each(|outbox| outbox.flush()),
         }
@@ -117,6 +138,16 @@ enum Route {
     Task,
     /// Every connection woken to write for itself.
     Wake,
+}
+
+impl Route {
+    fn name(self) -> &'static str {
+        match self {
+            Route::Inline => "inline",
+            Route::Task => "task",
+            Route::Wake => "wake",
+        }
+    }
 }
 
 /// Whether a node is behind with its writing, shared by its flushes. Under load a

@@ -16,6 +16,7 @@ use serde_json::value::RawValue;
 pub use super::error_code::ErrorCode;
 use super::frame;
 use super::position::{Attach, Position, Publication, Recovery};
+use super::traceparent::TraceId;
 
 /// Why a subscription ended without the client asking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +130,8 @@ pub enum ServerMessage<'a> {
         channel: &'a str,
         data: &'a [u8],
         offset: Option<u64>,
+        /// The trace id of a traced publication, where its namespace has `trace_ids`.
+        trace: Option<&'a TraceId>,
     },
     /// A subscription made by the server (the token's `subs`, Control.Subscribe).
     Sub {
@@ -232,6 +235,7 @@ impl ServerMessage<'_> {
                 channel,
                 data,
                 offset,
+                trace,
             } => {
                 let channel = json_string(channel);
                 let mut out = Vec::with_capacity(40 + channel.len() + data.len());
@@ -241,6 +245,9 @@ impl ServerMessage<'_> {
                 out.extend_from_slice(data);
                 if let Some(offset) = offset {
                     out.extend_from_slice(format!(r#","offset":{offset}"#).as_bytes());
+                }
+                if let Some(trace) = trace {
+                    out.extend_from_slice(format!(r#","trace":"{trace}""#).as_bytes());
                 }
                 out.push(b'}');
                 out
@@ -390,6 +397,7 @@ mod tests {
             channel: "c",
             data: b"[1]",
             offset,
+            trace: None,
         };
         assert_eq!(
             text(publication(None)),
@@ -398,6 +406,16 @@ mod tests {
         assert_eq!(
             text(publication(Some(9))),
             r#"{"type":"pub","channel":"c","data":[1],"offset":9}"#
+        );
+        let trace = TraceId([0xab; 16]);
+        assert_eq!(
+            text(ServerMessage::Pub {
+                channel: "c",
+                data: b"1",
+                offset: Some(2),
+                trace: Some(&trace),
+            }),
+            r#"{"type":"pub","channel":"c","data":1,"offset":2,"trace":"abababababababababababababababab"}"#
         );
         let v: serde_json::Value = serde_json::from_slice(
             &ServerMessage::Unsub {

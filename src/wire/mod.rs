@@ -8,7 +8,8 @@
 //!   patterns; `position` the stream positions and publications that recovery carries;
 //!   `json` the check every publication's data passes once; `origin` the upgrade's Origin rules;
 //!   `cookie` the session cookie's name and where its value is; `sse` the events the SSE
-//!   transport makes of server frames; `clip` how error messages
+//!   transport makes of server frames; `traceparent` the W3C trace context a publication
+//!   may carry; `clip` how error messages
 //!   quote what the caller sent.
 //!
 //! docs/protocol.md is the specification these files follow.
@@ -26,11 +27,13 @@ pub mod message;
 pub mod origin;
 pub mod position;
 pub mod sse;
+pub mod traceparent;
 
 pub use clip::clip;
 pub use close::Close;
 pub use message::{ErrorCode, ServerMessage};
 pub use position::{Attach, Position, Publication, Recovery};
+pub use traceparent::{TraceId, TraceParent};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const SUBPROTOCOL: &str = "sidecast.v1";

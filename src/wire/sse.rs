@@ -236,6 +236,7 @@ mod tests {
                 channel,
                 data: b"{}",
                 offset: Some(offset),
+                trace: None,
             }
             .frame()
         };

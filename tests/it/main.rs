@@ -26,3 +26,4 @@ mod sse;
 mod stops;
 mod support;
 mod tls;
+mod trace;

@@ -358,6 +358,7 @@ export class Client extends Emitter<ClientEvents> {
         return this.send({ op: "pong" });
       case "pub": {
         const publication: Publication = { channel, data: m.data, offset: m.offset as number | undefined };
+        if (typeof m.trace === "string") publication.trace = m.trace;
         this.subscriptions.get(channel)?.publication(publication);
         return;
       }

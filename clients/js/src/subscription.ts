@@ -16,6 +16,8 @@ export interface Publication<T = unknown> {
   channel: string;
   data: T;
   offset?: number;
+  /** The trace id of a traced publication, in a namespace with `trace_ids`. */
+  trace?: string;
 }
 
 /** A client in presence, `join` and `leave`. */

@@ -42,6 +42,8 @@ export interface PublishResult {
   epoch: string;
   /** Subscribers it was handed to on the node that took the call. */
   delivered: number;
+  /** The trace id of a traced publication (its `traceparent`), else "". */
+  traceId: string;
 }
 
 export interface Presence {
@@ -63,6 +65,8 @@ export interface Receipt {
   missingUsers: string[];
   missingMore: number;
   complete: boolean;
+  /** The trace id of a traced publication, else "". */
+  traceId: string;
 }
 
 export interface NodeStats {
@@ -107,11 +111,12 @@ export class Sidecast {
    * idempotency key, a retry of the same publication returns the first result and publishes
    * nothing again. */
   /** `receipt`: tally the publication's delivery receipt (a namespace with `receipts`),
-   * for `receipt()`; `receiptTimeoutMs`: its deadline, instead of the namespace's. */
+   * for `receipt()`; `receiptTimeoutMs`: its deadline, instead of the namespace's.
+   * `traceparent`: a W3C traceparent (your current span's) making it part of your trace. */
   async publish(
     channel: string,
     data: unknown,
-    options: { idempotencyKey?: string; receipt?: boolean; receiptTimeoutMs?: number } = {},
+    options: { idempotencyKey?: string; receipt?: boolean; receiptTimeoutMs?: number; traceparent?: string } = {},
   ): Promise<PublishResult> {
     return this.call("Publish", {
       channel,
@@ -119,6 +124,7 @@ export class Sidecast {
       idempotencyKey: options.idempotencyKey ?? "",
       receipt: options.receipt ?? false,
       receiptTimeoutMs: options.receiptTimeoutMs ?? 0,
+      traceparent: options.traceparent ?? "",
     });
   }
 

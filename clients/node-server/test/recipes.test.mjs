@@ -33,6 +33,7 @@ history_size = 100
 history_ttl = "1h"
 receipts = true
 receipt_timeout = "1s"
+trace_ids = true
 `;
 const CHANNELS = ["cursors:*", "typing:*", "reads:*", "dash:*", "orders:*"];
 
@@ -116,6 +117,21 @@ test("delivery receipts: the backend learns who handled an update, and who did n
   assert.equal(receipt.delivered, 2);
   assert.equal(receipt.acknowledged, 1);
   assert.deepEqual(receipt.missingUsers, ["bob"]);
+});
+
+test("a traced update: the page and the receipt carry the backend's trace id", async () => {
+  const ann = await connected("ann");
+  const traces = [];
+  const orders = await subscribed(ann, "orders:8");
+  orders.on("publication", ({ trace }) => traces.push(trace));
+  const traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+  const published = await ctx.sidecast.publish("orders:8", { status: "packed" }, { receipt: true, traceparent });
+  assert.equal(published.traceId, "4bf92f3577b34da6a3ce929d0e0e4736");
+  await until("ann's page shows it", () => traces.length === 1);
+  assert.deepEqual(traces, ["4bf92f3577b34da6a3ce929d0e0e4736"]);
+  const receipt = await ctx.sidecast.receipt("orders:8", published.offset);
+  assert.equal(receipt.traceId, "4bf92f3577b34da6a3ce929d0e0e4736");
+  assert.equal(receipt.delivered, 1);
 });
 
 test("a live dashboard: the latest figures on load, then every update", async () => {

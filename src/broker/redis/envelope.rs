@@ -3,9 +3,12 @@
 //!
 //! A publication is `p<offset>:<epoch>:<data>` (offset 0 and an empty epoch where the
 //! channel keeps no history), or `r<ms>,<offset>:<epoch>:<data>` for one whose delivery
-//! receipts are tallied, with that deadline; a membership change is `m` and a JSON object.
+//! receipts are tallied, with that deadline; a traced one is either of these after
+//! `t<traceparent>,`. A membership change is `m` and a JSON object.
 
 use serde::{Deserialize, Serialize};
+
+use crate::wire::TraceParent;
 
 /// A decoded message of a channel's topic.
 #[derive(Debug)]
@@ -16,6 +19,8 @@ pub enum Envelope<'a> {
         data: &'a [u8],
         /// The deadline of its delivery receipts, when they are tallied.
         receipt: Option<std::time::Duration>,
+        /// Its trace: the span that published it.
+        trace: Option<TraceParent>,
     },
     Membership(Member),
 }
@@ -48,6 +53,27 @@ impl Member {
 /// None for a message no node of this version sends.
 pub fn decode(payload: &[u8]) -> Option<Envelope<'_>> {
     match payload.split_first()? {
+        (b't', rest) => {
+            let comma = rest.iter().position(|&b| b == b',')?;
+            let parent = std::str::from_utf8(&rest[..comma]).ok()?;
+            let parent = TraceParent::parse(parent).ok()?;
+            match decode(&rest[comma + 1..])? {
+                Envelope::Publication {
+                    offset,
+                    epoch,
+                    data,
+                    receipt,
+                    trace: None,
+                } => Some(Envelope::Publication {
+                    offset,
+                    epoch,
+                    data,
+                    receipt,
+                    trace: Some(parent),
+                }),
+                _ => None,
+            }
+        }
         (b'r', rest) => {
             let comma = rest.iter().position(|&b| b == b',')?;
             let ms: u64 = std::str::from_utf8(&rest[..comma]).ok()?.parse().ok()?;
@@ -63,11 +89,16 @@ pub fn decode(payload: &[u8]) -> Option<Envelope<'_>> {
     }
 }
 
-/// The head of a publication's envelope: `p`, or `r<ms>,` when its receipts are tallied.
-pub fn publication_head(receipt: Option<std::time::Duration>) -> String {
+/// The head of a publication's envelope: `p`, or `r<ms>,` when its receipts are tallied,
+/// after `t<traceparent>,` when it is traced.
+pub fn publication_head(
+    receipt: Option<std::time::Duration>,
+    trace: Option<&TraceParent>,
+) -> String {
+    let trace = trace.map(|t| format!("t{t},")).unwrap_or_default();
     match receipt {
-        None => "p".to_string(),
-        Some(deadline) => format!("r{},", deadline.as_millis()),
+        None => format!("{trace}p"),
+        Some(deadline) => format!("{trace}r{},", deadline.as_millis()),
     }
 }
 
@@ -83,6 +114,7 @@ fn decode_publication(rest: &[u8]) -> Option<Envelope<'_>> {
         epoch,
         data: &rest[colon + 1..],
         receipt: None,
+        trace: None,
     })
 }
 
@@ -99,9 +131,10 @@ mod tests {
                 epoch: "00ab",
                 data: b"{\"a\":\"x:y\"}",
                 receipt: None,
+                trace: None,
             })
         ));
-        let head = publication_head(Some(std::time::Duration::from_millis(1500)));
+        let head = publication_head(Some(std::time::Duration::from_millis(1500)), None);
         let tallied = format!("{head}7:e:{{}}");
         assert!(matches!(
             decode(tallied.as_bytes()),
@@ -110,6 +143,7 @@ mod tests {
                 epoch: "e",
                 data: b"{}",
                 receipt: Some(d),
+                trace: None,
             }) if d.as_millis() == 1500
         ));
         assert!(matches!(
@@ -119,8 +153,25 @@ mod tests {
                 epoch: "",
                 data: b"1",
                 receipt: None,
+                trace: None,
             })
         ));
+        let parent =
+            TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        for receipt in [None, Some(std::time::Duration::from_millis(9))] {
+            let traced = format!("{}3:e:[]", publication_head(receipt, Some(&parent)));
+            let Some(Envelope::Publication {
+                offset: 3,
+                epoch: "e",
+                data: b"[]",
+                receipt: back,
+                trace: Some(trace),
+            }) = decode(traced.as_bytes())
+            else {
+                panic!("{traced}")
+            };
+            assert_eq!((back, trace), (receipt, parent));
+        }
         let member = Member {
             node: "n1".into(),
             joined: true,
@@ -145,6 +196,9 @@ mod tests {
             b"r10",
             b"rx,1:e:1",
             b"r10,1:e",
+            b"t00-bad,p1:e:1",
+            b"t00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01,m{}",
+            b"t00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01,t00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01,p1:e:1",
         ] {
             assert!(decode(bad).is_none(), "{bad:?}");
         }

@@ -19,7 +19,7 @@ use super::table::{Hold, Step};
 use super::{BrokerError, Inner, UNUSED_SWEEP};
 use crate::outbox::Flush;
 use crate::wire::message::{Membership, UnsubReason};
-use crate::wire::ServerMessage;
+use crate::wire::{ServerMessage, TraceParent};
 
 /// Most messages handed to the hub before one flush.
 const BATCH: usize = 64;
@@ -281,7 +281,8 @@ impl Inner {
                 epoch,
                 data,
                 receipt,
-            }) => self.arrived(channel, offset, epoch, data, receipt, flush),
+                trace,
+            }) => self.arrived(channel, offset, epoch, data, (receipt, trace), flush),
             Some(Envelope::Membership(member)) => {
                 if *member.node == *self.node || !self.options(channel).join_leave {
                     return;
@@ -313,21 +314,24 @@ impl Inner {
         offset: u64,
         epoch: &str,
         data: &[u8],
-        receipt: Option<std::time::Duration>,
+        (receipt, trace): (Option<std::time::Duration>, Option<TraceParent>),
         flush: &mut Flush,
     ) {
+        let trace = trace.as_ref();
         let Some(entry) = self.table.get(channel) else {
             return;
         };
         let mut entry = entry.lock().expect("entry lock");
         if offset == 0 {
             // Without history there are no offsets to order or recover: as it comes.
-            flush.extend(self.hub.deliver(channel, data, None, None).1);
+            flush.extend(self.hub.deliver(channel, data, None, None, trace).1);
             return;
         }
         match entry.arrive(epoch, offset) {
             Step::Deliver => {
-                let (counts, delivered) = self.hub.deliver(channel, data, Some(offset), receipt);
+                let (counts, delivered) =
+                    self.hub
+                        .deliver(channel, data, Some(offset), receipt, trace);
                 entry.last = (offset, counts.queued);
                 flush.extend(delivered);
             }

@@ -47,7 +47,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::config::{Config, Engine, NamespaceOptions};
 use crate::hub::Hub;
 use crate::wire::message::ClientInfo;
-use crate::wire::{Position, Publication};
+use crate::wire::{Position, Publication, TraceParent};
 
 use super::{BrokerError, Published};
 pub use cluster::Order;
@@ -179,9 +179,10 @@ impl RedisBroker {
         data: &[u8],
         idempotency_key: Option<&str>,
         receipt: Option<Duration>,
+        trace: Option<&TraceParent>,
     ) -> Result<Published, BrokerError> {
         self.inner
-            .publish(channel, data, idempotency_key, receipt)
+            .publish(channel, data, idempotency_key, receipt, trace)
             .await
     }
 
@@ -298,6 +299,7 @@ impl Inner {
         data: &[u8],
         idempotency_key: Option<&str>,
         receipt: Option<Duration>,
+        trace: Option<&TraceParent>,
     ) -> Result<Published, BrokerError> {
         let start = Instant::now();
         let options = self.options(channel);
@@ -316,7 +318,7 @@ impl Inner {
             .arg(keys.topic(channel))
             .arg(if options.has_history() { "1" } else { "0" })
             .arg(if idempotency_key.is_some() { "1" } else { "0" })
-            .arg(envelope::publication_head(receipt));
+            .arg(envelope::publication_head(receipt, trace));
         let reply: String = self
             .link(channel)
             .call(|mut c| async move { invocation.invoke_async(&mut c).await })
@@ -340,7 +342,8 @@ impl Inner {
                 match entry.published(epoch, offset) {
                     Step::Deliver => {
                         let (counts, flush) =
-                            self.hub.deliver(channel, data, Some(offset), receipt);
+                            self.hub
+                                .deliver(channel, data, Some(offset), receipt, trace);
                         entry.last = (offset, counts.queued);
                         drop(entry);
                         flush.run();

@@ -2,7 +2,8 @@
 -- channel's epoch, the append to the bounded stream, and the PUBLISH to every node.
 -- KEYS: meta, stream, seen. ARGV: data, history_size, history_ttl_ms, meta_ttl_ms,
 -- fresh_epoch, window_ms, topic, has_history ('1'/'0'), keyed ('1'/'0'), the envelope's
--- head ('p', or 'r<deadline_ms>,' for a publication whose receipts are tallied).
+-- head ('p', or 'r<deadline_ms>,' for a publication whose receipts are tallied; either after
+-- 't<traceparent>,' for a traced one).
 -- Returns 'n<offset>:<epoch>' (offset 0 and no epoch without history), or 's' and the first
 -- result for a key seen within the window (nothing published).
 local meta, stream, seen = KEYS[1], KEYS[2], KEYS[3]

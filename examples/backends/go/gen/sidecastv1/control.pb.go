@@ -184,8 +184,11 @@ type PublishRequest struct {
 	// With receipt: acknowledgements count until this many ms after it reaches each node; 0
 	// for the namespace's receipt_timeout. At most 3,600,000 (else INVALID_ARGUMENT).
 	ReceiptTimeoutMs uint32 `protobuf:"varint,5,opt,name=receipt_timeout_ms,json=receiptTimeoutMs,proto3" json:"receipt_timeout_ms,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// A W3C traceparent (00-<trace id>-<parent id>-<flags>) making this publication part of
+	// the caller's trace; overrides the call's `traceparent` metadata. Invalid: INVALID_ARGUMENT.
+	Traceparent   string `protobuf:"bytes,6,opt,name=traceparent,proto3" json:"traceparent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PublishRequest) Reset() {
@@ -253,6 +256,13 @@ func (x *PublishRequest) GetReceiptTimeoutMs() uint32 {
 	return 0
 }
 
+func (x *PublishRequest) GetTraceparent() string {
+	if x != nil {
+		return x.Traceparent
+	}
+	return ""
+}
+
 type PublishResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Position of the publication in the channel's history; 0 and "" for
@@ -260,7 +270,9 @@ type PublishResponse struct {
 	Offset uint64 `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
 	Epoch  string `protobuf:"bytes,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	// Connections of this node the publication was queued to.
-	Delivered     uint32 `protobuf:"varint,3,opt,name=delivered,proto3" json:"delivered,omitempty"`
+	Delivered uint32 `protobuf:"varint,3,opt,name=delivered,proto3" json:"delivered,omitempty"`
+	// The trace id (32 hex digits) of a traced publication: from its traceparent.
+	TraceId       string `protobuf:"bytes,4,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -314,6 +326,13 @@ func (x *PublishResponse) GetDelivered() uint32 {
 		return x.Delivered
 	}
 	return 0
+}
+
+func (x *PublishResponse) GetTraceId() string {
+	if x != nil {
+		return x.TraceId
+	}
+	return ""
 }
 
 type PublishStreamRequest struct {
@@ -1332,7 +1351,9 @@ type ReceiptResponse struct {
 	// Missing deliveries beyond that list.
 	MissingMore uint32 `protobuf:"varint,4,opt,name=missing_more,json=missingMore,proto3" json:"missing_more,omitempty"`
 	// The deadline has passed on every node that tallied it: the counts are final.
-	Complete      bool `protobuf:"varint,5,opt,name=complete,proto3" json:"complete,omitempty"`
+	Complete bool `protobuf:"varint,5,opt,name=complete,proto3" json:"complete,omitempty"`
+	// The trace id of a traced publication (see PublishRequest.traceparent).
+	TraceId       string `protobuf:"bytes,6,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1400,6 +1421,13 @@ func (x *ReceiptResponse) GetComplete() bool {
 		return x.Complete
 	}
 	return false
+}
+
+func (x *ReceiptResponse) GetTraceId() string {
+	if x != nil {
+		return x.TraceId
+	}
+	return ""
 }
 
 type ChannelsRequest struct {
@@ -3244,17 +3272,19 @@ const file_sidecast_v1_control_proto_rawDesc = "" +
 	"\x06Target\x12\x14\n" +
 	"\x04user\x18\x01 \x01(\tH\x00R\x04user\x12\x18\n" +
 	"\x06client\x18\x02 \x01(\tH\x00R\x06clientB\b\n" +
-	"\x06target\"\xaf\x01\n" +
+	"\x06target\"\xd1\x01\n" +
 	"\x0ePublishRequest\x12\x18\n" +
 	"\achannel\x18\x01 \x01(\tR\achannel\x12\x12\n" +
 	"\x04data\x18\x02 \x01(\fR\x04data\x12'\n" +
 	"\x0fidempotency_key\x18\x03 \x01(\tR\x0eidempotencyKey\x12\x18\n" +
 	"\areceipt\x18\x04 \x01(\bR\areceipt\x12,\n" +
-	"\x12receipt_timeout_ms\x18\x05 \x01(\rR\x10receiptTimeoutMs\"]\n" +
+	"\x12receipt_timeout_ms\x18\x05 \x01(\rR\x10receiptTimeoutMs\x12 \n" +
+	"\vtraceparent\x18\x06 \x01(\tR\vtraceparent\"x\n" +
 	"\x0fPublishResponse\x12\x16\n" +
 	"\x06offset\x18\x01 \x01(\x04R\x06offset\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\tR\x05epoch\x12\x1c\n" +
-	"\tdelivered\x18\x03 \x01(\rR\tdelivered\"e\n" +
+	"\tdelivered\x18\x03 \x01(\rR\tdelivered\x12\x19\n" +
+	"\btrace_id\x18\x04 \x01(\tR\atraceId\"e\n" +
 	"\x14PublishStreamRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12=\n" +
 	"\vpublication\x18\x02 \x01(\v2\x1b.sidecast.v1.PublishRequestR\vpublication\"\xa2\x01\n" +
@@ -3313,13 +3343,14 @@ const file_sidecast_v1_control_proto_rawDesc = "" +
 	"\tnum_users\x18\x02 \x01(\rR\bnumUsers\"B\n" +
 	"\x0eReceiptRequest\x12\x18\n" +
 	"\achannel\x18\x01 \x01(\tR\achannel\x12\x16\n" +
-	"\x06offset\x18\x02 \x01(\x04R\x06offset\"\xb7\x01\n" +
+	"\x06offset\x18\x02 \x01(\x04R\x06offset\"\xd2\x01\n" +
 	"\x0fReceiptResponse\x12\x1c\n" +
 	"\tdelivered\x18\x01 \x01(\rR\tdelivered\x12\"\n" +
 	"\facknowledged\x18\x02 \x01(\rR\facknowledged\x12#\n" +
 	"\rmissing_users\x18\x03 \x03(\tR\fmissingUsers\x12!\n" +
 	"\fmissing_more\x18\x04 \x01(\rR\vmissingMore\x12\x1a\n" +
-	"\bcomplete\x18\x05 \x01(\bR\bcomplete\"+\n" +
+	"\bcomplete\x18\x05 \x01(\bR\bcomplete\x12\x19\n" +
+	"\btrace_id\x18\x06 \x01(\tR\atraceId\"+\n" +
 	"\x0fChannelsRequest\x12\x18\n" +
 	"\apattern\x18\x01 \x01(\tR\apattern\"I\n" +
 	"\vChannelInfo\x12\x18\n" +
