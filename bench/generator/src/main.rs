@@ -14,6 +14,7 @@
 mod cursors;
 mod events;
 mod fleet;
+mod otlp_sink;
 mod probe;
 mod publish_cost;
 mod publisher;
@@ -56,6 +57,10 @@ struct Cli {
     /// (against Centrifugo: through its batch API instead of one publish request each).
     #[arg(long, global = true)]
     publish_stream: bool,
+    /// A W3C traceparent every unary Publish carries (its request field): the cost of
+    /// traced publications (`otlp_endpoint` on the server exports their spans).
+    #[arg(long, global = true)]
+    traceparent: Option<String>,
     /// Publish through a peer's HTTP API at this address instead of gRPC: the Node peer's
     /// `POST /publish?channel=`, or Centrifugo's `POST /api/publish` with --api-key.
     #[arg(long, global = true)]
@@ -271,6 +276,12 @@ enum Scenario {
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
     },
+    /// An OTLP/gRPC trace receiver that counts the spans it is sent (a collector for the
+    /// server's `otlp_endpoint` in the tracing benchmark); runs until killed.
+    OtlpSink {
+        #[arg(long, default_value = "127.0.0.1:4317")]
+        listen: SocketAddr,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -302,6 +313,9 @@ fn main() -> anyhow::Result<()> {
             };
             return shard::serve(&target, share).await;
         }
+        if let Scenario::OtlpSink { listen } = cli.scenario {
+            return otlp_sink::serve(listen).await;
+        }
         let sink = match cli.publish_http {
             Some(addr) => match cli.api_key {
                 Some(key) if cli.publish_stream => Sink::HttpBatch(addr, key),
@@ -314,9 +328,10 @@ fn main() -> anyhow::Result<()> {
             None => {
                 let client =
                     sidecast::pb::control_client::ControlClient::connect(cli.grpc.clone()).await?;
-                match cli.publish_stream {
-                    true => Sink::GrpcStream(client),
-                    false => Sink::Grpc(client),
+                match (cli.publish_stream, cli.traceparent.clone()) {
+                    (true, None) => Sink::GrpcStream(client),
+                    (true, Some(_)) => anyhow::bail!("--traceparent is for unary publishes"),
+                    (false, traceparent) => Sink::Grpc(client, traceparent.unwrap_or_default()),
                 }
             }
         };
@@ -412,7 +427,7 @@ fn main() -> anyhow::Result<()> {
                 };
                 soak::soak(&ctx, options).await
             }
-            Scenario::Shard { .. } => unreachable!("served above"),
+            Scenario::Shard { .. } | Scenario::OtlpSink { .. } => unreachable!("served above"),
         }
     })
 }

@@ -24,7 +24,8 @@ use crate::stats::{now_nanos, payload, Stats};
 /// PublishStream per publisher) or a peer's HTTP publish API.
 #[derive(Clone)]
 pub enum Sink {
-    Grpc(ControlClient<tonic::transport::Channel>),
+    /// One unary Publish each, with this W3C traceparent when not empty (`--traceparent`).
+    Grpc(ControlClient<tonic::transport::Channel>, String),
     GrpcStream(ControlClient<tonic::transport::Channel>),
     Http(std::net::SocketAddr, HttpApi),
     /// Centrifugo's `POST /api/batch` with this API key.
@@ -45,7 +46,7 @@ pub enum HttpApi {
 }
 
 pub enum Conn {
-    Grpc(ControlClient<tonic::transport::Channel>),
+    Grpc(ControlClient<tonic::transport::Channel>, String),
     /// The stream's requests, the next id, and the failures its answers reported so far.
     GrpcStream(
         mpsc::Sender<PublishStreamRequest>,
@@ -64,7 +65,7 @@ pub enum Conn {
 impl Sink {
     pub async fn connect(&self) -> anyhow::Result<Conn> {
         Ok(match self {
-            Sink::Grpc(client) => Conn::Grpc(client.clone()),
+            Sink::Grpc(client, traceparent) => Conn::Grpc(client.clone(), traceparent.clone()),
             Sink::GrpcStream(client) => {
                 let (tx, rx) = mpsc::channel(1024);
                 let mut answers = client
@@ -153,12 +154,13 @@ async fn batches(
 impl Conn {
     pub async fn publish(&mut self, channel: &str, data: Vec<u8>) -> anyhow::Result<()> {
         match self {
-            Conn::Grpc(client) => {
+            Conn::Grpc(client, traceparent) => {
                 client
                     .publish(PublishRequest {
                         channel: channel.to_string(),
                         data,
                         idempotency_key: String::new(),
+                        traceparent: traceparent.clone(),
                         ..Default::default()
                     })
                     .await?;
