@@ -719,3 +719,55 @@ async fn a_client_that_stops_reading_loses_its_socket_not_only_its_connection() 
     .await;
     drop(tcp);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_posted_faster_than_the_connection_reads_them_are_refused_429() {
+    let redis = sidecast::testkit::RedisServer::start();
+    let url = redis.url();
+    let server = TestServer::start_ready(None, &[("broker", &url), ("redis_timeout", "5s")]).await;
+    let addr = server.ws_addr;
+    let auth = bearer(&token("ida", json!({"publish": ["news"]})));
+    let mut stream = open(addr, "/sse", &[("authorization", &auth)]).await;
+    let (session, _) = stream.start().await;
+
+    // Redis holds the publish script while paused: the connection waits on its `publish`
+    // and reads no further command, so the POSTed ones queue up.
+    let mut redis_conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg("3000")
+        .arg("WRITE")
+        .query(&mut redis_conn)
+        .unwrap();
+    let publish = r#"{"id":1,"op":"publish","channel":"news","data":1}"#;
+    assert_eq!(post(addr, &session, publish).await, 202);
+    let mut accepted = 0;
+    let refusal = loop {
+        assert!(accepted <= 64, "more than 64 commands were queued");
+        let ping = format!(r#"{{"id":{},"op":"ping"}}"#, accepted + 2);
+        let path = format!("/sse?session={session}");
+        let response = request(addr, "POST", &path, &[], &ping).await;
+        match response.status().as_u16() {
+            202 => accepted += 1,
+            429 => break json_body(response).await,
+            other => panic!("POST answered {other}"),
+        }
+    };
+    assert_eq!(
+        refusal,
+        json!({"code": 4005, "reason": "too many commands waiting"})
+    );
+    // One queue of 64: the publish was either read already or still in it.
+    assert!((63..=64).contains(&accepted), "{accepted} accepted");
+
+    // Once Redis answers, every accepted command is answered, in order, on the same stream.
+    assert_eq!(stream.message().await["id"], 1);
+    for id in 2..accepted + 2 {
+        assert_eq!(stream.message().await, json!({"id": id, "result": {}}));
+    }
+    assert_eq!(post(addr, &session, r#"{"id":99,"op":"ping"}"#).await, 202);
+    assert_eq!(stream.message().await, json!({"id": 99, "result": {}}));
+}
