@@ -123,3 +123,30 @@ test("over SSE a cookie client without a cookie stops and says why, as over a We
     await cookieNode.kill();
   }
 });
+
+test("after an outage fails both transports the client goes round to the WebSocket again", async () => {
+  // Nothing listens on this port: every attempt of either transport fails before opening.
+  const dead = await startSidecast({});
+  const url = dead.url;
+  await dead.kill();
+  // Each attempt, recorded as the client makes it.
+  const attempts = [];
+  class CountedWebSocket extends WebSocket {
+    constructor(...args) {
+      attempts.push("websocket");
+      super(...args);
+    }
+  }
+  const countedFetch = (...args) => {
+    attempts.push("sse");
+    return globalThis.fetch(...args);
+  };
+  const client = new Client({ url, token: token("vic"), WebSocket: CountedWebSocket, fetch: countedFetch, backoff: fast });
+  client.connect();
+  try {
+    await until("two of each, then the WebSocket", () => attempts.length >= 5);
+    assert.deepEqual(attempts.slice(0, 5), ["websocket", "websocket", "sse", "sse", "websocket"]);
+  } finally {
+    client.disconnect();
+  }
+});
