@@ -155,7 +155,7 @@ fn main() -> ExitCode {
             let runtime = runtime.expect("made for serving");
             let code = serve(&runtime, config);
             if let Some(exporter) = exporter {
-                exporter.stop();
+                exporter.stop(SPAN_EXPORT_STOP);
             }
             code
         }
@@ -315,6 +315,8 @@ fn init_tracing(
 
 /// How often the spans of traced publications are sent to the collector.
 const SPAN_BATCH_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a stopped node waits for its last spans to reach the collector.
+const SPAN_EXPORT_STOP: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Development mode: with no token key configured, tokens are checked against a random
 /// secret kept in dev_secret_file (made on first use), so `sidecast token` can mint them.

@@ -120,8 +120,8 @@ pub struct Exporter {
 impl Exporter {
     /// Starts exporting to `endpoint` (OTLP/gRPC) as service `sidecast`. Must
     /// be called inside the node's runtime: the batches are sent from a task of it, every
-    /// `batch_delay` or 512 spans. Spans are kept while the collector is unreachable, up to
-    /// 2,048; past that they are dropped (the SDK logs it).
+    /// `batch_delay` or 512 spans, each tried once: a batch the collector does not take is
+    /// dropped (the SDK logs it), and at most 2,048 spans wait meanwhile.
     pub fn start<S>(
         endpoint: &str,
         batch_delay: std::time::Duration,
@@ -159,11 +159,22 @@ impl Exporter {
         Ok((Exporter { provider }, layer))
     }
 
-    /// Sends what is still batched; call from outside the runtime's tasks, with the runtime
-    /// still running.
-    pub fn stop(self) {
-        if let Err(e) = self.provider.shutdown() {
-            tracing::warn!("span export did not finish: {e}");
+    /// Sends what is still batched, waiting at most `within` (a collector that does not
+    /// answer must not hold the process's exit); call from outside the runtime's tasks,
+    /// with the runtime still running.
+    pub fn stop(self, within: std::time::Duration) {
+        let (done, finished) = std::sync::mpsc::channel();
+        let provider = self.provider;
+        std::thread::spawn(move || {
+            let _ = done.send(provider.shutdown());
+        });
+        match finished.recv_timeout(within) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("span export did not finish: {e}"),
+            Err(_) => tracing::warn!(
+                ?within,
+                "span export did not finish in time: the rest is dropped"
+            ),
         }
     }
 }

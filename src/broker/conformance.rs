@@ -168,6 +168,11 @@ async fn publish_is_atomic_per_channel_and_keys_deduplicate() {
             (&again.offset, &again.epoch),
             "{engine}: a key seen returns the first result"
         );
+        assert_eq!(
+            (first.replayed, again.replayed),
+            (false, true),
+            "{engine}: and says it is a replay"
+        );
         assert_eq!(first.offset, 101);
         assert_eq!(
             first.delivered, 1,

@@ -116,13 +116,17 @@ impl MemoryBroker {
                 offset: 0,
                 epoch: String::new(),
                 delivered: counts.queued,
+                replayed: false,
             };
         };
         let retention = retention(self.config.channel_options(channel));
         let mut record = record.lock().expect("record lock");
         if let Some((first, until)) = idempotency_key.and_then(|key| record.seen.get(key)) {
             if now < *until {
-                return first.clone();
+                return Published {
+                    replayed: true,
+                    ..first.clone()
+                };
             }
         }
         let (published, flush) = match record.history(now, retention) {
@@ -136,6 +140,7 @@ impl MemoryBroker {
                     offset,
                     epoch,
                     delivered: counts.queued,
+                    replayed: false,
                 };
                 (published, flush)
             }
@@ -145,6 +150,7 @@ impl MemoryBroker {
                     offset: 0,
                     epoch: String::new(),
                     delivered: counts.queued,
+                    replayed: false,
                 };
                 (published, flush)
             }
@@ -315,7 +321,10 @@ mod tests {
                 None,
                 t + Duration::from_secs(299)
             ),
-            first
+            Published {
+                replayed: true,
+                ..first.clone()
+            }
         );
         assert_eq!(
             b.publish("h:other", b"1", Some("key"), None, None, t)

@@ -81,6 +81,9 @@ pub struct Published {
     pub epoch: String,
     /// Connections on this node the publication was queued to.
     pub delivered: u32,
+    /// A replay: the idempotency key was seen within idempotency_window, this is the first
+    /// publication's result, and nothing was published now.
+    pub replayed: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

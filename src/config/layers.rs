@@ -312,6 +312,11 @@ mod tests {
         assert!(
             err(None, &[("SIDECAST_OTLP_ENDPOINT", "127.0.0.1:4317")]).contains("otlp_endpoint")
         );
+        assert!(err(
+            None,
+            &[("SIDECAST_OTLP_ENDPOINT", "https://collector:4317")]
+        )
+        .contains("TLS"));
         assert!(err(None, &[("SIDECAST_EVENTS_SCOPE", "world")]).contains("events_scope"));
         assert!(
             err(Some("[namespaces.c]\nslow_consumer = \"conflate\""), &[])

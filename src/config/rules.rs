@@ -27,10 +27,11 @@ impl Config {
             return Err(invalid("sse_path", "must differ from ws_path"));
         }
         let otlp = &self.otlp_endpoint;
-        if !otlp.is_empty() && !otlp.starts_with("http://") && !otlp.starts_with("https://") {
+        // Plain HTTP/2 only: a collector (or its agent) runs beside the node.
+        if !otlp.is_empty() && !otlp.starts_with("http://") {
             return Err(invalid(
                 "otlp_endpoint",
-                "must be an http:// or https:// address (or empty: no export)",
+                "must be an http:// address (or empty: no export); TLS to the collector is not supported",
             ));
         }
         if self.max_connections == 0 {

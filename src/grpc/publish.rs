@@ -132,15 +132,22 @@ pub(super) async fn one(
 }
 
 /// The call's `traceparent` metadata (W3C Trace Context, as OpenTelemetry's gRPC
-/// instrumentation sends it).
-pub(super) fn traceparent(metadata: &MetadataMap) -> Result<Option<TraceParent>, ApiError> {
-    let Some(value) = metadata.get("traceparent") else {
-        return Ok(None);
-    };
-    let text = value
+/// instrumentation sends it). An invalid one is ignored, as the W3C specification asks of a
+/// header that proxies and meshes may set: the call goes on untraced (its answer's
+/// `trace_id` is empty). The request's own `traceparent` field is checked strictly instead.
+pub(super) fn traceparent(metadata: &MetadataMap) -> Option<TraceParent> {
+    let value = metadata.get("traceparent")?;
+    let parsed = value
         .to_str()
-        .map_err(|_| crate::wire::traceparent::BadTraceParent::Shape)?;
-    Ok(Some(TraceParent::parse(text)?))
+        .map_err(|_| crate::wire::traceparent::BadTraceParent::Shape)
+        .and_then(TraceParent::parse);
+    match parsed {
+        Ok(parent) => Some(parent),
+        Err(e) => {
+            tracing::debug!("traceparent metadata ignored: {e}");
+            None
+        }
+    }
 }
 
 /// What a PublishRequest asks of its delivery receipt.
@@ -160,6 +167,10 @@ pub(super) fn published_pb(
         offset: published.offset,
         epoch: published.epoch,
         delivered: published.delivered,
-        trace_id: trace.map(|t| t.trace_id.to_string()).unwrap_or_default(),
+        // A replay was published by the first call, in that call's trace (if any).
+        trace_id: trace
+            .filter(|_| !published.replayed)
+            .map(|t| t.trace_id.to_string())
+            .unwrap_or_default(),
     }
 }

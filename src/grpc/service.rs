@@ -83,7 +83,7 @@ impl Control for ControlService {
 
     #[tracing::instrument(skip_all, fields(channel = %request.get_ref().channel))]
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishResponse> {
-        let inherited = super::publish::traceparent(request.metadata())?;
+        let inherited = super::publish::traceparent(request.metadata());
         let published = super::publish::one(&self.node, request.into_inner(), inherited).await?;
         Ok(Response::new(published))
     }
@@ -93,7 +93,7 @@ impl Control for ControlService {
         &self,
         request: Request<Streaming<pb::PublishStreamRequest>>,
     ) -> Reply<Self::PublishStreamStream> {
-        let inherited = super::publish::traceparent(request.metadata())?;
+        let inherited = super::publish::traceparent(request.metadata());
         let stream = super::publish::open(
             self.node.clone(),
             request.into_inner(),

@@ -48,9 +48,15 @@ impl Flush {
         }
     }
 
-    /// Writes inside `span` (the first one given, when flushes are merged).
+    /// Writes inside `span` (the first one given, when flushes are merged: the others
+    /// end at once, marked `route = "merged"`).
     pub fn traced(&mut self, span: tracing::Span) {
-        self.span.get_or_insert(span);
+        match &self.span {
+            None => self.span = Some(span),
+            Some(_) => {
+                span.record("route", "merged");
+            }
+        }
     }
 
     pub fn add(&mut self, outbox: &Arc<Outbox>) {

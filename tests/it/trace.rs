@@ -23,10 +23,12 @@ use crate::support::{publish, Client, NodeProcess, TestServer, PATIENCE};
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const SAMPLED: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
-/// `t:` shows trace ids and tallies receipts; `h:` keeps history only.
+/// `t:` shows trace ids and tallies receipts; `h:` keeps history only; `p:` shows trace
+/// ids and keeps no history.
 const NAMESPACES: &str = "[namespaces.t]\nhistory_size = 100\nhistory_ttl = \"1m\"\n\
                           trace_ids = true\nreceipts = true\n\
-                          [namespaces.h]\nhistory_size = 100\nhistory_ttl = \"1m\"\n";
+                          [namespaces.h]\nhistory_size = 100\nhistory_ttl = \"1m\"\n\
+                          [namespaces.p]\ntrace_ids = true\n";
 
 fn traced(channel: &str, data: &str, traceparent: &str) -> tonic::Request<pb::PublishRequest> {
     let mut request = tonic::Request::new(pb::PublishRequest {
@@ -44,7 +46,7 @@ async fn subscriber(server_url: &str, user: &str, channels: &[&str]) -> Client {
         .await
         .authenticate(&crate::support::token(
             user,
-            json!({"channels": ["t:*", "h:*"]}),
+            json!({"channels": ["t:*", "h:*", "p:*"]}),
         ))
         .await;
     for (id, channel) in channels.iter().enumerate() {
@@ -114,7 +116,7 @@ async fn the_trace_id_reaches_the_pub_push_the_answer_and_the_receipt() {
 }
 
 #[tokio::test]
-async fn a_malformed_traceparent_is_refused_and_publishes_nothing() {
+async fn a_malformed_traceparent_field_is_refused_and_malformed_metadata_ignored() {
     let server = TestServer::start_with_file(Some(NAMESPACES), &[]).await;
     let mut ann = subscriber(&server.ws_url, "ann", &["t:room"]).await;
     let mut grpc = server.grpc().await;
@@ -124,19 +126,63 @@ async fn a_malformed_traceparent_is_refused_and_publishes_nothing() {
         "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
     ] {
-        let refused = grpc.publish(traced("t:room", "1", bad)).await.unwrap_err();
-        assert_eq!(refused.code(), Code::InvalidArgument, "{bad}");
-        assert!(refused.message().contains("traceparent"), "{refused:?}");
         let field = pb::PublishRequest {
             traceparent: bad.into(),
             ..publish("t:room", "1")
         };
         let refused = grpc.publish(field).await.unwrap_err();
         assert_eq!(refused.code(), Code::InvalidArgument, "{bad}");
+        assert!(refused.message().contains("traceparent"), "{refused:?}");
+
+        // The same value as metadata: published, untraced.
+        let answer = grpc
+            .publish(traced("t:room", r#""untraced""#, bad))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.trace_id, "", "{bad}");
+        let push = next_pub(&mut ann).await;
+        assert_eq!(push["data"], "untraced");
+        assert!(push.get("trace").is_none(), "{push}");
     }
-    grpc.publish(publish("t:room", r#""after""#)).await.unwrap();
-    // The refused ones were never delivered: the next publication is the one after them.
-    assert_eq!(next_pub(&mut ann).await["data"], "after");
+    // A valid field wins over malformed metadata.
+    let mut both = traced("t:room", r#""field""#, "garbage");
+    both.get_mut().traceparent = SAMPLED.into();
+    let answer = grpc.publish(both).await.unwrap().into_inner();
+    assert_eq!(answer.trace_id, TRACE_ID);
+    // The refused ones were never delivered: the next publication is this one.
+    let push = next_pub(&mut ann).await;
+    assert_eq!(
+        (push["data"].as_str(), push["trace"].as_str()),
+        (Some("field"), Some(TRACE_ID))
+    );
+}
+
+#[tokio::test]
+async fn a_replay_of_an_idempotency_key_publishes_nothing_and_names_no_trace() {
+    let server = TestServer::start_with_file(Some(NAMESPACES), &[]).await;
+    let mut ann = subscriber(&server.ws_url, "ann", &["t:room"]).await;
+    let mut grpc = server.grpc().await;
+    let mut first = traced("t:room", "1", SAMPLED);
+    first.get_mut().idempotency_key = "k1".into();
+    let first = grpc.publish(first).await.unwrap().into_inner();
+    assert_eq!(first.trace_id, TRACE_ID);
+    let mut again = traced(
+        "t:room",
+        "1",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    );
+    again.get_mut().idempotency_key = "k1".into();
+    let again = grpc.publish(again).await.unwrap().into_inner();
+    assert_eq!((again.offset, again.trace_id.as_str()), (first.offset, ""));
+    grpc.publish(publish("t:room", "2")).await.unwrap();
+    // One publication with the first call's trace, then the next: the replay made none.
+    let push = next_pub(&mut ann).await;
+    assert_eq!(
+        (push["data"].as_i64(), push["trace"].as_str()),
+        (Some(1), Some(TRACE_ID))
+    );
+    assert_eq!(next_pub(&mut ann).await["data"], 2);
 }
 
 #[tokio::test]
@@ -207,8 +253,8 @@ async fn on_redis_the_trace_id_reaches_every_node_and_the_receipt() {
         TestServer::start_ready(Some(NAMESPACES), &settings).await,
         TestServer::start_ready(Some(NAMESPACES), &settings).await,
     );
-    let mut ann = subscriber(&a.ws_url, "ann", &["t:room", "h:plain"]).await;
-    let mut bob = subscriber(&b.ws_url, "bob", &["t:room"]).await;
+    let mut ann = subscriber(&a.ws_url, "ann", &["t:room", "p:plain"]).await;
+    let mut bob = subscriber(&b.ws_url, "bob", &["t:room", "p:plain"]).await;
     let answer = a
         .grpc()
         .await
@@ -234,6 +280,21 @@ async fn on_redis_the_trace_id_reaches_every_node_and_the_receipt() {
         (receipt.delivered, receipt.trace_id.as_str()),
         (2, TRACE_ID)
     );
+
+    // Without history a publication reaches even its own node through Redis: the trace too.
+    let own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    a.grpc()
+        .await
+        .publish(traced("p:plain", r#""live""#, own))
+        .await
+        .unwrap();
+    for client in [&mut ann, &mut bob] {
+        let push = next_pub(client).await;
+        assert_eq!(
+            (push["data"].as_str(), push["trace"].as_str()),
+            (Some("live"), Some("0af7651916cd43dd8448eb211c80319c"))
+        );
+    }
 }
 
 /// An OTLP/gRPC trace receiver: every span it is sent, with its service's process id.

@@ -333,6 +333,7 @@ impl Inner {
             offset,
             epoch: epoch.to_string(),
             delivered: 0,
+            replayed: fresh == "s",
         };
         // This node's subscribers get it now when it is the next one, rather than when the
         // topic brings it back (which the frontier then skips).

@@ -185,7 +185,8 @@ type PublishRequest struct {
 	// for the namespace's receipt_timeout. At most 3,600,000 (else INVALID_ARGUMENT).
 	ReceiptTimeoutMs uint32 `protobuf:"varint,5,opt,name=receipt_timeout_ms,json=receiptTimeoutMs,proto3" json:"receipt_timeout_ms,omitempty"`
 	// A W3C traceparent (00-<trace id>-<parent id>-<flags>) making this publication part of
-	// the caller's trace; overrides the call's `traceparent` metadata. Invalid: INVALID_ARGUMENT.
+	// the caller's trace; overrides the call's `traceparent` metadata. Invalid: INVALID_ARGUMENT
+	// (invalid metadata is ignored: the publication goes untraced).
 	Traceparent   string `protobuf:"bytes,6,opt,name=traceparent,proto3" json:"traceparent,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -271,7 +272,8 @@ type PublishResponse struct {
 	Epoch  string `protobuf:"bytes,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	// Connections of this node the publication was queued to.
 	Delivered uint32 `protobuf:"varint,3,opt,name=delivered,proto3" json:"delivered,omitempty"`
-	// The trace id (32 hex digits) of a traced publication: from its traceparent.
+	// The trace id (32 hex digits) of a traced publication: from its traceparent; empty for
+	// an untraced one and for a replay of an idempotency_key.
 	TraceId       string `protobuf:"bytes,4,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
