@@ -127,6 +127,9 @@ pub async fn run(
         max_connections = config.max_connections,
         engine = match config.engine() {
             crate::config::Engine::Memory => "memory".to_string(),
+            crate::config::Engine::Redis(seeds) if config.redis_cluster => {
+                format!("redis cluster ({} seed addresses)", seeds.len())
+            }
             crate::config::Engine::Redis(addresses) => format!("redis ({} addresses)", addresses.len()),
         },
         "sidecast is serving"

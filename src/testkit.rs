@@ -1,5 +1,6 @@
 //! For tests of sidecast and of what is built on it: a real `redis-server` on a free
-//! loopback port, without persistence, stopped when dropped. Not part of the API.
+//! loopback port, or a Redis Cluster of several, without persistence, stopped when dropped.
+//! Not part of the API.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -63,6 +64,35 @@ impl RedisServer {
         }
     }
 
+    /// Starts one that is a node of a Redis Cluster to be, keeping its cluster state in `dir`.
+    fn start_cluster_node(dir: &std::path::Path) -> RedisServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test installs it)");
+        let mut server = RedisServer {
+            port,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        assert!(
+            server.wait_answering(deadline),
+            "redis-server (cluster node) did not start on {port}"
+        );
+        server
+    }
+
     fn wait_answering(&mut self, deadline: Instant) -> bool {
         let client = redis::Client::open(self.url()).expect("a url");
         while Instant::now() < deadline {
@@ -85,5 +115,138 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A Redis Cluster of primaries (the slots split evenly) and their replicas, made with
+/// `redis-cli --cluster create`; its processes stop when it is dropped.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+    /// Where the nodes keep their cluster state (removed on drop).
+    dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    /// `n` primaries without replicas; waits until every node reports the cluster ok (at
+    /// most 30 s).
+    pub fn start(n: usize) -> RedisCluster {
+        RedisCluster::start_with_replicas(n, 0)
+    }
+
+    /// `n` primaries with `replicas` replicas each.
+    pub fn start_with_replicas(n: usize, replicas: usize) -> RedisCluster {
+        let n = n * (1 + replicas);
+        let dir = std::env::temp_dir().join(format!(
+            "sidecast-redis-cluster-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let nodes: Vec<RedisServer> = (0..n)
+            .map(|_| RedisServer::start_cluster_node(&dir))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("redis-cli is installed with redis-server");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let cluster = RedisCluster { nodes, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cluster.is_ok(n - n / (1 + replicas)) {
+            assert!(
+                Instant::now() < deadline,
+                "the Redis Cluster never became ok"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cluster
+    }
+
+    /// The seed addresses, as `broker` takes them.
+    pub fn urls(&self) -> String {
+        let urls: Vec<String> = self.nodes.iter().map(RedisServer::url).collect();
+        urls.join(",")
+    }
+
+    /// The node serving `key`'s slot as primary, and its replicas.
+    pub fn serving(&self, key: &str) -> (&RedisServer, Vec<&RedisServer>) {
+        let mut conn = redis::Client::open(self.nodes[0].url())
+            .and_then(|c| c.get_connection())
+            .expect("a cluster node answers");
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut conn)
+            .expect("CLUSTER KEYSLOT");
+        // Each entry: start, end, then [ip, port, id] of the primary and of each replica.
+        let slots: Vec<Vec<redis::Value>> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query(&mut conn)
+            .expect("CLUSTER SLOTS");
+        let int = |v: &redis::Value| redis::from_redis_value_ref::<i64>(v).expect("a number");
+        let range = slots
+            .iter()
+            .find(|r| int(&r[0]) <= slot && slot <= int(&r[1]))
+            .expect("every slot is served");
+        let node = |v: &redis::Value| {
+            let port = match v {
+                redis::Value::Array(fields) => int(&fields[1]),
+                _ => panic!("a node of CLUSTER SLOTS: {v:?}"),
+            };
+            self.nodes
+                .iter()
+                .find(|n| i64::from(n.port) == port)
+                .expect("a node of this cluster")
+        };
+        (node(&range[2]), range[3..].iter().map(node).collect())
+    }
+
+    /// Whether every node says `cluster_state:ok` and knows every other, and `replicas`
+    /// of them are replicas in sync with their primary.
+    fn is_ok(&self, replicas: usize) -> bool {
+        let mut synced = 0;
+        for node in &self.nodes {
+            let Ok(client) = redis::Client::open(node.url()) else {
+                return false;
+            };
+            let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(500))
+            else {
+                return false;
+            };
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query(&mut conn)
+                .unwrap_or_default();
+            if !info.contains("cluster_state:ok")
+                || !info.contains(&format!("cluster_known_nodes:{}", self.nodes.len()))
+            {
+                return false;
+            }
+            let replication: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut conn)
+                .unwrap_or_default();
+            if replication.contains("master_link_status:up") {
+                synced += 1;
+            }
+        }
+        synced == replicas
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -13,32 +13,49 @@ use crate::events::Events;
 use crate::hub::{ClientId, Hub, SubscribedBy};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::testkit::RedisServer;
+use crate::testkit::{RedisCluster, RedisServer};
 use crate::wire::{Position, Recovery, ServerMessage};
 
 /// `h:` keeps 10 publications and presence, `g:` keeps more than a test publishes; other
 /// channels keep neither.
 const CONFIG: &str = "[namespaces.h]\nhistory_size = 10\nhistory_ttl = \"1m\"\nhistory_meta_ttl = \"1h\"\npresence = true\n[namespaces.g]\nhistory_size = 1000\nhistory_ttl = \"1m\"\n";
 
-/// Every engine, by name, with the `broker` setting that selects it. The Redis engine runs
-/// on a redis-server of its own, started for each test.
-fn engines() -> Vec<(&'static str, Option<RedisServer>)> {
-    vec![("memory", None), ("redis", Some(RedisServer::start()))]
+/// An engine's name, the settings that select it, and what keeps its Redis running.
+type Engine = (
+    &'static str,
+    Vec<(String, String)>,
+    Option<Box<dyn Send + Sync>>,
+);
+
+/// Every engine, by name, with the settings that select it and the Redis processes it runs
+/// on (started for each test): one redis-server, and a Redis Cluster of three primaries.
+fn engines() -> Vec<Engine> {
+    let server = RedisServer::start();
+    let cluster = RedisCluster::start(3);
+    let broker = |url: String| ("broker".to_string(), url);
+    vec![
+        ("memory", Vec::new(), None),
+        ("redis", vec![broker(server.url())], Some(Box::new(server))),
+        (
+            "redis-cluster",
+            vec![
+                broker(cluster.urls()),
+                ("redis_cluster".to_string(), "true".to_string()),
+            ],
+            Some(Box::new(cluster)),
+        ),
+    ]
 }
 
 struct Fixture {
     hub: Hub,
     broker: Broker,
-    _redis: Option<RedisServer>,
+    _redis: Option<Box<dyn Send + Sync>>,
 }
 
 async fn fixtures() -> Vec<(&'static str, Fixture)> {
     let mut out = Vec::new();
-    for (name, redis) in engines() {
-        let overrides: Vec<(String, String)> = redis
-            .iter()
-            .map(|r| ("broker".to_string(), r.url()))
-            .collect();
+    for (name, overrides, redis) in engines() {
         let config =
             Arc::new(Config::from_layers(Some(("conformance", CONFIG)), &[], &overrides).unwrap());
         let events = Events::new(&config, Arc::from("conformance"));

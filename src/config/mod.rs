@@ -167,6 +167,9 @@ pub struct Config {
     pub redis_prefix: String,
     /// Pub/sub connections each node holds to each Redis address.
     pub redis_pubsub_connections: usize,
+    /// Whether the `broker` addresses are seeds of one Redis Cluster (channels spread over
+    /// its slots) rather than independent Redis servers (spread by consistent hashing).
+    pub redis_cluster: bool,
     /// Options of channels without a namespace of their own.
     pub channel_defaults: NamespaceOptions,
     pub namespaces: HashMap<String, NamespaceOptions>,
@@ -237,6 +240,7 @@ impl Default for Config {
             redis_presence_ttl: secs(30),
             redis_prefix: "sidecast".into(),
             redis_pubsub_connections: 2,
+            redis_cluster: false,
             channel_defaults: NamespaceOptions::default(),
             namespaces: HashMap::new(),
         }

@@ -177,6 +177,12 @@ impl Config {
             ));
         }
         let Engine::Redis(addresses) = self.engine() else {
+            if self.redis_cluster {
+                return Err(invalid(
+                    "redis_cluster",
+                    "needs the seed addresses of a Redis Cluster in broker (redis://...)",
+                ));
+            }
             if self.events_scope == EventsScope::Cluster {
                 return Err(invalid(
                     "events_scope",

@@ -20,6 +20,7 @@ mod ops;
 mod publish_stream;
 mod pubsub;
 mod receipts;
+mod redis_cluster;
 mod slow_consumers;
 mod soak;
 mod sse;

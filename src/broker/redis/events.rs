@@ -22,14 +22,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamReadOptions, StreamReadReply};
-use redis::{AsyncCommands, AsyncConnectionConfig};
+use redis::AsyncCommands;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::event_entry;
-use super::link::Backoff;
+use super::link::{Backoff, Conn};
 use super::{BrokerError, Inner};
 use crate::events::{Acked, Body, RelayEnds};
 
@@ -109,7 +108,7 @@ impl Inner {
         invocation
             .key(self.keys.event_groups())
             .arg("append")
-            .arg(&self.config.redis_prefix)
+            .arg(self.keys.shared())
             .arg(self.config.events_buffer)
             .arg(self.now_ms())
             .arg(&*self.node)
@@ -182,7 +181,7 @@ impl Inner {
             invocation
                 .key(self.keys.event_groups())
                 .arg("ack")
-                .arg(&self.config.redis_prefix)
+                .arg(self.keys.shared())
                 .arg(self.config.events_buffer)
                 .arg(self.now_ms())
                 .arg(group)
@@ -316,7 +315,7 @@ impl Inner {
     /// Blocking reads use a connection of their own, whose every reply has a deadline.
     async fn read_group(&self, group: String, stop: CancellationToken) {
         let events = self.hub.events();
-        let mut conn: Option<MultiplexedConnection> = None;
+        let mut conn: Option<Conn> = None;
         let mut cursor: Option<u64> = None;
         let mut last = 0;
         let mut backoff = Backoff::new();
@@ -366,7 +365,7 @@ impl Inner {
     /// lost the group (its cursor is gone), whose numbering then starts again from 1.
     async fn read_step(
         &self,
-        conn: &mut Option<MultiplexedConnection>,
+        conn: &mut Option<Conn>,
         group: &str,
         cursor: &mut Option<u64>,
         last: u64,
@@ -374,17 +373,11 @@ impl Inner {
     ) -> redis::RedisResult<Option<(Vec<(u64, Arc<Body>, bool)>, u64)>> {
         let c = match conn {
             Some(c) => c,
-            None => {
-                let config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(self.config.redis_timeout))
-                    .set_response_timeout(Some(self.config.redis_timeout + BLOCK));
-                conn.insert(
-                    self.links[0]
-                        .client()
-                        .get_multiplexed_async_connection_with_config(&config)
-                        .await?,
-                )
-            }
+            None => conn.insert(
+                self.links[0]
+                    .connect(self.config.redis_timeout + BLOCK)
+                    .await?,
+            ),
         };
         let cursor_key = self.keys.event_group(group, "cursor");
         let stored = c.get::<_, Option<u64>>(&cursor_key).await?;

@@ -106,10 +106,13 @@ impl Inner {
         let canary = self.keys.canary(&self.node, index);
         let timeout = self.config.redis_timeout;
         let mut backoff = Backoff::new();
+        let mut attempt = index;
         loop {
+            let client = link.pubsub_client(attempt);
+            attempt += 1;
             let connected = tokio::select! {
                 _ = stop.cancelled() => return,
-                c = tokio::time::timeout(timeout, link.client().get_async_pubsub()) => c,
+                c = tokio::time::timeout(timeout, client.get_async_pubsub()) => c,
             };
             let pubsub = match connected {
                 Ok(Ok(pubsub)) => pubsub,

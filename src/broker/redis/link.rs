@@ -1,15 +1,18 @@
-//! The command connection to one Redis address: every call has a deadline, and a call that
-//! fails on the connection (an I/O error, a timeout on a half-open socket) drops it, so the
-//! next one never waits on a dead socket. A supervisor task connects (with backoff while
-//! Redis is down, logging the address) and pings it.
+//! The command connection to one Redis address, or to a Redis Cluster through its seed
+//! addresses: every call has a deadline, and a call that fails on the connection (an I/O
+//! error, a timeout on a half-open socket) drops it, so the next one never waits on a dead
+//! socket. A supervisor task connects (with backoff while Redis is down, logging the
+//! address) and pings it.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, RedisError, RedisResult};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -19,8 +22,11 @@ use crate::config::redact;
 pub struct Link {
     /// The address as shown in logs and errors: without its password.
     pub address: String,
-    client: redis::Client,
-    conn: Mutex<Option<MultiplexedConnection>>,
+    /// Clients of the address, or of each seed of a cluster: what pub/sub connections use.
+    clients: Vec<redis::Client>,
+    /// Set for a Redis Cluster: commands go to the node serving their key's slot.
+    cluster: Option<ClusterClient>,
+    conn: Mutex<Option<Conn>>,
     timeout: Duration,
     /// Wakes the supervisor when a call dropped the connection.
     lost: Notify,
@@ -61,7 +67,8 @@ impl Link {
     pub fn new(address: &str, timeout: Duration) -> Link {
         Link {
             address: redact(address),
-            client: redis::Client::open(address).expect("an address checked by the config"),
+            clients: vec![redis::Client::open(address).expect("an address checked by the config")],
+            cluster: None,
             conn: Mutex::new(None),
             timeout,
             lost: Notify::new(),
@@ -69,8 +76,39 @@ impl Link {
         }
     }
 
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+    /// A Redis Cluster reached through `seeds` (any of its nodes; it finds the others).
+    pub fn cluster(seeds: &[String], timeout: Duration) -> Link {
+        let clients = seeds
+            .iter()
+            .map(|a| redis::Client::open(a.as_str()).expect("an address checked by the config"))
+            .collect();
+        let cluster = ClusterClient::builder(seeds.iter().map(String::as_str))
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .build()
+            .expect("addresses checked by the config");
+        let shown: Vec<String> = seeds.iter().map(|a| redact(a)).collect();
+        Link {
+            address: format!("the cluster of {}", shown.join(",")),
+            clients,
+            cluster: Some(cluster),
+            conn: Mutex::new(None),
+            timeout,
+            lost: Notify::new(),
+            down: AtomicBool::new(false),
+        }
+    }
+
+    /// The client a pub/sub connection's `attempt` uses. A cluster's classic pub/sub reaches
+    /// every node, so any seed serves; successive attempts go round the seeds, so that a dead
+    /// node is not tried forever.
+    pub fn pubsub_client(&self, attempt: usize) -> &redis::Client {
+        &self.clients[attempt % self.clients.len()]
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
     }
 
     pub fn is_up(&self) -> bool {
@@ -84,7 +122,7 @@ impl Link {
     /// Runs `call` on the connection within the deadline.
     pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, BrokerError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let Some(conn) = self.conn.lock().expect("link lock").clone() else {
@@ -126,20 +164,46 @@ impl Link {
         }
     }
 
+    /// A new connection of its own, whose commands may wait up to `response_timeout` (a
+    /// blocking read must not hold up the shared connection's other commands).
+    pub async fn connect(&self, response_timeout: Duration) -> RedisResult<Conn> {
+        if let Some(cluster) = &self.cluster {
+            let config = redis::cluster::ClusterConfig::new()
+                .set_connection_timeout(self.timeout)
+                .set_response_timeout(response_timeout);
+            return cluster
+                .get_async_connection_with_config(config)
+                .await
+                .map(Conn::Cluster);
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(response_timeout));
+        let mut conn = self.clients[0]
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        // A cluster node would answer most keys with MOVED: refuse it by name instead.
+        let info: String = redis::cmd("INFO")
+            .arg("cluster")
+            .query_async(&mut conn)
+            .await?;
+        if info.contains("cluster_enabled:1") {
+            return Err(RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "this is a node of a Redis Cluster; set redis_cluster = true",
+            )));
+        }
+        Ok(Conn::Single(conn))
+    }
+
     /// Keeps a connection up until `stop`.
     pub async fn supervise(&self, stop: CancellationToken) {
         let mut backoff = Backoff::new();
         loop {
             if !self.is_up() {
-                let config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(Some(self.timeout));
                 let attempt = tokio::select! {
                     _ = stop.cancelled() => return,
-                    attempt = tokio::time::timeout(
-                        self.timeout,
-                        self.client.get_multiplexed_async_connection_with_config(&config),
-                    ) => attempt,
+                    attempt = tokio::time::timeout(self.timeout, self.connect(self.timeout)) => attempt,
                 };
                 match attempt {
                     Ok(Ok(conn)) => {
@@ -177,6 +241,42 @@ impl Link {
                     }
                 }
             }
+        }
+    }
+}
+
+/// A command connection: to one address, or to a cluster (which routes each command by its
+/// key's slot; a pipeline must keep to one slot).
+#[derive(Clone)]
+pub enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
         }
     }
 }

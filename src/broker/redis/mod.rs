@@ -110,13 +110,15 @@ impl RedisBroker {
             panic!("RedisBroker::new without redis addresses");
         };
         let per = config.redis_pubsub_connections;
-        let links: Vec<Link> = addresses
-            .iter()
-            .map(|a| Link::new(a, config.redis_timeout))
-            .collect();
-        let feeds = (0..addresses.len() * per)
-            .map(|i| Feed::new(i / per))
-            .collect();
+        let links: Vec<Link> = if config.redis_cluster {
+            vec![Link::cluster(&addresses, config.redis_timeout)]
+        } else {
+            addresses
+                .iter()
+                .map(|a| Link::new(a, config.redis_timeout))
+                .collect()
+        };
+        let feeds = (0..links.len() * per).map(|i| Feed::new(i / per)).collect();
         let recorder = Arc::new(Recorder::default());
         {
             let recorder = recorder.clone();
@@ -129,7 +131,7 @@ impl RedisBroker {
             asked: Asked::default(),
             beat: std::sync::Mutex::new(None),
             clock_offset: std::sync::atomic::AtomicI64::new(0),
-            keys: Keys::new(&config.redis_prefix),
+            keys: Keys::new(&config.redis_prefix, config.redis_cluster),
             hub,
             config,
             node,

@@ -19,6 +19,9 @@ use crate::config::Config;
 use crate::hub::Change;
 use crate::wire::message::ClientInfo;
 
+/// A pipeline of presence writes: its address, and on a cluster its channel.
+type Batch = (usize, Option<String>);
+
 /// A join or leave waiting to be written.
 struct Pending {
     joined: bool,
@@ -128,9 +131,9 @@ impl Inner {
         }
         let ttl = self.config.redis_presence_ttl.as_millis() as u64;
         let expires = self.now_ms() + ttl;
-        let mut pipes: HashMap<usize, redis::Pipeline> = HashMap::new();
+        let mut pipes: HashMap<Batch, redis::Pipeline> = HashMap::new();
         if !connections.is_empty() {
-            let pipe = pipes.entry(0).or_default();
+            let pipe = pipes.entry((0, None)).or_default();
             let key = self.keys.connections(&self.node);
             for (client, user) in connections {
                 match user {
@@ -142,7 +145,7 @@ impl Inner {
         }
         for change in changes {
             let options = self.options(&change.channel);
-            let pipe = pipes.entry(self.shard(&change.channel)).or_default();
+            let pipe = pipes.entry(self.batch(&change.channel)).or_default();
             let (hash, zset) = (
                 self.keys.presence(&change.channel),
                 self.keys.presence_expiry(&change.channel),
@@ -173,10 +176,7 @@ impl Inner {
                     .ignore();
             }
         }
-        for (shard, pipe) in pipes {
-            let written = self.links[shard]
-                .call(|mut c| async move { pipe.query_async::<()>(&mut c).await })
-                .await;
+        for written in self.write_all(pipes).await {
             if let Err(e) = written {
                 // Joins are written again by the next refresh; leaves expire.
                 tracing::warn!(error = %e, "presence changes not written");
@@ -188,14 +188,14 @@ impl Inner {
     async fn refresh(&self) {
         let ttl = self.config.redis_presence_ttl.as_millis() as u64;
         let expires = self.now_ms() + ttl;
-        let mut pipes: HashMap<usize, redis::Pipeline> = HashMap::new();
+        let mut pipes: HashMap<Batch, redis::Pipeline> = HashMap::new();
         let mut channels = Vec::new();
         for (channel, clients) in self.hub.presence_snapshot() {
             let options = self.options(&channel);
             if !options.presence && !options.join_leave {
                 continue;
             }
-            let pipe = pipes.entry(self.shard(&channel)).or_default();
+            let pipe = pipes.entry(self.batch(&channel)).or_default();
             let (hash, zset) = (
                 self.keys.presence(&channel),
                 self.keys.presence_expiry(&channel),
@@ -213,10 +213,7 @@ impl Inner {
             pipe.pexpire(&zset, ttl as i64).ignore();
             channels.push(channel);
         }
-        for (shard, pipe) in pipes {
-            let written = self.links[shard]
-                .call(|mut c| async move { pipe.query_async::<()>(&mut c).await })
-                .await;
+        for written in self.write_all(pipes).await {
             if let Err(e) = written {
                 tracing::warn!(error = %e, "presence not refreshed");
             }
@@ -225,6 +222,24 @@ impl Inner {
             // Clears (and announces) the entries of nodes that stopped refreshing.
             let _ = self.presence(&channel).await;
         }
+    }
+
+    /// Which pipeline a channel's writes join: one per address; on a Redis Cluster one per
+    /// channel, since a cluster's pipeline must keep to one slot.
+    fn batch(&self, channel: &str) -> Batch {
+        let own = self.links[0].is_cluster().then(|| channel.to_string());
+        (self.shard(channel), own)
+    }
+
+    /// Runs the pipelines side by side.
+    async fn write_all(
+        &self,
+        pipes: HashMap<Batch, redis::Pipeline>,
+    ) -> Vec<Result<(), BrokerError>> {
+        let writes = pipes.into_iter().map(|((shard, _), pipe)| {
+            self.links[shard].call(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+        });
+        futures_util::future::join_all(writes).await
     }
 
     /// The channel's presence on every node, without expired entries.
