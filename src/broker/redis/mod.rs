@@ -1,4 +1,6 @@
-//! The engine shared by several nodes through Redis (one or more addresses).
+//! The engine shared by several nodes through Redis: one or more addresses, each a link of
+//! its own, or one Redis Cluster, a single link whose commands the cluster client routes by
+//! slot (`redis_cluster`; every key a script touches shares a hash tag, see `keys`).
 //!
 //! - **Publish** runs `publish.lua` on the channel's address: the idempotency key, the next
 //!   offset in the channel's epoch, the append to a bounded stream and the PUBLISH on the
