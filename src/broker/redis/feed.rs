@@ -209,7 +209,9 @@ impl Inner {
                             }
                         }
                         _ = sweep.tick() => {
-                            self.unsubscribe_unused(index, &canary, &mut sink, &mut stream).await
+                            self.unsubscribe_unused(index, &canary, &mut sink, &mut stream).await;
+                            #[cfg(test)]
+                            super::sweep_race::at(&self.node, super::sweep_race::Point::AfterSweep).await;
                         }
                     }
                 }
@@ -244,6 +246,8 @@ impl Inner {
             return;
         }
         let topics: Vec<String> = unused.iter().map(|n| self.keys.topic(n)).collect();
+        #[cfg(test)]
+        super::sweep_race::at(&self.node, super::sweep_race::Point::BeforeUnsubscribe).await;
         // A failure leaves topics subscribed; the connection is replaced on its next failed
         // ping anyway.
         let _ = tokio::time::timeout(self.config.redis_timeout, sink.unsubscribe(topics)).await;

@@ -36,6 +36,8 @@ mod link;
 mod presence;
 mod ring;
 mod subscribe;
+#[cfg(test)]
+mod sweep_race;
 mod table;
 
 use std::sync::Arc;

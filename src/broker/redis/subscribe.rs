@@ -40,6 +40,8 @@ impl Inner {
         let mut attach = Some(attach);
         loop {
             let generation = self.ensure_subscribed(&hold).await?;
+            #[cfg(test)]
+            super::sweep_race::at(&self.node, super::sweep_race::Point::BeforeRead).await;
             let mut read = if history {
                 let count = if since.is_some() { max + 1 } else { 0 };
                 let from = since.map_or(0, |s| s.offset as i64);
