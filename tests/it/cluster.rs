@@ -7,9 +7,7 @@ use serde_json::{json, Value};
 use sidecast::pb;
 use sidecast::testkit::RedisServer;
 
-use crate::support::{
-    eventually, http_get, present_users, publish, sample, Client, TestServer, PATIENCE,
-};
+use crate::support::{eventually, http_get, present_users, publish, sample, Client, TestServer};
 
 /// `room:` keeps history, presence and join/leave.
 const ROOMS: &str = "[namespaces.room]\nhistory_size = 1000\nhistory_ttl = \"5m\"\npresence = true\njoin_leave = true\n";
@@ -503,10 +501,9 @@ async fn control_calls_act_on_every_node() {
 }
 
 /// A client that follows a channel from `since` to `last`: recovered then live, resubscribing
-/// on 2500, and again a little later when a subscribe is refused `unavailable` (Redis is
-/// failing over), for at most PATIENCE in a row. Returns every offset it was handed, in
-/// order, and how many times it was told to resubscribe.
-pub async fn follow(
+/// on 2500. Returns every offset it was handed, in order, and how many times it was told to
+/// resubscribe.
+async fn follow(
     client: &mut Client,
     channel: &str,
     since: u64,
@@ -518,20 +515,12 @@ pub async fn follow(
     let mut at = since;
     let mut id = 100;
     let mut subscribe = true;
-    let mut refused: Option<std::time::Instant> = None;
     while at < last {
         if subscribe {
             id += 1;
             let reply = client
                 .request(json!({"id": id, "op": "subscribe", "channel": channel, "since": {"offset": at, "epoch": epoch}}))
                 .await;
-            if reply["error"]["code"] == "unavailable" {
-                let waited = refused.get_or_insert_with(std::time::Instant::now);
-                assert!(waited.elapsed() < PATIENCE, "{reply}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-            refused = None;
             assert_eq!(reply["result"]["recovered"], true, "{reply}");
             for p in reply["result"]["publications"].as_array().unwrap() {
                 at = p["offset"].as_u64().unwrap();

@@ -329,91 +329,136 @@ async fn a_cluster_without_redis_cluster_or_the_reverse_is_named_and_never_ready
     .await;
 }
 
+/// Publishes `i` on `channel` under the idempotency key `f<i>`, retrying what is refused
+/// `UNAVAILABLE` (a failover in progress) for at most 30 s: exactly once.
+async fn publish_once(
+    grpc: &mut pb::control_client::ControlClient<tonic::transport::Channel>,
+    channel: &str,
+    i: u64,
+) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut request = publish(channel, &i.to_string());
+        request.idempotency_key = format!("f{i}");
+        match grpc.publish(request).await {
+            Ok(_) => return,
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+                assert!(tokio::time::Instant::now() < deadline, "{e:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The next `pub` or `unsub` of a client.
+async fn next_delivery(client: &mut Client) -> Value {
+    loop {
+        let m = client.recv().await;
+        if m["type"] == "pub" || m["type"] == "unsub" {
+            return m;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_primary_lost_fails_over_and_its_channels_lose_nothing() {
+async fn a_primary_lost_fails_over_and_its_subscribers_are_told_to_reload() {
     let mut redis = RedisCluster::start_with_replicas(3, 1);
     let urls = redis.urls();
     let (a, b) = (node(&urls, &[]).await, node(&urls, &[]).await);
-    let mut probe = member(&a, "probe").await;
-    let epoch = probe.subscribe(2, "room:f").await["result"]["epoch"]
+    let mut client = member(&a, "f").await;
+    let epoch = client.subscribe(2, "room:f").await["result"]["epoch"]
         .as_str()
         .unwrap()
         .to_string();
-    drop(probe);
-    const LAST: u64 = 40;
     let mut grpc = b.grpc().await;
-    // Each publication retried under its idempotency key until it is taken: through the
-    // failover, exactly once.
-    let publisher = tokio::spawn(async move {
-        for i in 1..=LAST {
-            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-            loop {
-                let mut request = publish("room:f", &i.to_string());
-                request.idempotency_key = format!("f{i}");
-                match grpc.publish(request).await {
-                    Ok(_) => break,
-                    Err(e) => {
-                        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
-                        assert!(tokio::time::Instant::now() < deadline, "{e:?}");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                }
-            }
-            if i == 10 {
-                return i;
-            }
-        }
-        LAST
-    });
-    assert_eq!(publisher.await.unwrap(), 10);
+    for i in 1..=10 {
+        publish_once(&mut grpc, "room:f", i).await;
+        assert_eq!(next_delivery(&mut client).await["offset"], i);
+    }
+
+    // The channel's primary dies; its replica, promoted, may lack the last publications it
+    // acknowledged (replication is asynchronous), so the channel's position starts again
+    // there: a new epoch, never an offset given twice.
     let (primary, replicas) = redis.serving("sidecast:{room:f}:meta");
     assert_eq!(replicas.len(), 1);
     let port = primary.port;
-    {
-        // What it acknowledged is on its replica before it dies: an asynchronous replica
-        // may otherwise miss the last writes (docs/scaling.md, Redis Cluster).
-        let mut conn = redis::Client::open(primary.url())
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        let acked: i64 = redis::cmd("WAIT")
-            .arg(1)
-            .arg(5000)
-            .query(&mut conn)
-            .unwrap();
-        assert_eq!(acked, 1);
-    }
     redis
         .nodes
         .iter_mut()
         .find(|n| n.port == port)
         .unwrap()
         .stop();
-
-    let mut grpc = b.grpc().await;
+    const LAST: u64 = 40;
     let publisher = tokio::spawn(async move {
         for i in 11..=LAST {
-            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-            loop {
-                let mut request = publish("room:f", &i.to_string());
-                request.idempotency_key = format!("f{i}");
-                match grpc.publish(request).await {
-                    Ok(_) => break,
-                    Err(e) => {
-                        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
-                        assert!(tokio::time::Instant::now() < deadline, "{e:?}");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                }
-            }
+            publish_once(&mut grpc, "room:f", i).await;
         }
+        grpc
     });
-    // A subscriber that recovers what came before it, then follows live through the
-    // failover (resubscribing when told to).
-    let mut client = member(&a, "f").await;
-    let (seen, _) = crate::cluster::follow(&mut client, "room:f", 0, &epoch, LAST).await;
-    publisher.await.unwrap();
-    assert_eq!(seen, (1..=LAST).collect::<Vec<_>>(), "each once, in order");
+
+    // The subscriber is told to resubscribe, and its position is found gone: the signal to
+    // reload, never a publication skipped in silence.
+    let m = next_delivery(&mut client).await;
+    assert_eq!(
+        (m["type"].as_str(), m["code"].as_u64()),
+        (Some("unsub"), Some(2500)),
+        "{m}"
+    );
+    let mut id = 10;
+    let at = loop {
+        id += 1;
+        let reply = client
+            .request(json!({"id": id, "op": "subscribe", "channel": "room:f", "since": {"offset": 10, "epoch": epoch}}))
+            .await;
+        if reply["error"]["code"] == "unavailable" {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        }
+        if reply["result"]["recovered"] == true {
+            // Read before the first publication on the promoted replica: the old position
+            // still stands there, until that publication tells again.
+            let m = next_delivery(&mut client).await;
+            assert_eq!(m["code"], 2500, "{m}");
+            continue;
+        }
+        assert_eq!(reply["result"]["recovered"], false, "{reply}");
+        assert_ne!(reply["result"]["epoch"], epoch.as_str(), "{reply}");
+        break reply["result"]["offset"].as_u64().unwrap();
+    };
+    // Then live, in the new epoch, to the last.
+    for offset in at + 1..=LAST - 10 {
+        let m = next_delivery(&mut client).await;
+        assert_eq!(
+            (m["type"].as_str(), m["offset"].as_u64()),
+            (Some("pub"), Some(offset)),
+            "{m}"
+        );
+    }
+    let mut grpc = publisher.await.unwrap();
+    let history = grpc
+        .history(pb::HistoryRequest {
+            channel: "room:f".into(),
+            since: Some(pb::StreamPosition {
+                offset: 0,
+                epoch: String::new(),
+            }),
+            limit: 100,
+            reverse: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let data: Vec<String> = history
+        .publications
+        .iter()
+        .map(|p| String::from_utf8(p.data.clone()).unwrap())
+        .collect();
+    let expected: Vec<String> = (11..=LAST).map(|i| i.to_string()).collect();
+    assert_eq!(
+        data, expected,
+        "each publication after the failover once, in order"
+    );
     eventually("both nodes ready again", || async {
         http_get(a.admin, "/readyz").await.0 == 200 && http_get(b.admin, "/readyz").await.0 == 200
     })

@@ -324,7 +324,8 @@ impl Inner {
             .arg(keys.topic(channel))
             .arg(if options.has_history() { "1" } else { "0" })
             .arg(if idempotency_key.is_some() { "1" } else { "0" })
-            .arg(envelope::publication_head(receipt, trace));
+            .arg(envelope::publication_head(receipt, trace))
+            .arg(if self.config.redis_cluster { "1" } else { "0" });
         let reply: String = self
             .link(channel)
             .call(|mut c| async move { invocation.invoke_async(&mut c).await })
