@@ -66,12 +66,18 @@ impl RedisServer {
 
     /// Starts one that is a node of a Redis Cluster to be, keeping its cluster state in `dir`.
     fn start_cluster_node(dir: &std::path::Path) -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let free = || {
+            TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port()
+        };
+        // The cluster bus gets a free port of its own (by default it is the port + 10000,
+        // which may be taken or out of range).
+        let (port, bus) = (free(), free());
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string()])
+            .args(["--cluster-port", &bus.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
             .args(["--cluster-config-file", &format!("nodes-{port}.conf")])

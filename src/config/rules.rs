@@ -209,6 +209,24 @@ impl Config {
             if !seen.insert(address) {
                 return Err(invalid("broker", format!("{shown:?} is listed twice")));
             }
+            let db = redis::IntoConnectionInfo::into_connection_info(address.as_str())
+                .map(|info| info.redis_settings().db());
+            if self.redis_cluster && !matches!(db, Ok(0)) {
+                return Err(invalid(
+                    "broker",
+                    format!("{shown:?}: a Redis Cluster has only database 0"),
+                ));
+            }
+        }
+        if self.redis_cluster {
+            // The seeds must agree (credentials, TLS): the cluster client takes them as one.
+            if let Err(e) = redis::cluster::ClusterClient::new(addresses.iter().map(String::as_str))
+            {
+                return Err(invalid(
+                    "broker",
+                    format!("the seeds of a Redis Cluster: {e}"),
+                ));
+            }
         }
         Ok(())
     }

@@ -71,8 +71,11 @@ impl Inner {
     /// Measures how far Redis's clock is from this node's (half a round trip is noise).
     async fn measure_clock(&self) -> Result<(), BrokerError> {
         let before = local_ms();
+        // Through a script on the nodes' key, so that every node reads one Redis clock
+        // (a cluster would send a plain TIME to any of its nodes).
+        let invocation = self.scripts.time.key(self.keys.nodes());
         let (secs, micros): (i64, i64) = self.links[0]
-            .call(|mut c| async move { redis::cmd("TIME").query_async(&mut c).await })
+            .call(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;
         let after = local_ms();
         let redis = secs * 1000 + micros / 1000;

@@ -78,14 +78,16 @@ impl Keys {
         format!("{}:connections:{node}", self.shared)
     }
 
-    /// Orders to every node.
+    /// Orders to every node. (On a cluster the topics of the nodes are published through
+    /// the primary of their shared tag, like the nodes' keys: one primary that the node
+    /// depends on rather than several.)
     pub fn control(&self) -> String {
-        format!("{}:control", self.prefix)
+        format!("{}:control", self.shared)
     }
 
     /// Answers to the orders of `node`.
     pub fn reply(&self, node: &str) -> String {
-        format!("{}:reply:{node}", self.prefix)
+        format!("{}:reply:{node}", self.shared)
     }
 
     /// The cluster's event groups: name → the kinds it wants (`events.lua`).
@@ -101,7 +103,7 @@ impl Keys {
 
     /// The topic on which a node checks that its pub/sub connection carries messages.
     pub fn canary(&self, node: &str, feed: usize) -> String {
-        format!("{}:canary:{node}:{feed}", self.prefix)
+        format!("{}:canary:{node}:{feed}", self.shared)
     }
 }
 
@@ -127,6 +129,7 @@ mod tests {
         assert_eq!(keys.nodes(), "sc:{sc}:nodes");
         assert_eq!(keys.connections("n1"), "sc:{sc}:connections:n1");
         assert_eq!(keys.event_group("g", "stream"), "sc:{sc}:events:g:stream");
+        assert_eq!(keys.canary("n1", 0), "sc:{sc}:canary:n1:0");
         assert_eq!(keys.meta("chat:a"), "sc:{chat:a}:meta");
         assert_eq!(Keys::new("sc", false).nodes(), "sc:nodes");
     }

@@ -24,8 +24,9 @@ pub struct Link {
     pub address: String,
     /// Clients of the address, or of each seed of a cluster: what pub/sub connections use.
     clients: Vec<redis::Client>,
-    /// Set for a Redis Cluster: commands go to the node serving their key's slot.
-    cluster: Option<ClusterClient>,
+    /// Set for a Redis Cluster: commands go to the node serving their key's slot; and the
+    /// key whose primary the supervisor pings (the cluster's own keys live there).
+    cluster: Option<(ClusterClient, String)>,
     conn: Mutex<Option<Conn>>,
     timeout: Duration,
     /// Wakes the supervisor when a call dropped the connection.
@@ -33,6 +34,9 @@ pub struct Link {
     /// Whether the last connection attempt or ping failed, so a failure is logged once.
     down: AtomicBool,
 }
+
+static PING_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new("return 1"));
 
 /// How often a connected link is pinged.
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
@@ -76,8 +80,9 @@ impl Link {
         }
     }
 
-    /// A Redis Cluster reached through `seeds` (any of its nodes; it finds the others).
-    pub fn cluster(seeds: &[String], timeout: Duration) -> Link {
+    /// A Redis Cluster reached through `seeds` (any of its nodes; it finds the others),
+    /// pinged through the primary serving `home`.
+    pub fn cluster(seeds: &[String], timeout: Duration, home: String) -> Link {
         let clients = seeds
             .iter()
             .map(|a| redis::Client::open(a.as_str()).expect("an address checked by the config"))
@@ -91,7 +96,7 @@ impl Link {
         Link {
             address: format!("the cluster of {}", shown.join(",")),
             clients,
-            cluster: Some(cluster),
+            cluster: Some((cluster, home)),
             conn: Mutex::new(None),
             timeout,
             lost: Notify::new(),
@@ -128,16 +133,21 @@ impl Link {
         let Some(conn) = self.conn.lock().expect("link lock").clone() else {
             return Err(self.unavailable("not connected"));
         };
+        // A cluster connection mends itself (a node lost, a failover): one node's failure
+        // must not cut every channel off, so only the supervisor's ping replaces it.
+        let single = matches!(conn, Conn::Single(_));
         match tokio::time::timeout(self.timeout, call(conn)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
-                if broken(&e) {
+                if single && broken(&e) {
                     self.drop_connection();
                 }
                 Err(self.unavailable(e))
             }
             Err(_) => {
-                self.drop_connection();
+                if single {
+                    self.drop_connection();
+                }
                 Err(self.unavailable(format!(
                     "no answer within {:?} (a command on its way may still run)",
                     self.timeout
@@ -167,7 +177,7 @@ impl Link {
     /// A new connection of its own, whose commands may wait up to `response_timeout` (a
     /// blocking read must not hold up the shared connection's other commands).
     pub async fn connect(&self, response_timeout: Duration) -> RedisResult<Conn> {
-        if let Some(cluster) = &self.cluster {
+        if let Some((cluster, _)) = &self.cluster {
             let config = redis::cluster::ClusterConfig::new()
                 .set_connection_timeout(self.timeout)
                 .set_response_timeout(response_timeout);
@@ -182,11 +192,13 @@ impl Link {
         let mut conn = self.clients[0]
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
-        // A cluster node would answer most keys with MOVED: refuse it by name instead.
+        // A cluster node would answer most keys with MOVED: refuse it by name instead. (A
+        // server that refuses INFO to this user is taken for what it was configured as.)
         let info: String = redis::cmd("INFO")
             .arg("cluster")
             .query_async(&mut conn)
-            .await?;
+            .await
+            .unwrap_or_default();
         if info.contains("cluster_enabled:1") {
             return Err(RedisError::from((
                 redis::ErrorKind::InvalidClientConfig,
@@ -194,6 +206,22 @@ impl Link {
             )));
         }
         Ok(Conn::Single(conn))
+    }
+
+    /// A PING; on a cluster, a script on the primary serving the home key, rather than a
+    /// PING of every primary (which one primary failing over would fail).
+    async fn ping(&self) -> Result<(), BrokerError> {
+        match &self.cluster {
+            None => {
+                self.call(|mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
+                    .await
+            }
+            Some((_, home)) => {
+                let invocation = PING_SCRIPT.key(home);
+                self.call(|mut c| async move { invocation.invoke_async::<()>(&mut c).await })
+                    .await
+            }
+        }
     }
 
     /// Keeps a connection up until `stop`.
@@ -231,10 +259,8 @@ impl Link {
                 _ = stop.cancelled() => return,
                 _ = self.lost.notified() => {}
                 _ = tokio::time::sleep(PING_INTERVAL) => {
-                    let ping = self
-                        .call(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
-                        .await;
-                    if let Err(e) = ping {
+                    if let Err(e) = self.ping().await {
+                        self.drop_connection();
                         if !self.down.swap(true, Ordering::Relaxed) {
                             tracing::error!(address = %self.address, error = %e, "lost Redis; reconnecting");
                         }

@@ -98,6 +98,8 @@ struct Scripts {
     reap: Script,
     events: Script,
     lease: Script,
+    /// Redis's TIME, from the primary serving the key given.
+    time: Script,
 }
 
 /// How often each feed's canary is published; a feed whose canary has not come back for
@@ -115,7 +117,8 @@ impl RedisBroker {
         };
         let per = config.redis_pubsub_connections;
         let links: Vec<Link> = if config.redis_cluster {
-            vec![Link::cluster(&addresses, config.redis_timeout)]
+            let home = Keys::new(&config.redis_prefix, true).nodes();
+            vec![Link::cluster(&addresses, config.redis_timeout, home)]
         } else {
             addresses
                 .iter()
@@ -150,6 +153,7 @@ impl RedisBroker {
                 reap: Script::new(include_str!("reap.lua")),
                 events: Script::new(include_str!("events.lua")),
                 lease: Script::new(include_str!("lease.lua")),
+                time: Script::new("return redis.call('TIME')"),
             },
         });
         let stop = CancellationToken::new();
@@ -387,7 +391,8 @@ impl Inner {
             .arg(options.history_ttl.as_millis() as u64)
             .arg(direction.to_string())
             .arg(from)
-            .arg(count);
+            .arg(count)
+            .arg(if self.config.redis_cluster { "1" } else { "0" });
         let link = self.link(channel);
         let reply: Vec<redis::Value> = link
             .call(|mut c| async move { invocation.invoke_async(&mut c).await })

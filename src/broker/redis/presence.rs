@@ -19,6 +19,9 @@ use crate::config::Config;
 use crate::hub::Change;
 use crate::wire::message::ClientInfo;
 
+/// How many presence pipelines are in flight at once.
+const WRITES_AT_ONCE: usize = 16;
+
 /// A pipeline of presence writes: its address, and on a cluster its channel.
 type Batch = (usize, Option<String>);
 
@@ -231,15 +234,19 @@ impl Inner {
         (self.shard(channel), own)
     }
 
-    /// Runs the pipelines side by side.
+    /// Runs the pipelines, a few side by side (a cluster's has one per channel).
     async fn write_all(
         &self,
         pipes: HashMap<Batch, redis::Pipeline>,
     ) -> Vec<Result<(), BrokerError>> {
+        use futures_util::StreamExt;
         let writes = pipes.into_iter().map(|((shard, _), pipe)| {
             self.links[shard].call(|mut c| async move { pipe.query_async::<()>(&mut c).await })
         });
-        futures_util::future::join_all(writes).await
+        futures_util::stream::iter(writes)
+            .buffer_unordered(WRITES_AT_ONCE)
+            .collect()
+            .await
     }
 
     /// The channel's presence on every node, without expired entries.

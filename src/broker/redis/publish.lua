@@ -3,8 +3,8 @@
 -- KEYS: meta, stream, seen. ARGV: data, history_size, history_ttl_ms, meta_ttl_ms,
 -- fresh_epoch, window_ms, topic, has_history ('1'/'0'), keyed ('1'/'0'), the envelope's
 -- head ('p', or 'r<deadline_ms>,' for a publication whose receipts are tallied; either after
--- 't<traceparent>,' for a traced one), replicated ('1' on a Redis Cluster: the position
--- remembers the replication history it was written in, see below).
+-- 't<traceparent>,' for a traced one), '1' on a Redis Cluster (the position remembers the
+-- primary it was written on, see below).
 -- Returns 'n<offset>:<epoch>' (offset 0 and no epoch without history), or 's' and the first
 -- result for a key seen within the window (nothing published).
 local meta, stream, seen = KEYS[1], KEYS[2], KEYS[3]
@@ -16,14 +16,14 @@ end
 local offset, epoch = 0, ''
 if ARGV[8] == '1' then
   epoch = redis.call('HGET', meta, 'e')
-  local history, written = nil, nil
+  local primary = nil
   if ARGV[11] == '1' then
-    history = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
-    written = redis.call('HGET', meta, 'r')
-    if epoch and written and written ~= history then
-      -- Written under another replication history: a replica promoted (which may lack
-      -- the last publications its primary acknowledged) or a slot moved here. Offsets
-      -- could be given twice, so the position starts again and subscribers are told.
+    -- The cluster node this runs on: a promoted replica (which may lack the last
+    -- publications its predecessor acknowledged, replication being asynchronous), or a
+    -- slot moved here, is another one. Offsets written on another could be given twice,
+    -- so the position starts again and subscribers are told.
+    primary = redis.call('CLUSTER', 'MYID')
+    if redis.call('HGET', meta, 'r') ~= primary then
       epoch = nil
     end
   end
@@ -32,10 +32,9 @@ if ARGV[8] == '1' then
     epoch = ARGV[5]
     redis.call('HSET', meta, 'e', epoch, 'o', 0)
     redis.call('DEL', stream)
-  end
-  if history and written ~= history then
-    -- (A position made by a read, or before this was kept, takes the current history.)
-    redis.call('HSET', meta, 'r', history)
+    if primary then
+      redis.call('HSET', meta, 'r', primary)
+    end
   end
   offset = redis.call('HINCRBY', meta, 'o', 1)
   redis.call('PEXPIRE', meta, ARGV[4])

@@ -3,15 +3,27 @@
 -- the one the next publication gets. Drops publications older than history_ttl first.
 -- KEYS: meta, stream. ARGV: fresh_epoch, meta_ttl_ms, history_ttl_ms, direction
 -- ('f': after ARGV[5], oldest first; 'r': before ARGV[5], newest first, -1 for the top),
--- from, count.
+-- from, count, '1' on a Redis Cluster.
 -- Returns {epoch, top, id1, data1, id2, data2, ...}.
 local meta, stream = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'e')
+local primary = nil
+if ARGV[7] == '1' then
+  -- On a Redis Cluster, a position written on another primary is not trusted (publish.lua
+  -- says why): it starts again.
+  primary = redis.call('CLUSTER', 'MYID')
+  if redis.call('HGET', meta, 'r') ~= primary then
+    epoch = nil
+  end
+end
 if not epoch then
   epoch = ARGV[1]
   redis.call('HSET', meta, 'e', epoch, 'o', 0)
   redis.call('PEXPIRE', meta, ARGV[2])
   redis.call('DEL', stream)
+  if primary then
+    redis.call('HSET', meta, 'r', primary)
+  end
 end
 local top = tonumber(redis.call('HGET', meta, 'o') or '0')
 local now = redis.call('TIME')
