@@ -242,6 +242,37 @@ mod tests {
     }
 
     #[test]
+    fn bad_broker_settings_are_refused_by_name() {
+        let err = |settings: &[(&str, &str)]| {
+            Config::from_layers(None, &[], &pairs(settings))
+                .unwrap_err()
+                .to_string()
+        };
+        let twice = err(&[("broker", "redis://a:1,redis://a:1")]);
+        assert!(twice.contains("listed twice"), "{twice}");
+        let scheme = err(&[("broker", "http://a:1")]);
+        assert!(scheme.contains("neither `memory` nor"), "{scheme}");
+        let alone = err(&[("redis_cluster", "true")]);
+        assert!(alone.contains("redis_cluster"), "{alone}");
+        let db = err(&[("broker", "redis://a:1/2"), ("redis_cluster", "true")]);
+        assert!(db.contains("only database 0"), "{db}");
+        let seeds = err(&[
+            ("broker", "redis://:one@a:1,redis://:two@b:1"),
+            ("redis_cluster", "true"),
+        ]);
+        assert!(seeds.contains("the seeds of a Redis Cluster"), "{seeds}");
+        assert!(
+            !seeds.contains("one") && !seeds.contains("two"),
+            "no password shown: {seeds}"
+        );
+        let fine = [
+            ("broker", "redis://a:1,redis://b:1"),
+            ("redis_cluster", "true"),
+        ];
+        assert!(Config::from_layers(None, &[], &pairs(&fine)).is_ok());
+    }
+
+    #[test]
     fn defaults() {
         let c = Config::from_layers(None, &[], &[]).unwrap();
         assert_eq!(c.ws_addr.to_string(), "0.0.0.0:8080");

@@ -62,6 +62,52 @@ fn topic_subscribers(redis: &RedisServer, channel: &str) -> i64 {
     n
 }
 
+/// Publishers on every node at once, `each` publications of `channel` apiece: Redis orders
+/// them, and every client (subscribed to the channel, on any node) gets them all once, in
+/// offset order, in the same order as every other client.
+pub async fn one_order_from_every_node(
+    nodes: &[&TestServer],
+    clients: &mut [Client],
+    channel: &str,
+    each: u64,
+) {
+    let mut publishers = Vec::new();
+    for n in nodes {
+        let mut grpc = n.grpc().await;
+        let channel = channel.to_string();
+        publishers.push(tokio::spawn(async move {
+            for i in 0..each {
+                grpc.publish(publish(&channel, &format!("{i}")))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let total = each * nodes.len() as u64;
+    let mut orders = Vec::new();
+    for c in clients.iter_mut() {
+        let mut got = Vec::new();
+        for _ in 0..total {
+            let p = next_pub(c).await;
+            got.push((p["offset"].as_u64().unwrap(), p["data"].clone()));
+        }
+        let offsets: Vec<u64> = got.iter().map(|(o, _)| *o).collect();
+        assert_eq!(
+            offsets,
+            (1..=total).collect::<Vec<_>>(),
+            "once each, in order"
+        );
+        orders.push(got);
+    }
+    assert!(
+        orders.windows(2).all(|w| w[0] == w[1]),
+        "the same order everywhere"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publication_reaches_every_node_in_the_same_order() {
     let redis = RedisServer::start();
@@ -76,36 +122,13 @@ async fn a_publication_reaches_every_node_in_the_same_order() {
         assert!(c.subscribe(2, "room:order").await["result"].is_object());
         clients.push(c);
     }
-    // Publishers on every node at once: Redis orders them, every node delivers that order.
-    let mut publishers = Vec::new();
-    for n in &nodes {
-        let mut grpc = n.grpc().await;
-        publishers.push(tokio::spawn(async move {
-            for i in 0..30 {
-                grpc.publish(publish("room:order", &format!("{i}")))
-                    .await
-                    .unwrap();
-            }
-        }));
-    }
-    for p in publishers {
-        p.await.unwrap();
-    }
-    let mut orders = Vec::new();
-    for c in &mut clients {
-        let mut got = Vec::new();
-        for _ in 0..90 {
-            let p = next_pub(c).await;
-            got.push((p["offset"].as_u64().unwrap(), p["data"].clone()));
-        }
-        let offsets: Vec<u64> = got.iter().map(|(o, _)| *o).collect();
-        assert_eq!(offsets, (1..=90).collect::<Vec<_>>(), "once each, in order");
-        orders.push(got);
-    }
-    assert!(
-        orders.windows(2).all(|w| w[0] == w[1]),
-        "the same order everywhere"
-    );
+    one_order_from_every_node(
+        &nodes.iter().collect::<Vec<_>>(),
+        &mut clients,
+        "room:order",
+        30,
+    )
+    .await;
 
     // Only nodes with subscribers of a channel receive its traffic.
     let mut one = member(&nodes[0], "solo").await;

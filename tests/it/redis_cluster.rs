@@ -88,32 +88,7 @@ async fn nodes_on_a_redis_cluster_spread_channels_keep_one_order_and_recover() {
     for c in &mut clients {
         assert!(c.subscribe(2, "room:order").await["result"].is_object());
     }
-    let mut publishers = Vec::new();
-    for n in [&a, &b] {
-        let mut grpc = n.grpc().await;
-        publishers.push(tokio::spawn(async move {
-            for i in 0..30 {
-                grpc.publish(publish("room:order", &format!("{i}")))
-                    .await
-                    .unwrap();
-            }
-        }));
-    }
-    for p in publishers {
-        p.await.unwrap();
-    }
-    let mut orders = Vec::new();
-    for c in &mut clients {
-        let mut order = Vec::new();
-        for _ in 0..60 {
-            let p = next_of(c, "pub").await;
-            order.push((p["offset"].as_u64().unwrap(), p["data"].clone()));
-        }
-        let offsets: Vec<u64> = order.iter().map(|(o, _)| *o).collect();
-        assert_eq!(offsets, (1..=60).collect::<Vec<_>>(), "once each, in order");
-        orders.push(order);
-    }
-    assert_eq!(orders[0], orders[1], "the same order on both nodes");
+    crate::cluster::one_order_from_every_node(&[&a, &b], &mut clients, "room:order", 30).await;
 
     // A client gone from one node recovers on the other exactly what it missed.
     let mut first = member(&a, "r").await;
