@@ -340,6 +340,12 @@ mod tests {
         assert!(err(None, &[("SIDECAST_MAX_PUBLICATION_SIZE", "1000000")])
             .contains("max_publication_size"));
         assert!(err(None, &[("SIDECAST_LOG_FORMAT", "xml")]).contains("log_format"));
+        assert!(err(Some("write_coalesce = \"2s\""), &[]).contains("write_coalesce"));
+        let coalesce = Config::from_layers(None, &pairs(&[("SIDECAST_WRITE_COALESCE", "0s")]), &[]);
+        assert!(
+            coalesce.unwrap().write_coalesce.is_zero(),
+            "0 turns the waiting off"
+        );
         assert!(
             err(None, &[("SIDECAST_OTLP_ENDPOINT", "127.0.0.1:4317")]).contains("otlp_endpoint")
         );

@@ -25,6 +25,9 @@ pub use values::{format_duration, parse_duration, redact, Secret};
 use crate::wire::origin::OriginPattern;
 use values::{duration, nets, nonempty};
 
+/// The longest `write_coalesce`: a frame may wait this much longer under load.
+pub const MAX_WRITE_COALESCE: Duration = Duration::from_secs(1);
+
 /// The longest deadline of a publication's delivery receipt (`receipt_timeout`, and a
 /// Publish's `receipt_timeout_ms`).
 pub const MAX_RECEIPT_DEADLINE: Duration = Duration::from_secs(3600);
@@ -86,6 +89,10 @@ pub struct Config {
     pub pong_timeout: Duration,
     #[serde(with = "duration")]
     pub write_timeout: Duration,
+    /// While the node is behind with its writing, its fan-outs' writes begin this far apart
+    /// (0: as soon as the previous ones are written).
+    #[serde(with = "duration")]
+    pub write_coalesce: Duration,
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
     /// The 1001 closes at shutdown are spread over this window.
@@ -205,6 +212,7 @@ impl Default for Config {
             ping_interval: secs(25),
             pong_timeout: secs(10),
             write_timeout: secs(5),
+            write_coalesce: Duration::from_millis(20),
             shutdown_timeout: secs(10),
             drain_window: secs(2),
             max_connections: 0,

@@ -111,6 +111,15 @@ impl Config {
                 "client certificates need TLS on the control listener: set grpc_tls_cert_file and grpc_tls_key_file",
             ));
         }
+        if self.write_coalesce > super::MAX_WRITE_COALESCE {
+            return Err(invalid(
+                "write_coalesce",
+                format!(
+                    "must be at most {}",
+                    format_duration(super::MAX_WRITE_COALESCE)
+                ),
+            ));
+        }
         if self.drain_window >= self.shutdown_timeout {
             return Err(invalid(
                 "drain_window",

@@ -137,9 +137,9 @@ impl Hub {
             shared: Arc::new(Shared {
                 index: RwLock::new(Index::default()),
                 receipts: std::sync::Mutex::new(Receipts::new(config.max_pending_receipts)),
+                pacing: Arc::new(Pacing::new(config.write_coalesce)),
                 config,
                 metrics,
-                pacing: Arc::new(Pacing::default()),
                 events,
                 observer: std::sync::OnceLock::new(),
             }),

@@ -1,16 +1,14 @@
-//! How a fan-out's sockets are written once its locks are released: by the publisher, by
-//! a task of their own, or by their connections' tasks when the node is behind.
+//! How a fan-out's sockets are written once its locks are released: by the publisher, or
+//! by the node's flushing task, which under load writes each socket once with everything
+//! that accumulated for it.
 //!
 //! A fan-out queues its frame into every subscriber's [`Outbox`] under the channel's lock
 //! and collects the idle sockets in a [`Flush`]; whoever holds the flush runs it after
 //! letting go of every lock. [`Pacing`] is the node's own state of that choice.
 
-use std::sync::atomic::{
-    AtomicU64, AtomicUsize,
-    Ordering::{AcqRel, Acquire, Relaxed},
-};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
@@ -28,16 +26,15 @@ pub struct Flush {
 
 impl Flush {
     /// While the node keeps up, this many sockets are written by the publisher itself; the
-    /// rest go to a task of their own, so that a publish returns once its frames are queued.
+    /// rest go to the node's flushing task, so that a publish returns once its frames are
+    /// queued.
     const INLINE: usize = 16;
-    /// A flushing task lets other tasks run after this many sockets (~0.6 ms of writes
+    /// The flushing task lets other tasks run after this many sockets (~0.6 ms of writes
     /// here): what else the node has to do, another publication's first subscribers among
     /// it, waits at most that long. With 256, the first subscriber of a publication sent
     /// while 10,000 others were being written waited 7.5-13 ms (p50); with 64, 2.8-4.9 ms,
     /// at the same CPU per delivery (bench/results/history.md, "Flush::CHUNK 256 → 64").
     const CHUNK: usize = 64;
-    /// Behind, a flush of at most this many sockets wakes their connections instead.
-    const WAKE_MAX: usize = 2048;
 
     /// An empty flush of the node whose writing is paced by `pacing`.
     pub fn new(pacing: Arc<Pacing>) -> Flush {
@@ -73,10 +70,10 @@ impl Flush {
     }
 
     /// Writes to every socket (see `Flush::INLINE`); called once every lock is released.
-    /// When a flushing task of this node is still writing, and for 100 ms after that was
-    /// last seen, the node is behind: the sockets of a flush of at most `Flush::WAKE_MAX`
-    /// are left to their connections' tasks instead, which by the time they run hold
-    /// several publications each and write them together (see [`Pacing`]).
+    /// While the node's flushing task is busy (writing, or with sockets waiting for its
+    /// next turn), and for 100 ms after it was last seen so, the node is behind: every
+    /// socket is left to that task, which by the time it gets there holds several
+    /// publications for many of them and writes them together (see [`Pacing`]).
     pub fn run(self) {
         if self.outboxes.is_empty() {
             return;
@@ -89,9 +86,7 @@ impl Flush {
     fn route(sockets: usize, behind: bool, in_runtime: bool) -> Route {
         match () {
             _ if !in_runtime => Route::Inline,
-            // A very large fan-out is still written by one task: waking thousands of
-            // connections per publication costs more than the batching saves.
-            _ if behind && sockets <= Self::WAKE_MAX => Route::Wake,
+            _ if behind => Route::Queued,
             _ if sockets > Self::INLINE => Route::Task,
             _ => Route::Inline,
         }
@@ -102,35 +97,29 @@ impl Flush {
             return;
         }
         let runtime = tokio::runtime::Handle::try_current();
-        let outboxes = self.outboxes;
+        let mut outboxes = self.outboxes;
         let route = Self::route(outboxes.len(), behind, runtime.is_ok());
         let span = self.span;
         if let Some(span) = &span {
             span.record("sockets", outboxes.len());
             span.record("route", route.name());
         }
-        let _writing = span.as_ref().map(|span| span.enter());
         match (route, runtime) {
-            (Route::Wake, _) => outboxes.iter().for_each(|outbox| outbox.wake()),
-            (Route::Task, Ok(runtime)) => {
-                // The first few at once: the first subscribers do not wait for a task switch.
-                outboxes[..Self::INLINE]
-                    .iter()
-                    .for_each(|outbox| outbox.flush());
-                let running = Flushing::start(self.pacing);
-                let rest = async move {
-                    let _running = running;
-                    for chunk in outboxes[Self::INLINE..].chunks(Self::CHUNK) {
-                        chunk.iter().for_each(|outbox| outbox.flush());
-                        tokio::task::yield_now().await;
-                    }
-                };
-                match &span {
-                    Some(span) => runtime.spawn(rest.instrument(span.clone())),
-                    None => runtime.spawn(rest),
-                };
+            (Route::Task | Route::Queued, Ok(runtime)) => {
+                if route == Route::Task {
+                    // The first few at once: the first subscribers do not wait for a task switch.
+                    let _writing = span.as_ref().map(|span| span.enter());
+                    outboxes
+                        .drain(..Self::INLINE)
+                        .for_each(|outbox| outbox.flush());
+                }
+                self.pacing
+                    .queue(outboxes, span, &runtime, route == Route::Queued);
             }
-            (Route::Inline | Route::Task, _) => outboxes.iter().for_each(|outbox| outbox.flush()),
+            _ => {
+                let _writing = span.as_ref().map(|span| span.enter());
+                outboxes.iter().for_each(|outbox| outbox.flush());
+            }
         }
     }
 }
@@ -140,10 +129,10 @@ impl Flush {
 enum Route {
     /// Every socket written by the caller.
     Inline,
-    /// The first `Flush::INLINE` written by the caller, the rest by a task of their own.
+    /// The first `Flush::INLINE` written by the caller, the rest by the flushing task.
     Task,
-    /// Every connection woken to write for itself.
-    Wake,
+    /// Every socket left to the flushing task's next turn (behind).
+    Queued,
 }
 
 impl Route {
@@ -151,49 +140,151 @@ impl Route {
         match self {
             Route::Inline => "inline",
             Route::Task => "task",
-            Route::Wake => "wake",
+            Route::Queued => "queued",
         }
     }
 }
 
-/// Whether a node is behind with its writing, shared by its flushes. Under load a
-/// publication's frames reach sockets that still hold the previous ones: written by one
-/// flushing task per publication, each socket would still take one write per frame (S5 at
-/// 200k deliveries/s of 1 KiB saturated the core at 1.5 frames per write); woken instead,
-/// each connection's task drains its whole queue at once (2.5 to 3 frames per write, and
-/// the same load at 5 CPU-s per million: bench/results/history.md). A heuristic (two publications in a
-/// row can look "behind" without a real lag, which costs a task switch, nothing else):
-/// either way every frame is written, in order.
-#[derive(Debug)]
+/// How a node writes the sockets its fan-outs leave: one flushing task at a time takes
+/// every socket queued so far and writes each once (a turn), then takes what queued
+/// meanwhile.
+///
+/// Under load a publication's frames reach sockets that still hold the previous ones. A
+/// task per publication would write one frame per socket again (S5 at 200k deliveries/s of
+/// 1 KiB saturated the core at 1.5 frames per write); waking every connection's task to
+/// drain its own queue batches them but costs a task wake per socket (about 1.3 µs, a
+/// fifth of a single-frame delivery: BENCHMARKS.md, "Where a single-frame delivery's time
+/// goes"). One task taking turns writes every frame queued to a socket in one write, with
+/// nothing woken. While the node is behind, its turns begin at least `coalesce`
+/// (`write_coalesce`) apart, so that each write carries what that time brought: a write
+/// costs the kernel about the same for one small frame as for several, so under load
+/// the CPU per delivery falls with the frames per write, for at most `coalesce` more
+/// latency (BENCHMARKS.md, "Coalescing under load"). A socket the kernel does not take at
+/// once is handed to its connection's task, as everywhere else.
 pub struct Pacing {
-    /// Flushing tasks still writing.
-    flushing: AtomicUsize,
+    queued: Mutex<Queued>,
+    coalesce: Duration,
     behind: Behind,
     /// The origin of `Behind`'s milliseconds.
     start: Instant,
 }
 
-impl Default for Pacing {
-    fn default() -> Pacing {
+/// What waits for the flushing task, and what it is doing.
+#[derive(Default)]
+struct Queued {
+    outboxes: Vec<Arc<Outbox>>,
+    /// The `writes` spans of traced flushes among them, ended once their turn is written.
+    spans: Vec<tracing::Span>,
+    /// A flushing task is running; it takes `outboxes` before it ends.
+    running: bool,
+    /// It is writing a turn (not waiting for the next one).
+    writing: bool,
+    /// When its last turn began.
+    last_turn: Option<tokio::time::Instant>,
+}
+
+impl Pacing {
+    /// The pacing of a node whose turns, while it is behind, begin `coalesce` apart.
+    pub fn new(coalesce: Duration) -> Pacing {
         Pacing {
-            flushing: AtomicUsize::new(0),
+            queued: Mutex::new(Queued::default()),
+            coalesce,
             behind: Behind::new(),
             start: Instant::now(),
         }
     }
-}
 
-impl Pacing {
+    /// Behind: a flush finds the flushing task writing a turn or sockets waiting for one,
+    /// or found that in the last `Behind::FOR_MS`.
     fn is_behind(&self) -> bool {
         let now_ms = self.start.elapsed().as_millis() as u64;
-        self.behind
-            .is_behind(self.flushing.load(Acquire) > 0, now_ms)
+        let busy = {
+            let queued = self.queued.lock().expect("pacing lock");
+            queued.writing || !queued.outboxes.is_empty()
+        };
+        self.behind.is_behind(busy, now_ms)
+    }
+
+    /// Leaves `outboxes` to the flushing task, starting one if none is running. Queued
+    /// `behind`, they wait for the next turn's time; otherwise a new task writes them at once.
+    fn queue(
+        self: &Arc<Self>,
+        outboxes: Vec<Arc<Outbox>>,
+        span: Option<tracing::Span>,
+        runtime: &tokio::runtime::Handle,
+        behind: bool,
+    ) {
+        let mut queued = self.queued.lock().expect("pacing lock");
+        if queued.outboxes.is_empty() {
+            queued.outboxes = outboxes;
+        } else {
+            queued.outboxes.extend(outboxes);
+        }
+        queued.spans.extend(span);
+        if !std::mem::replace(&mut queued.running, true) {
+            drop(queued);
+            runtime.spawn(self.clone().flushing(behind));
+        }
+    }
+
+    /// The flushing task: turns until nothing is queued, each but an unhurried first one
+    /// beginning `coalesce` after the one before.
+    async fn flushing(self: Arc<Self>, mut paced: bool) {
+        let mut turn = Vec::new();
+        loop {
+            let last = {
+                let mut queued = self.queued.lock().expect("pacing lock");
+                if queued.outboxes.is_empty() {
+                    queued.running = false;
+                    return;
+                }
+                queued.last_turn
+            };
+            // Only this task takes from the queue: what it saw is still there after the wait.
+            if let Some(last) = last.filter(|_| paced && !self.coalesce.is_zero()) {
+                tokio::time::sleep_until(last + self.coalesce).await;
+            }
+            paced = true;
+            let spans = {
+                let mut queued = self.queued.lock().expect("pacing lock");
+                std::mem::swap(&mut turn, &mut queued.outboxes);
+                queued.writing = true;
+                queued.last_turn = Some(tokio::time::Instant::now());
+                std::mem::take(&mut queued.spans)
+            };
+            let writes = async {
+                for chunk in turn.chunks(Flush::CHUNK) {
+                    chunk.iter().for_each(|outbox| outbox.flush());
+                    tokio::task::yield_now().await;
+                }
+            };
+            match spans.first() {
+                Some(span) => writes.instrument(span.clone()).await,
+                None => writes.await,
+            }
+            self.queued.lock().expect("pacing lock").writing = false;
+            turn.clear();
+            drop(spans);
+        }
     }
 }
 
-/// Once a flush finds an earlier one still writing, publications are left to the
-/// connections' tasks for `Behind::FOR_MS`: a flushing task started between two of them
-/// would write one frame per socket again.
+impl std::fmt::Debug for Pacing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let queued = self.queued.lock().expect("pacing lock");
+        f.debug_struct("Pacing")
+            .field("queued", &queued.outboxes.len())
+            .field("running", &queued.running)
+            .field("writing", &queued.writing)
+            .field("coalesce", &self.coalesce)
+            .field("behind", &self.behind)
+            .finish()
+    }
+}
+
+/// Once a flush finds the flushing task busy, publications are left to it for
+/// `Behind::FOR_MS`: written by the publisher between two turns, a socket would get one
+/// frame per write again.
 #[derive(Debug)]
 struct Behind {
     /// Until when (milliseconds since the node's [`Pacing`] began).
@@ -209,7 +300,7 @@ impl Behind {
         }
     }
 
-    /// Behind if a flushing task is running now, or was seen running in the last `FOR_MS`.
+    /// Behind if the flushing task is busy now, or was seen busy in the last `FOR_MS`.
     fn is_behind(&self, flushing: bool, now_ms: u64) -> bool {
         if flushing {
             self.until.store(now_ms + Self::FOR_MS, Relaxed);
@@ -217,22 +308,6 @@ impl Behind {
         } else {
             now_ms < self.until.load(Relaxed)
         }
-    }
-}
-
-/// Counts one flushing task in its node's [`Pacing`] for as long as it lives.
-struct Flushing(Arc<Pacing>);
-
-impl Flushing {
-    fn start(pacing: Arc<Pacing>) -> Flushing {
-        pacing.flushing.fetch_add(1, AcqRel);
-        Flushing(pacing)
-    }
-}
-
-impl Drop for Flushing {
-    fn drop(&mut self) {
-        self.0.flushing.fetch_sub(1, AcqRel);
     }
 }
 
@@ -265,57 +340,117 @@ mod tests {
     fn how_a_flush_is_written() {
         use Route::*;
         let route = Flush::route;
-        // Keeping up: a few sockets by the caller, more by a task of their own.
+        // Keeping up: a few sockets by the caller, more by the flushing task.
         assert_eq!(route(1, false, true), Inline);
         assert_eq!(route(Flush::INLINE, false, true), Inline);
         assert_eq!(route(Flush::INLINE + 1, false, true), Task);
-        assert_eq!(route(Flush::WAKE_MAX + 1, false, true), Task);
-        // Behind: the connections write for themselves, unless there are too many of them.
-        assert_eq!(route(1, true, true), Wake);
-        assert_eq!(route(Flush::WAKE_MAX, true, true), Wake);
-        assert_eq!(route(Flush::WAKE_MAX + 1, true, true), Task);
-        // Outside a runtime (nothing to spawn on, nobody to wake): the caller writes.
-        assert_eq!(route(Flush::WAKE_MAX + 1, false, false), Inline);
+        assert_eq!(route(100_000, false, true), Task);
+        // Behind: every socket waits for the flushing task's next turn.
+        assert_eq!(route(1, true, true), Queued);
+        assert_eq!(route(100_000, true, true), Queued);
+        // Outside a runtime (nothing to spawn on): the caller writes.
+        assert_eq!(route(100_000, false, false), Inline);
         assert_eq!(route(1, true, false), Inline);
     }
 
-    #[tokio::test]
-    async fn a_flush_behind_wakes_the_connections_instead_of_writing() {
+    async fn outboxes(n: usize) -> (Vec<(Arc<Outbox>, tokio::net::TcpStream)>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::default());
         let mut pairs = Vec::new();
-        let pacing = Arc::new(Pacing::default());
-        let mut flush = Flush::new(pacing.clone());
-        for _ in 0..Flush::INLINE + 4 {
+        for _ in 0..n {
             let (server, client) = pair().await;
-            let outbox = Arc::new(Outbox::direct(
-                1 << 20,
-                server,
-                Arc::new(Metrics::default()),
+            pairs.push((
+                Arc::new(Outbox::direct(1 << 20, server, metrics.clone())),
+                client,
             ));
-            assert_eq!(outbox.push_later(Bytes::from_static(b"x")), Push::Deferred);
-            flush.add(&outbox);
-            pairs.push((outbox, client));
         }
-        flush.run_as(true);
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        for (outbox, _) in &pairs {
-            assert_eq!(outbox.held(), 1, "left to the connection's task");
-            assert_eq!(outbox.poll_wait(&mut cx), Poll::Ready(()), "which is woken");
-        }
+        (pairs, metrics)
+    }
 
-        let mut flush = Flush::new(pacing);
-        for (outbox, _) in &pairs {
-            assert_eq!(outbox.push_later(Bytes::from_static(b"y")), Push::Queued);
-            flush.add(outbox);
+    /// Queues `frame` everywhere and runs the flush `behind` or not.
+    fn publish(
+        pacing: &Arc<Pacing>,
+        pairs: &[(Arc<Outbox>, tokio::net::TcpStream)],
+        frame: &'static [u8],
+        behind: bool,
+    ) {
+        let mut flush = Flush::new(pacing.clone());
+        for (outbox, _) in pairs {
+            if outbox.push_later(Bytes::from_static(frame)) == Push::Deferred {
+                flush.add(outbox);
+            }
         }
-        flush.run_as(false);
-        // The first INLINE at once, the rest by the flushing task.
+        flush.run_as(behind);
+    }
+
+    async fn all_written(pairs: &[(Arc<Outbox>, tokio::net::TcpStream)]) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while pairs.iter().any(|(outbox, _)| outbox.held() > 0) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "frames left unwritten"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn behind_the_next_turn_waits_for_its_time_and_writes_each_socket_once() {
+        let coalesce = std::time::Duration::from_millis(300);
+        let pacing = Arc::new(Pacing::new(coalesce));
+        let (mut pairs, metrics) = outboxes(Flush::INLINE + 4).await;
+
+        // Keeping up: the first INLINE at once, the rest by the flushing task's first turn.
+        publish(&pacing, &pairs, b"x", false);
+        let first_turn = tokio::time::Instant::now();
         for (outbox, _) in &pairs[..Flush::INLINE] {
             assert_eq!(outbox.held(), 0);
         }
-        for (outbox, client) in &mut pairs {
-            while outbox.held() > 0 {
-                tokio::task::yield_now().await;
+        all_written(&pairs).await;
+        assert_eq!(metrics.socket_writes.get(), pairs.len() as u64);
+
+        // Behind: two publications wait for the next turn, `coalesce` after the first.
+        publish(&pacing, &pairs, b"y", true);
+        publish(&pacing, &pairs, b"z", true);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        if first_turn.elapsed() < coalesce {
+            for (outbox, _) in &pairs {
+                assert_eq!(outbox.held(), 2, "left to the next turn, nothing woken");
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                assert_eq!(outbox.poll_wait(&mut cx), Poll::Pending);
             }
+        }
+        all_written(&pairs).await;
+        assert!(
+            first_turn.elapsed() >= coalesce,
+            "the turn waited for its time"
+        );
+        assert_eq!(
+            metrics.socket_writes.get(),
+            2 * pairs.len() as u64,
+            "both frames in one write per socket"
+        );
+        for (_, client) in &mut pairs {
+            let mut got = [0u8; 3];
+            tokio::io::AsyncReadExt::read_exact(client, &mut got)
+                .await
+                .unwrap();
+            assert_eq!(&got, b"xyz");
+        }
+    }
+
+    #[tokio::test]
+    async fn without_coalescing_the_next_turn_follows_at_once() {
+        let pacing = Arc::new(Pacing::new(std::time::Duration::ZERO));
+        let (mut pairs, _) = outboxes(Flush::INLINE + 4).await;
+        publish(&pacing, &pairs, b"x", false);
+        all_written(&pairs).await;
+        let started = tokio::time::Instant::now();
+        publish(&pacing, &pairs, b"y", true);
+        all_written(&pairs).await;
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        for (_, client) in &mut pairs {
             let mut got = [0u8; 2];
             tokio::io::AsyncReadExt::read_exact(client, &mut got)
                 .await

@@ -9,6 +9,7 @@ mod binary;
 mod cluster;
 mod cluster_events;
 mod cluster_faults;
+mod coalesce;
 mod control;
 mod cookie;
 mod events;

@@ -20,20 +20,17 @@ proptest! {
     /// construction; what matters is what each route promises.
     #[test]
     fn the_route_keeps_its_promises(
-        sockets in 0usize..3 * Flush::WAKE_MAX,
+        sockets in 0usize..100_000,
         behind: bool,
         in_runtime: bool,
     ) {
         let route = Flush::route(sockets, behind, in_runtime);
         if !in_runtime {
-            // Nothing to spawn on or to be woken by: written here.
+            // Nothing to spawn on: written here.
             prop_assert_eq!(route, Route::Inline);
-        } else if sockets > Flush::WAKE_MAX {
-            // Waking that many connections costs more than one task writing them.
-            prop_assert_eq!(route, Route::Task);
         } else if behind {
-            // Behind, the connections batch their own writes.
-            prop_assert_eq!(route, Route::Wake);
+            // Behind, every socket waits for the flushing task's next turn.
+            prop_assert_eq!(route, Route::Queued);
         } else if sockets <= Flush::INLINE {
             // A small fan-out does not wait for a task switch.
             prop_assert_eq!(route, Route::Inline);
@@ -60,10 +57,10 @@ proptest! {
 }
 
 /// Queues one frame per round to every socket, each round's deferred sockets flushed
-/// behind or not; then plays the connections' tasks (write when woken) until nothing is
-/// held, and reads what each socket got.
+/// behind or not; then lets the flushing task run, plays the connections' tasks (write when
+/// woken) until nothing is held, and reads what each socket got.
 async fn written_in_order(sockets: usize, rounds: Vec<(bool, usize)>) -> Result<(), TestCaseError> {
-    let pacing = Arc::new(Pacing::default());
+    let pacing = Arc::new(Pacing::new(Duration::from_millis(1)));
     let mut pairs = Vec::new();
     for _ in 0..sockets {
         let (server, client) = pair().await;
