@@ -25,7 +25,8 @@
 //! 4. `hub/mod.rs`: encodes the frame once (`wire::message`) and pushes it into each
 //!    subscriber's outbox under the channel's lock (`hub/subscribers.rs` holds the set);
 //! 5. `outbox/flush.rs`: once every lock is released, writes the idle sockets (the first 16
-//!    inline, the rest from a task) or, when the node is behind, wakes their connections;
+//!    inline, the rest by the node's flushing task) or, when the node is behind, leaves them
+//!    all to that task's next turn, `write_coalesce` after its last;
 //! 6. `outbox/mod.rs`: the non-blocking write (or the connection's task drains the queue).
 //!
 //! A client's command goes `ws/connection.rs` (frames) → `ws/handler.rs` (decode with

@@ -29,12 +29,16 @@ impl Flush {
     /// rest go to the node's flushing task, so that a publish returns once its frames are
     /// queued.
     const INLINE: usize = 16;
-    /// The flushing task lets other tasks run after this many sockets (~0.6 ms of writes
-    /// here): what else the node has to do, another publication's first subscribers among
-    /// it, waits at most that long. With 256, the first subscriber of a publication sent
-    /// while 10,000 others were being written waited 7.5-13 ms (p50); with 64, 2.8-4.9 ms,
-    /// at the same CPU per delivery (bench/results/history.md, "Flush::CHUNK 256 → 64").
+    /// A turn's writer lets other tasks run after this many sockets (~0.6 ms of writes
+    /// here): what else the node has to do (reading, answering the control API, a small
+    /// fan-out written by its publisher) waits at most that long. With 256, the first
+    /// subscriber of a small publication sent while 10,000 others were being written waited
+    /// 7.5-13 ms (p50); with 64, 2.8-4.9 ms, at the same CPU per delivery
+    /// (bench/results/history.md, "Flush::CHUNK 256 → 64").
     const CHUNK: usize = 64;
+    /// A turn of more sockets than this is shared by several tasks, up to one per worker
+    /// thread of the runtime.
+    const SPREAD: usize = 256;
 
     /// An empty flush of the node whose writing is paced by `pacing`.
     pub fn new(pacing: Arc<Pacing>) -> Flush {
@@ -85,10 +89,12 @@ impl Flush {
     /// How a flush of `sockets` is written, `behind` or not, inside a runtime or not.
     fn route(sockets: usize, behind: bool, in_runtime: bool) -> Route {
         match () {
-            _ if !in_runtime => Route::Inline,
+            // A small fan-out (a room, a user's connections) never waits for a turn: its
+            // idle sockets gain nothing by waiting, and those with frames still queued
+            // already carry its frame in their next write.
+            _ if !in_runtime || sockets <= Self::INLINE => Route::Inline,
             _ if behind => Route::Queued,
-            _ if sockets > Self::INLINE => Route::Task,
-            _ => Route::Inline,
+            _ => Route::Task,
         }
     }
 
@@ -129,9 +135,9 @@ impl Flush {
 enum Route {
     /// Every socket written by the caller.
     Inline,
-    /// The first `Flush::INLINE` written by the caller, the rest by the flushing task.
+    /// The first `Flush::INLINE` written by the caller, the rest by the flushing task at once.
     Task,
-    /// Every socket left to the flushing task's next turn (behind).
+    /// Every socket left to the flushing task's next turn (behind, more than `Flush::INLINE`).
     Queued,
 }
 
@@ -159,10 +165,13 @@ impl Route {
 /// (`write_coalesce`) apart, so that each write carries what that time brought: a write
 /// costs the kernel about the same for one small frame as for several, so under load
 /// the CPU per delivery falls with the frames per write, for at most `coalesce` more
-/// latency (BENCHMARKS.md, "Coalescing under load"). A socket the kernel does not take at
-/// once is handed to its connection's task, as everywhere else.
+/// latency (BENCHMARKS.md, "Coalescing under load"). A flush that is not behind cuts that
+/// wait short. A socket the kernel does not take at once is handed to its connection's
+/// task, as everywhere else.
 pub struct Pacing {
     queued: Mutex<Queued>,
+    /// Ends the wait between two turns early: a flush that is not behind came.
+    hurry: tokio::sync::Notify,
     coalesce: Duration,
     behind: Behind,
     /// The origin of `Behind`'s milliseconds.
@@ -177,8 +186,12 @@ struct Queued {
     spans: Vec<tracing::Span>,
     /// A flushing task is running; it takes `outboxes` before it ends.
     running: bool,
-    /// It is writing a turn (not waiting for the next one).
+    /// It is writing a turn.
     writing: bool,
+    /// It is waiting for the next turn's time, `coalesce` after the last one began.
+    pacing: bool,
+    /// A flush that was not behind is among `outboxes`: the next turn begins at once.
+    due: bool,
     /// When its last turn began.
     last_turn: Option<tokio::time::Instant>,
 }
@@ -188,25 +201,27 @@ impl Pacing {
     pub fn new(coalesce: Duration) -> Pacing {
         Pacing {
             queued: Mutex::new(Queued::default()),
+            hurry: tokio::sync::Notify::new(),
             coalesce,
             behind: Behind::new(),
             start: Instant::now(),
         }
     }
 
-    /// Behind: a flush finds the flushing task writing a turn or sockets waiting for one,
-    /// or found that in the last `Behind::FOR_MS`.
+    /// Behind: a flush finds the flushing task writing a turn, or with sockets it has not
+    /// got to yet (not those waiting for the next turn's time), or found that in the last
+    /// `Behind::FOR_MS`.
     fn is_behind(&self) -> bool {
         let now_ms = self.start.elapsed().as_millis() as u64;
         let busy = {
             let queued = self.queued.lock().expect("pacing lock");
-            queued.writing || !queued.outboxes.is_empty()
+            queued.writing || (!queued.outboxes.is_empty() && !queued.pacing)
         };
         self.behind.is_behind(busy, now_ms)
     }
 
     /// Leaves `outboxes` to the flushing task, starting one if none is running. Queued
-    /// `behind`, they wait for the next turn's time; otherwise a new task writes them at once.
+    /// `behind`, they wait for the next turn's time; otherwise the next turn begins at once.
     fn queue(
         self: &Arc<Self>,
         outboxes: Vec<Arc<Outbox>>,
@@ -221,50 +236,144 @@ impl Pacing {
             queued.outboxes.extend(outboxes);
         }
         queued.spans.extend(span);
-        if !std::mem::replace(&mut queued.running, true) {
-            drop(queued);
-            runtime.spawn(self.clone().flushing(behind));
+        queued.due |= !behind;
+        let start = !std::mem::replace(&mut queued.running, true);
+        let hurry = !behind && queued.pacing;
+        drop(queued);
+        if start {
+            runtime.spawn(self.clone().flushing());
+        } else if hurry {
+            self.hurry.notify_one();
         }
     }
 
-    /// The flushing task: turns until nothing is queued, each but an unhurried first one
-    /// beginning `coalesce` after the one before.
-    async fn flushing(self: Arc<Self>, mut paced: bool) {
-        let mut turn = Vec::new();
+    /// The flushing task: turns until nothing is queued, each beginning `coalesce` after
+    /// the one before unless a flush that was not behind is among its sockets.
+    async fn flushing(self: Arc<Self>) {
+        let _running = Running(self.clone());
+        let mut spare = Vec::new();
         loop {
-            let last = {
+            let wait = {
                 let mut queued = self.queued.lock().expect("pacing lock");
                 if queued.outboxes.is_empty() {
                     queued.running = false;
                     return;
                 }
-                queued.last_turn
+                let wait = queued
+                    .last_turn
+                    .map(|last| last + self.coalesce)
+                    .filter(|_| !queued.due && !self.coalesce.is_zero());
+                queued.pacing = wait.is_some();
+                wait
             };
             // Only this task takes from the queue: what it saw is still there after the wait.
-            if let Some(last) = last.filter(|_| paced && !self.coalesce.is_zero()) {
-                tokio::time::sleep_until(last + self.coalesce).await;
+            if let Some(until) = wait {
+                let sleep = tokio::time::sleep_until(until);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = &mut sleep => break,
+                        _ = self.hurry.notified() => {
+                            if self.queued.lock().expect("pacing lock").due {
+                                break;
+                            }
+                        }
+                    }
+                }
             }
-            paced = true;
-            let spans = {
+            let (turn, spans) = {
                 let mut queued = self.queued.lock().expect("pacing lock");
-                std::mem::swap(&mut turn, &mut queued.outboxes);
+                let turn = std::mem::replace(&mut queued.outboxes, spare);
+                queued.pacing = false;
+                queued.due = false;
                 queued.writing = true;
                 queued.last_turn = Some(tokio::time::Instant::now());
-                std::mem::take(&mut queued.spans)
+                (turn, std::mem::take(&mut queued.spans))
             };
-            let writes = async {
-                for chunk in turn.chunks(Flush::CHUNK) {
-                    chunk.iter().for_each(|outbox| outbox.flush());
-                    tokio::task::yield_now().await;
-                }
-            };
-            match spans.first() {
+            let writes = write_turn(turn);
+            spare = match spans.first() {
                 Some(span) => writes.instrument(span.clone()).await,
                 None => writes.await,
-            }
+            };
             self.queued.lock().expect("pacing lock").writing = false;
-            turn.clear();
             drop(spans);
+        }
+    }
+}
+
+/// Writes a turn's sockets: by several tasks when there are more than `Flush::SPREAD` and
+/// the runtime has several workers to run them (on one, they would only take turns with
+/// each other, and whatever else waits would wait for all of them: measured, p99s rose by
+/// 2-4 ms and the publisher fell behind at 300k deliveries/s,
+/// bench/results/2026-12-04-coalesce-spread-one-worker.txt). Gives back the emptied vector.
+async fn write_turn(mut turn: Vec<Arc<Outbox>>) -> Vec<Arc<Outbox>> {
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    let pieces = turn.len().div_ceil(Flush::SPREAD).clamp(1, workers.max(1));
+    let size = turn.len().div_ceil(pieces);
+    let mut writers = tokio::task::JoinSet::new();
+    for _ in 1..pieces {
+        let piece = turn.split_off(turn.len().saturating_sub(size));
+        writers.spawn(async move { Writing::new(piece).write().await });
+    }
+    let mut first = Writing::new(turn);
+    first.write().await;
+    while writers.join_next().await.is_some() {}
+    first.finish()
+}
+
+/// Sockets being written by one task. What is left unwritten when it is dropped early (a
+/// panic, the runtime stopping) is handed to the connections' tasks.
+struct Writing {
+    outboxes: Vec<Arc<Outbox>>,
+    done: usize,
+}
+
+impl Writing {
+    fn new(outboxes: Vec<Arc<Outbox>>) -> Writing {
+        Writing { outboxes, done: 0 }
+    }
+
+    async fn write(&mut self) {
+        while self.done < self.outboxes.len() {
+            let end = (self.done + Flush::CHUNK).min(self.outboxes.len());
+            self.outboxes[self.done..end]
+                .iter()
+                .for_each(|outbox| outbox.flush());
+            self.done = end;
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn finish(mut self) -> Vec<Arc<Outbox>> {
+        let mut outboxes = std::mem::take(&mut self.outboxes);
+        outboxes.clear();
+        outboxes
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        let left = self.outboxes.get(self.done..).unwrap_or_default();
+        left.iter().for_each(|outbox| outbox.wake());
+    }
+}
+
+/// Marks the flushing task gone however it ends; one that ended early (a panic) leaves
+/// what was queued after its turn to a new task.
+struct Running(Arc<Pacing>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut queued = self.0.queued.lock().unwrap_or_else(|e| e.into_inner());
+        let left = queued.running && !queued.outboxes.is_empty();
+        queued.writing = false;
+        queued.pacing = false;
+        queued.running = left;
+        drop(queued);
+        if left {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(self.0.clone().flushing());
+            }
         }
     }
 }
@@ -276,6 +385,7 @@ impl std::fmt::Debug for Pacing {
             .field("queued", &queued.outboxes.len())
             .field("running", &queued.running)
             .field("writing", &queued.writing)
+            .field("pacing", &queued.pacing)
             .field("coalesce", &self.coalesce)
             .field("behind", &self.behind)
             .finish()
@@ -345,8 +455,9 @@ mod tests {
         assert_eq!(route(Flush::INLINE, false, true), Inline);
         assert_eq!(route(Flush::INLINE + 1, false, true), Task);
         assert_eq!(route(100_000, false, true), Task);
-        // Behind: every socket waits for the flushing task's next turn.
-        assert_eq!(route(1, true, true), Queued);
+        // Behind: a larger fan-out waits for the flushing task's next turn, a small one not.
+        assert_eq!(route(Flush::INLINE, true, true), Inline);
+        assert_eq!(route(Flush::INLINE + 1, true, true), Queued);
         assert_eq!(route(100_000, true, true), Queued);
         // Outside a runtime (nothing to spawn on): the caller writes.
         assert_eq!(route(100_000, false, false), Inline);
@@ -393,6 +504,17 @@ mod tests {
         }
     }
 
+    /// Reads `expected` from every client, and asserts it is what came.
+    async fn received(pairs: &mut [(Arc<Outbox>, tokio::net::TcpStream)], expected: &[u8]) {
+        for (_, client) in pairs {
+            let mut got = vec![0u8; expected.len()];
+            tokio::io::AsyncReadExt::read_exact(client, &mut got)
+                .await
+                .unwrap();
+            assert_eq!(got, expected);
+        }
+    }
+
     #[tokio::test]
     async fn behind_the_next_turn_waits_for_its_time_and_writes_each_socket_once() {
         let coalesce = std::time::Duration::from_millis(300);
@@ -431,13 +553,66 @@ mod tests {
             2 * pairs.len() as u64,
             "both frames in one write per socket"
         );
-        for (_, client) in &mut pairs {
-            let mut got = [0u8; 3];
-            tokio::io::AsyncReadExt::read_exact(client, &mut got)
-                .await
-                .unwrap();
-            assert_eq!(&got, b"xyz");
+        received(&mut pairs, b"xyz").await;
+    }
+
+    /// Waiting out the pace is not being behind, and a flush that is not behind ends the
+    /// wait: with a minute between turns, both groups are written within the test's patience.
+    #[tokio::test]
+    async fn a_flush_that_is_not_behind_ends_the_wait_for_the_next_turn() {
+        let pacing = Arc::new(Pacing::new(std::time::Duration::from_secs(60)));
+        let (mut paced, _) = outboxes(Flush::INLINE + 4).await;
+        let (mut other, _) = outboxes(Flush::INLINE + 4).await;
+        publish(&pacing, &paced, b"x", false);
+        all_written(&paced).await;
+        publish(&pacing, &paced, b"y", true);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
         }
+        assert!(
+            paced.iter().all(|(outbox, _)| outbox.held() == 1),
+            "waiting for the next turn"
+        );
+        assert!(
+            !pacing.is_behind(),
+            "sockets waiting out the pace are not a node behind"
+        );
+        publish(&pacing, &other, b"z", false);
+        all_written(&paced).await;
+        all_written(&other).await;
+        received(&mut paced, b"xy").await;
+        received(&mut other, b"z").await;
+    }
+
+    /// Sockets a writer leaves unwritten (it panicked, or the runtime stopped) go to their
+    /// connections' tasks.
+    #[tokio::test]
+    async fn sockets_left_unwritten_go_to_their_connections() {
+        let (pairs, _) = outboxes(3).await;
+        for (outbox, _) in &pairs {
+            assert_eq!(outbox.push_later(Bytes::from_static(b"x")), Push::Deferred);
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for (outbox, _) in &pairs {
+            assert_eq!(outbox.poll_wait(&mut cx), Poll::Pending);
+        }
+        drop(Writing::new(pairs.iter().map(|(o, _)| o.clone()).collect()));
+        for (outbox, _) in &pairs {
+            assert_eq!(outbox.held(), 1);
+            assert_eq!(outbox.poll_wait(&mut cx), Poll::Ready(()), "woken");
+        }
+    }
+
+    /// A turn of more than `Flush::SPREAD` sockets on a runtime of two workers is shared by
+    /// two tasks: each socket written once, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_turn_is_spread_over_several_writers() {
+        let pacing = Arc::new(Pacing::new(std::time::Duration::ZERO));
+        let (mut pairs, metrics) = outboxes(Flush::SPREAD * 2 + 10).await;
+        publish(&pacing, &pairs, b"x", false);
+        all_written(&pairs).await;
+        assert_eq!(metrics.socket_writes.get(), pairs.len() as u64);
+        received(&mut pairs, b"x").await;
     }
 
     #[tokio::test]
@@ -450,12 +625,6 @@ mod tests {
         publish(&pacing, &pairs, b"y", true);
         all_written(&pairs).await;
         assert!(started.elapsed() < std::time::Duration::from_secs(1));
-        for (_, client) in &mut pairs {
-            let mut got = [0u8; 2];
-            tokio::io::AsyncReadExt::read_exact(client, &mut got)
-                .await
-                .unwrap();
-            assert_eq!(&got, b"xy");
-        }
+        received(&mut pairs, b"xy").await;
     }
 }

@@ -5,8 +5,8 @@
 //! frame to the socket itself (a non-blocking `write`, under this outbox's lock, so nothing
 //! can come between): the common case of a subscriber keeping up costs one system call and
 //! no task wake-up. A fan-out queues its frame everywhere first and then writes to the idle
-//! sockets with a [`Flush`], or, when the node is behind, wakes their connections so that
-//! each writes all that accumulated at once. Whatever the socket does not take at once is
+//! sockets with a [`Flush`], or, when the node is behind, leaves them to the node's flushing
+//! task, which writes each once with all that accumulated for it. Whatever the socket does not take at once is
 //! queued, and the connection's task drains it with [`Outbox::poll_drain`] (vectored
 //! writes of everything queued, then the close frame, if one is scheduled) when the socket
 //! is writable again; TLS connections are always drained that way. Every write happens
@@ -175,7 +175,7 @@ impl Outbox {
 
     /// Queues a frame for a fan-out: when this connection's socket is idle, nothing is
     /// written or woken and [`Push::Deferred`] asks the caller to add the outbox to a
-    /// [`Flush`], which writes to many sockets from one task (or wakes their connections).
+    /// [`Flush`], which writes to many sockets at once (or leaves them to the node's flushing task).
     pub fn push_later(&self, frame: Bytes) -> Push {
         self.push_with(frame, None, true)
     }

@@ -28,12 +28,12 @@ proptest! {
         if !in_runtime {
             // Nothing to spawn on: written here.
             prop_assert_eq!(route, Route::Inline);
-        } else if behind {
-            // Behind, every socket waits for the flushing task's next turn.
-            prop_assert_eq!(route, Route::Queued);
         } else if sockets <= Flush::INLINE {
-            // A small fan-out does not wait for a task switch.
+            // A small fan-out waits neither for a task switch nor for a turn.
             prop_assert_eq!(route, Route::Inline);
+        } else if behind {
+            // Behind, a larger one waits for the flushing task's next turn.
+            prop_assert_eq!(route, Route::Queued);
         } else {
             prop_assert_eq!(route, Route::Task);
         }
