@@ -250,13 +250,17 @@ impl Pacing {
     /// The flushing task: turns until nothing is queued, each beginning `coalesce` after
     /// the one before unless a flush that was not behind is among its sockets.
     async fn flushing(self: Arc<Self>) {
-        let _running = Running(self.clone());
+        let mut running = Running {
+            pacing: self.clone(),
+            ended: false,
+        };
         let mut spare = Vec::new();
         loop {
             let wait = {
                 let mut queued = self.queued.lock().expect("pacing lock");
                 if queued.outboxes.is_empty() {
                     queued.running = false;
+                    running.ended = true;
                     return;
                 }
                 let wait = queued
@@ -359,12 +363,19 @@ impl Drop for Writing {
 }
 
 /// Marks the flushing task gone however it ends; one that ended early (a panic) leaves
-/// what was queued after its turn to a new task.
-struct Running(Arc<Pacing>);
+/// what was queued after its turn to a new task. One that ended by itself (`ended`) has
+/// already let go of `running`, which may by then belong to its successor.
+struct Running {
+    pacing: Arc<Pacing>,
+    ended: bool,
+}
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let mut queued = self.0.queued.lock().unwrap_or_else(|e| e.into_inner());
+        if self.ended {
+            return;
+        }
+        let mut queued = self.pacing.queued.lock().unwrap_or_else(|e| e.into_inner());
         let left = queued.running && !queued.outboxes.is_empty();
         queued.writing = false;
         queued.pacing = false;
@@ -372,7 +383,7 @@ impl Drop for Running {
         drop(queued);
         if left {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(self.0.clone().flushing());
+                runtime.spawn(self.pacing.clone().flushing());
             }
         }
     }
