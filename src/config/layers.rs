@@ -340,7 +340,7 @@ mod tests {
         assert!(err(None, &[("SIDECAST_MAX_PUBLICATION_SIZE", "1000000")])
             .contains("max_publication_size"));
         assert!(err(None, &[("SIDECAST_LOG_FORMAT", "xml")]).contains("log_format"));
-        assert!(err(Some("write_coalesce = \"2s\""), &[]).contains("write_coalesce"));
+        assert!(err(Some("write_coalesce = \"101ms\""), &[]).contains("write_coalesce"));
         let coalesce = Config::from_layers(None, &pairs(&[("SIDECAST_WRITE_COALESCE", "0s")]), &[]);
         assert!(
             coalesce.unwrap().write_coalesce.is_zero(),

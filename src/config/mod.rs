@@ -25,8 +25,10 @@ pub use values::{format_duration, parse_duration, redact, Secret};
 use crate::wire::origin::OriginPattern;
 use values::{duration, nets, nonempty};
 
-/// The longest `write_coalesce`: a frame may wait this much longer under load.
-pub const MAX_WRITE_COALESCE: Duration = Duration::from_secs(1);
+/// The longest `write_coalesce`: a frame may wait this much longer under load. No longer
+/// than the window a node stays behind after it was last seen busy (`Behind::FOR_MS`):
+/// a longer wait would be cut short by the first fan-out after that window.
+pub const MAX_WRITE_COALESCE: Duration = Duration::from_millis(100);
 
 /// The longest deadline of a publication's delivery receipt (`receipt_timeout`, and a
 /// Publish's `receipt_timeout_ms`).

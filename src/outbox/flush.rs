@@ -376,15 +376,14 @@ impl Drop for Running {
             return;
         }
         let mut queued = self.pacing.queued.lock().unwrap_or_else(|e| e.into_inner());
-        let left = queued.running && !queued.outboxes.is_empty();
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let left = queued.running && !queued.outboxes.is_empty() && runtime.is_some();
         queued.writing = false;
         queued.pacing = false;
         queued.running = left;
         drop(queued);
-        if left {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(self.pacing.clone().flushing());
-            }
+        if let Some(runtime) = runtime.filter(|_| left) {
+            runtime.spawn(self.pacing.clone().flushing());
         }
     }
 }

@@ -2,12 +2,10 @@
 //! ones wait for its flushing task's next turn (`write_coalesce` after the previous one),
 //! which writes each socket once with every frame queued to it.
 
+use crate::publish_stream::{open, request};
+use crate::support::{http_get, publish, sample, TestServer, PATIENCE};
 use serde_json::json;
 use sidecast::pb;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-
-use crate::support::{http_get, publish, sample, TestServer, PATIENCE};
 
 const SUBSCRIBERS: usize = 100;
 const PUBLICATIONS: usize = 200;
@@ -41,20 +39,10 @@ async fn under_load_each_write_carries_many_publications_and_none_is_lost() {
     }
     let (writes_before, frames_before) = writes_and_frames(&server).await;
 
-    let request = |i: usize| pb::PublishStreamRequest {
-        id: i as u64,
-        publication: Some(publish("room:x", &i.to_string())),
-    };
-    let (tx, rx) = mpsc::channel(PUBLICATIONS);
+    let request = |i: usize| request(i as u64, publish("room:x", &i.to_string()));
+    let (tx, mut answers) = open(&server).await;
     tx.send(request(0)).await.unwrap();
     tx.send(request(1)).await.unwrap();
-    let mut answers = server
-        .grpc()
-        .await
-        .publish_stream(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
     for i in 0..PUBLICATIONS {
         let answer = tokio::time::timeout(PATIENCE, answers.message())
             .await

@@ -12,7 +12,7 @@ use crate::support::{publish, TestServer, PATIENCE};
 const HISTORY: &str = "[namespaces.room]\nhistory_size = 1000\nhistory_ttl = \"5m\"\n";
 
 /// Opens a publish stream: the sender of its requests and its answers.
-async fn open(
+pub(crate) async fn open(
     server: &TestServer,
 ) -> (
     mpsc::Sender<pb::PublishStreamRequest>,
@@ -29,7 +29,7 @@ async fn open(
     (tx, answers)
 }
 
-fn request(id: u64, publication: pb::PublishRequest) -> pb::PublishStreamRequest {
+pub(crate) fn request(id: u64, publication: pb::PublishRequest) -> pb::PublishStreamRequest {
     pb::PublishStreamRequest {
         id,
         publication: Some(publication),
